@@ -1,0 +1,75 @@
+/* SPDX-License-Identifier: GPL-2.0-only OR BSD-2-Clause */
+/*
+ * Structures shared by meter's BPF programs and its Python side.
+ *
+ * meter/bpfabi.py mirrors every struct here as a numpy dtype; change both
+ * together. Only fixed-width scalar fields: the layout must not depend on
+ * the kernel headers bcc compiles against (they may be a fallback tree).
+ */
+#ifndef METER_H
+#define METER_H
+
+/* Settings arrive as -D cflags from meter/program.py; these are defaults. */
+#ifndef METER_WINDOW_NS
+#define METER_WINDOW_NS 1000000ULL
+#endif
+#ifndef METER_NR_COUNTERS
+#define METER_NR_COUNTERS 0
+#endif
+#ifndef METER_MAX_CPUS
+#define METER_MAX_CPUS 1024
+#endif
+#ifndef METER_USAGE_ENTRIES
+#define METER_USAGE_ENTRIES 16384
+#endif
+/* The most windows one charge is split over. An idle CPU gets no tick, so
+ * its next charge can span everything since user space last nudged it (one
+ * drain interval); user space sizes this to cover that. Anything older
+ * (a paused VM) is counted as late. */
+#ifndef METER_MAX_SPAN
+#define METER_MAX_SPAN 256
+#endif
+
+#define METER_MAX_COUNTERS 4
+
+/* bpf_get_current_cgroup_id() is never 0, so 0 marks the idle task. */
+#define METER_IDLE_CGID 0ULL
+
+/* Usage is accumulated per (cgroup, window) in a per-CPU hash. */
+struct meter_key {
+	__u64 cgid;
+	__u64 window;
+};
+
+struct meter_usage {
+	__u64 ns;
+	__u64 count[METER_MAX_COUNTERS];
+};
+
+/* Per-CPU charging state: when and what was last charged on this CPU. */
+struct meter_cpu {
+	__u64 last_ns;
+	__u64 value[METER_MAX_COUNTERS];
+	__u64 enabled[METER_MAX_COUNTERS];
+	__u64 running[METER_MAX_COUNTERS];
+};
+
+/* Indexes into the per-CPU stats array. */
+enum meter_stat {
+	METER_STAT_LATE_NS = 0,       /* ns for windows already drained */
+	METER_STAT_DROP_NS,         /* ns not stored: usage map full */
+	METER_STAT_DROP_UPDATES,    /* charges not stored: usage map full */
+	METER_STAT_COUNTER_ERRORS,  /* failed counter reads */
+	METER_NR_STATS,
+};
+
+/* Index into the control array written by user space. */
+enum meter_control {
+	/* Highest window user space has drained or will drain: charges for
+	 * windows at or below it are counted as late instead of stored, so a
+	 * drained window never changes again. */
+	METER_CTL_WATERMARK = 0,
+	METER_NR_CONTROLS,
+};
+
+#endif /* METER_H */

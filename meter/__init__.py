@@ -1,0 +1,35 @@
+"""meter: millisecond-granularity billable records for tenant compartments.
+
+Kernel programs (``bpf/``) attribute CPU time, perf counters, packets and
+kernel packet-processing time to cgroups; sources drain them in bulk; the
+engine resolves cgroups to tenants and compartments and hands numpy record
+batches to sinks. See DESIGN.md for the flow and the record model.
+"""
+
+from __future__ import annotations
+
+from .errors import MeterError
+from .records import FIELDS, NULL, RECORD_DTYPE
+from .topology import Compartment, Topology
+
+__all__ = [
+    "FIELDS",
+    "NULL",
+    "RECORD_DTYPE",
+    "Compartment",
+    "Meter",
+    "MeterError",
+    "Topology",
+    "__version__",
+]
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    # The engine pulls in the BPF machinery; import it only when asked for.
+    if name == "Meter":
+        from .engine import Meter
+
+        return Meter
+    raise AttributeError(name)

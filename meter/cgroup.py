@@ -1,0 +1,99 @@
+"""cgroup v2: where it is mounted, ids and paths, and the kernel's own usage.
+
+The id ``bpf_get_current_cgroup_id()`` returns for a task is the inode
+number of its cgroup v2 directory. Ids are not stable across a directory
+being removed and recreated, so meter resolves them at run time and keeps
+what it has resolved (a removed cgroup's usage still needs a name).
+
+Readers take an overridable root so tests can point them at a fake tree.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import CgroupError
+
+__all__ = ["CgroupIndex", "cgroup_id", "cpu_usage_usec", "find_mount"]
+
+
+def find_mount(root: str | Path = "/") -> Path:
+    """The cgroup v2 mount point, from /proc/self/mountinfo.
+
+    On a hybrid host that is usually /sys/fs/cgroup/unified, on a unified
+    host /sys/fs/cgroup. Raises :class:`CgroupError` when there is none.
+    """
+    root = Path(root)
+    try:
+        text = (root / "proc/self/mountinfo").read_text()
+    except OSError as err:
+        raise CgroupError(f"cannot read /proc/self/mountinfo: {err.strerror}") from err
+    for line in text.splitlines():
+        fields = line.split()
+        if " - " not in line:
+            continue
+        fstype = line.split(" - ", 1)[1].split()[0]
+        if fstype == "cgroup2":
+            return root / fields[4].lstrip("/")
+    raise CgroupError(
+        "cgroup v2 is not mounted: mount it (mount -t cgroup2 none /sys/fs/cgroup/unified) "
+        "or boot with systemd.unified_cgroup_hierarchy=1"
+    )
+
+
+def cgroup_id(path: str | Path) -> int:
+    """The cgroup id of a cgroup v2 directory (its inode number)."""
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError as err:
+        raise CgroupError(f"cgroup {path} does not exist: create it or fix the topology", path=str(path)) from err
+    except OSError as err:
+        raise CgroupError(f"cannot stat cgroup {path}: {err.strerror}", path=str(path)) from err
+
+
+def cpu_usage_usec(path: str | Path) -> int:
+    """``usage_usec`` from a cgroup's ``cpu.stat``: the kernel's own total."""
+    try:
+        text = (Path(path) / "cpu.stat").read_text()
+    except OSError as err:
+        raise CgroupError(f"cannot read {path}/cpu.stat: {err.strerror}", path=str(path)) from err
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if key == "usage_usec":
+            return int(value)
+    raise CgroupError(f"{path}/cpu.stat has no usage_usec", path=str(path))
+
+
+class CgroupIndex:
+    """Maps cgroup ids to paths below a cgroup v2 mount, and remembers them.
+
+    ``resolve(ids)`` rescans the tree when it meets an id it has not seen,
+    so cgroups created after start are picked up; ids of removed cgroups
+    keep the path they had.
+    """
+
+    def __init__(self, mount: str | Path) -> None:
+        self.mount = Path(mount)
+        self._paths: dict[int, Path] = {}
+        self.scans = 0
+        self.scan()
+
+    def scan(self) -> None:
+        """Walk the whole tree once and record every directory's id."""
+        self.scans += 1
+        for dirpath, _dirnames, _files in os.walk(self.mount):
+            try:
+                self._paths[os.stat(dirpath).st_ino] = Path(dirpath)
+            except FileNotFoundError:
+                continue  # removed while walking
+
+    def path(self, cgid: int) -> Path | None:
+        """The path of ``cgid`` if it is known (without rescanning)."""
+        return self._paths.get(cgid)
+
+    def resolve(self, ids: list[int]) -> dict[int, Path | None]:
+        """Paths for ``ids``; one rescan if any is unknown."""
+        if any(i not in self._paths for i in ids):
+            self.scan()
+        return {i: self._paths.get(i) for i in ids}

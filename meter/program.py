@@ -1,0 +1,149 @@
+"""Compiling and loading meter's BPF programs with bcc.
+
+The C sources ship inside the package (``meter.bpf``) and are found with
+``importlib.resources``; settings reach them as ``-D`` cflags, never by
+editing the text. Kernel headers come from :mod:`meter.headers`.
+bcc is imported lazily so the rest of the library (records, topology,
+bills) works on hosts without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import BPFError, PrivilegeError
+from .headers import prepare_headers
+
+__all__ = ["bpf_source_dir", "load", "map_fd", "require_privileges"]
+
+
+def bpf_source_dir() -> Path:
+    """Directory of the installed BPF C sources (``meter.bpf``)."""
+    return Path(str(resources.files("meter.bpf")))
+
+
+def require_privileges() -> None:
+    """Raise :class:`PrivilegeError` unless this process can load BPF.
+
+    Root, or CAP_BPF + CAP_PERFMON (+ CAP_NET_ADMIN for tc) in the effective
+    set, read from /proc/self/status.
+    """
+    if os.geteuid() == 0:
+        return
+    try:
+        status = Path("/proc/self/status").read_text()
+        eff = int(next(l.split()[1] for l in status.splitlines() if l.startswith("CapEff:")), 16)
+    except (OSError, StopIteration, ValueError):
+        eff = 0
+    for name, bit in (("CAP_BPF", 39), ("CAP_PERFMON", 38)):
+        if not eff & (1 << bit):
+            raise PrivilegeError(
+                f"meter needs root or {name} to load BPF programs: run it with sudo, "
+                "or grant CAP_BPF,CAP_PERFMON,CAP_NET_ADMIN",
+                capability=name,
+            )
+
+
+def load(name: str, defines: dict[str, Any] | None = None) -> Any:
+    """Compile and load ``bpf/<name>.bpf.c`` with ``-D`` settings; return the bcc ``BPF``.
+
+    Raises :class:`PrivilegeError` or :class:`BPFError` with one clear sentence.
+    """
+    require_privileges()
+    headers = prepare_headers()
+    if headers.path is not None:
+        os.environ["BCC_KERNEL_SOURCE"] = str(headers.path)
+    try:
+        from bcc import BPF
+    except ImportError as err:
+        raise BPFError(
+            "bcc is not importable: install Debian's python3-bpfcc and use a virtualenv made with "
+            "--system-site-packages (make setup does both)",
+            program=name,
+        ) from err
+    src = bpf_source_dir()
+    cflags = [f"-I{src}", "-Wno-macro-redefined"]
+    for key, value in (defines or {}).items():
+        cflags.append(f"-D{key}={value}")
+    path = src / f"{name}.bpf.c"
+    try:
+        # bcc prints compiler diagnostics to stderr itself; keep ours to one line.
+        return BPF(src_file=str(path).encode(), cflags=cflags)
+    except Exception as err:  # bcc raises bare Exception
+        msg = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        if "Operation not permitted" in msg or "Permission denied" in msg:
+            raise PrivilegeError(f"the kernel refused to load {name}.bpf.c ({msg}): run meter as root") from err
+        raise BPFError(f"cannot load BPF program {name}.bpf.c: {msg}", program=name) from err
+
+
+def map_fd(bpf: Any, table: str) -> int:
+    """The file descriptor of a bcc table, for batch syscalls."""
+    return int(bpf[table].map_fd)
+
+
+_LIB: Any = None
+
+
+def libbcc() -> Any:
+    """libbcc through ctypes, with the batch map calls typed."""
+    global _LIB
+    if _LIB is None:
+        lib = ctypes.CDLL("libbcc.so.0", use_errno=True)
+        u32p = ctypes.POINTER(ctypes.c_uint32)
+        lib.bpf_lookup_batch.restype = ctypes.c_int
+        lib.bpf_lookup_batch.argtypes = [ctypes.c_int, u32p, u32p, ctypes.c_void_p, ctypes.c_void_p, u32p]
+        lib.bpf_delete_batch.restype = ctypes.c_int
+        lib.bpf_delete_batch.argtypes = [ctypes.c_int, ctypes.c_void_p, u32p]
+        _LIB = lib
+    return _LIB
+
+
+def lookup_batch(fd: int, keys: Any, values: Any) -> int:
+    """Read up to ``len(keys)`` entries of a hash map into numpy buffers.
+
+    ``keys`` and ``values`` are writable contiguous numpy arrays sized for
+    the whole map (values: one row per key, ``ncpu`` slots for per-CPU
+    maps). Returns the number read.
+    """
+    lib = libbcc()
+    total = 0
+    token = ctypes.c_uint32(0)
+    capacity = len(keys)
+    kbase, vbase = keys.ctypes.data, values.ctypes.data
+    kstride, vstride = keys.strides[0], values.strides[0]
+    while total < capacity:
+        count = ctypes.c_uint32(capacity - total)
+        res = lib.bpf_lookup_batch(
+            fd,
+            ctypes.byref(token) if total else None,
+            ctypes.byref(token),
+            ctypes.c_void_p(kbase + kstride * total),
+            ctypes.c_void_p(vbase + vstride * total),
+            ctypes.byref(count),
+        )
+        err = ctypes.get_errno()
+        total += count.value
+        if res != 0:
+            if err == errno.ENOENT:
+                break
+            raise BPFError(f"BPF_MAP_LOOKUP_BATCH failed: {os.strerror(err)}")
+    return total
+
+
+def delete_batch(fd: int, keys: Any) -> None:
+    """Delete the given keys (a contiguous numpy array) from a hash map."""
+    if len(keys) == 0:
+        return
+    count = ctypes.c_uint32(len(keys))
+    with contextlib.suppress(AttributeError):
+        keys = keys.copy(order="C")
+    res = libbcc().bpf_delete_batch(fd, ctypes.c_void_p(keys.ctypes.data), ctypes.byref(count))
+    if res != 0:
+        err = ctypes.get_errno()
+        raise BPFError(f"BPF_MAP_DELETE_BATCH failed after {count.value} of {len(keys)}: {os.strerror(err)}")

@@ -1,0 +1,118 @@
+"""The billable record: one compartment x one window.
+
+Records travel as numpy structured arrays of :data:`RECORD_DTYPE`. Field
+meanings (all counters are integers so any rollup is an exact sum):
+
+==================  ===========================================================
+window_start_ns     window start, wall-clock UTC ns (monotonic start + offset)
+window_ms           window width W in ms; window k covers [k*W, (k+1)*W) monotonic
+host                host name the record was measured on
+tenant              tenant name; ``host``/``idle`` for the pseudo-compartments
+compartment         compartment name; ``host``/``idle`` for the pseudo-compartments
+cgroup_id           the compartment's cgroup id (0 for idle)
+cpu_ns              CPU time of the compartment's tasks in the window, ns
+cycles              CPU cycles (measured, or estimated: see counters_source)
+instructions        instructions retired
+cache_misses        last-level cache misses
+softirq_ns          kernel packet-processing time charged to the compartment, ns
+energy_uj           energy attributed to the compartment, microjoules
+rx_packets ...      packets/bytes across the compartment's interfaces
+vf_* ...            SR-IOV VF counters of the compartment's VFs
+seq                 per-host sequence number (idempotent storage key with host)
+cpu_source          where cpu_ns came from: ``sched_switch`` or ``cpu.stat``
+counters_source     ``pmu``, ``cpu-clock estimate`` or ``perf:<spec,...>``
+energy_source       ``rapl-perf``, ``powercap``, ``pyrapl`` or ``model``
+net_source          ``tc``
+vf_source           ``vf`` or ``representor``
+==================  ===========================================================
+
+A number that is unavailable is :data:`NULL` (-1) in the array and
+None/null in every output, never 0; a provenance string is empty when the
+family is not measured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "COUNTER_COLUMNS",
+    "FIELDS",
+    "NULL",
+    "PROVENANCE_FIELDS",
+    "RECORD_DTYPE",
+    "empty",
+    "to_dicts",
+]
+
+#: The array value of an unavailable number.
+NULL = -1
+
+_NAME = "U64"
+_SRC = "U32"
+
+#: Integer counter columns, in record order.
+COUNTER_COLUMNS = (
+    "cpu_ns",
+    "cycles",
+    "instructions",
+    "cache_misses",
+    "softirq_ns",
+    "energy_uj",
+    "rx_packets",
+    "rx_bytes",
+    "tx_packets",
+    "tx_bytes",
+    "vf_rx_packets",
+    "vf_rx_bytes",
+    "vf_tx_packets",
+    "vf_tx_bytes",
+)
+
+PROVENANCE_FIELDS = ("cpu_source", "counters_source", "energy_source", "net_source", "vf_source")
+
+RECORD_DTYPE = np.dtype(
+    [
+        ("window_start_ns", np.int64),
+        ("window_ms", np.int32),
+        ("host", _NAME),
+        ("tenant", _NAME),
+        ("compartment", _NAME),
+        ("cgroup_id", np.uint64),
+        *[(name, np.int64) for name in COUNTER_COLUMNS],
+        ("seq", np.int64),
+        *[(name, _SRC) for name in PROVENANCE_FIELDS],
+    ]
+)
+
+#: Field names in record order (the keys of ``meter record --format jsonl``).
+FIELDS: tuple[str, ...] = tuple(RECORD_DTYPE.names or ())
+
+_INT_FIELDS = {name for name in FIELDS if RECORD_DTYPE[name].kind in "iu"}
+_NULLABLE = set(COUNTER_COLUMNS)
+
+
+def empty(n: int) -> np.ndarray:
+    """``n`` records with every counter NULL and every string empty."""
+    out = np.zeros(n, dtype=RECORD_DTYPE)
+    for name in COUNTER_COLUMNS:
+        out[name] = NULL
+    return out
+
+
+def to_dicts(batch: np.ndarray) -> Iterator[dict[str, Any]]:
+    """Plain-Python dicts (NULL -> None, empty provenance -> None), for output."""
+    columns = {name: batch[name].tolist() for name in FIELDS}
+    for i in range(len(batch)):
+        row: dict[str, Any] = {}
+        for name in FIELDS:
+            v = columns[name][i]
+            if name in _NULLABLE and v == NULL:
+                v = None
+            elif name in PROVENANCE_FIELDS and v == "":
+                v = None
+            row[name] = v
+        yield row

@@ -1,0 +1,1 @@
+"""Sinks: where record batches go (files, store, exporter, top)."""

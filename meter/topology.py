@@ -1,0 +1,276 @@
+"""Topology: which cgroups are compartments, and which tenant owns each.
+
+Two ways in, as in DESIGN.md:
+
+* a TOML file (``--config``)::
+
+      window_ms = 1
+
+      [[tenant]]
+      name = "acme"
+
+      [[tenant.compartment]]
+      name = "vswitch"
+      cgroup = "tenants/acme/vswitch"   # relative to the cgroup v2 mount, or absolute
+      interfaces = ["veth-acme0", "acme-vm1:eth0"]
+      vfs = [{ pf = "enp3s0f0", vf = 3 }]
+
+* discovery (``--cgroup-root PATH``): each child cgroup of PATH is a
+  compartment named after its directory, in a tenant of the same name.
+
+Errors name the file, the line where it can be found, the key, and what is
+wrong. A compartment owns its cgroup's whole subtree: a task in
+``vswitch/threads`` is charged to ``vswitch``; the deepest compartment wins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from . import cgroup as cgroupfs
+from .errors import CgroupError, ConfigError
+
+__all__ = [
+    "HOST",
+    "IDLE",
+    "NAME_MAX",
+    "Compartment",
+    "Topology",
+    "VirtualFunction",
+]
+
+#: Pseudo-compartment for tasks in no configured compartment.
+HOST = "host"
+#: Pseudo-compartment for the idle task.
+IDLE = "idle"
+#: Longest tenant or compartment name (records store names at fixed width).
+NAME_MAX = 64
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.:@+-]+$")
+_TOP_KEYS = {"window_ms", "tenant", "energy"}
+_TENANT_KEYS = {"name", "compartment"}
+_COMPARTMENT_KEYS = {"name", "cgroup", "interfaces", "vfs"}
+_VF_KEYS = {"pf", "vf"}
+
+
+@dataclasses.dataclass(frozen=True)
+class VirtualFunction:
+    """An SR-IOV VF: physical function netdev and VF number."""
+
+    pf: str
+    vf: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Compartment:
+    """One metered compartment: a cgroup v2 subtree owned by a tenant."""
+
+    tenant: str
+    name: str
+    cgroup: Path
+    interfaces: tuple[str, ...] = ()
+    vfs: tuple[VirtualFunction, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    """The compartments to meter, and where they came from.
+
+    ``source`` is the config file, or None for discovery; ``cgroup_root`` is
+    the discovered parent (discovery is redone by :meth:`refresh`).
+    """
+
+    compartments: tuple[Compartment, ...]
+    mount: Path
+    window_ms: int | None = None
+    source: Path | None = None
+    cgroup_root: Path | None = None
+    energy: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    # -- construction -------------------------------------------------------
+
+    @classmethod
+    def from_file(cls, path: str | Path, *, mount: str | Path | None = None) -> Topology:
+        """Load a TOML topology; raises :class:`ConfigError` naming the problem."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            raise ConfigError("no such file", path=str(path)) from None
+        except OSError as err:
+            raise ConfigError(f"cannot read: {err.strerror}", path=str(path)) from err
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            msg = str(err)
+            m = re.search(r"\(at line (\d+), column \d+\)", msg)
+            line = int(m.group(1)) if m else None
+            reason = re.sub(r"\s*\(at line \d+, column \d+\)", "", msg) or "invalid TOML"
+            raise ConfigError(f"invalid TOML: {reason}", path=str(path), line=line) from None
+        mnt = Path(mount) if mount is not None else cgroupfs.find_mount()
+        return _Parser(path, text, mnt).topology(data)
+
+    @classmethod
+    def discover(cls, root: str | Path | None = None, *, mount: str | Path | None = None) -> Topology:
+        """Each child cgroup of ``root`` (default: the mount) is a compartment."""
+        mnt = Path(mount) if mount is not None else cgroupfs.find_mount()
+        base = _under_mount(mnt, root if root is not None else mnt)
+        if not base.is_dir():
+            raise CgroupError(f"cgroup root {base} does not exist: create it or pass another --cgroup-root", path=str(base))
+        comps = []
+        for child in sorted(p for p in base.iterdir() if p.is_dir()):
+            name = child.name
+            if name in (HOST, IDLE) or not _NAME_RE.match(name) or len(name) > NAME_MAX:
+                continue  # cannot be named in records; its usage counts as host
+            comps.append(Compartment(tenant=name, name=name, cgroup=child))
+        return cls(tuple(comps), mnt, cgroup_root=base)
+
+    def refresh(self) -> Topology:
+        """Discovery topologies re-read their root; file topologies are fixed."""
+        if self.cgroup_root is None:
+            return self
+        fresh = Topology.discover(self.cgroup_root, mount=self.mount)
+        return dataclasses.replace(fresh, window_ms=self.window_ms, energy=self.energy)
+
+    # -- queries ---------------------------------------------------------------
+
+    @property
+    def tenants(self) -> list[str]:
+        """Tenant names in first-seen order."""
+        return list(dict.fromkeys(c.tenant for c in self.compartments))
+
+    def missing_cgroups(self) -> list[Compartment]:
+        """Compartments whose cgroup directory does not exist now."""
+        return [c for c in self.compartments if not c.cgroup.is_dir()]
+
+    def require_cgroups(self) -> None:
+        """Raise :class:`CgroupError` naming the first missing cgroup."""
+        missing = self.missing_cgroups()
+        if missing:
+            c = missing[0]
+            where = f" (from {self.source})" if self.source else ""
+            raise CgroupError(
+                f"cgroup {c.cgroup} of compartment {c.tenant}/{c.name}{where} does not exist: "
+                "create it or fix the topology",
+                path=str(c.cgroup),
+            )
+
+    def owner(self, path: Path) -> int | None:
+        """Index of the compartment owning cgroup ``path`` (deepest wins)."""
+        best, depth = None, -1
+        for i, c in enumerate(self.compartments):
+            if path == c.cgroup or c.cgroup in path.parents:
+                d = len(c.cgroup.parts)
+                if d > depth:
+                    best, depth = i, d
+        return best
+
+
+def _under_mount(mount: Path, value: str | Path) -> Path:
+    p = Path(value)
+    return p if p.is_absolute() else mount / p
+
+
+class _Parser:
+    """Validates the TOML data, naming the key and line of each problem."""
+
+    def __init__(self, path: Path, text: str, mount: Path) -> None:
+        self.path = path
+        self.lines = text.splitlines()
+        self.mount = mount
+
+    def fail(self, key: str, message: str, needle: str | None = None) -> ConfigError:
+        return ConfigError(message, path=str(self.path), line=self._line(needle or key.rsplit(".", 1)[-1]), key=key)
+
+    def _line(self, needle: str) -> int | None:
+        bare = re.sub(r"\[\d+\]$", "", needle)
+        pat = re.compile(rf"(^|[\s{{,\[]){re.escape(bare)}\s*=|^\s*\[+\s*[\w.]*{re.escape(bare)}\s*\]+")
+        hits = [i + 1 for i, line in enumerate(self.lines) if pat.search(line)]
+        return hits[0] if len(hits) == 1 else None
+
+    def _keys(self, table: dict[str, Any], allowed: set[str], where: str) -> None:
+        for key in table:
+            if key not in allowed:
+                full = f"{where}.{key}" if where else key
+                raise self.fail(full, f"unknown key (expected one of: {', '.join(sorted(allowed))})", key)
+
+    def _name(self, value: Any, key: str) -> str:
+        if not isinstance(value, str) or not value:
+            raise self.fail(key, "must be a non-empty string")
+        if not _NAME_RE.match(value) or len(value) > NAME_MAX:
+            raise self.fail(key, f"{value!r} must be at most {NAME_MAX} letters, digits or _.:@+-", f'"{value}"')
+        if value in (HOST, IDLE):
+            raise self.fail(key, f"{value!r} is reserved for meter's own {value} row", f'"{value}"')
+        return value
+
+    def topology(self, data: dict[str, Any]) -> Topology:
+        self._keys(data, _TOP_KEYS, "")
+        window_ms = data.get("window_ms")
+        if window_ms is not None and (not isinstance(window_ms, int) or isinstance(window_ms, bool) or window_ms < 1):
+            raise self.fail("window_ms", f"must be a whole number of milliseconds >= 1, not {window_ms!r}")
+        energy = data.get("energy", {})
+        if not isinstance(energy, dict):
+            raise self.fail("energy", "must be a table")
+        tenants = data.get("tenant", [])
+        if not isinstance(tenants, list):
+            raise self.fail("tenant", "must be an array of tables ([[tenant]])")
+        comps: list[Compartment] = []
+        seen_tenants: set[str] = set()
+        seen_cgroups: dict[Path, str] = {}
+        for ti, tenant in enumerate(tenants):
+            tkey = f"tenant[{ti}]"
+            if not isinstance(tenant, dict):
+                raise self.fail(tkey, "must be a table")
+            self._keys(tenant, _TENANT_KEYS, tkey)
+            if "name" not in tenant:
+                raise self.fail(f"{tkey}.name", "is missing", "[[tenant]]")
+            tname = self._name(tenant["name"], f"{tkey}.name")
+            if tname in seen_tenants:
+                raise self.fail(f"{tkey}.name", f"tenant {tname!r} is defined twice", f'"{tname}"')
+            seen_tenants.add(tname)
+            seen_comps: set[str] = set()
+            for ci, comp in enumerate(tenant.get("compartment", [])):
+                ckey = f"{tkey}.compartment[{ci}]"
+                if not isinstance(comp, dict):
+                    raise self.fail(ckey, "must be a table")
+                self._keys(comp, _COMPARTMENT_KEYS, ckey)
+                for required in ("name", "cgroup"):
+                    if required not in comp:
+                        raise self.fail(f"{ckey}.{required}", "is missing", "[[tenant.compartment]]")
+                cname = self._name(comp["name"], f"{ckey}.name")
+                if cname in seen_comps:
+                    raise self.fail(f"{ckey}.name", f"compartment {cname!r} is defined twice in tenant {tname!r}", f'"{cname}"')
+                seen_comps.add(cname)
+                cg = comp["cgroup"]
+                if not isinstance(cg, str) or not cg:
+                    raise self.fail(f"{ckey}.cgroup", "must be a non-empty path string")
+                cpath = _under_mount(self.mount, cg)
+                if self.mount != cpath and self.mount not in cpath.parents:
+                    raise self.fail(f"{ckey}.cgroup", f"{cg!r} is not below the cgroup v2 mount {self.mount}", f'"{cg}"')
+                if cpath in seen_cgroups:
+                    raise self.fail(f"{ckey}.cgroup", f"{cg!r} is already compartment {seen_cgroups[cpath]}", f'"{cg}"')
+                seen_cgroups[cpath] = f"{tname}/{cname}"
+                ifaces = comp.get("interfaces", [])
+                if not isinstance(ifaces, list) or not all(isinstance(i, str) and i for i in ifaces):
+                    raise self.fail(f"{ckey}.interfaces", 'must be a list of interface names ("IFNAME" or "NETNS:IFNAME")')
+                vfs = []
+                raw_vfs = comp.get("vfs", [])
+                if not isinstance(raw_vfs, list):
+                    raise self.fail(f"{ckey}.vfs", "must be a list of { pf = NAME, vf = N } tables")
+                for vi, vf in enumerate(raw_vfs):
+                    vkey = f"{ckey}.vfs[{vi}]"
+                    if not isinstance(vf, dict):
+                        raise self.fail(vkey, "must be a table { pf = NAME, vf = N }", "vfs")
+                    self._keys(vf, _VF_KEYS, vkey)
+                    pf, num = vf.get("pf"), vf.get("vf")
+                    if not isinstance(pf, str) or not pf:
+                        raise self.fail(f"{vkey}.pf", "must be the physical function's interface name", "vfs")
+                    if not isinstance(num, int) or isinstance(num, bool) or num < 0:
+                        raise self.fail(f"{vkey}.vf", "must be a VF number >= 0", "vfs")
+                    vfs.append(VirtualFunction(pf, num))
+                comps.append(Compartment(tname, cname, cpath, tuple(ifaces), tuple(vfs)))
+        return Topology(tuple(comps), self.mount, window_ms, self.path, None, dict(energy))

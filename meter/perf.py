@@ -16,6 +16,7 @@ import errno
 import os
 import platform
 import struct
+import time
 from pathlib import Path
 
 from .errors import PerfEventError
@@ -24,6 +25,7 @@ __all__ = [
     "COUNTER_FIELDS",
     "DEFAULT_COUNTERS",
     "PerfEvent",
+    "count_over",
     "cpu_hz",
     "open_error",
     "parse_event",
@@ -107,25 +109,49 @@ _ATTR_SIZE = 128
 _DISABLED = 1 << 0
 
 
+def _open(event: PerfEvent, cpu: int, disabled: bool) -> tuple[int, int]:
+    nr = _NR_PERF_EVENT_OPEN.get(platform.machine())
+    if nr is None:
+        return -1, errno.ENOSYS
+    attr = bytearray(_ATTR_SIZE)
+    # type, size, config, sample_period, sample_type, read_format, flags
+    flags = _DISABLED if disabled else 0
+    struct.pack_into("=IIQQQQQ", attr, 0, event.type, _ATTR_SIZE, event.config, 0, 0, 0, flags)
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = (ctypes.c_char * _ATTR_SIZE).from_buffer(attr)
+    fd = libc.syscall(nr, buf, -1, cpu, -1, 0)
+    return fd, (ctypes.get_errno() if fd < 0 else 0)
+
+
+def count_over(event: PerfEvent, seconds: float, cpu: int = 0) -> int | None:
+    """Count ``event`` on ``cpu`` for ``seconds``; None when it does not open.
+
+    Tells an event that opens but never counts (a virtualised RAPL PMU that
+    reads 0) from one that works.
+    """
+    fd, _err = _open(event, cpu, disabled=False)
+    if fd < 0:
+        return None
+    try:
+        first = struct.unpack("=Q", os.read(fd, 8))[0]
+        time.sleep(seconds)
+        return int(struct.unpack("=Q", os.read(fd, 8))[0] - first)
+    finally:
+        os.close(fd)
+
+
 def open_error(event: PerfEvent, cpu: int = 0) -> str | None:
     """Open ``event`` system-wide on ``cpu`` and close it again.
 
     Returns None when it opens, else a short reason ("not supported by this
     machine" for a missing PMU, or the OS error).
     """
-    nr = _NR_PERF_EVENT_OPEN.get(platform.machine())
-    if nr is None:
+    if platform.machine() not in _NR_PERF_EVENT_OPEN:
         return f"perf_event_open is not known on {platform.machine()}"
-    attr = bytearray(_ATTR_SIZE)
-    # type, size, config, sample_period, sample_type, read_format, flags
-    struct.pack_into("=IIQQQQQ", attr, 0, event.type, _ATTR_SIZE, event.config, 0, 0, 0, _DISABLED)
-    libc = ctypes.CDLL(None, use_errno=True)
-    buf = (ctypes.c_char * _ATTR_SIZE).from_buffer(attr)
-    fd = libc.syscall(nr, buf, -1, cpu, -1, 0)
+    fd, err = _open(event, cpu, disabled=True)
     if fd >= 0:
         os.close(fd)
         return None
-    err = ctypes.get_errno()
     if err in (errno.ENOENT, errno.EOPNOTSUPP, errno.ENODEV, errno.EINVAL):
         return "not supported by this machine"
     if err in (errno.EACCES, errno.EPERM):

@@ -20,7 +20,7 @@ from typing import Any
 from .errors import BPFError, PrivilegeError
 from .headers import prepare_headers
 
-__all__ = ["bpf_source_dir", "load", "map_fd", "require_privileges"]
+__all__ = ["bpf_source_dir", "delete_batch", "libbcc", "load", "lookup_batch", "map_fd", "require_privileges"]
 
 
 def bpf_source_dir() -> Path:
@@ -82,7 +82,7 @@ def load(name: str, defines: dict[str, Any] | None = None) -> Any:
         raise BPFError(f"cannot load BPF program {name}.bpf.c: {msg}", program=name) from err
 
 
-def map_fd(bpf: Any, table: str) -> int:
+def map_fd(bpf: Any, table: bytes) -> int:
     """The file descriptor of a bcc table, for batch syscalls."""
     return int(bpf[table].map_fd)
 

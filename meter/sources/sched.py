@@ -90,6 +90,8 @@ class SchedSource:
         self.nudges = 0
         self._published = 0
         self._first_window = 0
+        #: Every window up to this one has been taken by a drain.
+        self.closed_window = 0
         self._warmup: dict[str, int] = {}
 
     # -- lifecycle -------------------------------------------------------------
@@ -110,7 +112,7 @@ class SchedSource:
         try:
             for i, ev in enumerate(self.counters):
                 try:
-                    self.bpf[f"counter{i}"].open_perf_event(ev.type, ev.config)
+                    self.bpf[f"counter{i}".encode()].open_perf_event(ev.type, ev.config)
                 except Exception as err:  # bcc raises bare Exception
                     raise PerfEventError(f"cannot open perf event {ev.spec} on every CPU: {err}", event=ev.spec) from err
             self._cpus = get_online_cpus()
@@ -132,7 +134,7 @@ class SchedSource:
         except Exception:
             self.close()
             raise
-        self._fd = program.map_fd(self.bpf, "usage")
+        self._fd = program.map_fd(self.bpf, b"usage")
         self._keys = np.zeros(self.map_entries, KEY_DTYPE)
         self._vals = np.zeros((self.map_entries, len(get_possible_cpus())), USAGE_DTYPE)
 
@@ -152,13 +154,13 @@ class SchedSource:
     # -- closing windows ---------------------------------------------------------
 
     def _publish(self, watermark: int) -> None:
-        ctl = self.bpf["control"]
+        ctl = self.bpf[b"control"]
         ctl[ctl.Key(_CTL_WATERMARK)] = ctl.Leaf(watermark)
         self._published = watermark
 
     def _last_ns(self) -> list[int]:
         """Each online CPU's last charge time (monotonic ns)."""
-        table = self.bpf["cpu_state"]
+        table = self.bpf[b"cpu_state"]
         per_cpu = table[table.Key(0)]
         return [int(per_cpu[c].last_ns) for c in self._cpus]
 
@@ -226,6 +228,7 @@ class SchedSource:
             self._publish(max(self._closed_window(now_win + 1), self._published))
             time.sleep(0.001)  # programs that read the old watermark finish
         closable = self._published
+        self.closed_window = max(self.closed_window, closable)
         n = program.lookup_batch(self._fd, self._keys, self._vals)
         keys = self._keys[:n]
         done = np.flatnonzero(keys["window"] <= np.uint64(closable))
@@ -243,7 +246,7 @@ class SchedSource:
         )
 
     def _kernel_stats(self) -> dict[str, int]:
-        table = self.bpf["stats"]
+        table = self.bpf[b"stats"]
         return {name: int(sum(table[table.Key(i)])) for i, name in enumerate(_STATS)}
 
     def stats(self) -> dict[str, int]:

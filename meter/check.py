@@ -1,0 +1,272 @@
+"""``meter check``: probe this host for everything meter needs, for real.
+
+Each probe does the thing (loads a two-instruction BPF program, opens a raw
+tracepoint and closes it, adds a clsact qdisc in a throw-away network
+namespace, opens perf events) and says what meter will do about the result.
+Nothing is left attached.
+
+Every :class:`Finding` has a stable ``key`` (the JSON keys are listed in
+the README), a ``status`` (``ok``, ``fallback``, ``missing`` or ``fail``),
+what was found (``detail``) and what meter does about it (``action``).
+``fail`` on a required probe means meter cannot run here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import os
+import platform
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from . import cgroup as cgroupfs
+from .errors import CgroupError
+from .headers import find_headers
+from .perf import DEFAULT_COUNTERS, PerfEvent, count_over, cpu_hz, open_error, parse_event
+
+__all__ = ["Finding", "run_checks", "verdict"]
+
+_NR_BPF = {"x86_64": 321, "aarch64": 280}
+_BPF_PROG_LOAD = 5
+_BPF_RAW_TRACEPOINT_OPEN = 17
+_PROG_SOCKET_FILTER = 1
+_PROG_SCHED_CLS = 3
+_PROG_RAW_TRACEPOINT = 17
+# r0 = 0; exit
+_INSNS = bytes.fromhex("b700000000000000" "9500000000000000")
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    """One probe's result."""
+
+    key: str
+    title: str
+    status: str  # ok | fallback | missing | fail
+    detail: str
+    action: str
+    required: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class _Bpf:
+    """The bpf(2) syscall through ctypes: just enough to probe."""
+
+    def __init__(self) -> None:
+        self.nr = _NR_BPF.get(platform.machine())
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self._keep: list[Any] = []
+
+    def call(self, cmd: int, attr: bytes) -> tuple[int, int]:
+        if self.nr is None:
+            return -1, 38  # ENOSYS
+        buf = ctypes.create_string_buffer(attr, 128)
+        fd = self.libc.syscall(self.nr, cmd, buf, 128)
+        return fd, ctypes.get_errno() if fd < 0 else 0
+
+    def load(self, prog_type: int) -> tuple[int, int]:
+        insns = ctypes.create_string_buffer(_INSNS, len(_INSNS))
+        lic = ctypes.create_string_buffer(b"GPL")
+        self._keep += [insns, lic]
+        attr = struct.pack(
+            "=IIQQIIQII16s",
+            prog_type,
+            len(_INSNS) // 8,
+            ctypes.addressof(insns),
+            ctypes.addressof(lic),
+            0,
+            0,
+            0,
+            0,
+            0,
+            b"meter_check",
+        )
+        return self.call(_BPF_PROG_LOAD, attr)
+
+    def raw_tracepoint(self, name: str, prog_fd: int) -> tuple[int, int]:
+        cname = ctypes.create_string_buffer(name.encode())
+        self._keep.append(cname)
+        return self.call(_BPF_RAW_TRACEPOINT_OPEN, struct.pack("=QI", ctypes.addressof(cname), prog_fd))
+
+
+def _privileges() -> Finding:
+    if os.geteuid() == 0:
+        return Finding("privileges", "Privileges", "ok", "running as root", "all probes and programs can load", True)
+    try:
+        status = Path("/proc/self/status").read_text()
+        eff = int(next(l.split()[1] for l in status.splitlines() if l.startswith("CapEff:")), 16)
+    except (OSError, StopIteration, ValueError):
+        eff = 0
+    caps = {"CAP_BPF": 39, "CAP_PERFMON": 38, "CAP_NET_ADMIN": 12}
+    missing = [n for n, bit in caps.items() if not eff & (1 << bit)]
+    if missing:
+        return Finding(
+            "privileges", "Privileges", "fail", f"not root; missing {', '.join(missing)}",
+            "run meter with sudo, or grant CAP_BPF,CAP_PERFMON,CAP_NET_ADMIN", True,
+        )
+    return Finding("privileges", "Privileges", "ok", "CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN", "programs can load", True)
+
+
+def _strerror(err: int) -> str:
+    return os.strerror(err) if err else "ok"
+
+
+def run_checks() -> list[Finding]:
+    """Run every probe; the list is in display order."""
+    out = [_privileges()]
+    bpf = _Bpf()
+
+    fd, err = bpf.load(_PROG_SOCKET_FILTER)
+    if fd >= 0:
+        os.close(fd)
+        out.append(Finding("bpf", "BPF syscall", "ok", "loaded a test program", "kernel programs can load", True))
+    else:
+        out.append(Finding("bpf", "BPF syscall", "fail", f"BPF_PROG_LOAD: {_strerror(err)}",
+                           "meter cannot measure here: run as root on a kernel with CONFIG_BPF_SYSCALL", True))
+
+    btf = Path("/sys/kernel/btf/vmlinux").exists()
+    out.append(Finding("btf", "BTF", "ok" if btf else "missing",
+                       "/sys/kernel/btf/vmlinux" if btf else "no /sys/kernel/btf/vmlinux",
+                       "not needed: meter's programs use stable ABI only"))
+
+    hdr = find_headers()
+    if hdr.kind == "running":
+        out.append(Finding("headers", "Kernel headers", "ok", f"running kernel's ({hdr.detail})", "bcc compiles against them", True))
+    elif hdr.kind == "fallback":
+        out.append(Finding("headers", "Kernel headers", "fallback", hdr.detail,
+                           f"bcc compiles against a merged tree in {hdr.path} (BCC_KERNEL_SOURCE); safe, programs use stable ABI only", True))
+    else:
+        out.append(Finding("headers", "Kernel headers", "fail", hdr.detail,
+                           "install linux-headers-amd64 (Debian) so meter can build a fallback tree", True))
+
+    try:
+        import bcc  # noqa: F401
+        out.append(Finding("bcc", "bcc", "ok", "python3-bpfcc importable", "programs are compiled at start (about 2 s)", True))
+    except ImportError:
+        out.append(Finding("bcc", "bcc", "fail", "cannot import bcc",
+                           "install python3-bpfcc and use a venv with --system-site-packages (make setup)", True))
+
+    prog, perr = bpf.load(_PROG_RAW_TRACEPOINT)
+    for tp, key, action, without in (
+        ("sched_switch", "raw_tp_sched_switch", "CPU time and counters charged per schedule",
+         "meter cannot charge CPU per schedule here"),
+        ("softirq_entry", "raw_tp_softirq_entry", "NET_RX/NET_TX softirq time charged to packets' compartments",
+         "softirq time stays with the task it interrupted"),
+    ):
+        required = key == "raw_tp_sched_switch"
+        if prog < 0:
+            out.append(Finding(key, f"Raw tracepoint {tp}", "fail",
+                               f"cannot load a raw tracepoint program: {_strerror(perr)}", without, required))
+            continue
+        link, lerr = bpf.raw_tracepoint(tp, prog)
+        if link >= 0:
+            os.close(link)
+            out.append(Finding(key, f"Raw tracepoint {tp}", "ok", "attached and detached", action, required))
+        else:
+            out.append(Finding(key, f"Raw tracepoint {tp}", "fail", _strerror(lerr), without, required))
+    if prog >= 0:
+        os.close(prog)
+
+    out.append(_tc_clsact(bpf))
+
+    try:
+        mount = cgroupfs.find_mount()
+        out.append(Finding("cgroup2", "cgroup v2", "ok", str(mount), "compartments are cgroup v2 subtrees under it", True))
+    except CgroupError as err:
+        out.append(Finding("cgroup2", "cgroup v2", "fail", str(err), "mount cgroup v2", True))
+
+    for field, spec in DEFAULT_COUNTERS.items():
+        reason = open_error(parse_event(spec))
+        if reason is None:
+            out.append(Finding(f"counter_{field}", f"Counter {spec}", "ok", "opens on CPU 0", "read per schedule from the PMU"))
+        elif field == "cycles":
+            hz = cpu_hz()
+            out.append(Finding(f"counter_{field}", f"Counter {spec}", "fallback", reason,
+                               f"no PMU: cycles estimated from cpu-clock at {hz / 1e9:.2f} GHz; records flagged 'cpu-clock estimate'"
+                               if hz else "no PMU and no CPU frequency: cycles unavailable (null)"))
+        else:
+            out.append(Finding(f"counter_{field}", f"Counter {spec}", "missing", reason, f"{field} unavailable: null in records"))
+
+    out.append(_rapl())
+    out.append(_sriov())
+    ovs = [b for b in ("ovsdb-server", "ovs-vswitchd", "ovs-vsctl") if shutil.which(b) or Path("/usr/sbin", b).exists()]
+    if len(ovs) == 3:
+        out.append(Finding("openvswitch", "Open vSwitch", "ok", "ovsdb-server, ovs-vswitchd, ovs-vsctl", "meter demo can run tenant vswitches"))
+    else:
+        out.append(Finding("openvswitch", "Open vSwitch", "missing", f"found: {', '.join(ovs) or 'none'}",
+                           "meter demo needs openvswitch-switch (apt-get install openvswitch-switch)"))
+    return out
+
+
+def _tc_clsact(bpf: _Bpf) -> Finding:
+    fd, err = bpf.load(_PROG_SCHED_CLS)
+    if fd < 0:
+        return Finding("tc_clsact", "tc clsact", "fail", f"cannot load a tc program: {_strerror(err)}",
+                       "packets unavailable: null in records")
+    os.close(fd)
+    tc = shutil.which("tc") or "/usr/sbin/tc"
+    unshare = shutil.which("unshare")
+    if not unshare or not Path(tc).exists():
+        return Finding("tc_clsact", "tc clsact", "missing", "tc or unshare not found", "install iproute2 and util-linux")
+    # A throw-away network namespace: the qdisc dies with it.
+    res = subprocess.run([unshare, "-n", tc, "qdisc", "add", "dev", "lo", "clsact"], capture_output=True, text=True)
+    if res.returncode == 0:
+        return Finding("tc_clsact", "tc clsact", "ok", "clsact qdisc added in a scratch namespace",
+                       "packets and bytes counted per interface by tc programs")
+    return Finding("tc_clsact", "tc clsact", "fail", res.stderr.strip() or "tc failed", "packets unavailable: null in records")
+
+
+def _rapl(root: str | Path = "/") -> Finding:
+    root = Path(root)
+    pmu = root / "sys/bus/event_source/devices/power"
+    domains = sorted(p.name for p in (pmu / "events").glob("energy-*") if "." not in p.name) if pmu.is_dir() else []
+    if domains:
+        try:
+            ptype = int((pmu / "type").read_text())
+            cfg_text = (pmu / "events" / domains[0]).read_text().strip()
+            config = int(cfg_text.split("event=")[1].split(",")[0], 0)
+            event = PerfEvent(f"power/{domains[0]}", ptype, config)
+            reason = open_error(event)
+            if reason is None and not count_over(event, 0.1):
+                reason = "opens but counts nothing (virtualised)"
+        except (OSError, ValueError, IndexError) as err:
+            reason = str(err)
+        if reason is None:
+            return Finding("rapl", "RAPL energy", "ok", f"perf power PMU: {', '.join(domains)}", "energy measured (rapl-perf)")
+        reason = f"perf power PMU ({', '.join(domains)}): {reason}"
+    else:
+        reason = "no perf power PMU"
+    zones = sorted(p.name for p in (root / "sys/class/powercap").glob("intel-rapl:*")) if (root / "sys/class/powercap").is_dir() else []
+    if zones:
+        return Finding("rapl", "RAPL energy", "ok", f"powercap: {', '.join(zones)}", "energy measured (powercap)")
+    return Finding("rapl", "RAPL energy", "missing", f"{reason}; no powercap zones",
+                   "energy estimated from the power model; records flagged 'model'")
+
+
+def _sriov(root: str | Path = "/") -> Finding:
+    pfs = []
+    for dev in sorted((Path(root) / "sys/class/net").glob("*")):
+        total = dev / "device/sriov_totalvfs"
+        try:
+            n = int(total.read_text())
+            num = int((dev / "device/sriov_numvfs").read_text())
+        except (OSError, ValueError):
+            continue
+        pfs.append(f"{dev.name} ({num}/{n} VFs)")
+    if pfs:
+        return Finding("sriov", "SR-IOV", "ok", ", ".join(pfs), "VF counters read through netlink")
+    return Finding("sriov", "SR-IOV", "missing", "no SR-IOV physical functions", "vf_* fields null")
+
+
+def verdict(findings: list[Finding]) -> tuple[bool, str]:
+    """(can meter run here, the reason when not)."""
+    for f in findings:
+        if f.required and f.status == "fail":
+            return False, f"{f.title}: {f.detail}; {f.action}"
+    return True, "meter can run here"

@@ -1,0 +1,370 @@
+"""The engine: sources in, resolved and checked record batches out.
+
+``Meter`` owns the sources, drains them on a period, merges their arrays
+per window, resolves cgroup ids to tenant/compartment rows (with ``host``
+and ``idle``), estimates what must be estimated (and says so), checks
+per-window CPU conservation, and hands numpy batches of
+:data:`meter.records.RECORD_DTYPE` to the caller (``batches()``) or to
+callbacks (``on_batch``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+from . import records
+from .errors import ConfigError, MeterError
+from .perf import COUNTER_FIELDS, DEFAULT_COUNTERS, PerfEvent, cpu_hz, open_error, parse_event
+from .resolver import IDLE_ROW, Resolver
+from .sources.sched import SchedDrain, SchedSource
+from .topology import Topology
+
+__all__ = ["CounterPlan", "Meter", "MeterStats", "plan_counters"]
+
+BatchCallback = Callable[[np.ndarray], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class CounterPlan:
+    """Which record fields come from which perf event, and what is estimated.
+
+    ``events`` maps record field -> event read per schedule. ``estimated``
+    names fields computed from cpu_ns (cycles at ``hz``) because their event
+    could not be opened; other unopened fields are NULL. ``source`` is the
+    records' ``counters_source``.
+    """
+
+    events: dict[str, PerfEvent]
+    estimated: tuple[str, ...]
+    unavailable: dict[str, str]
+    hz: int | None
+    source: str
+
+
+def plan_counters(requested: dict[str, str] | None = None, *, probe: bool = True) -> CounterPlan:
+    """Decide the counter set: open what opens, estimate cycles, null the rest.
+
+    ``requested`` maps record fields (cycles, instructions, cache_misses) to
+    perf event specs; default :data:`meter.perf.DEFAULT_COUNTERS`.
+    """
+    requested = dict(DEFAULT_COUNTERS if requested is None else requested)
+    events: dict[str, PerfEvent] = {}
+    unavailable: dict[str, str] = {}
+    for field, spec in requested.items():
+        if field not in COUNTER_FIELDS:
+            raise ConfigError(f"counter field {field!r} is not a record field (one of {', '.join(COUNTER_FIELDS)})")
+        ev = parse_event(spec)
+        reason = open_error(ev) if probe else None
+        if reason is None:
+            events[field] = ev
+        else:
+            unavailable[field] = f"{spec}: {reason}"
+    hz = None
+    estimated: tuple[str, ...] = ()
+    if "cycles" not in events:
+        hz = cpu_hz()
+        if hz:
+            estimated = ("cycles",)
+    if events and all(ev.is_hardware for ev in events.values()) and set(events) == set(requested):
+        source = "pmu"
+    elif events:
+        source = "perf:" + ",".join(f"{f}={ev.spec}" for f, ev in events.items())
+        if estimated:
+            source += "; cycles: cpu-clock estimate"
+    else:
+        source = "cpu-clock estimate" if estimated else ""
+    return CounterPlan(events, estimated, unavailable, hz, source)
+
+
+@dataclasses.dataclass
+class MeterStats:
+    """What the engine and its sources did, for self-metrics and reports."""
+
+    windows: int = 0
+    records: int = 0
+    drains: int = 0
+    drain_seconds: float = 0.0
+    late_ns: int = 0
+    dropped_ns: int = 0
+    dropped_updates: int = 0
+    counter_errors: int = 0
+    warmup_windows_skipped: int = 0
+    conservation_violations: int = 0
+    unresolved_cgroups: int = 0
+    nudges: int = 0
+    last_window_end_ns: int = 0  # wall clock end of the newest window emitted
+    first_window_start_ns: int = 0  # wall clock start of the first whole window
+    covered_ns: int = 0  # wall time from the first window to the last one closed
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Meter:
+    """Meter a topology's compartments; a context manager.
+
+    >>> with Meter(Topology.discover()) as m:        # doctest: +SKIP
+    ...     for batch in m.batches(duration=5):
+    ...         print(batch["compartment"], batch["cpu_ns"])
+
+    ``window_ms`` (default: the topology's, else 1) is the record width.
+    ``counters`` maps record fields to perf event specs (see
+    :func:`plan_counters`). Batches come every ``drain_interval`` seconds.
+    """
+
+    def __init__(
+        self,
+        topology: Topology,
+        window_ms: int | None = None,
+        *,
+        counters: dict[str, str] | None = None,
+        drain_interval: float = 0.1,
+        host: str | None = None,
+        first_seq: int = 0,
+        map_entries: int = 16384,
+    ) -> None:
+        window_ms = window_ms if window_ms is not None else (topology.window_ms or 1)
+        if not isinstance(window_ms, int) or window_ms < 1:
+            raise ConfigError(f"window_ms must be a whole number of milliseconds >= 1, not {window_ms!r}")
+        if drain_interval <= 0:
+            raise ConfigError(f"drain_interval must be positive, not {drain_interval!r}")
+        self.topology = topology
+        self.window_ms = window_ms
+        self.window_ns = window_ms * 1_000_000
+        self.drain_interval = float(drain_interval)
+        self.host = host or socket.gethostname()
+        self.plan = plan_counters(counters)
+        self.stats = MeterStats()
+        self._seq = int(first_seq)
+        self._callbacks: list[BatchCallback] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._map_entries = map_entries
+        self._sched: SchedSource | None = None
+        self._resolver: Resolver | None = None
+        self._offset_ns = 0
+        self._flushed = False
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def __enter__(self) -> Meter:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def open(self) -> None:
+        """Check the topology, load and attach the kernel programs."""
+        if self._sched is not None:
+            return
+        self.topology.require_cgroups()
+        self._resolver = Resolver(self.topology)
+        span = int(2 * self.drain_interval * 1e9 // self.window_ns) + 16
+        sched = SchedSource(
+            self.window_ns,
+            list(self.plan.events.values()),
+            map_entries=self._map_entries,
+            max_span=min(span, 4096),
+        )
+        sched.open()
+        self._sched = sched
+        self._offset_ns = _realtime_offset_ns()
+        self._stop.clear()
+        self._flushed = False
+
+    def close(self) -> None:
+        """Flush what was measured to callbacks, then detach everything."""
+        self.stop()
+        if self._sched is not None:
+            try:
+                if self._callbacks and not self._flushed:
+                    self._dispatch(self._drain(final=True))
+            finally:
+                self._sched.close()
+                self._sched = None
+
+    @property
+    def ncpu(self) -> int:
+        return self._sched.ncpu if self._sched is not None else os.cpu_count() or 1
+
+    # -- topology ---------------------------------------------------------------------
+
+    def set_topology(self, topology: Topology) -> None:
+        """Switch to a new topology between drains; counts are not lost.
+
+        Ids already drained keep their rows; from the next drain on, cgroup
+        ids resolve against the new topology.
+        """
+        topology.require_cgroups()
+        with self._lock:
+            self.topology = topology
+            self._resolver = Resolver(topology, self._resolver.index if self._resolver else None)
+
+    # -- producing batches ---------------------------------------------------------
+
+    def drain(self, *, final: bool = False) -> np.ndarray:
+        """Drain the sources once and return the closed windows' records."""
+        return self._drain(final=final)
+
+    def _drain(self, *, final: bool) -> np.ndarray:
+        if self._sched is None:
+            raise MeterError("the meter is not open: use it as a context manager or call open()")
+        t0 = time.perf_counter()
+        with self._lock:
+            drained = self._sched.drain(final=final)
+            self._flushed = self._flushed or final
+            batch = self._build(drained)
+            self._account(batch)
+        self.stats.drains += 1
+        self.stats.drain_seconds += time.perf_counter() - t0
+        return batch
+
+    def _build(self, d: SchedDrain) -> np.ndarray:
+        """Merge one drain into records: one per (window, row), sorted."""
+        assert self._sched is not None and self._resolver is not None
+        keep = d.window >= self._sched.first_window
+        self.stats.warmup_windows_skipped += int(np.unique(d.window[~keep]).size)
+        window, cgid, ns, counts = d.window[keep], d.cgid[keep], d.ns[keep], d.counts[keep]
+        res = self._resolver
+        if len(window) == 0:
+            return records.empty(0)
+        row = res.rows(cgid)
+        # Group by (window, row): sort once, sum runs with reduceat (exact ints).
+        key = (window - window.min()) * res.nrows + row
+        order = np.argsort(key, kind="stable")
+        key = key[order]
+        starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+        g_ns = np.add.reduceat(ns[order], starts)
+        g_counts = np.add.reduceat(counts[order], starts, axis=0) if counts.shape[1] else counts[:0]
+        g_window = window[order][starts]
+        g_row = row[order][starts]
+        out = records.empty(len(starts))
+        out["window_start_ns"] = g_window * self.window_ns + self._offset_ns
+        out["window_ms"] = self.window_ms
+        out["host"] = self.host
+        out["tenant"] = np.asarray(res.tenants)[g_row]
+        out["compartment"] = np.asarray(res.names)[g_row]
+        out["cgroup_id"] = np.asarray(res.cgroup_ids, np.uint64)[g_row]
+        out["cpu_ns"] = g_ns
+        for i, field in enumerate(self.plan.events):
+            out[field] = g_counts[:, i]
+        if "cycles" in self.plan.estimated and self.plan.hz:
+            busy = g_row != IDLE_ROW
+            out["cycles"][busy] = g_ns[busy] * self.plan.hz // 1_000_000_000
+        out["cpu_source"] = "sched_switch"
+        out["counters_source"] = self.plan.source
+        out["seq"] = np.arange(self._seq, self._seq + len(out))
+        self._seq += len(out)
+        self.stats.unresolved_cgroups = res.unresolved
+        return out
+
+    def _account(self, batch: np.ndarray) -> None:
+        assert self._sched is not None
+        k = self._sched.stats()
+        self.stats.late_ns = k["late_ns"]
+        self.stats.dropped_ns = k["drop_ns"]
+        self.stats.dropped_updates = k["drop_updates"]
+        self.stats.counter_errors = k["counter_errors"]
+        self.stats.nudges = self._sched.nudges
+        first = self._sched.first_window
+        self.stats.first_window_start_ns = first * self.window_ns + self._offset_ns
+        self.stats.covered_ns = max(0, self._sched.closed_window + 1 - first) * self.window_ns
+        self.stats.records += len(batch)
+        if len(batch):
+            starts, sums = window_sums(batch, "cpu_ns")
+            self.stats.windows += len(starts)
+            expected = self.ncpu * self.window_ns
+            self.stats.conservation_violations += int(np.count_nonzero(sums != expected))
+            self.stats.last_window_end_ns = int(starts[-1]) + self.window_ns
+
+    def batches(self, duration: float | None = None) -> Iterator[np.ndarray]:
+        """Yield record batches every drain interval until ``duration`` or :meth:`stop`.
+
+        The last batch is a final flush up to the last complete window.
+        Empty batches are not yielded.
+        """
+        if self._sched is None:
+            self.open()
+        deadline = None if duration is None else time.monotonic() + duration
+        next_at = time.monotonic() + self.drain_interval
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                break
+            wake = next_at if deadline is None else min(next_at, deadline)
+            if self._stop.wait(max(0.0, wake - now)):
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            next_at += self.drain_interval
+            batch = self._drain(final=False)
+            if len(batch):
+                self._dispatch(batch)
+                yield batch
+        batch = self._drain(final=True)
+        if len(batch):
+            self._dispatch(batch)
+            yield batch
+
+    # -- embedding ------------------------------------------------------------------
+
+    def on_batch(self, fn: BatchCallback) -> BatchCallback:
+        """Call ``fn(batch)`` for every batch produced; usable as a decorator."""
+        self._callbacks.append(fn)
+        return fn
+
+    def _dispatch(self, batch: np.ndarray) -> None:
+        for fn in list(self._callbacks):
+            fn(batch)
+
+    def start(self) -> None:
+        """Run the drain loop in a background thread, feeding callbacks."""
+        self.open()
+        if self._thread is not None:
+            return
+
+        def run() -> None:
+            for _ in self.batches():
+                pass
+
+        self._thread = threading.Thread(target=run, name="meter-drain", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Make :meth:`batches` (or the background thread) flush and finish."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+
+def window_sums(batch: np.ndarray, field: str) -> tuple[np.ndarray, np.ndarray]:
+    """(window starts, Σ field) per window of a batch, windows ascending."""
+    starts, inverse = np.unique(batch["window_start_ns"], return_inverse=True)
+    values = batch[field]
+    sums = np.zeros(len(starts), np.int64)
+    np.add.at(sums, inverse, np.where(values == records.NULL, 0, values))
+    return starts, sums
+
+
+def _realtime_offset_ns() -> int:
+    """CLOCK_REALTIME - CLOCK_MONOTONIC, read as tightly as Python allows."""
+    best = None
+    for _ in range(5):
+        m0 = time.monotonic_ns()
+        r = time.time_ns()
+        m1 = time.monotonic_ns()
+        if best is None or m1 - m0 < best[0]:
+            best = (m1 - m0, r - (m0 + m1) // 2)
+    assert best is not None
+    return best[1]

@@ -1,0 +1,82 @@
+"""Resolving cgroup ids to record rows: ``host``, ``idle``, then compartments.
+
+Row 0 is ``host`` (tasks in no compartment), row 1 is ``idle`` (the idle
+task), rows 2.. are compartments. A cgroup id is resolved once and
+remembered, so a compartment whose cgroup is removed while metering keeps
+its usage. Under a discovered topology (``--cgroup-root``), an unknown id
+makes the resolver re-read the root, and new compartments are appended as
+new rows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .cgroup import CgroupIndex, cgroup_id
+from .errors import CgroupError
+from .topology import HOST, IDLE, Compartment, Topology
+
+__all__ = ["HOST_ROW", "IDLE_CGID", "IDLE_ROW", "Resolver"]
+
+#: The cgroup id the kernel programs use for the idle task (METER_IDLE_CGID).
+IDLE_CGID = 0
+HOST_ROW = 0
+IDLE_ROW = 1
+
+
+class Resolver:
+    """Vectorised cgroup id -> row mapping for a topology that may grow."""
+
+    def __init__(self, topology: Topology, index: CgroupIndex | None = None) -> None:
+        self.topology = topology
+        self.index = index if index is not None else CgroupIndex(topology.mount)
+        self.tenants: list[str] = [HOST, IDLE]
+        self.names: list[str] = [HOST, IDLE]
+        self.cgroup_ids: list[int] = [cgroup_id(topology.mount), IDLE_CGID]
+        self.compartments: list[Compartment | None] = [None, None]
+        self._rows: dict[int, int] = {IDLE_CGID: IDLE_ROW}
+        self.unresolved = 0  # ids no scan could name (charged to host)
+        self._add(topology.compartments)
+
+    def _add(self, compartments: tuple[Compartment, ...]) -> None:
+        known = {(c.tenant, c.name) for c in self.compartments if c is not None}
+        for c in compartments:
+            if (c.tenant, c.name) in known:
+                continue
+            self.compartments.append(c)
+            self.tenants.append(c.tenant)
+            self.names.append(c.name)
+            try:
+                self.cgroup_ids.append(cgroup_id(c.cgroup))
+            except CgroupError:
+                self.cgroup_ids.append(0)  # checked by Topology.require_cgroups
+        self._owners = [(i, c.cgroup) for i, c in enumerate(self.compartments) if c is not None]
+        # Deepest first: a nested compartment owns its subtree.
+        self._owners.sort(key=lambda item: len(item[1].parts), reverse=True)
+
+    @property
+    def nrows(self) -> int:
+        return len(self.names)
+
+    def _owner(self, path: object) -> int:
+        for row, cg in self._owners:
+            if path == cg or cg in path.parents:  # type: ignore[attr-defined]
+                return row
+        return HOST_ROW
+
+    def rows(self, cgids: np.ndarray) -> np.ndarray:
+        """Row of each cgroup id in ``cgids``."""
+        uniq, inverse = np.unique(cgids, return_inverse=True)
+        unknown = [int(i) for i in uniq if int(i) not in self._rows]
+        if unknown:
+            if self.topology.cgroup_root is not None:
+                self.topology = self.topology.refresh()
+                self._add(self.topology.compartments)
+            for cgid, path in self.index.resolve(unknown).items():
+                if path is None:
+                    self.unresolved += 1
+                    self._rows[cgid] = HOST_ROW
+                else:
+                    self._rows[cgid] = self._owner(path)
+        table = np.fromiter((self._rows[int(i)] for i in uniq), np.int64, len(uniq))
+        return table[inverse]

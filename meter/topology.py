@@ -183,28 +183,38 @@ class _Parser:
         self.lines = text.splitlines()
         self.mount = mount
 
-    def fail(self, key: str, message: str, needle: str | None = None) -> ConfigError:
-        return ConfigError(message, path=str(self.path), line=self._line(needle or key.rsplit(".", 1)[-1]), key=key)
+    def fail(self, key: str, message: str, value: Any = None, *, last: bool = False) -> ConfigError:
+        """A ConfigError for dotted ``key``, with the line where ``key = value`` stands."""
+        return ConfigError(message, path=str(self.path), line=self._line(key, value, last), key=key)
 
-    def _line(self, needle: str) -> int | None:
-        bare = re.sub(r"\[\d+\]$", "", needle)
-        pat = re.compile(rf"(^|[\s{{,\[]){re.escape(bare)}\s*=|^\s*\[+\s*[\w.]*{re.escape(bare)}\s*\]+")
-        hits = [i + 1 for i, line in enumerate(self.lines) if pat.search(line)]
+    def _line(self, key: str, value: Any, last: bool) -> int | None:
+        name = re.sub(r"\[\d+\]$", "", key.rsplit(".", 1)[-1])
+        pattern = rf"(^|[\s{{,]){re.escape(name)}\s*="
+        if isinstance(value, str):
+            pattern += r"\s*" + re.escape(f'"{value}"')
+        elif isinstance(value, int):
+            pattern += rf"\s*{value}\b"
+        pat = re.compile(pattern)
+        hits = [i + 1 for i, line in enumerate(self.lines) if pat.search(line.split("#", 1)[0])]
+        if not hits:
+            return None
+        if last:
+            return hits[-1]
         return hits[0] if len(hits) == 1 else None
 
     def _keys(self, table: dict[str, Any], allowed: set[str], where: str) -> None:
         for key in table:
             if key not in allowed:
                 full = f"{where}.{key}" if where else key
-                raise self.fail(full, f"unknown key (expected one of: {', '.join(sorted(allowed))})", key)
+                raise self.fail(full, f"unknown key (expected one of: {', '.join(sorted(allowed))})")
 
     def _name(self, value: Any, key: str) -> str:
         if not isinstance(value, str) or not value:
             raise self.fail(key, "must be a non-empty string")
         if not _NAME_RE.match(value) or len(value) > NAME_MAX:
-            raise self.fail(key, f"{value!r} must be at most {NAME_MAX} letters, digits or _.:@+-", f'"{value}"')
+            raise self.fail(key, f"{value!r} must be at most {NAME_MAX} letters, digits or _.:@+-", value)
         if value in (HOST, IDLE):
-            raise self.fail(key, f"{value!r} is reserved for meter's own {value} row", f'"{value}"')
+            raise self.fail(key, f"{value!r} is reserved for meter's own {value} row", value)
         return value
 
     def topology(self, data: dict[str, Any]) -> Topology:
@@ -227,10 +237,10 @@ class _Parser:
                 raise self.fail(tkey, "must be a table")
             self._keys(tenant, _TENANT_KEYS, tkey)
             if "name" not in tenant:
-                raise self.fail(f"{tkey}.name", "is missing", "[[tenant]]")
+                raise self.fail(f"{tkey}.name", "is missing")
             tname = self._name(tenant["name"], f"{tkey}.name")
             if tname in seen_tenants:
-                raise self.fail(f"{tkey}.name", f"tenant {tname!r} is defined twice", f'"{tname}"')
+                raise self.fail(f"{tkey}.name", f"tenant {tname!r} is defined twice", tname, last=True)
             seen_tenants.add(tname)
             seen_comps: set[str] = set()
             for ci, comp in enumerate(tenant.get("compartment", [])):
@@ -240,19 +250,19 @@ class _Parser:
                 self._keys(comp, _COMPARTMENT_KEYS, ckey)
                 for required in ("name", "cgroup"):
                     if required not in comp:
-                        raise self.fail(f"{ckey}.{required}", "is missing", "[[tenant.compartment]]")
+                        raise self.fail(f"{ckey}.{required}", "is missing")
                 cname = self._name(comp["name"], f"{ckey}.name")
                 if cname in seen_comps:
-                    raise self.fail(f"{ckey}.name", f"compartment {cname!r} is defined twice in tenant {tname!r}", f'"{cname}"')
+                    raise self.fail(f"{ckey}.name", f"compartment {cname!r} is defined twice in tenant {tname!r}", cname, last=True)
                 seen_comps.add(cname)
                 cg = comp["cgroup"]
                 if not isinstance(cg, str) or not cg:
                     raise self.fail(f"{ckey}.cgroup", "must be a non-empty path string")
                 cpath = _under_mount(self.mount, cg)
                 if self.mount != cpath and self.mount not in cpath.parents:
-                    raise self.fail(f"{ckey}.cgroup", f"{cg!r} is not below the cgroup v2 mount {self.mount}", f'"{cg}"')
+                    raise self.fail(f"{ckey}.cgroup", f"{cg!r} is not below the cgroup v2 mount {self.mount}", cg)
                 if cpath in seen_cgroups:
-                    raise self.fail(f"{ckey}.cgroup", f"{cg!r} is already compartment {seen_cgroups[cpath]}", f'"{cg}"')
+                    raise self.fail(f"{ckey}.cgroup", f"{cg!r} is already compartment {seen_cgroups[cpath]}", cg, last=True)
                 seen_cgroups[cpath] = f"{tname}/{cname}"
                 ifaces = comp.get("interfaces", [])
                 if not isinstance(ifaces, list) or not all(isinstance(i, str) and i for i in ifaces):
@@ -264,13 +274,13 @@ class _Parser:
                 for vi, vf in enumerate(raw_vfs):
                     vkey = f"{ckey}.vfs[{vi}]"
                     if not isinstance(vf, dict):
-                        raise self.fail(vkey, "must be a table { pf = NAME, vf = N }", "vfs")
+                        raise self.fail(vkey, "must be a table { pf = NAME, vf = N }")
                     self._keys(vf, _VF_KEYS, vkey)
                     pf, num = vf.get("pf"), vf.get("vf")
                     if not isinstance(pf, str) or not pf:
-                        raise self.fail(f"{vkey}.pf", "must be the physical function's interface name", "vfs")
+                        raise self.fail(f"{vkey}.pf", "must be the physical function's interface name", pf)
                     if not isinstance(num, int) or isinstance(num, bool) or num < 0:
-                        raise self.fail(f"{vkey}.vf", "must be a VF number >= 0", "vfs")
+                        raise self.fail(f"{vkey}.vf", "must be a VF number >= 0", num)
                     vfs.append(VirtualFunction(pf, num))
                 comps.append(Compartment(tname, cname, cpath, tuple(ifaces), tuple(vfs)))
         return Topology(tuple(comps), self.mount, window_ms, self.path, None, dict(energy))

@@ -1,0 +1,52 @@
+# meter: set-up, run and test on a Debian 12 host (root, or sudo).
+#
+#   make setup   install Debian packages and the virtualenv (idempotent)
+#   make run     setup, then `meter top` on this host's cgroups
+#   make test    setup, then the full test suite
+#   make bench   setup, then every benchmark
+
+VENV     ?= .venv
+PY       := $(VENV)/bin/python
+SUDO     := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+ARCH     := $(shell dpkg --print-architecture 2>/dev/null || echo amd64)
+# bcc comes from Debian (not on PyPI); headers only where the running kernel has none.
+DEB      := python3-bpfcc bpftool iproute2 python3-venv util-linux
+HEADERS  := $(shell [ -d /lib/modules/$$(uname -r)/build/include ] || echo linux-headers-$(ARCH))
+BENCHDEB := linux-perf iperf3 stress-ng
+
+.PHONY: setup deb run test bench lint clean
+
+setup: deb $(VENV)/.installed
+
+deb:
+	@missing=$$(for p in $(DEB) $(HEADERS) $(EXTRA_DEB); do \
+	    dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	    echo "installing Debian packages: $$missing"; \
+	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+# --system-site-packages: the venv sees Debian's bcc beside pip's packages.
+$(VENV)/.installed: setup.cfg pyproject.toml
+	[ -x $(PY) ] || /usr/bin/python3 -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -c 'import bcc, meter' && touch $@
+
+run: setup
+	$(SUDO) $(VENV)/bin/meter top
+
+test: setup
+	$(SUDO) env CI="$(CI)" $(VENV)/bin/pytest -q
+
+bench:
+	$(MAKE) setup EXTRA_DEB="$(BENCHDEB)"
+	$(SUDO) $(PY) benchmarks/run
+
+lint: setup
+	$(VENV)/bin/ruff check meter tests benchmarks
+	$(VENV)/bin/mypy meter
+
+clean:
+	rm -rf $(VENV) *.egg-info

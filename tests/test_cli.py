@@ -1,0 +1,106 @@
+"""The meter command: output contracts, errors, and signals."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from meter.records import FIELDS
+
+
+def run(meter_bin, *args, timeout=60):
+    return subprocess.run([*meter_bin, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_bad_config_is_one_line_and_exit_1(meter_bin, tmp_path):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('[[tenant]]\nname = "a"\nnmae = "typo"\n')
+    res = run(meter_bin, "record", "--config", str(cfg), "--duration", "1")
+    assert res.returncode == 1
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("meter: error: ") and f"{cfg}:3" in lines[0] and "nmae" in lines[0]
+    assert "Traceback" not in res.stderr
+
+
+def test_missing_cgroup_root_is_one_line(meter_bin):
+    res = run(meter_bin, "record", "--cgroup-root", "/sys/fs/cgroup/unified/no-such-meter-cgroup", "--duration", "1")
+    assert res.returncode == 1
+    assert res.stderr.count("\n") == 1 and "does not exist" in res.stderr
+
+
+def test_config_and_root_together_is_a_usage_error(meter_bin, tmp_path):
+    res = run(meter_bin, "record", "--config", "x.toml", "--cgroup-root", "/")
+    assert res.returncode == 2 and "not both" in res.stderr
+
+
+@pytest.mark.bpf
+def test_record_jsonl_fields_and_file_mode(meter_bin, tmp_path, cgroups):
+    cgroups.make("j")
+    out = tmp_path / "r.jsonl"
+    res = run(meter_bin, "record", "--cgroup-root", str(cgroups.root), "--duration", "0.5", "--output", str(out))
+    assert res.returncode == 0, res.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) > 400
+    assert all(list(r) == list(FIELDS) for r in rows)
+    assert {r["tenant"] for r in rows} >= {"host", "idle"}
+    assert all(r["energy_uj"] is None for r in rows)  # not measured: null, not 0
+    seqs = [r["seq"] for r in rows]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    assert os.stat(out).st_mode & 0o777 == 0o600
+    assert "records" in res.stderr
+
+
+@pytest.mark.bpf
+def test_record_csv(meter_bin, tmp_path, cgroups):
+    out = tmp_path / "r.csv"
+    res = run(meter_bin, "record", "--cgroup-root", str(cgroups.root), "--duration", "0.3",
+              "--format", "csv", "--window-ms", "10", "-o", str(out))
+    assert res.returncode == 0, res.stderr
+    with out.open() as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == list(FIELDS)
+    assert {r["window_ms"] for r in rows} == {"10"}
+    assert all(r["instructions"] in ("", None) or int(r["instructions"]) >= 0 for r in rows)
+
+
+@pytest.mark.bpf
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_flushes_and_exits_0(meter_bin, tmp_path, cgroups, sig):
+    out = tmp_path / "r.jsonl"
+    p = subprocess.Popen([*meter_bin, "record", "--cgroup-root", str(cgroups.root), "-o", str(out)],
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (not out.exists() or out.stat().st_size == 0):
+        time.sleep(0.05)
+    time.sleep(0.3)
+    stopped_at = time.time_ns()
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    last_end = max(r["window_start_ns"] + r["window_ms"] * 1_000_000 for r in rows)
+    # Flushed up to the last complete window before the signal (within scheduling slack).
+    assert stopped_at - last_end < 50_000_000
+    starts = sorted({r["window_start_ns"] for r in rows})
+    assert all(b - a == 1_000_000 for a, b in zip(starts, starts[1:]))
+
+
+@pytest.mark.bpf
+def test_top_once_json_and_print_once_when_not_a_tty(meter_bin, cgroups):
+    cgroups.make("t")
+    res = run(meter_bin, "top", "--json", "--cgroup-root", str(cgroups.root), "--interval", "0.5")
+    assert res.returncode == 0, res.stderr
+    snap = json.loads(res.stdout)
+    tenants = {r["tenant"]: r for r in snap["tenants"]}
+    assert sum(r["cpu_pct"] for r in tenants.values()) == pytest.approx(snap["ncpu"] * 100, rel=0.01)
+    assert tenants["idle"]["rx_packets_per_s"] is None
+    res = run(meter_bin, "top", "--cgroup-root", str(cgroups.root), "--interval", "0.5")  # stdout is a pipe
+    assert res.returncode == 0, res.stderr
+    assert "TENANT/COMPARTMENT" in res.stdout and "idle" in res.stdout and "–" in res.stdout

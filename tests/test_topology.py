@@ -1,0 +1,135 @@
+"""Topology: the TOML contract, discovery, and clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from meter import Topology
+from meter.errors import CgroupError, ConfigError
+from meter.topology import VirtualFunction
+
+GOOD = """\
+window_ms = 2
+
+[[tenant]]
+name = "acme"
+
+[[tenant.compartment]]
+name = "vswitch"
+cgroup = "tenants/acme/vswitch"
+interfaces = ["veth-acme0", "acme-vm1:eth0"]
+vfs = [{ pf = "enp3s0f0", vf = 3 }]
+
+[[tenant.compartment]]
+name = "vm1"
+cgroup = "/MOUNT/tenants/acme/vm1"
+
+[[tenant]]
+name = "globex"
+"""
+
+
+@pytest.fixture
+def mount(tmp_path: Path) -> Path:
+    m = tmp_path / "cgroup"
+    m.mkdir()
+    return m
+
+
+def write(tmp_path: Path, text: str, mount: Path) -> Path:
+    p = tmp_path / "t.toml"
+    p.write_text(text.replace("/MOUNT", str(mount)))
+    return p
+
+
+def test_good_file(tmp_path, mount):
+    topo = Topology.from_file(write(tmp_path, GOOD, mount), mount=mount)
+    assert topo.window_ms == 2
+    assert topo.tenants == ["acme"]
+    vs, vm = topo.compartments
+    assert (vs.tenant, vs.name, vs.cgroup) == ("acme", "vswitch", mount / "tenants/acme/vswitch")
+    assert vs.interfaces == ("veth-acme0", "acme-vm1:eth0")
+    assert vs.vfs == (VirtualFunction("enp3s0f0", 3),)
+    assert vm.cgroup == mount / "tenants/acme/vm1"
+
+
+def test_owner_deepest_compartment_wins(tmp_path, mount):
+    text = GOOD + '\n[[tenant.compartment]]\nname = "pmd"\ncgroup = "tenants/acme/vswitch/pmd"\n'
+    topo = Topology.from_file(write(tmp_path, text, mount), mount=mount)
+    names = [c.name for c in topo.compartments]
+    assert names[topo.owner(mount / "tenants/acme/vswitch/x")] == "vswitch"
+    assert names[topo.owner(mount / "tenants/acme/vswitch/pmd/t1")] == "pmd"
+    assert topo.owner(mount / "elsewhere") is None
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "key", "words"),
+    [
+        ("window_ms = 0\n", 1, "window_ms", "whole number"),
+        ('window_ms = "1"\n', 1, "window_ms", "whole number"),
+        ("colour = 1\n", 1, "colour", "unknown key"),
+        ('[[tenant]]\nname = "a"\n[[tenant.compartment]]\nname = "x"\n', None, "tenant[0].compartment[0].cgroup", "missing"),
+        ('[[tenant]]\nname = "a"\n[[tenant.compartment]]\nname = "x"\ncgroup = "c"\nifaces = []\n', 6,
+         "tenant[0].compartment[0].ifaces", "unknown key"),
+        ('[[tenant]]\nname = "host"\n', 2, "tenant[0].name", "reserved"),
+        ('[[tenant]]\nname = "a b"\n', 2, "tenant[0].name", "letters"),
+        ('[[tenant]]\nname = "a"\n[[tenant]]\nname = "a"\n', 4, "tenant[1].name", "twice"),
+        ('[[tenant]]\nname = "a"\n[[tenant.compartment]]\nname = "x"\ncgroup = "/elsewhere"\n', 5,
+         "tenant[0].compartment[0].cgroup", "not below"),
+        ('[[tenant]]\nname = "a"\n[[tenant.compartment]]\nname = "x"\ncgroup = "c"\nvfs = [{ pf = "p", vf = -1 }]\n', 6,
+         "tenant[0].compartment[0].vfs[0].vf", ">= 0"),
+        ('[[tenant]]\nname = "a"\n[[tenant.compartment]]\nname = "x"\ncgroup = "c"\ninterfaces = "eth0"\n', 6,
+         "tenant[0].compartment[0].interfaces", "list"),
+    ],
+)
+def test_bad_files_name_line_key_and_reason(tmp_path, mount, text, line, key, words):
+    path = write(tmp_path, text, mount)
+    with pytest.raises(ConfigError) as info:
+        Topology.from_file(path, mount=mount)
+    err = info.value
+    assert err.path == str(path)
+    assert err.key == key
+    if line is not None:
+        assert err.line == line
+    assert words in str(err)
+    assert str(err).startswith(str(path))
+
+
+def test_toml_syntax_error_names_the_line(tmp_path, mount):
+    path = write(tmp_path, '[[tenant]]\nname = "a"\nname = \n', mount)
+    with pytest.raises(ConfigError) as info:
+        Topology.from_file(path, mount=mount)
+    assert info.value.line == 3
+    assert "invalid TOML" in str(info.value)
+
+
+def test_missing_file(tmp_path, mount):
+    with pytest.raises(ConfigError, match="no such file"):
+        Topology.from_file(tmp_path / "nope.toml", mount=mount)
+
+
+def test_missing_cgroup_is_a_clear_error(tmp_path, mount):
+    topo = Topology.from_file(write(tmp_path, GOOD, mount), mount=mount)
+    with pytest.raises(CgroupError) as info:
+        topo.require_cgroups()
+    assert "tenants/acme/vswitch" in str(info.value) and "does not exist" in str(info.value)
+    (mount / "tenants/acme/vswitch").mkdir(parents=True)
+    (mount / "tenants/acme/vm1").mkdir(parents=True)
+    topo.require_cgroups()
+
+
+def test_discovery_children_become_compartments(mount):
+    for name in ("b", "a", "host"):
+        (mount / "pool" / name).mkdir(parents=True)
+    (mount / "pool" / "cpu.stat").write_text("usage_usec 0\n")
+    topo = Topology.discover("pool", mount=mount)
+    assert [(c.tenant, c.name) for c in topo.compartments] == [("a", "a"), ("b", "b")]
+    (mount / "pool" / "c").mkdir()
+    assert [c.name for c in topo.refresh().compartments] == ["a", "b", "c"]
+
+
+def test_discovery_of_missing_root(mount):
+    with pytest.raises(CgroupError, match="does not exist"):
+        Topology.discover("nope", mount=mount)

@@ -46,12 +46,24 @@ struct meter_usage {
 	__u64 count[METER_MAX_COUNTERS];
 };
 
+/* Per-CPU accumulators for the CPU's current window, a few cgroups at a
+ * time, so most charges touch no hash map. Power of two. */
+#define METER_CACHE_SLOTS 8
+
+struct meter_slot {
+	__u64 cgid;
+	struct meter_usage usage;   /* usage.ns == 0: the slot is empty */
+};
+
 /* Per-CPU charging state: when and what was last charged on this CPU. */
 struct meter_cpu {
-	__u64 last_ns;
+	__u64 last_ns;              /* time of the last charge (0: clock not started) */
+	__u64 window;               /* window of last_ns: the slots' window */
+	__u64 window_end;           /* (window + 1) * METER_WINDOW_NS */
 	__u64 value[METER_MAX_COUNTERS];
 	__u64 enabled[METER_MAX_COUNTERS];
 	__u64 running[METER_MAX_COUNTERS];
+	struct meter_slot slot[METER_CACHE_SLOTS];
 };
 
 /* Indexes into the per-CPU stats array. */
@@ -69,6 +81,8 @@ enum meter_control {
 	 * windows at or below it are counted as late instead of stored, so a
 	 * drained window never changes again. */
 	METER_CTL_WATERMARK = 0,
+	/* First window metered: earlier charges are start-up, discarded. */
+	METER_CTL_FIRST,
 	METER_NR_CONTROLS,
 };
 

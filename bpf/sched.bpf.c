@@ -117,58 +117,112 @@ static __always_inline void store(u64 cgid, u64 window, u64 ns, u64 *delta)
 		u->count[i] += delta[i];
 }
 
-/*
- * Rare path: [last, now) crosses window boundaries (the tick arrives at an
- * arbitrary phase, or late). Split time exactly at the boundaries and the
- * counter deltas in proportion to time; the newest window takes the
- * rounding remainder so counter totals stay exact. Windows at or below the
- * drain watermark are already gone to user space: counted as late.
- */
-static __always_inline void split(u64 cgid, u64 last, u64 now, u64 *delta)
+static __always_inline u64 control_get(int idx)
 {
-	u64 total = now - last;
-	u64 first = last / METER_WINDOW_NS;
-	u64 final = now / METER_WINDOW_NS;
-	u64 left[METER_MAX_COUNTERS] = {};
-	u64 part[METER_MAX_COUNTERS] = {};
-	u64 watermark = 0;
-	int ctl = METER_CTL_WATERMARK;
-	u64 *wm = control.lookup(&ctl);
+	u64 *v = control.lookup(&idx);
 
-	if (wm)
-		watermark = *wm;
+	return v ? *v : 0;
+}
+
+/*
+ * Store a charge for a window that is not this CPU's current one:
+ * windows before the first metered one are start-up (discarded), windows
+ * user space has closed count as late.
+ */
+static __always_inline void put(u64 cgid, u64 window, u64 ns, u64 *delta,
+				u64 watermark, u64 first)
+{
+	if (window < first)
+		return;
+	if (window <= watermark) {
+		stat_add(METER_STAT_LATE_NS, ns);
+		return;
+	}
+	store(cgid, window, ns, delta);
+}
+
+static __always_inline u32 slot_of(u64 cgid)
+{
+	/* Fibonacci hashing: cgroup ids are inode numbers, often close. */
+	return (cgid * 0x9E3779B97F4A7C15ULL) >> (64 - 3) & (METER_CACHE_SLOTS - 1);
+}
+
+/* Move every slot of this CPU's current window into the usage map. */
+static __always_inline void flush(struct meter_cpu *st, u64 watermark, u64 first)
+{
+#pragma unroll
+	for (int i = 0; i < METER_CACHE_SLOTS; i++) {
+		struct meter_slot *s = &st->slot[i];
+
+		if (!s->usage.ns)
+			continue;
+		put(s->cgid, st->window, s->usage.ns, s->usage.count, watermark, first);
+		__builtin_memset(&s->usage, 0, sizeof(s->usage));
+	}
+}
+
+/* Add to this CPU's slot for cgid in its current window, evicting another cgroup's. */
+static __always_inline void accumulate(struct meter_cpu *st, u64 cgid, u64 ns, u64 *delta)
+{
+	struct meter_slot *s = &st->slot[slot_of(cgid)];
+
+	if (s->usage.ns && s->cgid != cgid) {
+		put(s->cgid, st->window, s->usage.ns, s->usage.count,
+		    control_get(METER_CTL_WATERMARK), control_get(METER_CTL_FIRST));
+		__builtin_memset(&s->usage, 0, sizeof(s->usage));
+	}
+	s->cgid = cgid;
+	s->usage.ns += ns;
+#pragma unroll
+	for (int i = 0; i < METER_NR_COUNTERS; i++)
+		s->usage.count[i] += delta[i];
+}
+
+/*
+ * Rare path: [last, now) leaves the CPU's current window (the tick arrives
+ * at an arbitrary phase, an idle CPU wakes). Flush the slots, then split
+ * the time exactly at window boundaries and the counter deltas in
+ * proportion to time; the new current window takes the rounding remainder,
+ * into the slots, so counter totals stay exact.
+ */
+static __always_inline void cross(struct meter_cpu *st, u64 cgid, u64 last, u64 now, u64 *delta)
+{
+	u64 watermark = control_get(METER_CTL_WATERMARK);
+	u64 first = control_get(METER_CTL_FIRST);
+	u64 total = now - last;
+	u64 final = now / METER_WINDOW_NS;
+	u64 w = last / METER_WINDOW_NS;
+	u64 part[METER_MAX_COUNTERS] = {};
+	u64 left[METER_MAX_COUNTERS] = {};
+
+	flush(st, watermark, first);
 #pragma unroll
 	for (int i = 0; i < METER_NR_COUNTERS; i++)
 		left[i] = delta[i];
-
-	if (final - first >= METER_MAX_SPAN) {
+	if (final - w >= METER_MAX_SPAN) {
 		u64 start = (final - METER_MAX_SPAN + 1) * METER_WINDOW_NS;
 
-		stat_add(METER_STAT_LATE_NS, start - last);
-		first = final - METER_MAX_SPAN + 1;
+		if (final - METER_MAX_SPAN + 1 > first)
+			stat_add(METER_STAT_LATE_NS, start - last);
+		w = final - METER_MAX_SPAN + 1;
 		last = start;
 	}
-	for (int s = 0; s < METER_MAX_SPAN; s++) {
-		u64 w = first + s;
+	for (int s = 0; s < METER_MAX_SPAN && w < final; s++, w++) {
 		u64 end = (w + 1) * METER_WINDOW_NS;
-		u64 ns;
+		u64 ns = end - last;
 
-		if (w > final)
-			break;
-		if (end > now)
-			end = now;
-		ns = end - last;
 #pragma unroll
 		for (int i = 0; i < METER_NR_COUNTERS; i++) {
-			part[i] = w == final ? left[i] : delta[i] * ns / total;
+			part[i] = delta[i] * ns / total;
 			left[i] -= part[i];
 		}
-		if (w <= watermark)
-			stat_add(METER_STAT_LATE_NS, ns);
-		else if (ns)
-			store(cgid, w, ns, part);
+		put(cgid, w, ns, part, watermark, first);
 		last = end;
 	}
+	st->window = final;
+	st->window_end = (final + 1) * METER_WINDOW_NS;
+	if (now > last)
+		accumulate(st, cgid, now - last, left);
 }
 
 /* Charge everything since this CPU's previous charge to `current`. */
@@ -185,18 +239,24 @@ static __always_inline int charge(void)
 	read_counters(st, delta);
 	last = st->last_ns;
 	st->last_ns = now;
-	/* The first event on a CPU only starts its clock. */
-	if (!last || now <= last)
-		return 0;
 	cgid = (u32)bpf_get_current_pid_tgid() ? bpf_get_current_cgroup_id() : METER_IDLE_CGID;
-	if (last / METER_WINDOW_NS == now / METER_WINDOW_NS)
-		store(cgid, now / METER_WINDOW_NS, now - last, delta);
-	else
-		split(cgid, last, now, delta);
+	/* The hot path: still in the CPU's current window. */
+	if (now < st->window_end && now > last) {
+		accumulate(st, cgid, now - last, delta);
+		return 0;
+	}
+	if (!last || now <= last) {
+		/* The first event on a CPU only starts its clock. */
+		st->window = now / METER_WINDOW_NS;
+		st->window_end = (st->window + 1) * METER_WINDOW_NS;
+		return 0;
+	}
+	cross(st, cgid, last, now, delta);
 	return 0;
 }
 
-RAW_TRACEPOINT_PROBE(sched_switch)
+/* Attached by user space to the raw tracepoint sched_switch. */
+int meter_switch(struct bpf_raw_tracepoint_args *ctx)
 {
 	return charge();
 }

@@ -65,6 +65,8 @@ def test_cgroup_id_matches_what_bpf_sees(cgroups):
     cg = cgroups.make("id")
     bpf = program.load("sched", {"METER_NR_COUNTERS": 0})
     try:
+        bpf.attach_raw_tracepoint(tp=b"sched_switch", fn_name=b"meter_switch")
+        bpf[b"control"][bpf[b"control"].Key(0)] = bpf[b"control"].Leaf(0)
         p = cgroups.burner(cg, 1.0, 0.2)
         p.wait()
         table = bpf[b"usage"]

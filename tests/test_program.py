@@ -34,7 +34,7 @@ def test_shared_header_matches_python_mirror():
 
 def _loaded_raw_tracepoint_ids() -> set[int]:
     out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True).stdout
-    return {p["id"] for p in json.loads(out) if p["type"] == "raw_tracepoint" and p.get("name") == "sched_switch"}
+    return {p["id"] for p in json.loads(out) if p["type"] == "raw_tracepoint" and p.get("name") == "meter_switch"}
 
 
 @pytest.mark.bpf
@@ -42,6 +42,7 @@ def test_sched_program_loads_attaches_and_leaves_nothing():
     before = _loaded_raw_tracepoint_ids()
     bpf = program.load("sched", {"METER_NR_COUNTERS": 0, "METER_WINDOW_NS": "1000000ULL"})
     try:
+        bpf.attach_raw_tracepoint(tp=b"sched_switch", fn_name=b"meter_switch")
         assert b"sched_switch" in bpf.raw_tracepoint_fds
         assert len(_loaded_raw_tracepoint_ids() - before) == 1
     finally:

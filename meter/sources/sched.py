@@ -38,6 +38,8 @@ USAGE_DTYPE = np.dtype([("ns", np.uint64), ("count", np.uint64, (MAX_COUNTERS,))
 # enum meter_stat in bpf/meter.h
 _STATS = ("late_ns", "drop_ns", "drop_updates", "counter_errors")
 _CTL_WATERMARK = 0
+_CTL_FIRST = 1
+_NEVER = 2**63 - 1
 
 PERF_TYPE_SOFTWARE = 1
 PERF_COUNT_SW_CPU_CLOCK = 0
@@ -92,7 +94,6 @@ class SchedSource:
         self._first_window = 0
         #: Every window up to this one has been taken by a drain.
         self.closed_window = 0
-        self._warmup: dict[str, int] = {}
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -117,8 +118,10 @@ class SchedSource:
                     raise PerfEventError(f"cannot open perf event {ev.spec} on every CPU: {err}", event=ev.spec) from err
             self._cpus = get_online_cpus()
             self.ncpu = len(self._cpus)
-            # Nothing before attach is a whole window: keep it all out.
-            self._publish(2**63 - 1)
+            # Nothing before every CPU's clock runs is a whole window: discard it.
+            self._control(_CTL_FIRST, _NEVER)
+            self._publish(_NEVER)
+            self.bpf.attach_raw_tracepoint(tp=b"sched_switch", fn_name=b"meter_switch")
             self.bpf.attach_perf_event(
                 ev_type=PERF_TYPE_SOFTWARE,
                 ev_config=PERF_COUNT_SW_CPU_CLOCK,
@@ -130,7 +133,7 @@ class SchedSource:
             # Every CPU's clock runs now; the next window is the first whole one.
             self._first_window = time.monotonic_ns() // self.window_ns + 1
             self._publish(self._first_window - 1)
-            self._warmup = self._warmup_late()
+            self._control(_CTL_FIRST, self._first_window)
         except Exception:
             self.close()
             raise
@@ -153,16 +156,19 @@ class SchedSource:
 
     # -- closing windows ---------------------------------------------------------
 
-    def _publish(self, watermark: int) -> None:
+    def _control(self, index: int, value: int) -> None:
         ctl = self.bpf[b"control"]
-        ctl[ctl.Key(_CTL_WATERMARK)] = ctl.Leaf(watermark)
+        ctl[ctl.Key(index)] = ctl.Leaf(value)
+
+    def _publish(self, watermark: int) -> None:
+        self._control(_CTL_WATERMARK, watermark)
         self._published = watermark
 
-    def _last_ns(self) -> list[int]:
-        """Each online CPU's last charge time (monotonic ns)."""
+    def _cpu_windows(self) -> list[int]:
+        """Each online CPU's current window: the one its slots accumulate."""
         table = self.bpf[b"cpu_state"]
         per_cpu = table[table.Key(0)]
-        return [int(per_cpu[c].last_ns) for c in self._cpus]
+        return [int(per_cpu[c].window) for c in self._cpus]
 
     def _nudge(self, cpus: list[int]) -> None:
         """Make each CPU in ``cpus`` switch tasks, so it charges its pending time.
@@ -186,29 +192,17 @@ class SchedSource:
             os.sched_setaffinity(0, original)
 
     def _closed_window(self, now_win: int) -> int:
-        """Newest window that every CPU has charged past (nudging stale CPUs)."""
-        last = self._last_ns()
-        stale = [c for c, t in zip(self._cpus, last) if t // self.window_ns < now_win - 1]
+        """Newest window that every CPU has charged past (nudging stale CPUs).
+
+        A CPU's current window still sits in its per-CPU slots, so the
+        closed window is one before the oldest current window.
+        """
+        windows = self._cpu_windows()
+        stale = [c for c, w in zip(self._cpus, windows) if w < now_win - 1]
         if stale:
             self._nudge(stale)
-            last = self._last_ns()
-        return min(t // self.window_ns for t in last) - 1
-
-    def _warmup_late(self) -> dict[str, int]:
-        """Late ns that are start-up, not loss: already counted plus still pending.
-
-        Each CPU's next charge will count [last, first window) as late; read
-        the kernel count and the CPUs' clocks until no charge falls between.
-        """
-        start = self._first_window * self.window_ns
-        for _ in range(100):
-            before = self._kernel_stats()
-            last = self._last_ns()
-            after = self._kernel_stats()
-            if before == after:
-                break
-        pending = sum(max(0, start - t) for t in last)
-        return {"late_ns": after["late_ns"] + pending}
+            windows = self._cpu_windows()
+        return min(windows) - 1
 
     # -- draining ----------------------------------------------------------------
 
@@ -252,12 +246,9 @@ class SchedSource:
     def stats(self) -> dict[str, int]:
         """Kernel-side losses since start: late ns, dropped ns/updates, counter errors.
 
-        Charges for the partial windows before :attr:`first_window` are
-        start-up, not loss, and are not counted.
+        Charges for windows before :attr:`first_window` are start-up,
+        discarded in the kernel, and not counted.
         """
         if self.bpf is None:
             return {name: 0 for name in _STATS}
-        now = self._kernel_stats()
-        out = {name: now[name] - self._warmup.get(name, 0) for name in _STATS}
-        out["late_ns"] = max(0, out["late_ns"])
-        return out
+        return self._kernel_stats()

@@ -1,0 +1,99 @@
+"""Shared benchmark plumbing: one result format, bpf_stats, load generators.
+
+Every benchmark measures its figure and a baseline in the same run (the
+machine is shared and noisy) and reports the ratio against a goal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+@dataclasses.dataclass
+class Result:
+    """One benchmark figure with its same-run baseline and goal."""
+
+    name: str
+    value: float
+    unit: str
+    baseline: float | None
+    baseline_label: str
+    ratio: float | None
+    goal: str
+    met: bool
+    detail: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def line(self) -> str:
+        base = "" if self.baseline is None else f"  baseline {self.baseline:.4g} {self.unit} ({self.baseline_label})"
+        ratio = "" if self.ratio is None else f"  ratio {self.ratio:.3f}"
+        return f"{self.name}: {self.value:.4g} {self.unit}{base}{ratio}  goal {self.goal}  {'MET' if self.met else 'NOT MET'}"
+
+
+def report(results: list[Result]) -> None:
+    """Print each result; with --json also one JSON document on the last line."""
+    for r in results:
+        print(r.line())
+    if "--json" in sys.argv:
+        print(json.dumps([dataclasses.asdict(r) for r in results]))
+
+
+@contextlib.contextmanager
+def bpf_stats() -> Iterator[None]:
+    """Turn on kernel.bpf_stats_enabled for the block (run_time_ns, run_cnt)."""
+    path = Path("/proc/sys/kernel/bpf_stats_enabled")
+    old = path.read_text().strip()
+    path.write_text("1")
+    try:
+        yield
+    finally:
+        path.write_text(old)
+
+
+def prog_stats(names: list[str]) -> dict[str, tuple[int, int]]:
+    """(run_time_ns, run_cnt) of the newest loaded program with each name."""
+    out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True).stdout
+    found: dict[str, tuple[int, int, int]] = {}
+    for p in json.loads(out):
+        name = p.get("name")
+        if name in names and (name not in found or p["id"] > found[name][0]):
+            found[name] = (p["id"], p.get("run_time_ns", 0), p.get("run_cnt", 0))
+    return {n: (v[1], v[2]) for n, v in found.items()}
+
+
+def switch_load(seconds: float) -> str:
+    """Generate context switches for ``seconds``: perf bench sched pipe, else a Python pipe ping-pong."""
+    perf = shutil.which("perf")
+    if perf:
+        proc = subprocess.Popen([perf, "bench", "sched", "pipe", "-l", "100000000"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(seconds)
+        proc.kill()
+        proc.wait()
+        return "perf bench sched pipe"
+    r1, w1 = os.pipe()
+    r2, w2 = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        while os.read(r1, 1):
+            os.write(w2, b"x")
+        os._exit(0)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for _ in range(1000):
+            os.write(w1, b"x")
+            os.read(r2, 1)
+    os.close(w1)
+    os.waitpid(pid, 0)
+    return "python pipe ping-pong"

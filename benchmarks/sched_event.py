@@ -1,0 +1,74 @@
+#!/usr/bin/env python3
+"""ns per sched_switch event of meter's program vs a floor program.
+
+Both are attached to the raw tracepoint sched_switch at once, so they see
+the same events; the kernel's bpf_stats give run_time_ns / run_cnt for
+each. The floor reads the same inputs (clock, pid, cgroup id, the counters)
+and writes one per-CPU slot.
+
+    sudo .venv/bin/python benchmarks/sched_event.py [--seconds 5] [--counters N]
+
+Goal: <= 1.3x the floor and <= 150 ns per event.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from _common import Result, bpf_stats, prog_stats, report, switch_load
+
+from meter import program
+from meter.perf import parse_event
+from meter.sources.sched import SchedSource
+
+
+def _round(seconds: float, counters: list, floor_first: bool) -> tuple[float, float, int, str]:
+    """One round with both programs on sched_switch; returns (meter ns, floor ns, events, load)."""
+    floor = program.load("floor", {"METER_NR_COUNTERS": len(counters)})
+    src = SchedSource(1_000_000, counters)
+    try:
+        for i, ev in enumerate(counters):
+            floor[f"counter{i}".encode()].open_perf_event(ev.type, ev.config)
+        if floor_first:
+            floor.attach_raw_tracepoint(tp=b"sched_switch", fn_name=b"floor_switch")
+        src.open()
+        if not floor_first:
+            floor.attach_raw_tracepoint(tp=b"sched_switch", fn_name=b"floor_switch")
+        load = switch_load(seconds)
+        src.drain()
+        stats = prog_stats(["meter_switch", "floor_switch"])
+    finally:
+        floor.cleanup()
+        src.close()
+    (m_ns, m_cnt), (f_ns, f_cnt) = stats["meter_switch"], stats["floor_switch"]
+    return m_ns / max(m_cnt, 1), f_ns / max(f_cnt, 1), m_cnt, load
+
+
+def measure(seconds: float, ncounters: int) -> Result:
+    """Two rounds, each program first once: the first program on a tracepoint
+    pays the cache misses both share (task, cgroup), so order is averaged out."""
+    counters = [parse_event("sw:cpu-clock")] * ncounters
+    with bpf_stats():
+        a = _round(seconds / 2, counters, floor_first=False)
+        b = _round(seconds / 2, counters, floor_first=True)
+    meter_ns, floor_ns = (a[0] + b[0]) / 2, (a[1] + b[1]) / 2
+    ratio = meter_ns / floor_ns
+    return Result(
+        f"sched_switch cost ({ncounters} counters)", meter_ns, "ns/event", floor_ns, "floor program, same events",
+        ratio, "<= 1.3x floor and <= 150 ns", ratio <= 1.3 and meter_ns <= 150,
+        {"events": a[2] + b[2], "load": a[3], "meter_first": a[:2], "floor_first": b[:2]},
+    )
+
+
+def main() -> list[Result]:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--counters", type=int, default=None, help="software counters read per event (default: 0 and 2)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    sets = [args.counters] if args.counters is not None else [0, 2]
+    return [measure(args.seconds, n) for n in sets]
+
+
+if __name__ == "__main__":
+    report(main())

@@ -248,23 +248,27 @@ class Meter:
         g_counts = np.add.reduceat(counts[order], starts, axis=0) if counts.shape[1] else counts[:0]
         g_window = window[order][starts]
         g_row = row[order][starts]
-        out = records.empty(len(starts))
-        out["window_start_ns"] = g_window * self.window_ns + self._offset_ns
-        out["window_ms"] = self.window_ms
-        out["host"] = self.host
-        out["tenant"] = np.asarray(res.tenants)[g_row]
-        out["compartment"] = np.asarray(res.names)[g_row]
-        out["cgroup_id"] = np.asarray(res.cgroup_ids, np.uint64)[g_row]
-        out["cpu_ns"] = g_ns
+        n = len(starts)
+        cols: dict[str, Any] = {
+            "window_start_ns": g_window * self.window_ns + self._offset_ns,
+            "window_ms": self.window_ms,
+            "host": self.host,
+            "tenant": np.asarray(res.tenants, dtype=object)[g_row],
+            "compartment": np.asarray(res.names, dtype=object)[g_row],
+            "cgroup_id": np.asarray(res.cgroup_ids, np.uint64)[g_row],
+            "cpu_ns": g_ns,
+            "seq": np.arange(self._seq, self._seq + n),
+            "cpu_source": "sched_switch",
+            "counters_source": self.plan.source,
+        }
         for i, field in enumerate(self.plan.events):
-            out[field] = g_counts[:, i]
+            cols[field] = g_counts[:, i]
         if "cycles" in self.plan.estimated and self.plan.hz:
-            busy = g_row != IDLE_ROW
-            out["cycles"][busy] = g_ns[busy] * self.plan.hz // 1_000_000_000
-        out["cpu_source"] = "sched_switch"
-        out["counters_source"] = self.plan.source
-        out["seq"] = np.arange(self._seq, self._seq + len(out))
-        self._seq += len(out)
+            cycles = g_ns * self.plan.hz // 1_000_000_000
+            cycles[g_row == IDLE_ROW] = records.NULL
+            cols["cycles"] = cycles
+        out = records.build(n, cols)
+        self._seq += n
         self.stats.unresolved_cgroups = res.unresolved
         return out
 
@@ -349,12 +353,16 @@ class Meter:
 
 
 def window_sums(batch: np.ndarray, field: str) -> tuple[np.ndarray, np.ndarray]:
-    """(window starts, Σ field) per window of a batch, windows ascending."""
-    starts, inverse = np.unique(batch["window_start_ns"], return_inverse=True)
-    values = batch[field]
-    sums = np.zeros(len(starts), np.int64)
-    np.add.at(sums, inverse, np.where(values == records.NULL, 0, values))
-    return starts, sums
+    """(window starts, Σ field) per window of a batch, windows ascending; NULL counts 0."""
+    starts = batch["window_start_ns"]
+    values = np.where(batch[field] == records.NULL, 0, batch[field])
+    if len(starts) > 1 and np.any(starts[1:] < starts[:-1]):
+        order = np.argsort(starts, kind="stable")
+        starts, values = starts[order], values[order]
+    if len(starts) == 0:
+        return starts, values
+    first = np.flatnonzero(np.r_[True, starts[1:] != starts[:-1]])
+    return starts[first], np.add.reduceat(values, first)
 
 
 def _realtime_offset_ns() -> int:

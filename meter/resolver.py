@@ -10,6 +10,8 @@ new rows.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from .cgroup import CgroupIndex, cgroup_id
@@ -50,17 +52,21 @@ class Resolver:
                 self.cgroup_ids.append(cgroup_id(c.cgroup))
             except CgroupError:
                 self.cgroup_ids.append(0)  # checked by Topology.require_cgroups
-        self._owners = [(i, c.cgroup) for i, c in enumerate(self.compartments) if c is not None]
         # Deepest first: a nested compartment owns its subtree.
-        self._owners.sort(key=lambda item: len(item[1].parts), reverse=True)
+        self._owners = sorted(
+            ((i, str(c.cgroup).rstrip("/") + "/") for i, c in enumerate(self.compartments) if c is not None),
+            key=lambda item: len(item[1]),
+            reverse=True,
+        )
 
     @property
     def nrows(self) -> int:
         return len(self.names)
 
-    def _owner(self, path: object) -> int:
-        for row, cg in self._owners:
-            if path == cg or cg in path.parents:  # type: ignore[attr-defined]
+    def _owner(self, path: Path) -> int:
+        text = str(path).rstrip("/") + "/"
+        for row, prefix in self._owners:
+            if text.startswith(prefix):
                 return row
         return HOST_ROW
 

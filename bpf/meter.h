@@ -20,14 +20,14 @@
 #define METER_MAX_CPUS 1024
 #endif
 #ifndef METER_USAGE_ENTRIES
-#define METER_USAGE_ENTRIES 16384
+#define METER_USAGE_ENTRIES 65536
 #endif
 /* The most windows one charge is split over. An idle CPU gets no tick, so
  * its next charge can span everything since user space last nudged it (one
  * drain interval); user space sizes this to cover that. Anything older
  * (a paused VM) is counted as late. */
 #ifndef METER_MAX_SPAN
-#define METER_MAX_SPAN 256
+#define METER_MAX_SPAN 512
 #endif
 
 #define METER_MAX_COUNTERS 4
@@ -35,7 +35,7 @@
 /* bpf_get_current_cgroup_id() is never 0, so 0 marks the idle task. */
 #define METER_IDLE_CGID 0ULL
 
-/* Usage is accumulated per (cgroup, window) in a per-CPU hash. */
+/* Usage is accumulated per (cgroup, window) in a hash shared by all CPUs. */
 struct meter_key {
 	__u64 cgid;
 	__u64 window;

@@ -9,8 +9,9 @@
  * `current`, which at sched_switch is still the outgoing task. The idle
  * task (pid 0) is charged to METER_IDLE_CGID.
  *
- * Charges accumulate in-kernel per (cgroup, window); user space drains
- * closed windows in bulk. Nothing is sent per event.
+ * Charges accumulate in per-CPU slots for the CPU's current window, then
+ * in a hash per (cgroup, window); user space drains closed windows in bulk.
+ * Nothing is sent per event.
  *
  * Only stable ABI is used: helpers and scalar context. No kernel struct is
  * dereferenced, so fallback headers are safe.
@@ -18,7 +19,10 @@
 #include <uapi/linux/bpf_perf_event.h>
 #include "meter.h"
 
-BPF_PERCPU_HASH(usage, struct meter_key, struct meter_usage, METER_USAGE_ENTRIES);
+/* Shared by all CPUs: written only when a CPU's slots are flushed or
+ * evicted (about once per cgroup per window per CPU), with atomic adds, so
+ * memory and the user-space copy do not grow with the number of CPUs. */
+BPF_HASH(usage, struct meter_key, struct meter_usage, METER_USAGE_ENTRIES);
 BPF_PERCPU_ARRAY(cpu_state, struct meter_cpu, 1);
 BPF_PERCPU_ARRAY(stats, u64, METER_NR_STATS);
 BPF_ARRAY(control, u64, METER_NR_CONTROLS);
@@ -111,10 +115,10 @@ static __always_inline void store(u64 cgid, u64 window, u64 ns, u64 *delta)
 			return;
 		}
 	}
-	u->ns += ns;
+	__sync_fetch_and_add(&u->ns, ns);
 #pragma unroll
 	for (int i = 0; i < METER_NR_COUNTERS; i++)
-		u->count[i] += delta[i];
+		__sync_fetch_and_add(&u->count[i], delta[i]);
 }
 
 static __always_inline u64 control_get(int idx)

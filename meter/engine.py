@@ -126,10 +126,10 @@ class Meter:
         window_ms: int | None = None,
         *,
         counters: dict[str, str] | None = None,
-        drain_interval: float = 0.1,
+        drain_interval: float = 0.25,
         host: str | None = None,
         first_seq: int = 0,
-        map_entries: int = 16384,
+        map_entries: int = 65536,
     ) -> None:
         window_ms = window_ms if window_ms is not None else (topology.window_ms or 1)
         if not isinstance(window_ms, int) or window_ms < 1:
@@ -169,6 +169,7 @@ class Meter:
             return
         self.topology.require_cgroups()
         self._resolver = Resolver(self.topology)
+        # An idle CPU is nudged only at drains: one charge may span two intervals.
         span = int(2 * self.drain_interval * 1e9 // self.window_ns) + 16
         sched = SchedSource(
             self.window_ns,

@@ -108,8 +108,8 @@ def lookup_batch(fd: int, keys: Any, values: Any) -> int:
     """Read up to ``len(keys)`` entries of a hash map into numpy buffers.
 
     ``keys`` and ``values`` are writable contiguous numpy arrays sized for
-    the whole map (values: one row per key, ``ncpu`` slots for per-CPU
-    maps). Returns the number read.
+    the whole map (for a per-CPU map, each value row holds every possible
+    CPU's slot). Returns the number read.
     """
     lib = libbcc()
     total = 0

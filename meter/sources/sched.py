@@ -77,8 +77,8 @@ class SchedSource:
         window_ns: int,
         counters: list[PerfEvent] | None = None,
         *,
-        map_entries: int = 16384,
-        max_span: int = 256,
+        map_entries: int = 65536,
+        max_span: int = 512,
     ) -> None:
         counters = list(counters or [])
         if len(counters) > MAX_COUNTERS:
@@ -99,7 +99,7 @@ class SchedSource:
 
     def open(self) -> None:
         """Load, open counters, attach, and start every CPU's clock."""
-        from bcc.utils import get_online_cpus, get_possible_cpus  # noqa: PLC0415  (bcc is lazy)
+        from bcc.utils import get_online_cpus  # noqa: PLC0415  (bcc is lazy)
 
         self.bpf = program.load(
             self.program_name,
@@ -139,7 +139,7 @@ class SchedSource:
             raise
         self._fd = program.map_fd(self.bpf, b"usage")
         self._keys = np.zeros(self.map_entries, KEY_DTYPE)
-        self._vals = np.zeros((self.map_entries, len(get_possible_cpus())), USAGE_DTYPE)
+        self._vals = np.zeros(self.map_entries, USAGE_DTYPE)
 
     def close(self) -> None:
         """Detach and unload everything this source attached."""
@@ -235,8 +235,8 @@ class SchedSource:
         return SchedDrain(
             cgid=taken_keys["cgid"].copy(),
             window=taken_keys["window"].astype(np.int64),
-            ns=vals["ns"].sum(axis=1, dtype=np.uint64).astype(np.int64),
-            counts=vals["count"][:, :, :ncount].sum(axis=1, dtype=np.uint64).astype(np.int64),
+            ns=vals["ns"].astype(np.int64),
+            counts=vals["count"][:, :ncount].astype(np.int64),
         )
 
     def _kernel_stats(self) -> dict[str, int]:

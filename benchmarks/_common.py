@@ -38,7 +38,8 @@ class Result:
     def line(self) -> str:
         base = "" if self.baseline is None else f"  baseline {self.baseline:.4g} {self.unit} ({self.baseline_label})"
         ratio = "" if self.ratio is None else f"  ratio {self.ratio:.3f}"
-        return f"{self.name}: {self.value:.4g} {self.unit}{base}{ratio}  goal {self.goal}  {'MET' if self.met else 'NOT MET'}"
+        verdict = "info" if not self.goal else f"goal {self.goal}  {'MET' if self.met else 'NOT MET'}"
+        return f"{self.name}: {self.value:.4g} {self.unit}{base}{ratio}  {verdict}"
 
 
 def report(results: list[Result]) -> None:

@@ -31,6 +31,10 @@ __all__ = ["CounterPlan", "Meter", "MeterStats", "plan_counters"]
 
 BatchCallback = Callable[[np.ndarray], None]
 
+#: The most windows one kernel charge may be split over; the verifier walks
+#: the split loop once per window, and rejects much longer loops.
+MAX_SPAN_LIMIT = 1024
+
 
 @dataclasses.dataclass(frozen=True)
 class CounterPlan:
@@ -136,6 +140,11 @@ class Meter:
             raise ConfigError(f"window_ms must be a whole number of milliseconds >= 1, not {window_ms!r}")
         if drain_interval <= 0:
             raise ConfigError(f"drain_interval must be positive, not {drain_interval!r}")
+        if 2 * drain_interval * 1000 / window_ms + 16 > MAX_SPAN_LIMIT:
+            raise ConfigError(
+                f"a drain interval of {drain_interval} s is too long for {window_ms} ms windows "
+                f"(at most {(MAX_SPAN_LIMIT - 16) * window_ms / 2000:g} s): idle CPUs are closed only at drains"
+            )
         self.topology = topology
         self.window_ms = window_ms
         self.window_ns = window_ms * 1_000_000
@@ -175,7 +184,7 @@ class Meter:
             self.window_ns,
             list(self.plan.events.values()),
             map_entries=self._map_entries,
-            max_span=min(span, 4096),
+            max_span=min(span, MAX_SPAN_LIMIT),
         )
         sched.open()
         self._sched = sched

@@ -121,7 +121,10 @@ class SchedSource:
             # Nothing before every CPU's clock runs is a whole window: discard it.
             self._control(_CTL_FIRST, _NEVER)
             self._publish(_NEVER)
-            self.bpf.attach_raw_tracepoint(tp=b"sched_switch", fn_name=b"meter_switch")
+            try:
+                self.bpf.attach_raw_tracepoint(tp=b"sched_switch", fn_name=b"meter_switch")
+            except Exception as err:  # bcc raises bare Exception (the verifier log went to stderr)
+                raise BPFError(f"the kernel rejected sched.bpf.c: {err}", program="sched") from err
             self.bpf.attach_perf_event(
                 ev_type=PERF_TYPE_SOFTWARE,
                 ev_config=PERF_COUNT_SW_CPU_CLOCK,

@@ -7,21 +7,10 @@
  */
 #include <uapi/linux/bpf_perf_event.h>
 #include "meter.h"
+#include "counters.h"
 
 BPF_PERCPU_ARRAY(floor_slot, struct meter_cpu, 1);
 
-#if METER_NR_COUNTERS > 0
-BPF_PERF_ARRAY(counter0, METER_MAX_CPUS);
-#endif
-#if METER_NR_COUNTERS > 1
-BPF_PERF_ARRAY(counter1, METER_MAX_CPUS);
-#endif
-#if METER_NR_COUNTERS > 2
-BPF_PERF_ARRAY(counter2, METER_MAX_CPUS);
-#endif
-#if METER_NR_COUNTERS > 3
-BPF_PERF_ARRAY(counter3, METER_MAX_CPUS);
-#endif
 
 int floor_switch(struct bpf_raw_tracepoint_args *ctx)
 {

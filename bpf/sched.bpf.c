@@ -18,6 +18,7 @@
  */
 #include <uapi/linux/bpf_perf_event.h>
 #include "meter.h"
+#include "counters.h"
 
 /* Shared by all CPUs: written only when a CPU's slots are flushed or
  * evicted (about once per cgroup per window per CPU), with atomic adds, so
@@ -27,18 +28,6 @@ BPF_PERCPU_ARRAY(cpu_state, struct meter_cpu, 1);
 BPF_PERCPU_ARRAY(stats, u64, METER_NR_STATS);
 BPF_ARRAY(control, u64, METER_NR_CONTROLS);
 
-#if METER_NR_COUNTERS > 0
-BPF_PERF_ARRAY(counter0, METER_MAX_CPUS);
-#endif
-#if METER_NR_COUNTERS > 1
-BPF_PERF_ARRAY(counter1, METER_MAX_CPUS);
-#endif
-#if METER_NR_COUNTERS > 2
-BPF_PERF_ARRAY(counter2, METER_MAX_CPUS);
-#endif
-#if METER_NR_COUNTERS > 3
-BPF_PERF_ARRAY(counter3, METER_MAX_CPUS);
-#endif
 
 static __always_inline void stat_add(int idx, u64 n)
 {

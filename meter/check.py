@@ -26,7 +26,15 @@ from typing import Any
 from . import cgroup as cgroupfs
 from .errors import CgroupError
 from .headers import find_headers
-from .perf import DEFAULT_COUNTERS, PerfEvent, count_over, cpu_hz, open_error, parse_event
+from .perf import (
+    DEFAULT_COUNTERS,
+    PerfEvent,
+    count_over,
+    cpu_hz,
+    open_error,
+    parse_event,
+)
+from .privileges import missing_capabilities
 
 __all__ = ["Finding", "run_checks", "verdict"]
 
@@ -98,13 +106,7 @@ class _Bpf:
 def _privileges() -> Finding:
     if os.geteuid() == 0:
         return Finding("privileges", "Privileges", "ok", "running as root", "all probes and programs can load", True)
-    try:
-        status = Path("/proc/self/status").read_text()
-        eff = int(next(l.split()[1] for l in status.splitlines() if l.startswith("CapEff:")), 16)
-    except (OSError, StopIteration, ValueError):
-        eff = 0
-    caps = {"CAP_BPF": 39, "CAP_PERFMON": 38, "CAP_NET_ADMIN": 12}
-    missing = [n for n, bit in caps.items() if not eff & (1 << bit)]
+    missing = missing_capabilities()
     if missing:
         return Finding(
             "privileges", "Privileges", "fail", f"not root; missing {', '.join(missing)}",

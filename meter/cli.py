@@ -219,7 +219,7 @@ def render_top(snap: Any, *, sort: str = "cpu", reverse: bool = True, expand: bo
     table = Table(expand=True, box=None, header_style="bold reverse")
     for key, title, just in cols:
         mark = (" ▼" if reverse else " ▲") if key == sort else ""
-        table.add_column(title + mark, justify=just, no_wrap=True)
+        table.add_column(title + mark, justify="left" if just == "left" else "right", no_wrap=True)
 
     def sort_key(row: Any) -> Any:
         v = _row_cells(row)[sort]

@@ -22,7 +22,14 @@ import numpy as np
 
 from . import records
 from .errors import ConfigError, MeterError
-from .perf import COUNTER_FIELDS, DEFAULT_COUNTERS, PerfEvent, cpu_hz, open_error, parse_event
+from .perf import (
+    COUNTER_FIELDS,
+    DEFAULT_COUNTERS,
+    PerfEvent,
+    cpu_hz,
+    open_error,
+    parse_event,
+)
 from .resolver import IDLE_ROW, Resolver
 from .sources.sched import SchedDrain, SchedSource
 from .topology import Topology

@@ -19,8 +19,9 @@ from typing import Any
 
 from .errors import BPFError, PrivilegeError
 from .headers import prepare_headers
+from .privileges import require_bpf
 
-__all__ = ["bpf_source_dir", "delete_batch", "libbcc", "load", "lookup_batch", "map_fd", "require_privileges"]
+__all__ = ["bpf_source_dir", "delete_batch", "libbcc", "load", "lookup_batch", "map_fd"]
 
 
 def bpf_source_dir() -> Path:
@@ -28,34 +29,12 @@ def bpf_source_dir() -> Path:
     return Path(str(resources.files("meter.bpf")))
 
 
-def require_privileges() -> None:
-    """Raise :class:`PrivilegeError` unless this process can load BPF.
-
-    Root, or CAP_BPF + CAP_PERFMON (+ CAP_NET_ADMIN for tc) in the effective
-    set, read from /proc/self/status.
-    """
-    if os.geteuid() == 0:
-        return
-    try:
-        status = Path("/proc/self/status").read_text()
-        eff = int(next(l.split()[1] for l in status.splitlines() if l.startswith("CapEff:")), 16)
-    except (OSError, StopIteration, ValueError):
-        eff = 0
-    for name, bit in (("CAP_BPF", 39), ("CAP_PERFMON", 38)):
-        if not eff & (1 << bit):
-            raise PrivilegeError(
-                f"meter needs root or {name} to load BPF programs: run it with sudo, "
-                "or grant CAP_BPF,CAP_PERFMON,CAP_NET_ADMIN",
-                capability=name,
-            )
-
-
 def load(name: str, defines: dict[str, Any] | None = None) -> Any:
     """Compile and load ``bpf/<name>.bpf.c`` with ``-D`` settings; return the bcc ``BPF``.
 
     Raises :class:`PrivilegeError` or :class:`BPFError` with one clear sentence.
     """
-    require_privileges()
+    require_bpf()
     headers = prepare_headers()
     if headers.path is not None:
         os.environ["BCC_KERNEL_SOURCE"] = str(headers.path)

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from meter.errors import PerfEventError
-from meter.perf import PERF_TYPE_HARDWARE, PERF_TYPE_SOFTWARE, count_over, cpu_hz, open_error, parse_event
+from meter.perf import (
+    PERF_TYPE_HARDWARE,
+    PERF_TYPE_SOFTWARE,
+    count_over,
+    cpu_hz,
+    open_error,
+    parse_event,
+)
 
 
 def test_parse_specs():

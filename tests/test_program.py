@@ -23,7 +23,7 @@ def test_shared_header_matches_python_mirror():
     """meter.h's structs and the numpy dtypes that mirror them agree."""
     import re
 
-    from meter.sources.sched import KEY_DTYPE, MAX_COUNTERS, USAGE_DTYPE, _STATS
+    from meter.sources.sched import _STATS, KEY_DTYPE, MAX_COUNTERS, USAGE_DTYPE
 
     header = (program.bpf_source_dir() / "meter.h").read_text()
     assert f"#define METER_MAX_COUNTERS {MAX_COUNTERS}" in header
@@ -55,10 +55,19 @@ def test_sched_program_loads_attaches_and_leaves_nothing():
     assert _loaded_raw_tracepoint_ids() == before
 
 
-def test_without_privileges_is_one_clear_error(monkeypatch):
+def test_without_privileges_is_one_clear_error(monkeypatch, tmp_path):
+    from meter import privileges
     from meter.errors import PrivilegeError
 
-    monkeypatch.setattr(program.os, "geteuid", lambda: 1000)
-    monkeypatch.setattr(program.Path, "read_text", lambda self: "CapEff:\t0000000000000000\n")
-    with pytest.raises(PrivilegeError, match="CAP_BPF"):
-        program.require_privileges()
+    (tmp_path / "proc/self").mkdir(parents=True)
+    status = tmp_path / "proc/self/status"
+    monkeypatch.setattr(privileges.os, "geteuid", lambda: 1000)
+    status.write_text("Name:\tmeter\nCapEff:\t0000000000000000\n")
+    with pytest.raises(PrivilegeError, match="CAP_BPF") as info:
+        privileges.require_bpf(tmp_path)
+    assert info.value.capability == "CAP_BPF"
+    assert privileges.missing_capabilities(tmp_path) == ["CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN"]
+    # CAP_BPF (39) and CAP_PERFMON (38) but no CAP_NET_ADMIN (12).
+    status.write_text(f"CapEff:\t{(1 << 39) | (1 << 38):016x}\n")
+    privileges.require_bpf(tmp_path)
+    assert privileges.missing_capabilities(tmp_path) == ["CAP_NET_ADMIN"]

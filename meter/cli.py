@@ -134,6 +134,7 @@ def record(config: str | None, cgroup_root: str | None, window_ms: int | None, d
         topo = _topology(config, cgroup_root)
         sink = FileSink(output, fmt)
         meter = Meter(topo, window_ms, counters=_counters(counters))
+        _warn_unavailable(meter, explicit=bool(counters))
 
         def stop(signum: int, frame: object) -> None:
             meter.stop()
@@ -152,6 +153,14 @@ def record(config: str | None, cgroup_root: str | None, window_ms: int | None, d
         if st.dropped_updates or st.late_ns:
             summary += f"; LOST {st.dropped_ns} ns in {st.dropped_updates} dropped updates, {st.late_ns} ns late"
         click.echo(summary, err=True)
+
+
+def _warn_unavailable(meter: Any, *, explicit: bool) -> None:
+    """Say on stderr which counters the user asked for and cannot have."""
+    if explicit:
+        for field, why in meter.plan.unavailable.items():
+            fallback = "estimated from cpu-clock" if field in meter.plan.estimated else "null in records"
+            click.echo(f"meter: warning: {field} ({why}): {fallback}", err=True)
 
 
 # -- top ---------------------------------------------------------------------------
@@ -289,6 +298,7 @@ def top(config: str | None, cgroup_root: str | None, interval: float, once: bool
     with _errors():
         topo = _topology(config, cgroup_root)
         meter = Meter(topo, window_ms, counters=_counters(counters), drain_interval=min(0.1, interval / 4))
+        _warn_unavailable(meter, explicit=bool(counters))
         with meter:
             if single:
                 batch = np.concatenate(list(meter.batches(interval)) or [np.zeros(0)])

@@ -26,14 +26,7 @@ from typing import Any
 from . import cgroup as cgroupfs
 from .errors import CgroupError
 from .headers import find_headers
-from .perf import (
-    DEFAULT_COUNTERS,
-    PerfEvent,
-    count_over,
-    cpu_hz,
-    open_error,
-    parse_event,
-)
+from .perf import DEFAULT_COUNTERS, cpu_hz, open_error, parse_event
 from .privileges import missing_capabilities
 
 __all__ = ["Finding", "run_checks", "verdict"]
@@ -225,30 +218,28 @@ def _tc_clsact(bpf: _Bpf) -> Finding:
 
 
 def _rapl(root: str | Path = "/") -> Finding:
-    root = Path(root)
-    pmu = root / "sys/bus/event_source/devices/power"
-    domains = sorted(p.name for p in (pmu / "events").glob("energy-*") if "." not in p.name) if pmu.is_dir() else []
-    if domains:
-        try:
-            ptype = int((pmu / "type").read_text())
-            cfg_text = (pmu / "events" / domains[0]).read_text().strip()
-            config = int(cfg_text.split("event=")[1].split(",")[0], 0)
-            event = PerfEvent(f"power/{domains[0]}", ptype, config)
-            reason = open_error(event)
-            if reason is None and not count_over(event, 0.1):
-                reason = "opens but counts nothing (virtualised)"
-        except (OSError, ValueError, IndexError) as err:
-            reason = str(err)
-        if reason is None:
-            return Finding("rapl", "RAPL energy", "ok", f"perf power PMU: {', '.join(domains)}", "energy measured (rapl-perf)")
-        reason = f"perf power PMU ({', '.join(domains)}): {reason}"
-    else:
-        reason = "no perf power PMU"
-    zones = sorted(p.name for p in (root / "sys/class/powercap").glob("intel-rapl:*")) if (root / "sys/class/powercap").is_dir() else []
-    if zones:
-        return Finding("rapl", "RAPL energy", "ok", f"powercap: {', '.join(zones)}", "energy measured (powercap)")
-    return Finding("rapl", "RAPL energy", "missing", f"{reason}; no powercap zones",
-                   "energy estimated from the power model; records flagged 'model'")
+    """The energy reader meter would pick here (see meter.sources.energy)."""
+    from .sources.energy import (
+        EnergySettings,
+        ModelReader,
+        PerfPowerReader,
+        pick_reader,
+    )
+
+    reader = pick_reader(EnergySettings(), root=root)
+    try:
+        if isinstance(reader, ModelReader):
+            events = PerfPowerReader(root).events
+            why = (f"perf power PMU ({', '.join(events)}) counts nothing (virtualised)" if events
+                   else "no perf power PMU")
+            return Finding("rapl", "RAPL energy", "missing", f"{why}; no powercap zones",
+                           f"energy estimated from the power model ({reader.sockets} socket(s), "
+                           f"{reader.idle_watts:g}-{reader.max_watts:g} W each); records flagged 'model'")
+        detail = {"rapl-perf": "perf power PMU", "powercap": "powercap", "pyrapl": "pyRAPL"}[reader.source]
+        return Finding("rapl", "RAPL energy", "ok", f"{detail}: {', '.join(reader.domains)}",
+                       f"energy measured ({reader.source}) and split by cycles and cache misses")
+    finally:
+        reader.close()
 
 
 def _sriov(root: str | Path = "/") -> Finding:

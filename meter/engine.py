@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from . import records
+from .attribution import attribute_energy
 from .errors import ConfigError, MeterError
 from .perf import (
     COUNTER_FIELDS,
@@ -31,6 +32,7 @@ from .perf import (
     parse_event,
 )
 from .resolver import IDLE_ROW, Resolver
+from .sources.energy import EnergySettings, ModelReader, pick_reader
 from .sources.sched import SchedDrain, SchedSource
 from .topology import Topology
 
@@ -111,6 +113,9 @@ class MeterStats:
     conservation_violations: int = 0
     unresolved_cgroups: int = 0
     nudges: int = 0
+    energy_measured_uj: int = 0  # what the reader (or model) reported
+    energy_attributed_uj: int = 0  # what went into records (idle row included)
+    energy_pending_uj: int = 0  # measured, waiting for the next records
     last_window_end_ns: int = 0  # wall clock end of the newest window emitted
     first_window_start_ns: int = 0  # wall clock start of the first whole window
     covered_ns: int = 0  # wall time from the first window to the last one closed
@@ -141,6 +146,7 @@ class Meter:
         host: str | None = None,
         first_seq: int = 0,
         map_entries: int = 65536,
+        energy: EnergySettings | None = None,
     ) -> None:
         window_ms = window_ms if window_ms is not None else (topology.window_ms or 1)
         if not isinstance(window_ms, int) or window_ms < 1:
@@ -158,6 +164,10 @@ class Meter:
         self.drain_interval = float(drain_interval)
         self.host = host or socket.gethostname()
         self.plan = plan_counters(counters)
+        src = str(topology.source) if topology.source else None
+        self.energy = energy if energy is not None else EnergySettings.from_table(topology.energy, path=src)
+        self._reader: Any = None
+        self._energy_carry = {"package": 0, "dram": 0}
         self.stats = MeterStats()
         self._seq = int(first_seq)
         self._callbacks: list[BatchCallback] = []
@@ -195,6 +205,12 @@ class Meter:
         )
         sched.open()
         self._sched = sched
+        try:
+            self._reader = pick_reader(self.energy)
+        except Exception:
+            sched.close()
+            self._sched = None
+            raise
         self._offset_ns = _realtime_offset_ns()
         self._stop.clear()
         self._flushed = False
@@ -209,6 +225,9 @@ class Meter:
             finally:
                 self._sched.close()
                 self._sched = None
+                if self._reader is not None:
+                    self._reader.close()
+                    self._reader = None
 
     @property
     def ncpu(self) -> int:
@@ -285,9 +304,50 @@ class Meter:
             cycles[g_row == IDLE_ROW] = records.NULL
             cols["cycles"] = cycles
         out = records.build(n, cols)
+        self._attribute_energy(out, g_window, g_row)
         self._seq += n
         self.stats.unresolved_cgroups = res.unresolved
         return out
+
+    def _attribute_energy(self, out: np.ndarray, window: np.ndarray, row: np.ndarray) -> None:
+        """Fill energy_uj: the energy measured since the last drain (or modelled per window), split exactly."""
+        reader = self._reader
+        if reader is None:
+            return
+        idle = row == IDLE_ROW
+        cycles_measured = "cycles" in self.plan.events and "cycles" not in self.plan.estimated
+        misses_measured = "cache_misses" in self.plan.events
+        if isinstance(reader, ModelReader):
+            # Per window: the model's energy for that window's utilisation.
+            uniq, groups = np.unique(window, return_inverse=True)
+            busy = np.bincount(groups, weights=np.where(idle, 0, out["cpu_ns"]), minlength=len(uniq))
+            package = reader.window_energy(busy, self.ncpu, self.window_ns)
+            dram = None
+        else:
+            # cores/uncore are parts of the package; psys stands in for a missing package.
+            measured = reader.read()
+            pkg, dram_uj = measured.get("package", measured.get("psys", 0)), measured.get("dram", 0)
+            carry = self._energy_carry
+            carry["package"] += pkg
+            carry["dram"] += dram_uj
+            self.stats.energy_measured_uj += pkg + dram_uj
+            if len(out) == 0:
+                self.stats.energy_pending_uj = carry["package"] + carry["dram"]
+                return
+            groups = np.zeros(len(out), np.int64)
+            package = np.array([carry["package"]], np.int64)
+            dram = np.array([carry["dram"]], np.int64)
+            carry["package"] = carry["dram"] = 0
+        if len(out) == 0:
+            return
+        energy = attribute_energy(out, groups, package, dram, idle=idle, cycles_measured=cycles_measured,
+                                  misses_measured=misses_measured, policy=self.energy.policy)
+        if isinstance(reader, ModelReader):
+            self.stats.energy_measured_uj += int(package.sum())
+        out["energy_uj"] = energy
+        out["energy_source"] = reader.source
+        self.stats.energy_attributed_uj += int(energy.sum())
+        self.stats.energy_pending_uj = 0
 
     def _account(self, batch: np.ndarray) -> None:
         assert self._sched is not None

@@ -225,6 +225,14 @@ class _Parser:
         energy = data.get("energy", {})
         if not isinstance(energy, dict):
             raise self.fail("energy", "must be a table")
+        from .sources.energy import EnergySettings  # noqa: PLC0415  (sources import topology's peers)
+
+        try:
+            EnergySettings.from_table(energy, path=str(self.path))
+        except ConfigError as err:
+            raise self.fail(err.key or "energy", err.reason, energy.get((err.key or "").removeprefix("energy."))) from None
+        except TypeError as err:
+            raise self.fail("energy", str(err)) from None
         tenants = data.get("tenant", [])
         if not isinstance(tenants, list):
             raise self.fail("tenant", "must be an array of tables ([[tenant]])")

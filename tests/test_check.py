@@ -48,15 +48,19 @@ def test_verdict_names_the_failing_probe():
     assert verdict(fs[1:]) == (True, "meter can run here")
 
 
-def test_rapl_from_a_fake_powercap_tree(tmp_path):
+def test_rapl_from_a_fake_powercap_tree(tmp_path, monkeypatch):
+    monkeypatch.delenv("METER_POWERCAP_ROOT", raising=False)
     zone = tmp_path / "sys/class/powercap/intel-rapl:0"
     zone.mkdir(parents=True)
+    (zone / "name").write_text("package-0\n")
     (zone / "energy_uj").write_text("123\n")
+    (zone / "max_energy_range_uj").write_text("262143328850\n")
     f = _rapl(tmp_path)
-    assert f.status == "ok" and "powercap" in f.detail and "intel-rapl:0" in f.detail
+    assert f.status == "ok" and f.detail == "powercap: package"
 
 
-def test_no_rapl_means_model(tmp_path):
+def test_no_rapl_means_model(tmp_path, monkeypatch):
+    monkeypatch.delenv("METER_POWERCAP_ROOT", raising=False)
     f = _rapl(tmp_path)
     assert f.status == "missing" and "model" in f.action
 

@@ -50,7 +50,8 @@ def test_record_jsonl_fields_and_file_mode(meter_bin, tmp_path, cgroups):
     assert len(rows) > 400
     assert all(list(r) == list(FIELDS) for r in rows)
     assert {r["tenant"] for r in rows} >= {"host", "idle"}
-    assert all(r["energy_uj"] is None for r in rows)  # not measured: null, not 0
+    assert all(r["rx_packets"] is None and r["net_source"] is None for r in rows)  # not measured: null, not 0
+    assert all(r["energy_uj"] is not None and r["energy_source"] for r in rows)  # measured or modelled, and says which
     seqs = [r["seq"] for r in rows]
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
     assert os.stat(out).st_mode & 0o777 == 0o600

@@ -26,6 +26,12 @@
  * its next charge can span everything since user space last nudged it (one
  * drain interval); user space sizes this to cover that. Anything older
  * (a paused VM) is counted as late. */
+#ifndef METER_NET_ENTRIES
+#define METER_NET_ENTRIES 65536
+#endif
+#ifndef METER_NET
+#define METER_NET 0
+#endif
 #ifndef METER_MAX_SPAN
 #define METER_MAX_SPAN 512
 #endif
@@ -55,6 +61,9 @@ struct meter_slot {
 	struct meter_usage usage;   /* usage.ns == 0: the slot is empty */
 };
 
+/* Ports seen in one NET_RX/NET_TX softirq span, with their packets. */
+#define METER_SPAN_PORTS 8
+
 /* Per-CPU charging state: when and what was last charged on this CPU. */
 struct meter_cpu {
 	__u64 last_ns;              /* time of the last charge (0: clock not started) */
@@ -64,7 +73,42 @@ struct meter_cpu {
 	__u64 enabled[METER_MAX_COUNTERS];
 	__u64 running[METER_MAX_COUNTERS];
 	struct meter_slot slot[METER_CACHE_SLOTS];
+	/* A NET softirq span in progress (started at last_ns): the tc
+	 * programs note which ports' packets it processed. */
+	__u32 in_net_softirq;
+	__u32 span_nports;
+	__u32 span_port[METER_SPAN_PORTS];
+	__u64 span_pkts[METER_SPAN_PORTS];
+	__u64 span_other;           /* packets of ports beyond the list */
 };
+
+/* Per (port, kind, window): packets and bytes for rx/tx, ns and counter
+ * deltas for softirq. */
+enum meter_net_kind {
+	METER_NET_RX = 0,           /* tc ingress */
+	METER_NET_TX = 1,           /* tc egress */
+	METER_NET_SOFTIRQ = 2,      /* NET_RX/NET_TX softirq time for the port's packets */
+};
+
+struct meter_net_key {
+	__u32 port;
+	__u32 kind;
+	__u64 window;
+};
+
+struct meter_net_usage {
+	__u64 packets;              /* softirq: ns */
+	__u64 bytes;                /* softirq: packets in the spans */
+	__u64 count[METER_MAX_COUNTERS];
+};
+
+/* Softirq time for a port is charged like CPU time, to this pseudo-cgroup
+ * id (real cgroup ids are inode numbers: the top bit is never set). */
+#define METER_PORT_CGID(port) ((1ULL << 63) | (__u64)(port))
+
+/* Placeholder for the port number in the tc programs: user space loads one
+ * copy per port with this immediate replaced. */
+#define METER_PORT_PLACEHOLDER 0x4D455452
 
 /* Indexes into the per-CPU stats array. */
 enum meter_stat {
@@ -72,6 +116,8 @@ enum meter_stat {
 	METER_STAT_DROP_NS,         /* ns not stored: usage map full */
 	METER_STAT_DROP_UPDATES,    /* charges not stored: usage map full */
 	METER_STAT_COUNTER_ERRORS,  /* failed counter reads */
+	METER_STAT_NET_DROP_UPDATES, /* packet/softirq updates not stored: map full */
+	METER_STAT_SPAN_UNATTRIBUTED_NS, /* softirq ns of packets beyond the span list */
 	METER_NR_STATS,
 };
 

@@ -228,6 +228,11 @@ static __always_inline int charge(void)
 
 	if (!st)
 		return 0;
+#if METER_NET
+	/* The tick interrupted a NET softirq span: it is charged at exit. */
+	if (st->in_net_softirq)
+		return 0;
+#endif
 	now = bpf_ktime_get_ns();
 	read_counters(st, delta);
 	last = st->last_ns;
@@ -247,6 +252,101 @@ static __always_inline int charge(void)
 	cross(st, cgid, last, now, delta);
 	return 0;
 }
+
+#if METER_NET
+/*
+ * NET_RX / NET_TX softirq time belongs to the compartments whose packets it
+ * processed, not to whichever task it interrupted. At entry the task's time
+ * is charged as usual; the tc programs then note each port's packets in
+ * the span; at exit the span is charged to the ports (pseudo-cgroups
+ * METER_PORT_CGID(port)) in proportion to packets, and what no listed port
+ * claims goes to the interrupted task. A span that crosses a window
+ * boundary is left to the task (counted): spans last microseconds.
+ */
+#define NET_TX_SOFTIRQ 2
+#define NET_RX_SOFTIRQ 3
+
+static __always_inline int is_net_softirq(struct bpf_raw_tracepoint_args *ctx)
+{
+	u64 vec = ctx->args[0];
+
+	return vec == NET_TX_SOFTIRQ || vec == NET_RX_SOFTIRQ;
+}
+
+int meter_softirq_entry(struct bpf_raw_tracepoint_args *ctx)
+{
+	int zero = 0;
+	struct meter_cpu *st;
+
+	if (!is_net_softirq(ctx))
+		return 0;
+	charge();
+	st = cpu_state.lookup(&zero);
+	if (!st)
+		return 0;
+	st->in_net_softirq = 1;
+	st->span_nports = 0;
+	st->span_other = 0;
+	return 0;
+}
+
+int meter_softirq_exit(struct bpf_raw_tracepoint_args *ctx)
+{
+	int zero = 0;
+	struct meter_cpu *st;
+	u64 delta[METER_MAX_COUNTERS] = {};
+	u64 part[METER_MAX_COUNTERS] = {};
+	u64 now, last, span, total, used = 0, cgid;
+	u32 n;
+
+	if (!is_net_softirq(ctx))
+		return 0;
+	st = cpu_state.lookup(&zero);
+	if (!st || !st->in_net_softirq)
+		return 0;
+	st->in_net_softirq = 0;
+	n = st->span_nports;
+	total = st->span_other;
+#pragma unroll
+	for (int i = 0; i < METER_SPAN_PORTS; i++)
+		if (i < n)
+			total += st->span_pkts[i];
+	if (!total)
+		return 0;   /* no metered packets: the time stays with the task */
+	now = bpf_ktime_get_ns();
+	last = st->last_ns;
+	if (now <= last || now >= st->window_end) {
+		stat_add(METER_STAT_SPAN_UNATTRIBUTED_NS, now > last ? now - last : 0);
+		return 0;
+	}
+	read_counters(st, delta);
+	span = now - last;
+	u64 left[METER_MAX_COUNTERS] = {};
+#pragma unroll
+	for (int c = 0; c < METER_NR_COUNTERS; c++)
+		left[c] = delta[c];
+	for (int i = 0; i < METER_SPAN_PORTS; i++) {
+		if (i >= n)
+			break;
+		u64 ns = span * st->span_pkts[i] / total;
+#pragma unroll
+		for (int c = 0; c < METER_NR_COUNTERS; c++) {
+			part[c] = delta[c] * st->span_pkts[i] / total;
+			left[c] -= part[c];
+		}
+		if (ns)
+			accumulate(st, METER_PORT_CGID(st->span_port[i]), ns, part);
+		used += ns;
+	}
+	if (st->span_other)
+		stat_add(METER_STAT_SPAN_UNATTRIBUTED_NS, span * st->span_other / total);
+	cgid = (u32)bpf_get_current_pid_tgid() ? bpf_get_current_cgroup_id() : METER_IDLE_CGID;
+	if (span > used)
+		accumulate(st, cgid, span - used, left);
+	st->last_ns = now;
+	return 0;
+}
+#endif /* METER_NET */
 
 /* Attached by user space to the raw tracepoint sched_switch. */
 int meter_switch(struct bpf_raw_tracepoint_args *ctx)

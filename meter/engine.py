@@ -33,7 +33,8 @@ from .perf import (
 )
 from .resolver import IDLE_ROW, Resolver
 from .sources.energy import EnergySettings, ModelReader, pick_reader
-from .sources.sched import SchedDrain, SchedSource
+from .sources.net import KIND_RX, NetDrain, NetSource, Port, parse_port
+from .sources.sched import PORT_CGID_BIT, SchedDrain, SchedSource
 from .topology import Topology
 
 __all__ = ["CounterPlan", "Meter", "MeterStats", "plan_counters"]
@@ -109,6 +110,8 @@ class MeterStats:
     dropped_ns: int = 0
     dropped_updates: int = 0
     counter_errors: int = 0
+    net_dropped_updates: int = 0  # packet updates not stored: net map full
+    softirq_unattributed_ns: int = 0  # NET softirq time left with the interrupted task
     warmup_windows_skipped: int = 0
     conservation_violations: int = 0
     unresolved_cgroups: int = 0
@@ -176,6 +179,9 @@ class Meter:
         self._thread: threading.Thread | None = None
         self._map_entries = map_entries
         self._sched: SchedSource | None = None
+        self._net: NetSource | None = None
+        self._port_row = np.zeros(0, np.int64)
+        self._row_has_ports = np.zeros(0, bool)
         self._resolver: Resolver | None = None
         self._offset_ns = 0
         self._flushed = False
@@ -197,19 +203,26 @@ class Meter:
         self._resolver = Resolver(self.topology)
         # An idle CPU is nudged only at drains: one charge may span two intervals.
         span = int(2 * self.drain_interval * 1e9 // self.window_ns) + 16
+        ports, port_rows = self._ports()
         sched = SchedSource(
             self.window_ns,
             list(self.plan.events.values()),
             map_entries=self._map_entries,
             max_span=min(span, MAX_SPAN_LIMIT),
+            net_entries=self._map_entries if ports else None,
         )
         sched.open()
         self._sched = sched
         try:
+            if ports:
+                self._port_row = np.asarray(port_rows, np.int64)
+                self._row_has_ports = np.zeros(self._resolver.nrows, bool)
+                self._row_has_ports[self._port_row] = True
+                self._net = NetSource(sched.bpf, ports, map_entries=self._map_entries)
+                self._net.attach()
             self._reader = pick_reader(self.energy)
         except Exception:
-            sched.close()
-            self._sched = None
+            self._close_sources()
             raise
         self._offset_ns = _realtime_offset_ns()
         self._stop.clear()
@@ -223,11 +236,33 @@ class Meter:
                 if self._callbacks and not self._flushed:
                     self._dispatch(self._drain(final=True))
             finally:
+                self._close_sources()
+
+    def _close_sources(self) -> None:
+        """Detach tc filters first (they use the sched object's maps), then the rest."""
+        try:
+            if self._net is not None:
+                self._net.close()
+        finally:
+            self._net = None
+            if self._sched is not None:
                 self._sched.close()
                 self._sched = None
-                if self._reader is not None:
-                    self._reader.close()
-                    self._reader = None
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
+
+    def _ports(self) -> tuple[list[Port], list[int]]:
+        """Every interface a compartment owns, numbered, with its compartment's row."""
+        assert self._resolver is not None
+        rows = {(c.tenant, c.name): i for i, c in enumerate(self._resolver.compartments) if c is not None}
+        ports: list[Port] = []
+        port_rows: list[int] = []
+        for c in self.topology.compartments:
+            for spec in c.interfaces:
+                ports.append(parse_port(len(ports), spec))
+                port_rows.append(rows[(c.tenant, c.name)])
+        return ports, port_rows
 
     @property
     def ncpu(self) -> int:
@@ -258,33 +293,70 @@ class Meter:
         t0 = time.perf_counter()
         with self._lock:
             drained = self._sched.drain(final=final)
+            net = None
+            if self._net is not None:
+                self._net.refresh()
+                net = self._net.drain(self._sched.closed_window)
             self._flushed = self._flushed or final
-            batch = self._build(drained)
+            batch = self._build(drained, net)
             self._account(batch)
         self.stats.drains += 1
         self.stats.drain_seconds += time.perf_counter() - t0
         return batch
 
-    def _build(self, d: SchedDrain) -> np.ndarray:
-        """Merge one drain into records: one per (window, row), sorted."""
+    # Columns summed per (window, row) before records are built.
+    _SUMS = ("cpu_ns", "softirq_ns", "rx_packets", "rx_bytes", "tx_packets", "tx_bytes")
+
+    def _build(self, d: SchedDrain, nd: NetDrain | None = None) -> np.ndarray:
+        """Merge one drain of every source into records: one per (window, row), sorted."""
         assert self._sched is not None and self._resolver is not None
-        keep = d.window >= self._sched.first_window
+        res = self._resolver
+        first = self._sched.first_window
+        ncount = d.counts.shape[1]
+        parts_window, parts_row, parts_vals = [], [], []
+
+        def add(window: np.ndarray, row: np.ndarray, **cols: np.ndarray) -> None:
+            vals = np.zeros((len(window), len(self._SUMS) + ncount), np.int64)
+            for name, col in cols.items():
+                if name == "counts":
+                    vals[:, len(self._SUMS):] = col
+                else:
+                    vals[:, self._SUMS.index(name)] = col
+            parts_window.append(window)
+            parts_row.append(row)
+            parts_vals.append(vals)
+
+        keep = d.window >= first
         self.stats.warmup_windows_skipped += int(np.unique(d.window[~keep]).size)
         window, cgid, ns, counts = d.window[keep], d.cgid[keep], d.ns[keep], d.counts[keep]
-        res = self._resolver
-        if len(window) == 0:
+        is_port = cgid >= np.uint64(PORT_CGID_BIT)
+        if np.any(~is_port):
+            add(window[~is_port], res.rows(cgid[~is_port]), cpu_ns=ns[~is_port], counts=counts[~is_port])
+        if np.any(is_port):
+            port = (cgid[is_port] & np.uint64(0xFFFFFFFF)).astype(np.int64)
+            add(window[is_port], self._port_row[port], softirq_ns=ns[is_port], counts=counts[is_port])
+        if nd is not None and len(nd):
+            k = nd.window >= first
+            rows = self._port_row[nd.port[k]]
+            rx = nd.kind[k] == KIND_RX
+            add(nd.window[k], rows,
+                rx_packets=np.where(rx, nd.packets[k], 0), rx_bytes=np.where(rx, nd.bytes[k], 0),
+                tx_packets=np.where(rx, 0, nd.packets[k]), tx_bytes=np.where(rx, 0, nd.bytes[k]))
+        if not parts_window:
             return records.empty(0)
-        row = res.rows(cgid)
+        window = np.concatenate(parts_window)
+        row = np.concatenate(parts_row)
+        vals = np.concatenate(parts_vals)
         # Group by (window, row): sort once, sum runs with reduceat (exact ints).
         key = (window - window.min()) * res.nrows + row
         order = np.argsort(key, kind="stable")
         key = key[order]
         starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
-        g_ns = np.add.reduceat(ns[order], starts)
-        g_counts = np.add.reduceat(counts[order], starts, axis=0) if counts.shape[1] else counts[:0]
+        g = np.add.reduceat(vals[order], starts, axis=0)
         g_window = window[order][starts]
         g_row = row[order][starts]
         n = len(starts)
+        g_ns = g[:, 0]
         cols: dict[str, Any] = {
             "window_start_ns": g_window * self.window_ns + self._offset_ns,
             "window_ms": self.window_ms,
@@ -298,11 +370,18 @@ class Meter:
             "counters_source": self.plan.source,
         }
         for i, field in enumerate(self.plan.events):
-            cols[field] = g_counts[:, i]
+            cols[field] = g[:, len(self._SUMS) + i]
         if "cycles" in self.plan.estimated and self.plan.hz:
-            cycles = g_ns * self.plan.hz // 1_000_000_000
+            # Softirq time spent for the compartment runs cycles too.
+            cycles = (g_ns + g[:, 1]) * self.plan.hz // 1_000_000_000
             cycles[g_row == IDLE_ROW] = records.NULL
             cols["cycles"] = cycles
+        if self._net is not None:
+            # Net fields are measured (0 when quiet) for rows with ports, absent for the rest.
+            has_ports = self._row_has_ports[g_row]
+            for i, name in enumerate(self._SUMS[1:], start=1):
+                cols[name] = np.where(has_ports, g[:, i], records.NULL)
+            cols["net_source"] = np.where(has_ports, "tc", "").astype(object)
         out = records.build(n, cols)
         self._attribute_energy(out, g_window, g_row)
         self._seq += n
@@ -356,16 +435,20 @@ class Meter:
         self.stats.dropped_ns = k["drop_ns"]
         self.stats.dropped_updates = k["drop_updates"]
         self.stats.counter_errors = k["counter_errors"]
+        self.stats.net_dropped_updates = k["net_drop_updates"]
+        self.stats.softirq_unattributed_ns = k["span_unattributed_ns"]
         self.stats.nudges = self._sched.nudges
         first = self._sched.first_window
         self.stats.first_window_start_ns = first * self.window_ns + self._offset_ns
         self.stats.covered_ns = max(0, self._sched.closed_window + 1 - first) * self.window_ns
         self.stats.records += len(batch)
         if len(batch):
+            # Every CPU-ns of a window is some row's cpu_ns or softirq_ns.
             starts, sums = window_sums(batch, "cpu_ns")
+            _, softirq = window_sums(batch, "softirq_ns")
             self.stats.windows += len(starts)
             expected = self.ncpu * self.window_ns
-            self.stats.conservation_violations += int(np.count_nonzero(sums != expected))
+            self.stats.conservation_violations += int(np.count_nonzero(sums + softirq != expected))
             self.stats.last_window_end_ns = int(starts[-1]) + self.window_ns
 
     def batches(self, duration: float | None = None) -> Iterator[np.ndarray]:

@@ -29,11 +29,15 @@ def bpf_source_dir() -> Path:
     return Path(str(resources.files("meter.bpf")))
 
 
-def load(name: str, defines: dict[str, Any] | None = None) -> Any:
+def load(name: str | list[str], defines: dict[str, Any] | None = None) -> Any:
     """Compile and load ``bpf/<name>.bpf.c`` with ``-D`` settings; return the bcc ``BPF``.
 
+    A list of names is compiled as one unit, in order, so the later files
+    use the earlier ones' maps (net.bpf.c after sched.bpf.c).
     Raises :class:`PrivilegeError` or :class:`BPFError` with one clear sentence.
     """
+    names = [name] if isinstance(name, str) else list(name)
+    name = "+".join(names)
     require_bpf()
     headers = prepare_headers()
     if headers.path is not None:
@@ -50,10 +54,13 @@ def load(name: str, defines: dict[str, Any] | None = None) -> Any:
     cflags = [f"-I{src}", "-Wno-macro-redefined"]
     for key, value in (defines or {}).items():
         cflags.append(f"-D{key}={value}")
-    path = src / f"{name}.bpf.c"
     try:
         # bcc prints compiler diagnostics to stderr itself; keep ours to one line.
-        return BPF(src_file=str(path).encode(), cflags=cflags)
+        if len(names) == 1:
+            return BPF(src_file=str(src / f"{names[0]}.bpf.c").encode(), cflags=cflags)
+        # One text, not #includes: bcc only takes programs from its main file.
+        text = "\n".join((src / f"{n}.bpf.c").read_text() for n in names)
+        return BPF(text=text.encode(), cflags=cflags)
     except Exception as err:  # bcc raises bare Exception
         msg = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         if "Operation not permitted" in msg or "Permission denied" in msg:

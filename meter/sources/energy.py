@@ -187,9 +187,9 @@ class PerfPowerReader:
         self.domains = sorted({_domain(n.removeprefix("energy-")) for n in self.events})
 
     @staticmethod
-    def parse_events(pmu: Path) -> dict[str, PerfEvent | Any]:
+    def parse_events(pmu: Path) -> dict[str, tuple[PerfEvent, float]]:
         """Event name -> (PerfEvent, µJ per count) from the PMU's sysfs."""
-        out: dict[str, Any] = {}
+        out: dict[str, tuple[PerfEvent, float]] = {}
         try:
             ptype = int((pmu / "type").read_text())
         except (OSError, ValueError):

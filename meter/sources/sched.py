@@ -26,7 +26,7 @@ from .. import program
 from ..errors import BPFError, PerfEventError
 from ..perf import PerfEvent
 
-__all__ = ["KEY_DTYPE", "SchedDrain", "SchedSource", "USAGE_DTYPE"]
+__all__ = ["KEY_DTYPE", "PORT_CGID_BIT", "SchedDrain", "SchedSource", "USAGE_DTYPE"]
 
 MAX_COUNTERS = 4  # METER_MAX_COUNTERS in bpf/meter.h
 
@@ -36,7 +36,9 @@ KEY_DTYPE = np.dtype([("cgid", np.uint64), ("window", np.uint64)])
 USAGE_DTYPE = np.dtype([("ns", np.uint64), ("count", np.uint64, (MAX_COUNTERS,))])
 
 # enum meter_stat in bpf/meter.h
-_STATS = ("late_ns", "drop_ns", "drop_updates", "counter_errors")
+_STATS = ("late_ns", "drop_ns", "drop_updates", "counter_errors", "net_drop_updates", "span_unattributed_ns")
+#: Softirq time of port p is charged to pseudo-cgroup PORT_CGID_BIT | p (METER_PORT_CGID).
+PORT_CGID_BIT = 1 << 63
 _CTL_WATERMARK = 0
 _CTL_FIRST = 1
 _NEVER = 2**63 - 1
@@ -79,6 +81,7 @@ class SchedSource:
         *,
         map_entries: int = 65536,
         max_span: int = 512,
+        net_entries: int | None = None,
     ) -> None:
         counters = list(counters or [])
         if len(counters) > MAX_COUNTERS:
@@ -87,6 +90,9 @@ class SchedSource:
         self.counters = counters
         self.map_entries = int(map_entries)
         self.max_span = int(max_span)
+        #: With net_entries, net.bpf.c is compiled in too (shared per-CPU
+        #: state) and NET softirq time is charged to ports' pseudo-cgroups.
+        self.net_entries = net_entries
         self.bpf: Any = None
         self.ncpu = 0
         self.nudges = 0
@@ -101,15 +107,17 @@ class SchedSource:
         """Load, open counters, attach, and start every CPU's clock."""
         from bcc.utils import get_online_cpus  # noqa: PLC0415  (bcc is lazy)
 
-        self.bpf = program.load(
-            self.program_name,
-            {
-                "METER_WINDOW_NS": f"{self.window_ns}ULL",
-                "METER_NR_COUNTERS": len(self.counters),
-                "METER_USAGE_ENTRIES": self.map_entries,
-                "METER_MAX_SPAN": self.max_span,
-            },
-        )
+        defines: dict[str, Any] = {
+            "METER_WINDOW_NS": f"{self.window_ns}ULL",
+            "METER_NR_COUNTERS": len(self.counters),
+            "METER_USAGE_ENTRIES": self.map_entries,
+            "METER_MAX_SPAN": self.max_span,
+        }
+        names = [self.program_name]
+        if self.net_entries:
+            defines |= {"METER_NET": 1, "METER_NET_ENTRIES": self.net_entries}
+            names.append("net")
+        self.bpf = program.load(names, defines)
         try:
             for i, ev in enumerate(self.counters):
                 try:
@@ -121,10 +129,14 @@ class SchedSource:
             # Nothing before every CPU's clock runs is a whole window: discard it.
             self._control(_CTL_FIRST, _NEVER)
             self._publish(_NEVER)
-            try:
-                self.bpf.attach_raw_tracepoint(tp=b"sched_switch", fn_name=b"meter_switch")
-            except Exception as err:  # bcc raises bare Exception (the verifier log went to stderr)
-                raise BPFError(f"the kernel rejected sched.bpf.c: {err}", program="sched") from err
+            hooks = [(b"sched_switch", b"meter_switch")]
+            if self.net_entries:
+                hooks += [(b"softirq_entry", b"meter_softirq_entry"), (b"softirq_exit", b"meter_softirq_exit")]
+            for tp, fn in hooks:
+                try:
+                    self.bpf.attach_raw_tracepoint(tp=tp, fn_name=fn)
+                except Exception as err:  # bcc raises bare Exception (the verifier log went to stderr)
+                    raise BPFError(f"the kernel rejected {fn.decode()} on {tp.decode()}: {err}", program="sched") from err
             self.bpf.attach_perf_event(
                 ev_type=PERF_TYPE_SOFTWARE,
                 ev_config=PERF_COUNT_SW_CPU_CLOCK,

@@ -219,20 +219,11 @@ static __always_inline void cross(struct meter_cpu *st, u64 cgid, u64 last, u64 
 }
 
 /* Charge everything since this CPU's previous charge to `current`. */
-static __always_inline int charge(void)
+static __always_inline void charge_now(struct meter_cpu *st)
 {
-	int zero = 0;
-	struct meter_cpu *st = cpu_state.lookup(&zero);
 	u64 delta[METER_MAX_COUNTERS] = {};
 	u64 now, last, cgid;
 
-	if (!st)
-		return 0;
-#if METER_NET
-	/* The tick interrupted a NET softirq span: it is charged at exit. */
-	if (st->in_net_softirq)
-		return 0;
-#endif
 	now = bpf_ktime_get_ns();
 	read_counters(st, delta);
 	last = st->last_ns;
@@ -241,15 +232,31 @@ static __always_inline int charge(void)
 	/* The hot path: still in the CPU's current window. */
 	if (now < st->window_end && now > last) {
 		accumulate(st, cgid, now - last, delta);
-		return 0;
+		return;
 	}
 	if (!last || now <= last) {
 		/* The first event on a CPU only starts its clock. */
 		st->window = now / METER_WINDOW_NS;
 		st->window_end = (st->window + 1) * METER_WINDOW_NS;
-		return 0;
+		return;
 	}
 	cross(st, cgid, last, now, delta);
+}
+
+static __always_inline int charge(void)
+{
+	int zero = 0;
+	struct meter_cpu *st = cpu_state.lookup(&zero);
+
+	if (!st)
+		return 0;
+#if METER_NET
+	/* The tick interrupted a NET softirq span (or its entry or exit, which
+	 * charge this CPU themselves): leave it to them. */
+	if (*(volatile u32 *)&st->in_net_softirq)
+		return 0;
+#endif
+	charge_now(st);
 	return 0;
 }
 
@@ -280,48 +287,41 @@ int meter_softirq_entry(struct bpf_raw_tracepoint_args *ctx)
 
 	if (!is_net_softirq(ctx))
 		return 0;
-	charge();
 	st = cpu_state.lookup(&zero);
 	if (!st)
 		return 0;
-	st->in_net_softirq = 1;
 	st->span_nports = 0;
 	st->span_other = 0;
+	/* Set before charging: a tick that lands now must not charge too. */
+	*(volatile u32 *)&st->in_net_softirq = 1;
+	charge_now(st);
 	return 0;
 }
 
-int meter_softirq_exit(struct bpf_raw_tracepoint_args *ctx)
+/* Split the span [last_ns, now) over its ports by packets; the rest to the task. */
+static __always_inline void charge_span(struct meter_cpu *st)
 {
-	int zero = 0;
-	struct meter_cpu *st;
 	u64 delta[METER_MAX_COUNTERS] = {};
 	u64 part[METER_MAX_COUNTERS] = {};
+	u64 left[METER_MAX_COUNTERS] = {};
 	u64 now, last, span, total, used = 0, cgid;
-	u32 n;
+	u32 n = st->span_nports;
 
-	if (!is_net_softirq(ctx))
-		return 0;
-	st = cpu_state.lookup(&zero);
-	if (!st || !st->in_net_softirq)
-		return 0;
-	st->in_net_softirq = 0;
-	n = st->span_nports;
 	total = st->span_other;
 #pragma unroll
 	for (int i = 0; i < METER_SPAN_PORTS; i++)
 		if (i < n)
 			total += st->span_pkts[i];
 	if (!total)
-		return 0;   /* no metered packets: the time stays with the task */
+		return;   /* no metered packets: the time stays with the task */
 	now = bpf_ktime_get_ns();
 	last = st->last_ns;
 	if (now <= last || now >= st->window_end) {
 		stat_add(METER_STAT_SPAN_UNATTRIBUTED_NS, now > last ? now - last : 0);
-		return 0;
+		return;
 	}
 	read_counters(st, delta);
 	span = now - last;
-	u64 left[METER_MAX_COUNTERS] = {};
 #pragma unroll
 	for (int c = 0; c < METER_NR_COUNTERS; c++)
 		left[c] = delta[c];
@@ -344,6 +344,21 @@ int meter_softirq_exit(struct bpf_raw_tracepoint_args *ctx)
 	if (span > used)
 		accumulate(st, cgid, span - used, left);
 	st->last_ns = now;
+}
+
+int meter_softirq_exit(struct bpf_raw_tracepoint_args *ctx)
+{
+	int zero = 0;
+	struct meter_cpu *st;
+
+	if (!is_net_softirq(ctx))
+		return 0;
+	st = cpu_state.lookup(&zero);
+	if (!st || !st->in_net_softirq)
+		return 0;
+	charge_span(st);
+	/* Cleared last: a tick landing while this runs must not charge too. */
+	*(volatile u32 *)&st->in_net_softirq = 0;
 	return 0;
 }
 #endif /* METER_NET */

@@ -135,3 +135,77 @@ def cgroups(cgroup_mount: Path) -> Iterator[Cgroups]:
 def meter_bin() -> list[str]:
     exe = shutil.which("meter", path=str(Path(sys.executable).parent))
     return [exe] if exe else [sys.executable, "-m", "meter.cli"]
+
+
+def sh(*cmd: str) -> str:
+    """Run a command, fail loudly with its stderr."""
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}: {res.stderr.strip()}")
+    return res.stdout
+
+
+class Net:
+    """Network namespaces and veth pairs made for one test, all removed after it."""
+
+    def __init__(self) -> None:
+        self.tag = uuid.uuid4().hex[:4]
+        self.namespaces: list[str] = []
+        self.links: list[str] = []
+
+    def ns(self, name: str) -> str:
+        full = f"mt{self.tag}{name}"
+        sh("ip", "netns", "add", full)
+        self.namespaces.append(full)
+        sh("ip", "netns", "exec", full, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")
+        sh("ip", "-n", full, "link", "set", "lo", "up")
+        return full
+
+    def name(self, short: str) -> str:
+        return f"m{self.tag}{short}"[:15]
+
+    def veth(self, a: str, b: str, *, a_ns: str | None = None, b_ns: str | None = None) -> None:
+        """A veth pair a <-> b, each end in a namespace (None: this one), up, IPv6 off."""
+        cmd = ["ip", "link", "add", a]
+        if a_ns:
+            cmd += ["netns", a_ns]
+        cmd += ["type", "veth", "peer", "name", b]
+        if b_ns:
+            cmd += ["netns", b_ns]
+        sh(*cmd)
+        if a_ns is None:
+            self.links.append(a)
+        for dev, ns in ((a, a_ns), (b, b_ns)):
+            pre = ["ip", "netns", "exec", ns] if ns else []
+            subprocess.run([*pre, "sysctl", "-qw", f"net.ipv6.conf.{dev}.disable_ipv6=1"], capture_output=True)
+            sh(*(["ip", "-n", ns] if ns else ["ip"]), "link", "set", dev, "up")
+
+    def ip(self, ns: str | None, *args: str) -> str:
+        return sh(*(["ip", "-n", ns] if ns else ["ip"]), *args)
+
+    def counters(self, ns: str | None, dev: str) -> dict[str, int]:
+        pre = ["ip", "netns", "exec", ns] if ns else []
+        out = {}
+        for key in ("rx_packets", "tx_packets", "rx_bytes", "tx_bytes"):
+            out[key] = int(sh(*pre, "cat", f"/sys/class/net/{dev}/statistics/{key}"))
+        return out
+
+    def udp(self, ns: str, dst: str, count: int, size: int = 100) -> list[str]:
+        code = (f"import socket\ns=socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                f"for i in range({count}): s.sendto(b'x'*{size}, ('{dst}', 9999))\n")
+        return ["ip", "netns", "exec", ns, sys.executable, "-S", "-c", code]
+
+    def cleanup(self) -> None:
+        for link in self.links:
+            subprocess.run(["ip", "link", "del", link], capture_output=True)
+        for ns in self.namespaces:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+@pytest.fixture
+def net() -> Iterator[Net]:
+    n = Net()
+    try:
+        yield n
+    finally:
+        n.cleanup()

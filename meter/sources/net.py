@@ -26,7 +26,7 @@ import numpy as np
 
 from .. import program
 from ..errors import BPFError
-from ..netns import NetnsError, iproute
+from ..netns import NETNS_DIR, NetnsError, iproute
 
 __all__ = ["NET_KEY_DTYPE", "NET_USAGE_DTYPE", "NetDrain", "NetSource", "Port", "parse_port"]
 
@@ -141,6 +141,10 @@ class NetSource:
                 pass
 
     def _ifindex(self, port: Port) -> int | None:
+        if port.netns is not None and not (NETNS_DIR / port.netns).exists():
+            # Deleted with `ip netns del`: our socket alone would keep it alive.
+            self._forget_netns(port.netns)
+            return None
         try:
             found = self._iproute(port.netns).link_lookup(ifname=port.ifname)
         except (NetnsError, OSError):

@@ -131,7 +131,8 @@ class SchedSource:
             self._publish(_NEVER)
             hooks = [(b"sched_switch", b"meter_switch")]
             if self.net_entries:
-                hooks += [(b"softirq_entry", b"meter_softirq_entry"), (b"softirq_exit", b"meter_softirq_exit")]
+                # Exit first: an entry without its exit would hold the CPU's charges.
+                hooks += [(b"softirq_exit", b"meter_softirq_exit"), (b"softirq_entry", b"meter_softirq_entry")]
             for tp, fn in hooks:
                 try:
                     self.bpf.attach_raw_tracepoint(tp=tp, fn_name=fn)

@@ -35,6 +35,7 @@ from .resolver import IDLE_ROW, Resolver
 from .sources.energy import EnergySettings, ModelReader, pick_reader
 from .sources.net import KIND_RX, NetDrain, NetSource, Port, parse_port
 from .sources.sched import PORT_CGID_BIT, SchedDrain, SchedSource
+from .sources.sriov import VF_FIELDS, VFSource
 from .topology import Topology
 
 __all__ = ["CounterPlan", "Meter", "MeterStats", "plan_counters"]
@@ -137,6 +138,8 @@ class Meter:
     ``window_ms`` (default: the topology's, else 1) is the record width.
     ``counters`` maps record fields to perf event specs (see
     :func:`plan_counters`). Batches come every ``drain_interval`` seconds.
+    ``vf_links(pf)`` replaces the netlink query for a PF's VF counters
+    (for agents that have them already, and for tests).
     """
 
     def __init__(
@@ -150,6 +153,7 @@ class Meter:
         first_seq: int = 0,
         map_entries: int = 65536,
         energy: EnergySettings | None = None,
+        vf_links: Callable[[str], list[Any]] | None = None,
     ) -> None:
         window_ms = window_ms if window_ms is not None else (topology.window_ms or 1)
         if not isinstance(window_ms, int) or window_ms < 1:
@@ -180,6 +184,9 @@ class Meter:
         self._map_entries = map_entries
         self._sched: SchedSource | None = None
         self._net: NetSource | None = None
+        self._vf: VFSource | None = None
+        self._vf_links = vf_links
+        self._row_has_vfs = np.zeros(0, bool)
         self._port_row = np.zeros(0, np.int64)
         self._row_has_ports = np.zeros(0, bool)
         self._resolver: Resolver | None = None
@@ -214,6 +221,11 @@ class Meter:
         sched.open()
         self._sched = sched
         try:
+            vfs = self._vfs()
+            if vfs:
+                self._row_has_vfs = np.zeros(self._resolver.nrows, bool)
+                self._row_has_vfs[[row for row, _pf, _vf in vfs]] = True
+                self._vf = VFSource(vfs, get_links=self._vf_links)
             if ports:
                 self._port_row = np.asarray(port_rows, np.int64)
                 self._row_has_ports = np.zeros(self._resolver.nrows, bool)
@@ -240,6 +252,9 @@ class Meter:
 
     def _close_sources(self) -> None:
         """Detach tc filters first (they use the sched object's maps), then the rest."""
+        if self._vf is not None:
+            self._vf.close()
+            self._vf = None
         try:
             if self._net is not None:
                 self._net.close()
@@ -251,6 +266,12 @@ class Meter:
             if self._reader is not None:
                 self._reader.close()
                 self._reader = None
+
+    def _vfs(self) -> list[tuple[int, str, int]]:
+        """(row, pf, vf) for every VF a compartment owns."""
+        assert self._resolver is not None
+        rows = {(c.tenant, c.name): i for i, c in enumerate(self._resolver.compartments) if c is not None}
+        return [(rows[(c.tenant, c.name)], v.pf, v.vf) for c in self.topology.compartments for v in c.vfs]
 
     def _ports(self) -> tuple[list[Port], list[int]]:
         """Every interface a compartment owns, numbered, with its compartment's row."""
@@ -297,17 +318,21 @@ class Meter:
             if self._net is not None:
                 self._net.refresh()
                 net = self._net.drain(self._sched.closed_window)
+            vf = self._vf.poll() if self._vf is not None else None
             self._flushed = self._flushed or final
-            batch = self._build(drained, net)
+            batch = self._build(drained, net, vf)
             self._account(batch)
         self.stats.drains += 1
         self.stats.drain_seconds += time.perf_counter() - t0
         return batch
 
     # Columns summed per (window, row) before records are built.
-    _SUMS = ("cpu_ns", "softirq_ns", "rx_packets", "rx_bytes", "tx_packets", "tx_bytes")
+    _SUMS = ("cpu_ns", "softirq_ns", "rx_packets", "rx_bytes", "tx_packets", "tx_bytes",
+             "vf_rx_packets", "vf_rx_bytes", "vf_tx_packets", "vf_tx_bytes")
+    _NET_SUMS = _SUMS[1:6]
 
-    def _build(self, d: SchedDrain, nd: NetDrain | None = None) -> np.ndarray:
+    def _build(self, d: SchedDrain, nd: NetDrain | None = None,
+               vf: dict[int, tuple[int, int, int, int]] | None = None) -> np.ndarray:
         """Merge one drain of every source into records: one per (window, row), sorted."""
         assert self._sched is not None and self._resolver is not None
         res = self._resolver
@@ -342,6 +367,12 @@ class Meter:
             add(nd.window[k], rows,
                 rx_packets=np.where(rx, nd.packets[k], 0), rx_bytes=np.where(rx, nd.bytes[k], 0),
                 tx_packets=np.where(rx, 0, nd.packets[k]), tx_bytes=np.where(rx, 0, nd.bytes[k]))
+        if vf:
+            # Polled per drain: the deltas land in the newest window closed.
+            rows = np.fromiter(vf, np.int64, len(vf))
+            v = np.array(list(vf.values()), np.int64).reshape(len(vf), 4)
+            add(np.full(len(vf), self._sched.closed_window, np.int64), rows, vf_rx_packets=v[:, 0],
+                vf_rx_bytes=v[:, 1], vf_tx_packets=v[:, 2], vf_tx_bytes=v[:, 3])
         if not parts_window:
             return records.empty(0)
         window = np.concatenate(parts_window)
@@ -379,9 +410,14 @@ class Meter:
         if self._net is not None:
             # Net fields are measured (0 when quiet) for rows with ports, absent for the rest.
             has_ports = self._row_has_ports[g_row]
-            for i, name in enumerate(self._SUMS[1:], start=1):
-                cols[name] = np.where(has_ports, g[:, i], records.NULL)
+            for name in self._NET_SUMS:
+                cols[name] = np.where(has_ports, g[:, self._SUMS.index(name)], records.NULL)
             cols["net_source"] = np.where(has_ports, "tc", "").astype(object)
+        if self._vf is not None:
+            has_vfs = self._row_has_vfs[g_row]
+            for name in VF_FIELDS:
+                cols[name] = np.where(has_vfs, g[:, self._SUMS.index(name)], records.NULL)
+            cols["vf_source"] = np.where(has_vfs, self._vf.source, "").astype(object)
         out = records.build(n, cols)
         self._attribute_energy(out, g_window, g_row)
         self._seq += n

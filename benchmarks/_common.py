@@ -98,3 +98,37 @@ def switch_load(seconds: float) -> str:
     os.close(w1)
     os.waitpid(pid, 0)
     return "python pipe ping-pong"
+
+
+@contextlib.contextmanager
+def namespace_pair(tag: str = "mb") -> Iterator[tuple[str, str, str]]:
+    """Two network namespaces joined by a veth pair (10.79.0.1 <-> 10.79.0.2).
+
+    Yields (ns_a, ns_b, veth end in ns_a); everything is removed after.
+    """
+    a, b = f"{tag}a{os.getpid()}", f"{tag}b{os.getpid()}"
+
+    def run(*cmd: str) -> None:
+        subprocess.run(cmd, check=True, capture_output=True)
+
+    try:
+        run("ip", "netns", "add", a)
+        run("ip", "netns", "add", b)
+        run("ip", "-n", a, "link", "add", "va", "type", "veth", "peer", "name", "vb", "netns", b)
+        for ns, dev, addr in ((a, "va", "10.79.0.1/24"), (b, "vb", "10.79.0.2/24")):
+            run("ip", "-n", ns, "addr", "add", addr, "dev", dev)
+            run("ip", "-n", ns, "link", "set", dev, "up")
+            run("ip", "-n", ns, "link", "set", "lo", "up")
+        yield a, b, "va"
+    finally:
+        subprocess.run(["ip", "netns", "del", a], capture_output=True)
+        subprocess.run(["ip", "netns", "del", b], capture_output=True)
+
+
+def udp_flood(ns: str, dst: str, seconds: float) -> None:
+    """Send small UDP packets from ``ns`` to ``dst`` for ``seconds``."""
+    code = (f"import socket, time\ns=socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            f"end=time.monotonic()+{seconds}\n"
+            "while time.monotonic()<end:\n"
+            "    for _ in range(1000): s.sendto(b'x'*64, ('" + dst + "', 9))\n")
+    subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-S", "-c", code], check=True)

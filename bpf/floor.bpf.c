@@ -40,3 +40,9 @@ int floor_switch(struct bpf_raw_tracepoint_args *ctx)
 #endif
 	return 0;
 }
+
+/* The floor for net.bpf.c: a tc program that does nothing and gives no verdict. */
+int floor_tc(struct __sk_buff *skb)
+{
+	return -1;  /* TC_ACT_UNSPEC */
+}

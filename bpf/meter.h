@@ -32,6 +32,9 @@
 #ifndef METER_NET
 #define METER_NET 0
 #endif
+#ifndef METER_MAX_PORTS
+#define METER_MAX_PORTS 1024
+#endif
 #ifndef METER_MAX_SPAN
 #define METER_MAX_SPAN 512
 #endif
@@ -63,6 +66,9 @@ struct meter_slot {
 
 /* Ports seen in one NET_RX/NET_TX softirq span, with their packets. */
 #define METER_SPAN_PORTS 8
+/* Ports with counts in a CPU's net slots at once (power of two); beyond
+ * that, packets go straight to the shared map. */
+#define METER_NET_DIRTY 16
 
 /* Per-CPU charging state: when and what was last charged on this CPU. */
 struct meter_cpu {
@@ -73,13 +79,32 @@ struct meter_cpu {
 	__u64 enabled[METER_MAX_COUNTERS];
 	__u64 running[METER_MAX_COUNTERS];
 	struct meter_slot slot[METER_CACHE_SLOTS];
-	/* A NET softirq span in progress (started at last_ns): the tc
+	/* A NET softirq span in progress (since span_start): the tc
 	 * programs note which ports' packets it processed. */
+	__u64 span_start;
 	__u32 in_net_softirq;
 	__u32 span_nports;
 	__u32 span_port[METER_SPAN_PORTS];
 	__u64 span_pkts[METER_SPAN_PORTS];
 	__u64 span_other;           /* packets of ports beyond the list */
+	/* Packet counts of this CPU's current net window sit in per-CPU
+	 * port slots (net_slot) until flushed to net_usage: by the next
+	 * packet in a later window, or by a context switch (user space
+	 * nudges CPUs whose net window is stale). */
+	__u64 net_window;
+	__u64 net_window_end;
+	__u32 net_ndirty;
+	__u32 net_dirty[METER_NET_DIRTY];
+};
+
+/* Per-CPU, per-port packet counts for the CPU's current net window. */
+struct meter_net_slot {
+	__u64 rx_packets;
+	__u64 rx_bytes;
+	__u64 tx_packets;
+	__u64 tx_bytes;
+	__u32 dirty;
+	__u32 pad;
 };
 
 /* Per (port, kind, window): packets and bytes for rx/tx, ns and counter

@@ -4,22 +4,19 @@
  * and bytes per (port, direction, window), and note each port's packets in
  * the NET softirq span in progress on this CPU (see sched.bpf.c).
  *
- * Compiled in one unit after sched.bpf.c (they share cpu_state). User
- * space loads one copy of each program per port, with the placeholder
- * immediate replaced by the port number: no lookup to find the port.
+ * Compiled in one unit after sched.bpf.c (they share cpu_state, net_slot
+ * and net_usage, defined there). User space loads one copy of each program per port, with
+ * the placeholder immediate replaced by the port number: no lookup to find
+ * the port. A packet is counted in this CPU's slot for the port (see sched.bpf.c).
  * Only the UAPI __sk_buff context is read.
  */
 #include <uapi/linux/pkt_cls.h>
 
-BPF_HASH(net_usage, struct meter_net_key, struct meter_net_usage, METER_NET_ENTRIES);
-
-static __always_inline void note_span(u32 port)
+static __always_inline void note_span(struct meter_cpu *st, u32 port)
 {
-	int zero = 0;
-	struct meter_cpu *st = cpu_state.lookup(&zero);
 	u32 n;
 
-	if (!st || !st->in_net_softirq)
+	if (!st->in_net_softirq)
 		return;
 	n = st->span_nports;
 #pragma unroll
@@ -45,24 +42,47 @@ static __always_inline int count(struct __sk_buff *skb, u32 kind)
 	/* volatile: keep the placeholder an immediate user space can patch. */
 	volatile u32 placeholder = METER_PORT_PLACEHOLDER;
 	u32 port = placeholder;
-	struct meter_net_key key = {
-		.port = port,
-		.kind = kind,
-		.window = bpf_ktime_get_ns() / METER_WINDOW_NS,
-	};
-	struct meter_net_usage zero = {};
-	struct meter_net_usage *u;
+	int zero = 0;
+	struct meter_cpu *st = cpu_state.lookup(&zero);
+	struct meter_net_slot *s;
+	u64 now;
 
-	u = net_usage.lookup(&key);
-	if (!u)
-		u = net_usage.lookup_or_try_init(&key, &zero);
-	if (u) {
-		__sync_fetch_and_add(&u->packets, 1);
-		__sync_fetch_and_add(&u->bytes, skb->len);
-	} else {
-		stat_add(METER_STAT_NET_DROP_UPDATES, 1);
+	if (!st)
+		return TC_ACT_UNSPEC;
+	/* Inside a NET softirq span the span's start (microseconds ago)
+	 * dates the packet: no clock read. */
+	now = st->in_net_softirq ? st->span_start : bpf_ktime_get_ns();
+	if (now >= st->net_window_end) {
+		/* This CPU's first packet in a new window. */
+		if (st->net_ndirty)
+			net_flush(st);
+		st->net_window = now / METER_WINDOW_NS;
+		st->net_window_end = (st->net_window + 1) * METER_WINDOW_NS;
 	}
-	note_span(port);
+	s = net_slot.lookup(&port);
+	if (!s)
+		return TC_ACT_UNSPEC;
+	if (!s->dirty) {
+		u32 n = st->net_ndirty;
+
+		if (n >= METER_NET_DIRTY) {
+			/* Too many ports at once on this CPU: straight to the map. */
+			net_store(port, kind, st->net_window, 1, skb->len);
+			note_span(st, port);
+			return TC_ACT_UNSPEC;
+		}
+		st->net_dirty[n & (METER_NET_DIRTY - 1)] = port;
+		st->net_ndirty = n + 1;
+		s->dirty = 1;
+	}
+	if (kind == METER_NET_RX) {
+		s->rx_packets++;
+		s->rx_bytes += skb->len;
+	} else {
+		s->tx_packets++;
+		s->tx_bytes += skb->len;
+	}
+	note_span(st, port);
 	/* No verdict: the packet goes on to any other filter, untouched. */
 	return TC_ACT_UNSPEC;
 }

@@ -218,13 +218,69 @@ static __always_inline void cross(struct meter_cpu *st, u64 cgid, u64 last, u64 
 		accumulate(st, cgid, now - last, left);
 }
 
-/* Charge everything since this CPU's previous charge to `current`. */
-static __always_inline void charge_now(struct meter_cpu *st)
+#if METER_NET
+/*
+ * Packet counting state shared with net.bpf.c (the tc programs count, a
+ * context switch here flushes a CPU's stale counts). It lives in this file
+ * because bcc rewrites map calls only in the main source.
+ *
+ * Why per-CPU slots: a packet then costs a few adds in memory only this
+ * CPU writes, not a hash lookup and atomics. The slots of a CPU hold one
+ * window at a time; they move to net_usage when that CPU counts a packet in
+ * a later window or switches tasks. Both happen in contexts that cannot
+ * interrupt each other (softirq or bh-off process context, and the
+ * scheduler with interrupts off); the tick never touches them.
+ */
+BPF_HASH(net_usage, struct meter_net_key, struct meter_net_usage, METER_NET_ENTRIES);
+BPF_PERCPU_ARRAY(net_slot, struct meter_net_slot, METER_MAX_PORTS);
+
+static __always_inline void net_store(u32 port, u32 kind, u64 window, u64 packets, u64 bytes)
+{
+	struct meter_net_key key = { .port = port, .kind = kind, .window = window };
+	struct meter_net_usage zero = {};
+	struct meter_net_usage *u;
+
+	if (!packets)
+		return;
+	u = net_usage.lookup(&key);
+	if (!u)
+		u = net_usage.lookup_or_try_init(&key, &zero);
+	if (!u) {
+		stat_add(METER_STAT_NET_DROP_UPDATES, 1);
+		return;
+	}
+	__sync_fetch_and_add(&u->packets, packets);
+	__sync_fetch_and_add(&u->bytes, bytes);
+}
+
+/* Move this CPU's dirty port slots (of window st->net_window) to net_usage. */
+static __always_inline void net_flush(struct meter_cpu *st)
+{
+	u32 n = st->net_ndirty;
+
+	for (int i = 0; i < METER_NET_DIRTY; i++) {
+		if (i >= n)
+			break;
+		u32 port = st->net_dirty[i & (METER_NET_DIRTY - 1)];
+		struct meter_net_slot *s = net_slot.lookup(&port);
+
+		if (!s)
+			continue;
+		net_store(port, METER_NET_RX, st->net_window, s->rx_packets, s->rx_bytes);
+		net_store(port, METER_NET_TX, st->net_window, s->tx_packets, s->tx_bytes);
+		__builtin_memset(s, 0, sizeof(*s));
+	}
+	st->net_ndirty = 0;
+}
+
+#endif /* METER_NET */
+
+/* Charge everything from this CPU's previous charge up to `now` to `current`. */
+static __always_inline void charge_until(struct meter_cpu *st, u64 now)
 {
 	u64 delta[METER_MAX_COUNTERS] = {};
-	u64 now, last, cgid;
+	u64 last, cgid;
 
-	now = bpf_ktime_get_ns();
 	read_counters(st, delta);
 	last = st->last_ns;
 	st->last_ns = now;
@@ -243,10 +299,11 @@ static __always_inline void charge_now(struct meter_cpu *st)
 	cross(st, cgid, last, now, delta);
 }
 
-static __always_inline int charge(void)
+static __always_inline int charge(int switching)
 {
 	int zero = 0;
 	struct meter_cpu *st = cpu_state.lookup(&zero);
+	u64 now;
 
 	if (!st)
 		return 0;
@@ -256,19 +313,28 @@ static __always_inline int charge(void)
 	if (*(volatile u32 *)&st->in_net_softirq)
 		return 0;
 #endif
-	charge_now(st);
+	now = bpf_ktime_get_ns();
+#if METER_NET
+	/* Packet counts of a window this CPU has left (see net_flush); only
+	 * at a switch, which no tc program can be interrupted by. */
+	if (switching && st->net_ndirty && now >= st->net_window_end)
+		net_flush(st);
+#endif
+	charge_until(st, now);
 	return 0;
 }
 
 #if METER_NET
 /*
  * NET_RX / NET_TX softirq time belongs to the compartments whose packets it
- * processed, not to whichever task it interrupted. At entry the task's time
- * is charged as usual; the tc programs then note each port's packets in
- * the span; at exit the span is charged to the ports (pseudo-cgroups
- * METER_PORT_CGID(port)) in proportion to packets, and what no listed port
- * claims goes to the interrupted task. A span that crosses a window
- * boundary is left to the task (counted): spans last microseconds.
+ * processed, not to whichever task it interrupted. Entry only notes the
+ * time; the tc programs note each port's packets in the span; at exit, if
+ * any were metered, the task's time up to the span is charged, then the
+ * span goes to the ports (pseudo-cgroups METER_PORT_CGID(port)) in
+ * proportion to packets, and what no listed port claims to the task. A
+ * span with no metered packets costs nothing more: its time simply stays
+ * with the task. A span that crosses a window boundary is left to the task
+ * (counted): spans last microseconds.
  */
 #define NET_TX_SOFTIRQ 2
 #define NET_RX_SOFTIRQ 3
@@ -292,19 +358,24 @@ int meter_softirq_entry(struct bpf_raw_tracepoint_args *ctx)
 		return 0;
 	st->span_nports = 0;
 	st->span_other = 0;
-	/* Set before charging: a tick that lands now must not charge too. */
+	st->span_start = bpf_ktime_get_ns();
+	/* From here the tick leaves this CPU alone until softirq exit. */
 	*(volatile u32 *)&st->in_net_softirq = 1;
-	charge_now(st);
 	return 0;
 }
 
-/* Split the span [last_ns, now) over its ports by packets; the rest to the task. */
+/*
+ * Split the span [span_start, now) over its ports by packets; what no port
+ * claims, and the time before the span, go to the task. Only when all of
+ * [last_ns, now) lies in the CPU's current window (nearly always): else the
+ * whole interval is left to the next charge, i.e. to the task (counted).
+ */
 static __always_inline void charge_span(struct meter_cpu *st)
 {
 	u64 delta[METER_MAX_COUNTERS] = {};
 	u64 part[METER_MAX_COUNTERS] = {};
 	u64 left[METER_MAX_COUNTERS] = {};
-	u64 now, last, span, total, used = 0, cgid;
+	u64 now, last, start, all, span, total, used = 0, cgid;
 	u32 n = st->span_nports;
 
 	total = st->span_other;
@@ -316,12 +387,14 @@ static __always_inline void charge_span(struct meter_cpu *st)
 		return;   /* no metered packets: the time stays with the task */
 	now = bpf_ktime_get_ns();
 	last = st->last_ns;
-	if (now <= last || now >= st->window_end) {
-		stat_add(METER_STAT_SPAN_UNATTRIBUTED_NS, now > last ? now - last : 0);
+	start = st->span_start;
+	if (!last || start < last || now <= start || now >= st->window_end) {
+		stat_add(METER_STAT_SPAN_UNATTRIBUTED_NS, now > start ? now - start : 0);
 		return;
 	}
 	read_counters(st, delta);
-	span = now - last;
+	all = now - last;
+	span = now - start;
 #pragma unroll
 	for (int c = 0; c < METER_NR_COUNTERS; c++)
 		left[c] = delta[c];
@@ -331,7 +404,7 @@ static __always_inline void charge_span(struct meter_cpu *st)
 		u64 ns = span * st->span_pkts[i] / total;
 #pragma unroll
 		for (int c = 0; c < METER_NR_COUNTERS; c++) {
-			part[c] = delta[c] * st->span_pkts[i] / total;
+			part[c] = delta[c] * ns / all;
 			left[c] -= part[c];
 		}
 		if (ns)
@@ -341,8 +414,8 @@ static __always_inline void charge_span(struct meter_cpu *st)
 	if (st->span_other)
 		stat_add(METER_STAT_SPAN_UNATTRIBUTED_NS, span * st->span_other / total);
 	cgid = (u32)bpf_get_current_pid_tgid() ? bpf_get_current_cgroup_id() : METER_IDLE_CGID;
-	if (span > used)
-		accumulate(st, cgid, span - used, left);
+	if (all > used)
+		accumulate(st, cgid, all - used, left);
 	st->last_ns = now;
 }
 
@@ -366,11 +439,11 @@ int meter_softirq_exit(struct bpf_raw_tracepoint_args *ctx)
 /* Attached by user space to the raw tracepoint sched_switch. */
 int meter_switch(struct bpf_raw_tracepoint_args *ctx)
 {
-	return charge();
+	return charge(1);
 }
 
 /* The window tick: closes a long-running slice at least once per window. */
 int meter_tick(struct bpf_perf_event_data *ctx)
 {
-	return charge();
+	return charge(0);
 }

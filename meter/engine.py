@@ -217,6 +217,7 @@ class Meter:
             map_entries=self._map_entries,
             max_span=min(span, MAX_SPAN_LIMIT),
             net_entries=self._map_entries if ports else None,
+            max_ports=len(ports),
         )
         sched.open()
         self._sched = sched

@@ -82,6 +82,7 @@ class SchedSource:
         map_entries: int = 65536,
         max_span: int = 512,
         net_entries: int | None = None,
+        max_ports: int = 0,
     ) -> None:
         counters = list(counters or [])
         if len(counters) > MAX_COUNTERS:
@@ -93,6 +94,7 @@ class SchedSource:
         #: With net_entries, net.bpf.c is compiled in too (shared per-CPU
         #: state) and NET softirq time is charged to ports' pseudo-cgroups.
         self.net_entries = net_entries
+        self.max_ports = max_ports
         self.bpf: Any = None
         self.ncpu = 0
         self.nudges = 0
@@ -115,7 +117,8 @@ class SchedSource:
         }
         names = [self.program_name]
         if self.net_entries:
-            defines |= {"METER_NET": 1, "METER_NET_ENTRIES": self.net_entries}
+            defines |= {"METER_NET": 1, "METER_NET_ENTRIES": self.net_entries,
+                        "METER_MAX_PORTS": max(1, self.max_ports)}
             names.append("net")
         self.bpf = program.load(names, defines)
         try:
@@ -181,10 +184,17 @@ class SchedSource:
         self._published = watermark
 
     def _cpu_windows(self) -> list[int]:
-        """Each online CPU's current window: the one its slots accumulate."""
+        """Each online CPU's oldest open window: its CPU slots' or its packet slots'."""
         table = self.bpf[b"cpu_state"]
         per_cpu = table[table.Key(0)]
-        return [int(per_cpu[c].window) for c in self._cpus]
+        out = []
+        for c in self._cpus:
+            st = per_cpu[c]
+            w = int(st.window)
+            if st.net_ndirty:
+                w = min(w, int(st.net_window))
+            out.append(w)
+        return out
 
     def _nudge(self, cpus: list[int]) -> None:
         """Make each CPU in ``cpus`` switch tasks, so it charges its pending time.

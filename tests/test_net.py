@@ -136,6 +136,13 @@ def test_interfaces_that_appear_vanish_and_namespaces_that_die(tmp_path, cgroups
         second = meter.drain()
         assert any(f"{late} appeared" in e for e in src.events)
         assert {p.ifname for p in src.attached} >= {a0, late}
+        # Renamed away and back: it vanishes, then is metered again.
+        subprocess.run(["ip", "link", "set", late, "name", net.name("ren")], check=True)
+        meter.drain()
+        assert any(f"{late} vanished" in e for e in src.events)
+        subprocess.run(["ip", "link", "set", net.name("ren"), "name", late], check=True)
+        meter.drain()
+        assert late in {p.ifname for p in src.attached}
         # An interface and a whole namespace vanish mid-run: no crash, counts kept.
         subprocess.run(["ip", "link", "del", a0], check=True)
         net.links.remove(a0)

@@ -93,6 +93,7 @@ class NetSource:
         self._ipr: dict[str | None, Any] = {}
         self._attached: dict[int, _Attachment] = {}
         self._missing_logged: set[int] = set()
+        self._added_qdisc: dict[int, bool] = {}
         self._prog_fds: dict[tuple[int, str], int] = {}
         self._fd = program.map_fd(bpf, b"net_usage")
         self._keys = np.zeros(map_entries, NET_KEY_DTYPE)
@@ -181,7 +182,7 @@ class NetSource:
                 self._missing_logged.add(port.index)
             return
         ipr = self._iproute(port.netns)
-        added = False
+        added = self._added_qdisc.get(port.index, False)
         try:
             ipr.tc("add", "clsact", ifindex)
             added = True
@@ -189,13 +190,38 @@ class NetSource:
             if getattr(err, "code", None) != errno.EEXIST:
                 self._note(f"meter: cannot add a clsact qdisc on {port.label}: {err}")
                 return
-        for parent, fn in ((_INGRESS, b"meter_tc_ingress"), (_EGRESS, b"meter_tc_egress")):
-            ipr.tc("add-filter", "bpf", ifindex, ":1", fd=self._prog_fd(port, fn), name=FILTER_NAME,
-                   parent=parent, classid=1, direct_action=True, prio=PRIORITY)
+        # Renamed away and back, the interface still carries meter's filters.
+        self._remove_filters(ipr, ifindex)
+        try:
+            for parent, fn in ((_INGRESS, b"meter_tc_ingress"), (_EGRESS, b"meter_tc_egress")):
+                ipr.tc("add-filter", "bpf", ifindex, ":1", fd=self._prog_fd(port, fn), name=FILTER_NAME,
+                       parent=parent, classid=1, direct_action=True, prio=PRIORITY)
+        except Exception as err:  # noqa: BLE001  (pyroute2 NetlinkError)
+            self._remove_filters(ipr, ifindex)
+            self._note(f"meter: cannot attach to {port.label}: {err}")
+            return
+        self._added_qdisc[port.index] = added
         self._attached[port.index] = _Attachment(ifindex, added)
         if port.index in self._missing_logged:
             self._note(f"meter: interface {port.label} appeared; metering it")
             self._missing_logged.discard(port.index)
+
+    @staticmethod
+    def _remove_filters(ipr: Any, ifindex: int) -> None:
+        """Delete the tc filters meter put on an interface (named FILTER_NAME), and no others."""
+        for parent in (_INGRESS, _EGRESS):
+            try:
+                filters = list(ipr.get_filters(ifindex, parent=parent))
+            except Exception:  # noqa: BLE001  (no clsact qdisc: nothing of ours)
+                continue
+            for f in filters:
+                opts = f.get_attr("TCA_OPTIONS")
+                if f.get_attr("TCA_KIND") != "bpf" or opts is None or opts.get_attr("TCA_BPF_NAME") != FILTER_NAME:
+                    continue
+                try:
+                    ipr.tc("del-filter", "bpf", ifindex, f["handle"], parent=parent, prio=f["info"] >> 16)
+                except Exception:  # noqa: BLE001  (deleted already, with its chain)
+                    pass
 
     def refresh(self) -> None:
         """Follow interfaces that appeared, vanished or were recreated."""
@@ -212,8 +238,7 @@ class NetSource:
                 if att.added_qdisc:
                     ipr.tc("del", "clsact", att.ifindex)
                 else:
-                    for parent in (_INGRESS, _EGRESS):
-                        ipr.tc("del-filter", "bpf", att.ifindex, ":1", parent=parent, prio=PRIORITY)
+                    self._remove_filters(ipr, att.ifindex)
             except Exception as err:  # noqa: BLE001  (interface or namespace already gone)
                 log.info("meter: %s already gone at exit (%s)", port.label, err)
         for netns in list(self._ipr):

@@ -97,19 +97,20 @@ def attribute_energy(
     cycles_measured: bool,
     misses_measured: bool,
     policy: str = "separate",
+    by_domain: dict[str, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Energy (µJ) per record: Σ over each group == package + dram of that group.
 
     ``groups`` maps each record to an interval (or window) whose measured
     energy is ``package_uj[g]`` (+ ``dram_uj[g]``). ``idle`` marks the idle
-    rows.
+    rows. ``by_domain``, when given, receives each domain's shares.
     """
     if policy not in POLICIES:
         raise ValueError(f"energy policy must be one of {', '.join(POLICIES)}, not {policy!r}")
     out = np.zeros(len(batch), np.int64)
-    for totals, field, measured in (
-        (package_uj, "cycles", cycles_measured),
-        (dram_uj, "cache_misses", misses_measured),
+    for domain, totals, field, measured in (
+        ("package", package_uj, "cycles", cycles_measured),
+        ("dram", dram_uj, "cache_misses", misses_measured),
     ):
         if totals is None:
             continue
@@ -119,5 +120,8 @@ def attribute_energy(
             # a group with nothing but idle keeps it on idle.
             busy = np.bincount(groups, weights=np.where(idle, 0, w), minlength=len(totals))
             w = np.where(idle & (busy[groups] > 0), 0, w)
-        out += apportion(groups, totals, w)
+        shares = apportion(groups, totals, w)
+        if by_domain is not None:
+            by_domain[domain] = shares
+        out += shares
     return out

@@ -136,23 +136,52 @@ def record(config: str | None, cgroup_root: str | None, window_ms: int | None, d
         meter = Meter(topo, window_ms, counters=_counters(counters))
         _warn_unavailable(meter, explicit=bool(counters))
 
-        def stop(signum: int, frame: object) -> None:
-            meter.stop()
-
-        old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            with meter:
-                for batch in meter.batches(duration):
-                    sink.write(batch)
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
-            sink.close()
+        with _daemon_signals(meter) as reload_wanted:
+            try:
+                with meter:
+                    for batch in meter.batches(duration):
+                        sink.write(batch)
+                        if reload_wanted.is_set():
+                            reload_wanted.clear()
+                            _reload(meter, config, cgroup_root)
+            finally:
+                sink.close()
         st = meter.stats
         summary = f"meter: {sink.count} records, {st.windows} windows of {meter.window_ms} ms"
         if st.dropped_updates or st.late_ns:
             summary += f"; LOST {st.dropped_ns} ns in {st.dropped_updates} dropped updates, {st.late_ns} ns late"
         click.echo(summary, err=True)
+
+
+@contextlib.contextmanager
+def _daemon_signals(meter: Any) -> Iterator[Any]:
+    """SIGINT/SIGTERM: flush and stop; SIGHUP: ask for a topology reload (an Event)."""
+    import threading
+
+    reload_wanted = threading.Event()
+
+    def stop(signum: int, frame: object) -> None:
+        meter.stop()
+
+    def hup(signum: int, frame: object) -> None:
+        reload_wanted.set()
+
+    old = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    old[signal.SIGHUP] = signal.signal(signal.SIGHUP, hup)
+    try:
+        yield reload_wanted
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def _reload(meter: Any, config: str | None, cgroup_root: str | None) -> None:
+    """Re-read the topology; a bad file keeps the old one and says why."""
+    try:
+        meter.set_topology(_topology(config, cgroup_root))
+        click.echo(f"meter: topology reloaded: {len(meter.topology.compartments)} compartments", err=True)
+    except MeterError as err:
+        click.echo(f"meter: reload failed, keeping the previous topology: {err}", err=True)
 
 
 def _warn_unavailable(meter: Any, *, explicit: bool) -> None:
@@ -161,6 +190,46 @@ def _warn_unavailable(meter: Any, *, explicit: bool) -> None:
         for field, why in meter.plan.unavailable.items():
             fallback = "estimated from cpu-clock" if field in meter.plan.estimated else "null in records"
             click.echo(f"meter: warning: {field} ({why}): {fallback}", err=True)
+
+
+# -- serve -------------------------------------------------------------------------
+
+
+@main.command()
+@topology_options
+@click.option("--listen", default="127.0.0.1:9464", show_default=True, help="HOST:PORT to serve /metrics on.")
+@click.option("--allow-remote", is_flag=True, help="Allow a non-loopback --listen address.")
+@click.option("--window-ms", type=click.IntRange(min=1), default=None, help="Record width in ms.")
+@counters_option
+def serve(config: str | None, cgroup_root: str | None, listen: str, allow_remote: bool, window_ms: int | None,
+          counters: str | None) -> None:
+    """Serve Prometheus metrics (counters per tenant and compartment) until stopped.
+
+    SIGHUP reloads the topology; SIGINT/SIGTERM stop cleanly (exit 0).
+    """
+    import threading
+
+    from .engine import Meter
+    from .sinks.prometheus import Exporter
+
+    with _errors():
+        topo = _topology(config, cgroup_root)
+        meter = Meter(topo, window_ms, counters=_counters(counters))
+        _warn_unavailable(meter, explicit=bool(counters))
+        exporter = Exporter(meter, listen, allow_remote=allow_remote)
+        done = threading.Event()
+        with _daemon_signals(meter) as reload_wanted:
+            signal.signal(signal.SIGINT, lambda *a: done.set())
+            signal.signal(signal.SIGTERM, lambda *a: done.set())
+            exporter.start()
+            click.echo(f"meter: serving http://{exporter.host}:{exporter.port}/metrics", err=True)
+            try:
+                while not done.wait(0.2):
+                    if reload_wanted.is_set():
+                        reload_wanted.clear()
+                        _reload(meter, config, cgroup_root)
+            finally:
+                exporter.stop()
 
 
 # -- top ---------------------------------------------------------------------------

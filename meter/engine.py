@@ -11,11 +11,12 @@ callbacks (``on_batch``).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -38,7 +39,12 @@ from .sources.sched import PORT_CGID_BIT, SchedDrain, SchedSource
 from .sources.sriov import VF_FIELDS, VFSource
 from .topology import Topology
 
-__all__ = ["CounterPlan", "Meter", "MeterStats", "plan_counters"]
+__all__ = ["ENERGY_DOMAINS", "CounterPlan", "Meter", "MeterStats", "plan_counters"]
+
+log = logging.getLogger("meter")
+
+#: Energy domains apportioned to records (cores/uncore are parts of the package).
+ENERGY_DOMAINS = ("package", "dram")
 
 BatchCallback = Callable[[np.ndarray], None]
 
@@ -187,6 +193,12 @@ class Meter:
         self._vf: VFSource | None = None
         self._vf_links = vf_links
         self._row_has_vfs = np.zeros(0, bool)
+        ncols = len(records.COUNTER_COLUMNS)
+        self._tot = np.zeros((0, ncols), np.int64)
+        self._avail = np.zeros((0, ncols), bool)
+        self._energy_tot = np.zeros((0, len(ENERGY_DOMAINS)), np.int64)
+        self._port_tot = np.zeros((0, 4), np.int64)
+        self._ports_list: list[Port] = []
         self._port_row = np.zeros(0, np.int64)
         self._row_has_ports = np.zeros(0, bool)
         self._resolver: Resolver | None = None
@@ -227,6 +239,8 @@ class Meter:
                 self._row_has_vfs = np.zeros(self._resolver.nrows, bool)
                 self._row_has_vfs[[row for row, _pf, _vf in vfs]] = True
                 self._vf = VFSource(vfs, get_links=self._vf_links)
+            self._ports_list = ports
+            self._port_tot = np.zeros((len(ports), 4), np.int64)
             if ports:
                 self._port_row = np.asarray(port_rows, np.int64)
                 self._row_has_ports = np.zeros(self._resolver.nrows, bool)
@@ -293,15 +307,26 @@ class Meter:
     # -- topology ---------------------------------------------------------------------
 
     def set_topology(self, topology: Topology) -> None:
-        """Switch to a new topology between drains; counts are not lost.
+        """Switch to a new topology between drains (SIGHUP); no count is lost.
 
-        Ids already drained keep their rows; from the next drain on, cgroup
-        ids resolve against the new topology.
+        Kept compartments keep their running totals; added ones start; removed
+        ones stop receiving (their tasks count as host from the next drain).
+        Interfaces and VFs are fixed at open: changing them needs a restart,
+        and is logged.
         """
         topology.require_cgroups()
         with self._lock:
+            old = self.topology
             self.topology = topology
-            self._resolver = Resolver(topology, self._resolver.index if self._resolver else None)
+            if self._resolver is None:
+                return
+            self._resolver.update(topology)
+            self._grow_totals(self._resolver.nrows)
+            before = {(c.tenant, c.name, i) for c in old.compartments for i in c.interfaces}
+            after = {(c.tenant, c.name, i) for c in topology.compartments for i in c.interfaces}
+            if before != after or {(c.tenant, c.name, v) for c in old.compartments for v in c.vfs} != {
+                    (c.tenant, c.name, v) for c in topology.compartments for v in c.vfs}:
+                log.warning("meter: interface or VF changes in the new topology take effect at the next restart")
 
     # -- producing batches ---------------------------------------------------------
 
@@ -421,8 +446,64 @@ class Meter:
             cols["vf_source"] = np.where(has_vfs, self._vf.source, "").astype(object)
         out = records.build(n, cols)
         self._attribute_energy(out, g_window, g_row)
+        self._accumulate(out, g_row, nd)
         self._seq += n
         self.stats.unresolved_cgroups = res.unresolved
+        return out
+
+    # -- cumulative totals (for exporters and embedding agents) --------------------------
+
+    def _grow_totals(self, nrows: int) -> None:
+        if len(self._tot) < nrows:
+            extra = nrows - len(self._tot)
+            self._tot = np.vstack([self._tot, np.zeros((extra, len(records.COUNTER_COLUMNS)), np.int64)])
+            self._avail = np.vstack([self._avail, np.zeros((extra, len(records.COUNTER_COLUMNS)), bool)])
+            self._energy_tot = np.vstack([self._energy_tot, np.zeros((extra, len(ENERGY_DOMAINS)), np.int64)])
+
+    def _accumulate(self, out: np.ndarray, row: np.ndarray, nd: NetDrain | None) -> None:
+        """Add a batch to the per-row running totals (and per-port ones)."""
+        if len(out):
+            self._grow_totals(int(row.max()) + 1)
+            for j, name in enumerate(records.COUNTER_COLUMNS):
+                col = out[name]
+                ok = col != records.NULL
+                if ok.any():
+                    np.add.at(self._tot[:, j], row[ok], col[ok])
+                    self._avail[row[ok], j] = True
+        if nd is not None and len(nd):
+            rx = nd.kind == KIND_RX
+            np.add.at(self._port_tot, (nd.port, np.where(rx, 0, 2)), nd.packets)
+            np.add.at(self._port_tot, (nd.port, np.where(rx, 1, 3)), nd.bytes)
+
+    def totals(self) -> list[dict[str, Any]]:
+        """Running totals since open, one dict per row (tenant, compartment, then
+        every counter field; None when never measured), plus per-domain energy
+        (``energy_uj_by_domain``) and per-port network totals (``ports``).
+
+        Thread-safe: a consistent copy, taken between drains.
+        """
+        with self._lock:
+            res = self._resolver
+            if res is None:
+                return []
+            tot, avail, energy = self._tot.copy(), self._avail.copy(), self._energy_tot.copy()
+            port_tot = self._port_tot.copy()
+            ports = list(self._net.ports) if self._net is not None else list(self._ports_list)
+            port_row = self._port_row.copy()
+            names = list(zip(res.tenants, res.names))
+        out = []
+        for r, (tenant, name) in enumerate(names):
+            d: dict[str, Any] = {"tenant": tenant, "compartment": name}
+            for j, field in enumerate(records.COUNTER_COLUMNS):
+                d[field] = int(tot[r, j]) if r < len(tot) and avail[r, j] else None
+            d["energy_uj_by_domain"] = (
+                {dom: int(energy[r, i]) for i, dom in enumerate(ENERGY_DOMAINS) if energy[r, i]} if r < len(energy) else {}
+            )
+            d["ports"] = {
+                p.label: dict(zip(("rx_packets", "rx_bytes", "tx_packets", "tx_bytes"), map(int, port_tot[p.index])))
+                for p in ports if port_row[p.index] == r
+            }
+            out.append(d)
         return out
 
     def _attribute_energy(self, out: np.ndarray, window: np.ndarray, row: np.ndarray) -> None:
@@ -456,8 +537,13 @@ class Meter:
             carry["package"] = carry["dram"] = 0
         if len(out) == 0:
             return
+        domains: dict[str, np.ndarray] = {}
         energy = attribute_energy(out, groups, package, dram, idle=idle, cycles_measured=cycles_measured,
-                                  misses_measured=misses_measured, policy=self.energy.policy)
+                                  misses_measured=misses_measured, policy=self.energy.policy, by_domain=domains)
+        for i, domain in enumerate(ENERGY_DOMAINS):
+            if domain in domains:
+                self._grow_totals(int(row.max()) + 1)
+                np.add.at(self._energy_tot[:, i], row, domains[domain])
         if isinstance(reader, ModelReader):
             self.stats.energy_measured_uj += int(package.sum())
         out["energy_uj"] = energy
@@ -516,6 +602,22 @@ class Meter:
         if len(batch):
             self._dispatch(batch)
             yield batch
+
+    async def abatches(self, duration: float | None = None) -> AsyncIterator[np.ndarray]:
+        """``batches()`` for asyncio: each drain runs in a worker thread, the loop stays free.
+
+        >>> async for batch in meter.abatches(10):   # doctest: +SKIP
+        ...     await sink.write(batch)
+        """
+        import asyncio  # noqa: PLC0415
+
+        gen = self.batches(duration)
+        done = object()
+        while True:
+            batch = await asyncio.to_thread(next, gen, done)
+            if batch is done:
+                return
+            yield batch  # type: ignore[misc]
 
     # -- embedding ------------------------------------------------------------------
 

@@ -40,24 +40,41 @@ class Resolver:
         self.unresolved = 0  # ids no scan could name (charged to host)
         self._add(topology.compartments)
 
+    def row_of(self, tenant: str, name: str) -> int | None:
+        """The row of compartment tenant/name, if it has one."""
+        for i, c in enumerate(self.compartments):
+            if c is not None and (c.tenant, c.name) == (tenant, name):
+                return i
+        return None
+
+    def update(self, topology: Topology) -> None:
+        """Follow a new topology: rows of kept compartments stay, new ones are
+        appended, removed ones keep their row but receive nothing more."""
+        self.topology = topology
+        self._rows = {IDLE_CGID: IDLE_ROW}
+        self._add(topology.compartments)
+
     def _add(self, compartments: tuple[Compartment, ...]) -> None:
-        known = {(c.tenant, c.name) for c in self.compartments if c is not None}
+        rows = {(c.tenant, c.name): i for i, c in enumerate(self.compartments) if c is not None}
+        owners = []
         for c in compartments:
-            if (c.tenant, c.name) in known:
-                continue
-            self.compartments.append(c)
-            self.tenants.append(c.tenant)
-            self.names.append(c.name)
-            try:
-                self.cgroup_ids.append(cgroup_id(c.cgroup))
-            except CgroupError:
-                self.cgroup_ids.append(0)  # checked by Topology.require_cgroups
+            row = rows.get((c.tenant, c.name))
+            if row is None:
+                row = len(self.compartments)
+                self.compartments.append(c)
+                self.tenants.append(c.tenant)
+                self.names.append(c.name)
+                try:
+                    self.cgroup_ids.append(cgroup_id(c.cgroup))
+                except CgroupError:
+                    self.cgroup_ids.append(0)  # checked by Topology.require_cgroups
+            owners.append((row, str(c.cgroup).rstrip("/") + "/"))
+        if self.topology.cgroup_root is not None:
+            # Discovery only ever grows: keep owning what was found before.
+            owners += [(i, str(c.cgroup).rstrip("/") + "/") for i, c in enumerate(self.compartments)
+                       if c is not None and (i, str(c.cgroup).rstrip("/") + "/") not in owners]
         # Deepest first: a nested compartment owns its subtree.
-        self._owners = sorted(
-            ((i, str(c.cgroup).rstrip("/") + "/") for i, c in enumerate(self.compartments) if c is not None),
-            key=lambda item: len(item[1]),
-            reverse=True,
-        )
+        self._owners = sorted(owners, key=lambda item: len(item[1]), reverse=True)
 
     @property
     def nrows(self) -> int:

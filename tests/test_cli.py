@@ -105,3 +105,48 @@ def test_top_once_json_and_print_once_when_not_a_tty(meter_bin, cgroups):
     res = run(meter_bin, "top", "--cgroup-root", str(cgroups.root), "--interval", "0.5")  # stdout is a pipe
     assert res.returncode == 0, res.stderr
     assert "TENANT/COMPARTMENT" in res.stdout and "idle" in res.stdout and "–" in res.stdout
+
+
+@pytest.mark.bpf
+def test_sighup_reloads_the_topology_without_a_gap(meter_bin, tmp_path, cgroups, cgroup_mount):
+    a, b = cgroups.make("a"), cgroups.make("b")
+
+    def config(*cgs):
+        return "".join(f'[[tenant]]\nname = "{cg.name}"\n[[tenant.compartment]]\nname = "c"\n'
+                       f'cgroup = "{cg.relative_to(cgroup_mount)}"\n' for cg in cgs)
+
+    cfg = tmp_path / "t.toml"
+    cfg.write_text(config(a))
+    out = tmp_path / "r.jsonl"
+    p = subprocess.Popen([*meter_bin, "record", "--config", str(cfg), "-o", str(out)], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (not out.exists() or out.stat().st_size == 0):
+        time.sleep(0.05)
+    cgroups.burner(a, 1.0, 0.3).wait()
+    cfg.write_text("this is = not toml [")
+    p.send_signal(signal.SIGHUP)  # a bad file: keep the old topology
+    time.sleep(0.5)
+    cfg.write_text(config(b))  # a leaves, b joins
+    p.send_signal(signal.SIGHUP)
+    time.sleep(0.6)
+    cgroups.burner(b, 1.0, 0.3).wait()
+    cgroups.burner(a, 1.0, 0.3).wait()  # a's tasks now count as host
+    time.sleep(0.3)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    assert "reload failed, keeping the previous topology" in err and "topology reloaded: 1 compartments" in err
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    tenants = {r["tenant"] for r in rows}
+    assert {"a", "b", "host", "idle"} <= tenants
+    usage = {t: sum(r["cpu_ns"] for r in rows if r["tenant"] == t) for t in ("a", "b")}
+    assert usage["a"] > 0.25e9 and usage["b"] > 0.25e9
+    last_a = max(r["window_start_ns"] for r in rows if r["tenant"] == "a")
+    first_b = min(r["window_start_ns"] for r in rows if r["tenant"] == "b")
+    assert last_a < first_b  # a's second burn went to host
+    starts = sorted({r["window_start_ns"] for r in rows})
+    assert all(y - x == 1_000_000 for x, y in zip(starts, starts[1:]))  # no gap at either reload
+    per_window: dict[int, int] = {}
+    for r in rows:
+        per_window[r["window_start_ns"]] = per_window.get(r["window_start_ns"], 0) + r["cpu_ns"]
+    assert len(set(per_window.values())) == 1  # every window still adds up

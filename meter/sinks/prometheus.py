@@ -156,7 +156,11 @@ class Exporter:
         return generate_latest(registry).decode()
 
     def families(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily  # noqa: PLC0415
+        from prometheus_client.core import (  # noqa: PLC0415
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            InfoMetricFamily,
+        )
 
         meter = self.meter
         rows = meter.totals()

@@ -32,7 +32,7 @@ deb:
 $(VENV)/.installed: setup.cfg pyproject.toml
 	[ -x $(PY) ] || /usr/bin/python3 -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,parquet,fleet]'
 	$(PY) -c 'import bcc, meter' && touch $@
 
 run: setup

@@ -15,6 +15,7 @@ import termios
 import time
 import tty
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -117,23 +118,35 @@ def check(as_json: bool) -> None:
 @topology_options
 @click.option("--window-ms", type=click.IntRange(min=1), default=None, help="Record width in ms (default: config, else 1).")
 @click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=None, help="Stop after S seconds.")
-@click.option("--output", "-o", default="-", show_default=True, help="File to write, or - for stdout.")
-@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True)
+@click.option("--output", "-o", default=None, help="Write a file (or - for stdout) instead of the store.")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True,
+              help="Format of --output.")
+@click.option("--store", "store_path", type=click.Path(), default=None,
+              help="Record store (default: /var/lib/meter/records.db as root, or $METER_STORE).")
 @counters_option
 def record(config: str | None, cgroup_root: str | None, window_ms: int | None, duration: float | None,
-           output: str, fmt: str, counters: str | None) -> None:
+           output: str | None, fmt: str, store_path: str | None, counters: str | None) -> None:
     """Write billable records (one per compartment per window) until stopped.
 
-    Ctrl-C or SIGTERM flushes everything measured up to the last complete
-    window and exits 0.
+    By default into the record store (SQLite, crash-safe; a restart
+    continues the sequence). Ctrl-C or SIGTERM flushes everything measured
+    up to the last complete window and exits 0.
     """
+    import socket
+
     from .engine import Meter
     from .sinks.files import FileSink
+    from .sinks.store import Store
 
     with _errors():
         topo = _topology(config, cgroup_root)
-        sink = FileSink(output, fmt)
-        meter = Meter(topo, window_ms, counters=_counters(counters))
+        first_seq = 0
+        if output is not None:
+            sink: Any = FileSink(output, fmt)
+        else:
+            sink = _StoreSink(Store(store_path))
+            first_seq = sink.store.next_seq(socket.gethostname())
+        meter = Meter(topo, window_ms, counters=_counters(counters), first_seq=first_seq)
         _warn_unavailable(meter, explicit=bool(counters))
 
         with _daemon_signals(meter) as reload_wanted:
@@ -190,6 +203,193 @@ def _warn_unavailable(meter: Any, *, explicit: bool) -> None:
         for field, why in meter.plan.unavailable.items():
             fallback = "estimated from cpu-clock" if field in meter.plan.estimated else "null in records"
             click.echo(f"meter: warning: {field} ({why}): {fallback}", err=True)
+
+
+class _StoreSink:
+    """The store behind the FileSink interface that `record` writes to."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.count = 0
+
+    def write(self, batch: Any) -> None:
+        self.count += self.store.write(batch)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+# -- bill, export, economics --------------------------------------------------------
+
+
+def _time_ns(text: str, option: str) -> int:
+    """ISO 8601 (UTC if no zone) or Unix seconds -> ns; whole seconds only."""
+    import datetime
+    from decimal import Decimal, InvalidOperation
+
+    try:
+        secs = Decimal(text)
+    except InvalidOperation:
+        try:
+            dt = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            raise click.BadParameter(f"{text!r} is not a time (ISO 8601 like 2026-11-26T14:00:00Z, or Unix seconds)",
+                                     param_hint=option) from None
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=datetime.timezone.utc)
+        if dt.microsecond:
+            raise click.BadParameter("billing times are whole seconds", param_hint=option) from None
+        return int(dt.timestamp()) * 1_000_000_000
+    if secs != secs.to_integral_value():
+        raise click.BadParameter("billing times are whole seconds", param_hint=option)
+    return int(secs) * 1_000_000_000
+
+
+@main.command()
+@click.option("--prices", required=True, type=click.Path(), help="Price sheet (TOML).")
+@click.option("--from", "start", required=True, help="Start (ISO 8601 or Unix seconds, inclusive).")
+@click.option("--to", "end", required=True, help="End (exclusive).")
+@click.option("--tenant", default=None, help="Only this tenant.")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "focus"]), default="table", show_default=True)
+@click.option("--store", "store_path", type=click.Path(), default=None, help="Record store to bill from.")
+@click.option("--parquet", "parquet_dir", type=click.Path(), default=None,
+              help="Bill a directory of Parquet files from many hosts instead (DuckDB).")
+@click.option("--charge-period", type=click.IntRange(min=1), default=3600, show_default=True,
+              help="Seconds per FOCUS charge period.")
+def bill(prices: str, start: str, end: str, tenant: str | None, fmt: str, store_path: str | None,
+         parquet_dir: str | None, charge_period: int) -> None:
+    """Invoices per tenant for [--from, --to): line items in decimal money."""
+    import csv
+
+    from .bill import (
+        PriceSheet,
+        invoices,
+        merge_periods,
+        usage_from_parquet,
+        usage_from_store,
+    )
+    from .focus import FOCUS_COLUMNS, focus_rows
+    from .sinks.store import Store
+
+    with _errors():
+        sheet = PriceSheet.from_file(prices)
+        start_ns, end_ns = _time_ns(start, "--from"), _time_ns(end, "--to")
+        period = charge_period * 1_000_000_000 if fmt == "focus" else max(end_ns - start_ns, 1)
+        if parquet_dir:
+            by_period = usage_from_parquet(parquet_dir, start_ns, end_ns, period)
+            hosts = ",".join(sorted(p.name.removeprefix("host=") for p in Path(parquet_dir).glob("host=*")))
+        else:
+            if store_path is None and not Path(_default_store()).exists():
+                raise MeterError(f"no record store at {_default_store()}: run meter record first, or pass --store")
+            with Store(store_path) as store:
+                by_period = usage_from_store(store, start_ns, end_ns, period)
+            hosts = ""
+        invs = invoices(merge_periods(by_period), sheet, start_ns, end_ns, tenant=tenant)
+        if fmt == "json":
+            click.echo(json.dumps([i.as_dict() for i in invs], indent=2))
+        elif fmt == "csv":
+            w = csv.writer(sys.stdout, lineterminator="\n")
+            w.writerow(["tenant", "meter", "quantity", "unit", "unit_price", "cost", "currency"])
+            for inv in invs:
+                for line in inv.lines:
+                    w.writerow([inv.tenant, line.meter, line.quantity, line.unit, line.unit_price, line.cost, inv.currency])
+                w.writerow([inv.tenant, "TOTAL", "", "", "", inv.total, inv.currency])
+        elif fmt == "focus":
+            periods = []
+            for p, usage in by_period.items():
+                ps = start_ns + p * period
+                periods.append(invoices(usage, sheet, ps, min(ps + period, end_ns), tenant=tenant)
+                               if tenant is None or tenant in usage else [])
+            fw = csv.DictWriter(sys.stdout, fieldnames=list(FOCUS_COLUMNS), lineterminator="\n")
+            fw.writeheader()
+            fw.writerows(focus_rows(periods, start_ns, end_ns, hosts=hosts))
+        else:
+            from rich.console import Console
+            from rich.table import Table
+
+            console = Console() if sys.stdout.isatty() else Console(width=120)
+            for inv in invs:
+                t = Table(title=f"{inv.tenant}: {start} – {end}", show_footer=True)
+                t.add_column("meter", footer="total")
+                t.add_column("quantity", justify="right")
+                t.add_column("unit")
+                t.add_column("unit price", justify="right")
+                t.add_column(f"cost ({inv.currency})", justify="right", footer=str(inv.total))
+                for line in inv.lines:
+                    t.add_row(line.meter, f"{line.quantity:.6f}", line.unit, str(line.unit_price), str(line.cost))
+                console.print(t)
+
+
+def _default_store() -> Path:
+    from .sinks.store import default_path
+
+    return default_path()
+
+
+@main.command("export")
+@click.option("--parquet", "parquet_dir", required=True, type=click.Path(), help="Directory to write (host=/date= partitions).")
+@click.option("--store", "store_path", type=click.Path(), default=None, help="Record store to read.")
+@click.option("--from", "start", default=None, help="Start (ISO 8601 or Unix seconds).")
+@click.option("--to", "end", default=None, help="End (exclusive).")
+def export_cmd(parquet_dir: str, store_path: str | None, start: str | None, end: str | None) -> None:
+    """Export raw records from the store to Parquet, partitioned by host and date."""
+    from .sinks.parquet import write_parquet
+    from .sinks.store import Store
+
+    with _errors():
+        with Store(store_path) as store:
+            batch = store.records(_time_ns(start, "--from") if start else None, _time_ns(end, "--to") if end else None)
+        files = write_parquet(batch, parquet_dir)
+        click.echo(f"meter: {len(batch)} records in {len(files)} files under {parquet_dir}", err=True)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the model as JSON.")
+@click.option("--set", "overrides", multiple=True, metavar="NAME=VALUE",
+              help="Change an assumption, e.g. --set servers=200 --set vswitch_utilisation=0.3.")
+def economics(as_json: bool, overrides: tuple[str, ...]) -> None:
+    """The paper's cost model (section 2.1): options 1-3 against the state of the art."""
+    import dataclasses
+    from decimal import Decimal, InvalidOperation
+
+    from .economics import Assumptions, model, tenant_charges
+
+    fields = {f.name: f for f in dataclasses.fields(Assumptions)}
+    values: dict[str, Any] = {}
+    for item in overrides:
+        name, sep, value = item.partition("=")
+        if not sep or name not in fields or name == "vswitch_usage":
+            raise click.BadParameter(f"{item!r}: use NAME=VALUE with NAME one of "
+                                     f"{', '.join(n for n in fields if n != 'vswitch_usage')}", param_hint="--set")
+        try:
+            values[name] = int(value) if fields[name].type in ("int", int) else Decimal(value)
+        except (ValueError, InvalidOperation):
+            raise click.BadParameter(f"{item!r}: {value!r} is not a number", param_hint="--set") from None
+    a = Assumptions(**values)
+    outcomes, charges = model(a), tenant_charges(a)
+    if as_json:
+        click.echo(json.dumps({"assumptions": {k: str(v) if not isinstance(v, tuple) else [str(x) for x in v]
+                                               for k, v in dataclasses.asdict(a).items()},
+                               "options": [o.as_dict() for o in outcomes], "tenant_charges": charges}, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="Operator, dollars per year")
+    for col in ("option", "income", "spend", "net revenue", "vs state of the art", "new servers", "capital"):
+        t.add_column(col, justify="left" if col == "option" else "right")
+    for o in outcomes:
+        t.add_row(o.option, f"{o.income:,.2f}", f"{o.spend:,.2f}", f"{o.net_revenue:,.2f}",
+                  f"{o.change_vs_state_of_the_art * 100:+.2f} %", str(o.new_servers), f"{o.capital_dollars:,.0f}")
+    c = Table(title="Tenant vswitch charges, dollars per year")
+    for col in ("vswitch usage", "state of the art", "option 1", "option 2 (cycles)", "option 3"):
+        c.add_column(col, justify="right")
+    for row in charges:
+        c.add_row(f"{Decimal(row['usage']) * 100:.0f} %", row["state_of_the_art"], row["option_1"], row["option_2"],
+                  row["option_3"])
+    console = Console() if sys.stdout.isatty() else Console(width=120)
+    console.print(t)
+    console.print(c)
 
 
 # -- serve -------------------------------------------------------------------------

@@ -209,3 +209,9 @@ def net() -> Iterator[Net]:
         yield n
     finally:
         n.cleanup()
+
+
+@pytest.fixture(autouse=True)
+def _private_store(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Never let a test write to the real /var/lib/meter store."""
+    monkeypatch.setenv("METER_STORE", str(tmp_path_factory.mktemp("store") / "records.db"))

@@ -251,7 +251,7 @@ def test_record_without_rapl_flags_model(meter_bin, cgroups, monkeypatch, tmp_pa
     monkeypatch.setenv("METER_POWERCAP_ROOT", str(tmp_path / "none"))
     cfg = tmp_path / "t.toml"
     cfg.write_text("[energy]\nidle_watts = 10\nmax_watts = 50\nsockets = 1\n")
-    res = subprocess.run([*meter_bin, "record", "--config", str(cfg), "--duration", "0.5"], capture_output=True,
+    res = subprocess.run([*meter_bin, "record", "--config", str(cfg), "--duration", "0.5", "-o", "-"], capture_output=True,
                          text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     rows = [json.loads(line) for line in res.stdout.splitlines()]

@@ -1,0 +1,292 @@
+"""Bills: usage per tenant, priced by a price sheet, in decimal money.
+
+A price sheet (TOML) prices each *meter*; quantities come from the store's
+exact 1 s rollups (or from Parquet files of many hosts, see
+:func:`usage_from_parquet`), so a bill is an integer sum of millisecond
+records, converted once::
+
+    currency = "EUR"
+    [prices]
+    cpu_second = "0.00002"          # per CPU-second (cpu_ns + softirq_ns)
+    gigacycle = "0.000001"          # per 10^9 cycles
+    million_cache_misses = "0.0001" # per 10^6 cache misses
+    kwh = "0.30"                    # per kWh of attributed energy
+    gb = "0.01"                     # per GB (10^9 bytes) through the compartment's ports
+    million_packets = "0.001"       # per 10^6 packets through its ports
+    vf_gb = "0.005"                 # per GB through its SR-IOV VFs
+    [tenant.acme]                   # per-tenant overrides of any price
+    cpu_second = "0.000015"
+
+Prices are decimal strings (a TOML float is read through its shortest
+decimal repr). Each line's cost is rounded half-even to 6 decimals
+(micro-units: millisecond bills are small); a total is the sum of its
+lines. The pseudo-tenants ``host`` and ``idle`` are not billed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, MeterError
+
+__all__ = [
+    "METERS",
+    "Invoice",
+    "Line",
+    "PriceSheet",
+    "invoices",
+    "merge_periods",
+    "usage_from_parquet",
+    "usage_from_rollups",
+    "usage_from_store",
+]
+
+COST_QUANTUM = Decimal("0.000001")
+
+
+@dataclasses.dataclass(frozen=True)
+class Meter:
+    """A billable meter: which record fields, how they convert to the priced unit."""
+
+    key: str
+    fields: tuple[str, ...]
+    divisor: Decimal
+    unit: str
+    description: str
+    service: str
+
+
+#: The meters a price sheet can price, in invoice order.
+METERS = (
+    Meter("cpu_second", ("cpu_ns", "softirq_ns"), Decimal(10**9), "CPU-second",
+          "CPU time of the compartment's tasks and of the kernel's packet processing for it", "Compute"),
+    Meter("gigacycle", ("cycles",), Decimal(10**9), "10^9 cycles", "CPU cycles", "Compute"),
+    Meter("million_cache_misses", ("cache_misses",), Decimal(10**6), "10^6 cache misses", "Last-level cache misses",
+          "Compute"),
+    Meter("kwh", ("energy_uj",), Decimal(3_600_000_000_000), "kWh", "Energy attributed to the compartment", "Compute"),
+    Meter("gb", ("rx_bytes", "tx_bytes"), Decimal(10**9), "GB", "Bytes through the compartment's ports", "Networking"),
+    Meter("million_packets", ("rx_packets", "tx_packets"), Decimal(10**6), "10^6 packets",
+          "Packets through the compartment's ports", "Networking"),
+    Meter("vf_gb", ("vf_rx_bytes", "vf_tx_bytes"), Decimal(10**9), "GB", "Bytes through the compartment's SR-IOV VFs",
+          "Networking"),
+)
+_BY_KEY = {m.key: m for m in METERS}
+NOT_BILLED = ("host", "idle")
+
+
+def _decimal(value: Any, *, path: str, key: str) -> Decimal:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ConfigError("must be a decimal number (a string like \"0.00002\")", path=path, key=key)
+    try:
+        d = Decimal(str(value))
+    except InvalidOperation:
+        raise ConfigError(f"{value!r} is not a decimal number", path=path, key=key) from None
+    if not d.is_finite():
+        raise ConfigError(f"{value!r} is not a finite price", path=path, key=key)
+    if d < 0:
+        raise ConfigError(f"a price cannot be negative ({value})", path=path, key=key)
+    return d
+
+
+@dataclasses.dataclass(frozen=True)
+class PriceSheet:
+    """Prices per meter, a currency, and per-tenant overrides."""
+
+    currency: str
+    prices: dict[str, Decimal]
+    overrides: dict[str, dict[str, Decimal]]
+    source: str = ""
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> PriceSheet:
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError("no such price sheet", path=str(path)) from None
+        except tomllib.TOMLDecodeError as err:
+            m = re.search(r"at line (\d+)", str(err))
+            raise ConfigError(f"invalid TOML: {err}", path=str(path), line=int(m.group(1)) if m else None) from None
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "") -> PriceSheet:
+        for key in data:
+            if key not in ("currency", "prices", "tenant"):
+                raise ConfigError("unknown key (expected currency, prices, tenant)", path=source, key=key)
+        currency = data.get("currency", "")
+        if not isinstance(currency, str) or not re.fullmatch(r"[A-Z]{3}", currency):
+            raise ConfigError("must be an ISO 4217 code such as \"EUR\"", path=source, key="currency")
+
+        def table(raw: Any, where: str) -> dict[str, Decimal]:
+            if not isinstance(raw, dict):
+                raise ConfigError("must be a table", path=source, key=where)
+            out = {}
+            for k, v in raw.items():
+                if k not in _BY_KEY:
+                    raise ConfigError(f"unknown meter (expected one of: {', '.join(_BY_KEY)})", path=source,
+                                      key=f"{where}.{k}")
+                out[k] = _decimal(v, path=source, key=f"{where}.{k}")
+            return out
+
+        prices = table(data.get("prices", {}), "prices")
+        overrides = {}
+        tenants = data.get("tenant", {})
+        if not isinstance(tenants, dict):
+            raise ConfigError("must be tables [tenant.NAME]", path=source, key="tenant")
+        for name, raw in tenants.items():
+            overrides[name] = table(raw, f"tenant.{name}")
+        return cls(currency, prices, overrides, source)
+
+    def price(self, tenant: str, meter: str) -> Decimal | None:
+        return self.overrides.get(tenant, {}).get(meter, self.prices.get(meter))
+
+
+@dataclasses.dataclass(frozen=True)
+class Line:
+    """One line item: a meter's quantity, unit, unit price and cost."""
+
+    meter: str
+    description: str
+    service: str
+    consumed: int  # in base units (ns, cycles, µJ, bytes, packets)
+    quantity: Decimal
+    unit: str
+    unit_price: Decimal
+    cost: Decimal
+
+
+@dataclasses.dataclass(frozen=True)
+class Invoice:
+    """A tenant's invoice for [start_ns, end_ns)."""
+
+    tenant: str
+    start_ns: int
+    end_ns: int
+    currency: str
+    lines: tuple[Line, ...]
+
+    @property
+    def total(self) -> Decimal:
+        return sum((line.cost for line in self.lines), Decimal(0))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "tenant": self.tenant, "start_ns": self.start_ns, "end_ns": self.end_ns, "currency": self.currency,
+            "total": str(self.total),
+            "lines": [{**dataclasses.asdict(line), "quantity": str(line.quantity), "unit_price": str(line.unit_price),
+                       "cost": str(line.cost)} for line in self.lines],
+        }
+
+
+def usage_from_rollups(rows: list[dict[str, Any]]) -> dict[str, dict[str, int | None]]:
+    """Per-tenant integer sums of every record field from rollup rows."""
+    usage: dict[str, dict[str, int | None]] = {}
+    fields = sorted({f for m in METERS for f in m.fields})
+    for row in rows:
+        u = usage.setdefault(row["tenant"], dict.fromkeys(fields))
+        for f in fields:
+            v = row.get(f)
+            if v is not None:
+                u[f] = (u[f] or 0) + int(v)
+    return usage
+
+
+def invoices(usage: dict[str, dict[str, int | None]], prices: PriceSheet, start_ns: int, end_ns: int,
+             *, tenant: str | None = None) -> list[Invoice]:
+    """One invoice per tenant (sorted by name), lines in METERS order.
+
+    Raises MeterError for an unknown tenant and for a meter a tenant used
+    that the price sheet does not price.
+    """
+    if end_ns <= start_ns:
+        raise MeterError("the billing period is empty or reversed: --to must be after --from")
+    names = sorted(t for t in usage if t not in NOT_BILLED)
+    if tenant is not None:
+        if tenant not in usage:
+            raise MeterError(f"tenant {tenant!r} has no usage in this period (known: {', '.join(names) or 'none'})")
+        names = [tenant]
+    out = []
+    for name in names:
+        lines = []
+        for m in METERS:
+            values = [usage[name].get(f) for f in m.fields]
+            if all(v is None for v in values):
+                continue  # not measured for this tenant: no line, not a zero line
+            consumed = sum(v or 0 for v in values)
+            unit_price = prices.price(name, m.key)
+            if unit_price is None:
+                if consumed == 0:
+                    continue
+                raise MeterError(f"tenant {name!r} used meter {m.key!r} but {prices.source or 'the price sheet'} "
+                                 f"has no price for it: add {m.key} = \"...\" under [prices]")
+            quantity = Decimal(consumed) / m.divisor
+            cost = (quantity * unit_price).quantize(COST_QUANTUM, rounding=ROUND_HALF_EVEN)
+            lines.append(Line(m.key, m.description, m.service, consumed, quantity, m.unit, unit_price, cost))
+        out.append(Invoice(name, start_ns, end_ns, prices.currency, tuple(lines)))
+    return out
+
+
+_SUM_FIELDS = tuple(sorted({f for m in METERS for f in m.fields}))
+
+
+def usage_from_store(store: Any, start_ns: int, end_ns: int, period_ns: int) -> dict[int, dict[str, dict[str, int | None]]]:
+    """Usage per charge period (index from start) per tenant, from the store's exact 1 s rollups."""
+    _whole_seconds(start_ns, end_ns, period_ns)
+    out: dict[int, list[dict[str, Any]]] = {}
+    for row in store.rollup("rollup_1s", start_ns, end_ns):
+        out.setdefault((row["period_start_ns"] - start_ns) // period_ns, []).append(row)
+    return {k: usage_from_rollups(v) for k, v in sorted(out.items())}
+
+
+def usage_from_parquet(root: str | Path, start_ns: int, end_ns: int, period_ns: int) -> dict[int, dict[str, dict[str, int | None]]]:
+    """The same from a directory of Parquet files of many hosts, with plain SQL (DuckDB).
+
+    The query is standard SQL over ``read_parquet``: Trino or Spark run the
+    same GROUP BY over the same files.
+    """
+    _whole_seconds(start_ns, end_ns, period_ns)
+    try:
+        import duckdb  # noqa: PLC0415  (extra: pip install meter[fleet])
+    except ImportError as err:
+        raise MeterError("billing from Parquet needs DuckDB: pip install -e .[fleet]") from err
+    files = [str(p) for p in Path(root).rglob("*.parquet")]
+    if not files:
+        raise MeterError(f"no Parquet files under {root}")
+    sums = ", ".join(f"sum({f}) AS {f}" for f in _SUM_FIELDS)
+    sql = (f"SELECT (window_start_ns - $start) // $period AS p, tenant, {sums} "
+           f"FROM read_parquet($files, hive_partitioning = true) "
+           f"WHERE window_start_ns >= $start AND window_start_ns < $end GROUP BY p, tenant ORDER BY p, tenant")
+    con = duckdb.connect()
+    try:
+        result = con.execute(sql, {"start": start_ns, "end": end_ns, "period": period_ns, "files": files}).fetchall()
+    finally:
+        con.close()
+    out: dict[int, dict[str, dict[str, int | None]]] = {}
+    for p, tenant, *vals in result:
+        out.setdefault(int(p), {})[tenant] = {f: (None if v is None else int(v)) for f, v in zip(_SUM_FIELDS, vals)}
+    return out
+
+
+def _whole_seconds(start_ns: int, end_ns: int, period_ns: int) -> None:
+    if end_ns <= start_ns:
+        raise MeterError("the billing period is empty or reversed: --to must be after --from")
+    if start_ns % 10**9 or end_ns % 10**9 or period_ns % 10**9 or period_ns <= 0:
+        raise MeterError("billing and charge periods are whole seconds")
+
+
+def merge_periods(by_period: dict[int, dict[str, dict[str, int | None]]]) -> dict[str, dict[str, int | None]]:
+    """Sum per-period usage into one usage per tenant."""
+    total: dict[str, dict[str, int | None]] = {}
+    for usage in by_period.values():
+        for tenant, u in usage.items():
+            t = total.setdefault(tenant, dict.fromkeys(_SUM_FIELDS))
+            for f, v in u.items():
+                if v is not None:
+                    t[f] = (t[f] or 0) + v
+    return total

@@ -1,0 +1,57 @@
+"""Sink: Parquet files partitioned by host and date, for fleet-wide billing.
+
+``root/host=H/date=YYYY-MM-DD/part-<first seq>.parquet``; columns are the
+record fields (``host`` lives in the partition path), unavailable numbers
+are Parquet nulls. Many hosts' trees can be merged into one directory and
+billed with :func:`meter.bill.usage_from_parquet` (DuckDB) or any engine
+that reads hive-partitioned Parquet.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import MeterError
+from ..records import COUNTER_COLUMNS, FIELDS, NULL, RECORD_DTYPE
+
+__all__ = ["write_parquet"]
+
+
+def write_parquet(batch: np.ndarray, root: str | Path) -> list[Path]:
+    """Write a batch under ``root``; returns the files written (mode 0600)."""
+    try:
+        import pyarrow as pa  # noqa: PLC0415  (extra: pip install meter[parquet])
+        import pyarrow.parquet as pq  # noqa: PLC0415
+    except ImportError as err:
+        raise MeterError("Parquet export needs pyarrow: pip install -e .[parquet]") from err
+    root = Path(root)
+    written: list[Path] = []
+    if len(batch) == 0:
+        return written
+    days = (batch["window_start_ns"] // 86_400_000_000_000).astype(np.int64)
+    for host in sorted(set(batch["host"].tolist())):
+        for day in np.unique(days[batch["host"] == host]).tolist():
+            part = batch[(batch["host"] == host) & (days == day)]
+            date = datetime.date(1970, 1, 1) + datetime.timedelta(days=int(day))
+            cols = {}
+            for name in FIELDS:
+                if name == "host":
+                    continue
+                col = part[name]
+                if name in COUNTER_COLUMNS:
+                    cols[name] = pa.array(col, mask=col == NULL, type=pa.int64())
+                elif RECORD_DTYPE[name].kind == "O":
+                    cols[name] = pa.array([v if v else None for v in col.tolist()], type=pa.string())
+                else:
+                    cols[name] = pa.array(col)
+            directory = root / f"host={host}" / f"date={date.isoformat()}"
+            directory.mkdir(parents=True, exist_ok=True)
+            path = directory / f"part-{int(part['seq'].min()):012d}.parquet"
+            pq.write_table(pa.table(cols), path)
+            os.chmod(path, 0o600)
+            written.append(path)
+    return written

@@ -1,0 +1,252 @@
+"""Store, rollups, price sheets, invoices, FOCUS, Parquet + DuckDB, and the paper's cost model."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from decimal import Decimal
+
+import numpy as np
+import pytest
+
+from meter.bill import (
+    PriceSheet,
+    invoices,
+    merge_periods,
+    usage_from_parquet,
+    usage_from_store,
+)
+from meter.economics import Assumptions, model, tenant_charges
+from meter.errors import ConfigError, MeterError
+from meter.focus import FOCUS_COLUMNS, focus_rows
+from meter.records import NULL, build
+from meter.sinks.parquet import write_parquet
+from meter.sinks.store import Store
+
+T0 = 1_795_000_000 * 10**9  # a whole second
+
+
+def records(host: str, n_windows: int = 3000, seq0: int = 0, t0: int = T0) -> np.ndarray:
+    """Synthetic 1 ms records: acme (cpu, packets), globex (cpu), host, idle."""
+    tenants = ["acme", "globex", "host", "idle"]
+    n = n_windows * len(tenants)
+    w = np.repeat(np.arange(n_windows), len(tenants))
+    tenant = np.tile(np.array(tenants, dtype=object), n_windows)
+    cpu = np.tile(np.array([700_000, 300_000, 100_000, 900_000]), n_windows)
+    rx = np.tile(np.array([3, NULL, NULL, NULL]), n_windows)
+    return build(n, {"window_start_ns": t0 + w * 1_000_000, "window_ms": 1, "host": host, "tenant": tenant,
+                     "compartment": "vs", "cpu_ns": cpu, "cycles": cpu * 2, "rx_packets": rx, "rx_bytes": rx * 100,
+                     "energy_uj": np.tile(np.array([70, 30, 10, 90]), n_windows), "seq": seq0 + np.arange(n),
+                     "cpu_source": "sched_switch"})
+
+
+PRICES = """\
+currency = "EUR"
+[prices]
+cpu_second = "0.02"
+gigacycle = "0.001"
+kwh = "0.30"
+gb = "0.05"
+million_packets = "1"
+[tenant.globex]
+cpu_second = "0.01"
+"""
+
+
+@pytest.fixture
+def sheet(tmp_path) -> PriceSheet:
+    p = tmp_path / "prices.toml"
+    p.write_text(PRICES)
+    return PriceSheet.from_file(p)
+
+
+def test_store_is_idempotent_rolls_up_exactly_and_continues_seq(tmp_path):
+    path = tmp_path / "r.db"
+    b = records("h1")
+    with Store(path) as s:
+        assert s.write(b[:5000]) == 5000
+        assert s.write(b[:5000]) == 0  # the same batch again: nothing added
+        assert s.write(b[3000:]) == len(b) - 5000  # overlapping: only the new part
+        assert s.next_seq("h1") == len(b)
+        back = s.records()
+        assert np.array_equal(back["seq"], b["seq"]) and np.array_equal(back["cpu_ns"], b["cpu_ns"])
+        assert np.array_equal(back["rx_packets"], b["rx_packets"])  # NULL survives as NULL
+        for table in ("rollup_1s", "rollup_1h"):
+            rows = s.rollup(table)
+            for field in ("cpu_ns", "energy_uj"):
+                assert sum(r[field] for r in rows) == int(b[field].sum())
+            acme = [r for r in rows if r["tenant"] == "acme"]
+            assert sum(r["rx_packets"] for r in acme) == 3 * 3000
+            assert all(r["rx_packets"] is None for r in rows if r["tenant"] == "globex")
+        assert len(s.rollup("rollup_1s")) == 3 * 4  # 3 seconds x 4 rows
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_retention_keeps_rollups(tmp_path):
+    with Store(tmp_path / "r.db", retention_s=1) as s:
+        s.write(records("h", 1000))
+        s.write(records("h", 1000, seq0=4000, t0=T0 + 5 * 10**9))
+        assert len(s.records()) == 4000  # the first chunk is past retention
+        assert sum(r["records"] for r in s.rollup("rollup_1s")) == 8000
+
+
+def test_invoices_lines_totals_and_overrides(tmp_path, sheet):
+    with Store(tmp_path / "r.db") as s:
+        s.write(records("h"))
+        usage = merge_periods(usage_from_store(s, T0, T0 + 3 * 10**9, 3 * 10**9))
+    invs = invoices(usage, sheet, T0, T0 + 3 * 10**9)
+    assert [i.tenant for i in invs] == ["acme", "globex"]  # host and idle are not billed
+    acme = {line.meter: line for line in invs[0].lines}
+    assert acme["cpu_second"].quantity == Decimal("2.1")  # 3000 x 0.7 ms
+    assert acme["cpu_second"].cost == Decimal("0.042000")
+    assert acme["million_packets"].consumed == 9000 and acme["gb"].consumed == 900_000
+    assert acme["kwh"].quantity == Decimal(210_000) / Decimal(3_600_000_000_000)
+    globex = {line.meter: line for line in invs[1].lines}
+    assert globex["cpu_second"].unit_price == Decimal("0.01")  # override
+    assert "million_packets" not in globex  # not measured: no line
+    for inv in invs:
+        assert inv.total == sum(line.cost for line in inv.lines)
+        assert all(isinstance(line.cost, Decimal) for line in inv.lines)
+
+
+@pytest.mark.parametrize(("text", "key"), [
+    ('currency = "EUR"\n[prices]\ncpu_second = "-1"\n', "prices.cpu_second"),
+    ('currency = "EUR"\n[prices]\ncpu_secs = "1"\n', "prices.cpu_secs"),
+    ('currency = "euro"\n', "currency"),
+    ('currency = "EUR"\n[prices]\nkwh = "abc"\n', "prices.kwh"),
+    ('currency = "EUR"\n[tenant.x]\ngb = "-0.1"\n', "tenant.x.gb"),
+])
+def test_bad_price_sheets(tmp_path, text, key):
+    p = tmp_path / "p.toml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        PriceSheet.from_file(p)
+    assert info.value.key == key and str(p) in str(info.value)
+
+
+def test_bad_billing_requests(tmp_path, sheet):
+    usage = {"acme": {"cpu_ns": 10, "cache_misses": 5}}
+    with pytest.raises(MeterError, match="reversed"):
+        invoices(usage, sheet, T0, T0)
+    with pytest.raises(MeterError, match="no usage"):
+        invoices(usage, sheet, T0, T0 + 10**9, tenant="nobody")
+    with pytest.raises(MeterError, match="million_cache_misses"):
+        invoices(usage, sheet, T0, T0 + 10**9)
+
+
+def test_focus_rows(tmp_path, sheet):
+    with Store(tmp_path / "r.db") as s:
+        s.write(records("h"))
+        by_period = usage_from_store(s, T0, T0 + 3 * 10**9, 10**9)
+    periods = [invoices(u, sheet, T0 + p * 10**9, T0 + (p + 1) * 10**9) for p, u in by_period.items()]
+    rows = focus_rows(periods, T0, T0 + 3 * 10**9)
+    assert list(rows[0]) == list(FOCUS_COLUMNS)
+    mandatory = FOCUS_COLUMNS[:FOCUS_COLUMNS.index("PricingUnit") + 1]
+    assert all(r[c] is not None for r in rows for c in mandatory if c != "ChargeClass")
+    assert {r["ChargeCategory"] for r in rows} == {"Usage"}
+    assert {r["SubAccountId"] for r in rows} == {"acme", "globex"}
+    assert rows[0]["ChargePeriodStart"].endswith("Z") and len(rows[0]["ChargePeriodStart"]) == 20
+    # One row per meter per charge period; costs add up to the one-period invoices.
+    assert len({(r["SubAccountId"], r["SkuMeter"], r["ChargePeriodStart"]) for r in rows}) == len(rows)
+    acme_cpu = sum(Decimal(r["BilledCost"]) for r in rows if r["SubAccountId"] == "acme" and r["SkuMeter"] == "cpu_second")
+    assert acme_cpu == Decimal("0.042000")
+
+
+def test_three_hosts_in_parquet_bill_like_each_host(tmp_path, sheet):
+    root = tmp_path / "fleet"
+    per_host = []
+    for i, host in enumerate(("h1", "h2", "h3")):
+        b = records(host, n_windows=1000 * (i + 1))
+        write_parquet(b, root)
+        with Store(tmp_path / f"{host}.db") as s:
+            s.write(b)
+            per_host.append(invoices(merge_periods(usage_from_store(s, T0, T0 + 3 * 10**9, 3 * 10**9)), sheet,
+                                     T0, T0 + 3 * 10**9))
+    assert {p.name for p in root.iterdir()} == {"host=h1", "host=h2", "host=h3"}
+    fleet = invoices(merge_periods(usage_from_parquet(root, T0, T0 + 3 * 10**9, 3 * 10**9)), sheet, T0, T0 + 3 * 10**9)
+    for inv in fleet:
+        lines = {line.meter: line for line in inv.lines}
+        for meter in lines:
+            consumed = sum({ln.meter: ln for ln in h[[i.tenant for i in h].index(inv.tenant)].lines}[meter].consumed
+                           for h in per_host)
+            assert lines[meter].consumed == consumed
+
+
+def test_economics_matches_the_paper():
+    out = {o.option: o for o in model()}
+    assert out["state of the art"].income == Decimal(87_600) and out["state of the art"].spend == Decimal(17_520)
+    assert out["state of the art"].net_revenue == Decimal(70_080)
+    assert out["option 1"].net_revenue == Decimal(83_220)
+    assert out["option 1"].change_vs_state_of_the_art == Decimal("0.1875")
+    assert out["option 2"].income == Decimal(96_360) and out["option 2"].net_revenue == Decimal(87_600)
+    assert out["option 2"].change_vs_state_of_the_art == Decimal("0.25")
+    o3 = out["option 3"]
+    assert (o3.income, o3.spend, o3.net_revenue) == (Decimal("112741.2"), Decimal("12526.8"), Decimal("100214.4"))
+    assert o3.new_servers == 43 and o3.capital_dollars == 86_000
+    assert round(o3.change_vs_state_of_the_art, 2) == Decimal("0.43")
+    charges = {c["usage"]: Decimal(c["option_1"]) for c in tenant_charges()}
+    assert charges["0.10"] == charges["0.30"] / 3  # "pays two thirds less"
+    assert sum(Decimal(c["usage"]) for c in tenant_charges()) == Decimal("0.50")  # the paper's 50 %
+    assert model(Assumptions(servers=200))[0].net_revenue == Decimal(140_160)
+
+
+def test_economics_cli_json(meter_bin):
+    res = subprocess.run([*meter_bin, "economics", "--json", "--set", "servers=200"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    data = json.loads(res.stdout)
+    assert data["options"][0]["net_revenue"] == "140160.00"
+    bad = subprocess.run([*meter_bin, "economics", "--set", "cores=3"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "NAME=VALUE" in bad.stderr
+
+
+def test_bill_cli_formats_and_errors(tmp_path, meter_bin):
+    store = tmp_path / "r.db"
+    with Store(store) as s:
+        s.write(records("h"))
+    prices = tmp_path / "p.toml"
+    prices.write_text(PRICES)
+    base = [*meter_bin, "bill", "--prices", str(prices), "--store", str(store), "--from", str(T0 // 10**9),
+            "--to", str(T0 // 10**9 + 3)]
+    res = subprocess.run([*base, "--format", "json"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert [i["tenant"] for i in json.loads(res.stdout)] == ["acme", "globex"]
+    res = subprocess.run([*base, "--format", "focus", "--charge-period", "1"], capture_output=True, text=True)
+    rows = list(csv.DictReader(io.StringIO(res.stdout)))
+    assert list(rows[0]) == list(FOCUS_COLUMNS) and len({r["ChargePeriodStart"] for r in rows}) == 3
+    res = subprocess.run([*base, "--format", "csv"], capture_output=True, text=True)
+    assert "acme,TOTAL" in res.stdout
+    for extra, words in ((["--tenant", "nobody"], "no usage"), (["--to", "1"], "reversed")):
+        res = subprocess.run([*base, *extra], capture_output=True, text=True)
+        assert res.returncode == 1 and words in res.stderr and res.stderr.count("\n") == 1
+
+
+@pytest.mark.bpf
+def test_kill_9_loses_at_most_the_batch_in_flight_and_restart_continues(tmp_path, cgroups, meter_bin):
+    store = tmp_path / "r.db"
+    cmd = [*meter_bin, "record", "--cgroup-root", str(cgroups.root), "--store", str(store)]
+    p = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+    time.sleep(4)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    with Store(store) as s:
+        first = s.records()
+        nxt = s.next_seq(first["host"][0])
+    assert len(first) > 500 and nxt == int(first["seq"].max()) + 1
+    p = subprocess.Popen([*cmd, "--duration", "1.5"], stderr=subprocess.PIPE, text=True)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    with Store(store) as s:
+        both = s.records()
+        assert sum(r["records"] for r in s.rollup("rollup_1s")) == len(both)
+    seqs = both["seq"]
+    assert len(np.unique(seqs)) == len(seqs)  # no duplicated record
+    assert seqs.min() == 0 and np.array_equal(np.sort(seqs), np.arange(len(seqs)))  # the sequence continued
+    assert sys.executable  # (the killed run's last batch in flight is the only possible loss)

@@ -392,6 +392,51 @@ def economics(as_json: bool, overrides: tuple[str, ...]) -> None:
     console.print(c)
 
 
+# -- demo --------------------------------------------------------------------------
+
+
+def _demo_module() -> Any:
+    """examples/tenant-vswitches/demo.py of this checkout (the demo is an example, not the library)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "tenant-vswitches" / "demo.py"
+    if not path.exists():
+        raise MeterError(f"the demo lives in a source checkout ({path} is missing): run meter from the repository")
+    spec = importlib.util.spec_from_file_location("meter_demo", path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@main.group()
+def demo() -> None:
+    """Tenant-specific Open vSwitch instances on this host, metered (examples/tenant-vswitches)."""
+
+
+@demo.command("up")
+@click.option("--tenants", type=click.IntRange(min=1, max=200), default=3, show_default=True)
+def demo_up(tenants: int) -> None:
+    """Start N tenants, each with its own OVS in its own compartment and namespace, and traffic."""
+    with _errors():
+        mod = _demo_module()
+        try:
+            topo = mod.up(tenants)
+        except mod.DemoError as err:
+            _fail(str(err))
+        click.echo(f"meter: {tenants} tenant vswitches up; topology {topo}", err=True)
+        click.echo(f"  sudo .venv/bin/meter top --config {topo}", err=True)
+
+
+@demo.command("down")
+def demo_down() -> None:
+    """Remove every process, namespace, veth, cgroup and file the demo made."""
+    with _errors():
+        mod = _demo_module()
+        removed = mod.down()
+        click.echo(f"meter: demo down ({len(removed)} things removed)", err=True)
+
+
 # -- serve -------------------------------------------------------------------------
 
 

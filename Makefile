@@ -10,8 +10,8 @@ PY       := $(VENV)/bin/python
 SUDO     := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 ARCH     := $(shell dpkg --print-architecture 2>/dev/null || echo amd64)
 # bcc comes from Debian (not on PyPI); headers only where the running kernel has none.
-# prometheus and tmux: the exporter's and `meter top`'s end-to-end tests.
-DEB      := python3-bpfcc bpftool iproute2 python3-venv util-linux prometheus tmux
+# prometheus, tmux, openvswitch-switch: end-to-end tests of the exporter, `meter top` and the demo.
+DEB      := python3-bpfcc bpftool iproute2 python3-venv util-linux prometheus tmux openvswitch-switch
 HEADERS  := $(shell [ -d /lib/modules/$$(uname -r)/build/include ] || echo linux-headers-$(ARCH))
 BENCHDEB := linux-perf iperf3 stress-ng
 

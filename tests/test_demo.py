@@ -66,9 +66,14 @@ def test_tenant_vswitches_metered_and_billed(tmp_path, meter_bin):
         for c in topo.compartments:
             mine = batch[batch["tenant"] == c.tenant]
             kernel_ns = (after_cpu[c.tenant] - before_cpu[c.tenant]) * 1000
-            # The vswitch's own threads, against the kernel's cgroup accounting. (Its
-            # softirq_ns is kernel packet work meter moved onto it on top of that.)
-            assert int(mine["cpu_ns"].sum()) == pytest.approx(kernel_ns, rel=0.01), c.tenant
+            # The kernel counts NET softirq work done in the vswitch's own threads (OVS
+            # sending through its AF_PACKET sockets) as theirs; meter moves it to
+            # softirq_ns, together with softirq work for its ports done in other
+            # tasks. So the kernel's figure lies between cpu_ns and cpu_ns + softirq_ns.
+            cpu, sirq = int(mine["cpu_ns"].sum()), int(mine["softirq_ns"].sum())
+            assert cpu <= kernel_ns * 1.01, c.tenant
+            assert kernel_ns <= (cpu + sirq) * 1.01, c.tenant
+            assert sirq < 0.5 * kernel_ns, c.tenant
             for key in ("rx_packets", "tx_packets", "rx_bytes", "tx_bytes"):
                 assert int(mine[key].sum()) == after_net[c.tenant][key] - before_net[c.tenant][key], (c.tenant, key)
         pkts = {t: int(batch["rx_packets"][batch["tenant"] == t].sum()) for t in ("t0", "t1", "t2")}

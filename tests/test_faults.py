@@ -1,0 +1,84 @@
+"""Faults: a full disk, no privileges, SIGKILL with tc filters attached, and the store's integrity."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+
+import pytest
+
+from meter.errors import SinkError
+from meter.sinks.store import Store
+
+from .test_bill import records
+
+pytestmark = pytest.mark.bpf
+
+
+def test_disk_full_is_a_clear_error_and_corrupts_nothing(tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], check=True)
+    try:
+        with Store(mnt / "r.db") as s:
+            stored = 0
+            with pytest.raises(SinkError) as info:
+                for i in range(1000):
+                    stored += s.write(records("h", 1000, seq0=i * 4000, t0=1_795_000_000 * 10**9 + i * 10**9))
+            assert "nothing of this batch was stored" in str(info.value) and str(mnt) in str(info.value)
+            assert stored > 0
+            assert s.next_seq("h") == stored  # the failed batch left no trace
+        db = sqlite3.connect(mnt / "r.db")
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        with Store(mnt / "r.db") as s:
+            assert len(s.records()) == stored
+            assert sum(r["records"] for r in s.rollup("rollup_1s")) == stored
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def test_unprivileged_run_names_the_missing_capability(meter_bin, tmp_path):
+    res = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
+                          *meter_bin, "record", "--duration", "1", "-o", "-"], capture_output=True, text=True,
+                         timeout=60, env=dict(os.environ, METER_CACHE_DIR=str(tmp_path), HOME=str(tmp_path)))
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines() == [res.stderr.strip()]  # one line
+    assert "CAP_BPF" in res.stderr and "sudo" in res.stderr
+
+
+def _meter_filters(dev: str) -> int:
+    out = subprocess.run(["tc", "-j", "filter", "show", "dev", dev, "ingress"], capture_output=True, text=True).stdout
+    return sum(1 for f in json.loads(out or "[]") if "meter" in json.dumps(f))
+
+
+def test_sigkill_then_restart_cleans_stale_attachments(tmp_path, cgroups, cgroup_mount, net, meter_bin):
+    dev = net.name("k0")
+    net.veth(dev, net.name("k1"))
+    cg = cgroups.make("k")
+    cfg = tmp_path / "t.toml"
+    cfg.write_text(f'[[tenant]]\nname = "k"\n[[tenant.compartment]]\nname = "vs"\n'
+                   f'cgroup = "{cg.relative_to(cgroup_mount)}"\ninterfaces = ["{dev}"]\n')
+    out = tmp_path / "r.jsonl"
+    p = subprocess.Popen([*meter_bin, "record", "--config", str(cfg), "-o", str(out)], stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _meter_filters(dev) == 0:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    # A killed meter cannot clean up: its tc filter (and program) outlive it.
+    assert _meter_filters(dev) >= 1
+    p = subprocess.Popen([*meter_bin, "record", "--config", str(cfg), "-o", str(out)], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    time.sleep(3)
+    assert _meter_filters(dev) == 1  # the stale one was recognised by name and replaced, not doubled
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    assert _meter_filters(dev) == 0
+    progs = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True).stdout
+    assert not [x for x in json.loads(progs) if x.get("name", "").startswith("meter_tc")]

@@ -171,6 +171,7 @@ def test_three_hosts_in_parquet_bill_like_each_host(tmp_path, sheet):
             per_host.append(invoices(merge_periods(usage_from_store(s, T0, T0 + 3 * 10**9, 3 * 10**9)), sheet,
                                      T0, T0 + 3 * 10**9))
     assert {p.name for p in root.iterdir()} == {"host=h1", "host=h2", "host=h3"}
+    assert all(f.stat().st_mode & 0o777 == 0o600 for f in root.rglob("*.parquet"))  # billing data: owner only
     fleet = invoices(merge_periods(usage_from_parquet(root, T0, T0 + 3 * 10**9, 3 * 10**9)), sheet, T0, T0 + 3 * 10**9)
     for inv in fleet:
         lines = {line.meter: line for line in inv.lines}

@@ -110,6 +110,12 @@ static __always_inline void store(u64 cgid, u64 window, u64 ns, u64 *delta)
 		__sync_fetch_and_add(&u->count[i], delta[i]);
 }
 
+/* The cgroup to charge for `current`; the idle task (pid 0) is METER_IDLE_CGID. */
+static __always_inline u64 current_cgid(void)
+{
+	return (u32)bpf_get_current_pid_tgid() ? bpf_get_current_cgroup_id() : METER_IDLE_CGID;
+}
+
 static __always_inline u64 control_get(int idx)
 {
 	u64 *v = control.lookup(&idx);
@@ -284,7 +290,7 @@ static __always_inline void charge_until(struct meter_cpu *st, u64 now)
 	read_counters(st, delta);
 	last = st->last_ns;
 	st->last_ns = now;
-	cgid = (u32)bpf_get_current_pid_tgid() ? bpf_get_current_cgroup_id() : METER_IDLE_CGID;
+	cgid = current_cgid();
 	/* The hot path: still in the CPU's current window. */
 	if (now < st->window_end && now > last) {
 		accumulate(st, cgid, now - last, delta);
@@ -413,7 +419,7 @@ static __always_inline void charge_span(struct meter_cpu *st)
 	}
 	if (st->span_other)
 		stat_add(METER_STAT_SPAN_UNATTRIBUTED_NS, span * st->span_other / total);
-	cgid = (u32)bpf_get_current_pid_tgid() ? bpf_get_current_cgroup_id() : METER_IDLE_CGID;
+	cgid = current_cgid();
 	if (all > used)
 		accumulate(st, cgid, all - used, left);
 	st->last_ns = now;

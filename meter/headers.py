@@ -23,6 +23,7 @@ import shutil
 from pathlib import Path
 
 from .errors import HeadersError
+from .paths import meter_path
 
 __all__ = ["Headers", "cache_dir", "find_headers", "prepare_headers"]
 
@@ -48,13 +49,7 @@ class Headers:
 def cache_dir() -> Path:
     """meter's cache directory: ``$METER_CACHE_DIR``, /var/cache/meter as root,
     else ``$XDG_CACHE_HOME/meter``."""
-    env = os.environ.get("METER_CACHE_DIR")
-    if env:
-        return Path(env)
-    if os.geteuid() == 0:
-        return Path("/var/cache/meter")
-    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg) / "meter"
+    return meter_path("METER_CACHE_DIR", "/var/cache/meter", "XDG_CACHE_HOME", ".cache")
 
 
 def _running_headers(root: Path, release: str) -> Path | None:

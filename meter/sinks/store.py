@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import SinkError
+from ..paths import meter_path
 from ..records import COUNTER_COLUMNS, FIELDS, NULL, RECORD_DTYPE, build
 
 __all__ = ["ROLLUPS", "Store", "default_path"]
@@ -41,13 +42,7 @@ DEFAULT_RETENTION_S = 7 * 24 * 3600
 
 def default_path() -> Path:
     """Where ``meter record`` stores records unless told otherwise."""
-    env = os.environ.get("METER_STORE")
-    if env:
-        return Path(env)
-    if os.geteuid() == 0:
-        return Path("/var/lib/meter/records.db")
-    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local/share")
-    return Path(data) / "meter" / "records.db"
+    return meter_path("METER_STORE", "/var/lib/meter/records.db", "XDG_DATA_HOME", ".local/share", "records.db")
 
 
 class Store:

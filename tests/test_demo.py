@@ -18,6 +18,8 @@ from meter.cgroup import cpu_usage_usec
 from meter.engine import Meter
 from meter.sinks.store import Store
 
+from .conftest import steal_ns
+
 pytestmark = pytest.mark.bpf
 
 
@@ -54,14 +56,18 @@ def test_tenant_vswitches_metered_and_billed(tmp_path, meter_bin):
         time.sleep(0.1)
         with Meter(topo, drain_interval=0.1) as meter:
             before_cpu = {c.tenant: cpu_usage_usec(c.cgroup) for c in topo.compartments}
+            steal0 = steal_ns()
             before_net = _port_counters(topo)
             _generators(state, signal.SIGCONT)
             batches = list(meter.batches(3.0))
             _generators(state, signal.SIGSTOP)
             time.sleep(0.2)
             after_net = _port_counters(topo)
-            after_cpu = {c.tenant: cpu_usage_usec(c.cgroup) for c in topo.compartments}
             batches += list(meter.batches(0.2))
+            # Right after the final flush (up to the last complete window): the
+            # kernel's count and the records end within a millisecond or two.
+            after_cpu = {c.tenant: cpu_usage_usec(c.cgroup) for c in topo.compartments}
+            steal = steal_ns() - steal0
         batch = np.concatenate(batches)
         for c in topo.compartments:
             mine = batch[batch["tenant"] == c.tenant]
@@ -70,8 +76,10 @@ def test_tenant_vswitches_metered_and_billed(tmp_path, meter_bin):
             # sending through its AF_PACKET sockets) as theirs; meter moves it to
             # softirq_ns, together with softirq work for its ports done in other
             # tasks. So the kernel's figure lies between cpu_ns and cpu_ns + softirq_ns.
+            # (Time the hypervisor stole from this VM counts as running time for meter,
+            # which reads the clock, but not for the kernel's paravirt accounting.)
             cpu, sirq = int(mine["cpu_ns"].sum()), int(mine["softirq_ns"].sum())
-            assert cpu <= kernel_ns * 1.01, c.tenant
+            assert cpu <= kernel_ns * 1.01 + steal, (c.tenant, cpu, kernel_ns, steal)
             assert kernel_ns <= (cpu + sirq) * 1.01, c.tenant
             assert sirq < 0.5 * kernel_ns, c.tenant
             for key in ("rx_packets", "tx_packets", "rx_bytes", "tx_bytes"):

@@ -12,6 +12,8 @@ from meter import NULL, Topology
 from meter.cgroup import cpu_usage_usec
 from meter.engine import Meter, plan_counters, window_sums
 
+from .conftest import steal_ns
+
 pytestmark = pytest.mark.bpf
 
 
@@ -41,6 +43,7 @@ def test_three_compartments_match_cpu_stat_and_conserve(tmp_path, cgroups, cgrou
     with Meter(topo, window_ms=1) as meter:
         time.sleep(0.02)  # past the first whole window
         before = {n: cpu_usage_usec(cg) for n, cg in cgs.items()}
+        steal0 = steal_ns()
         procs = [cgroups.burner(cgs[n], d, 3.0) for n, d in duties.items()]
         batches = []
         for b in meter.batches():
@@ -48,13 +51,14 @@ def test_three_compartments_match_cpu_stat_and_conserve(tmp_path, cgroups, cgrou
             if all(p.poll() is not None for p in procs):
                 break
         after = {n: cpu_usage_usec(cg) for n, cg in cgs.items()}
+        steal = steal_ns() - steal0
         batches += list(meter.batches(0.05))
     batch = np.concatenate(batches)
     for name in duties:
         kernel_ns = (after[name] - before[name]) * 1000
         metered = _usage(batch, name)
         assert kernel_ns > 0.3e9 * duties[name]
-        assert metered == pytest.approx(kernel_ns, rel=0.01), name
+        assert abs(metered - kernel_ns) <= 0.01 * kernel_ns + steal, (name, metered, kernel_ns, steal)
     # More duty, more CPU: the bill follows the work.
     assert _usage(batch, "acme") > _usage(batch, "globex") > _usage(batch, "initech")
 

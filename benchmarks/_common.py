@@ -132,3 +132,36 @@ def udp_flood(ns: str, dst: str, seconds: float) -> None:
             "while time.monotonic()<end:\n"
             "    for _ in range(1000): s.sendto(b'x'*64, ('" + dst + "', 9))\n")
     subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-S", "-c", code], check=True)
+
+
+@contextlib.contextmanager
+def cgroup_tree(tag: str) -> Iterator[Path]:
+    """A private cgroup under the v2 mount; on exit its tasks are killed and it is removed."""
+    import signal
+    import uuid
+
+    from meter.cgroup import find_mount
+
+    root = find_mount() / f"meter-{tag}-{uuid.uuid4().hex[:6]}"
+    root.mkdir()
+    try:
+        yield root
+    finally:
+        dirs = sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True) + [root]
+        for d in dirs:
+            for _ in range(100):
+                try:
+                    for pid in (d / "cgroup.procs").read_text().split():
+                        os.kill(int(pid), signal.SIGKILL)
+                    d.rmdir()
+                    break
+                except ProcessLookupError:
+                    continue
+                except OSError:
+                    time.sleep(0.02)
+
+
+def spawn_in(cgroup: Path, argv: list[str]) -> subprocess.Popen[bytes]:
+    """Start ``argv`` already inside ``cgroup`` (it moves itself in, then execs)."""
+    return subprocess.Popen(["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(cgroup), *argv],
+                            stdout=subprocess.DEVNULL)

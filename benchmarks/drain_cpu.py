@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import argparse
 import resource
-import subprocess
 import sys
 import time
-import uuid
 
-from _common import Result, report
+from _common import Result, cgroup_tree, report, spawn_in
 
-from meter.cgroup import find_mount
 from meter.engine import Meter
 from meter.topology import Topology
 
@@ -44,14 +41,10 @@ def main() -> list[Result]:
     ap.add_argument("--compartments", type=int, default=100)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    root = find_mount() / f"meter-bench-{uuid.uuid4().hex[:6]}"
-    procs = []
-    try:
+    with cgroup_tree("bench") as root:
         for i in range(args.compartments):
-            (root / f"c{i:03d}").mkdir(parents=True)
-            procs.append(subprocess.Popen(
-                ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(root / f"c{i:03d}"),
-                 sys.executable, "-S", "-c", WORKER]))
+            (root / f"c{i:03d}").mkdir()
+            spawn_in(root / f"c{i:03d}", [sys.executable, "-S", "-c", WORKER])
         time.sleep(1)
         records = 0
         with Meter(Topology.discover(root), window_ms=1) as meter:
@@ -62,15 +55,6 @@ def main() -> list[Result]:
             wall = time.monotonic() - t0
             r1 = resource.getrusage(resource.RUSAGE_SELF)
         cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
-        time.sleep(0.1)
-        for d in sorted(p for p in root.glob("*") if p.is_dir()):
-            d.rmdir()
-        if root.exists():
-            root.rmdir()
     pct = cpu / wall * 100
     busy = len({n for n in meter._resolver.names}) - 2 if meter._resolver else 0
     return [Result(f"drain loop CPU, {args.compartments} compartments, 1 ms windows", pct, "% of a core",

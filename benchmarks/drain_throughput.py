@@ -21,13 +21,12 @@ from __future__ import annotations
 import argparse
 import ctypes
 import time
-import uuid
 
 import numpy as np
-from _common import Result, report
+from _common import Result, cgroup_tree, report
 
 from meter import program
-from meter.cgroup import cgroup_id, find_mount
+from meter.cgroup import cgroup_id
 from meter.engine import Meter
 from meter.sources.sched import KEY_DTYPE, USAGE_DTYPE
 from meter.topology import Topology
@@ -52,10 +51,9 @@ def main() -> list[Result]:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     n = args.entries
-    root = find_mount() / f"meter-bench-{uuid.uuid4().hex[:6]}"
-    for i in range(100):
-        (root / f"c{i:03d}").mkdir(parents=True)
-    try:
+    with cgroup_tree("bench") as root:
+        for i in range(100):
+            (root / f"c{i:03d}").mkdir()
         topo = Topology.discover(root)
         cgids = np.array([cgroup_id(c.cgroup) for c in topo.compartments], np.uint64)
         # One drain interval long enough that every synthetic window is closed.
@@ -85,10 +83,6 @@ def main() -> list[Result]:
             batch = meter.drain()
             engine = time.perf_counter() - t
             assert len(batch) >= n
-    finally:
-        for d in sorted(p for p in root.glob("*") if p.is_dir()):
-            d.rmdir()
-        root.rmdir()
     base = got / syscall
     return [
         Result("source drain into numpy", n / source, "records/s", base, "bare BPF_MAP_LOOKUP_BATCH", (n / source) / base,

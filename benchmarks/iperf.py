@@ -21,9 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import Result, namespace_pair, report
+from _common import Result, cgroup_tree, namespace_pair, report
 
-from meter.cgroup import find_mount
 from meter.engine import Meter
 from meter.topology import Topology
 
@@ -42,32 +41,26 @@ def main() -> list[Result]:
     args = ap.parse_args()
     if not shutil.which("iperf3"):
         raise SystemExit("iperf3 is not installed: apt-get install iperf3 (make bench does)")
-    mount = find_mount()
-    cg = mount / "meter-bench-iperf"
-    cg.mkdir(exist_ok=True)
     off, on = [], []
-    try:
-        with namespace_pair("ip") as (a, b, dev), tempfile.TemporaryDirectory() as tmp:
-            server = subprocess.Popen(["ip", "netns", "exec", b, "iperf3", "-s"], stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL)
-            time.sleep(0.5)
-            cfg = Path(tmp) / "t.toml"
-            cfg.write_text(f'[[tenant]]\nname = "t"\n[[tenant.compartment]]\nname = "vswitch"\n'
-                           f'cgroup = "{cg.relative_to(mount)}"\ninterfaces = ["{a}:va", "{b}:vb"]\n')
-            meter = Meter(Topology.from_file(cfg))
-            try:
-                for _ in range(args.rounds):
-                    off.append(iperf(a, args.seconds))
-                    meter.open()
-                    meter.start()
-                    on.append(iperf(a, args.seconds))
-                    meter.stop()
-                    meter.close()
-            finally:
-                server.kill()
-                server.wait()
-    finally:
-        cg.rmdir()
+    with cgroup_tree("iperf") as cg, namespace_pair("ip") as (a, b, dev), tempfile.TemporaryDirectory() as tmp:
+        server = subprocess.Popen(["ip", "netns", "exec", b, "iperf3", "-s"], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+        cfg = Path(tmp) / "t.toml"
+        cfg.write_text(f'[[tenant]]\nname = "t"\n[[tenant.compartment]]\nname = "vswitch"\n'
+                       f'cgroup = "{cg}"\ninterfaces = ["{a}:va", "{b}:vb"]\n')
+        meter = Meter(Topology.from_file(cfg))
+        try:
+            for _ in range(args.rounds):
+                off.append(iperf(a, args.seconds))
+                meter.open()
+                meter.start()
+                on.append(iperf(a, args.seconds))
+                meter.stop()
+                meter.close()
+        finally:
+            server.kill()
+            server.wait()
     ratio = statistics.median(on) / statistics.median(off)
     return [Result("iperf3 TCP between namespaces with meter", statistics.median(on) / 1e9, "Gbit/s",
                    statistics.median(off) / 1e9, "without meter, alternating rounds", ratio, ">= 0.95", ratio >= 0.95,

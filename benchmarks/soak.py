@@ -20,13 +20,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
-from _common import Result, namespace_pair, report
+from _common import Result, cgroup_tree, namespace_pair, report, spawn_in
 
-from meter.cgroup import cpu_usage_usec, find_mount
+from meter.cgroup import cpu_usage_usec
 from meter.engine import Meter, window_sums
 from meter.topology import Topology
 
@@ -46,28 +45,24 @@ def main() -> list[Result]:
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    mount = find_mount()
-    root = mount / f"meter-soak-{uuid.uuid4().hex[:6]}"
     procs = []
-    with namespace_pair("sk") as (a, b, dev), tempfile.TemporaryDirectory() as tmp:
+    with cgroup_tree("soak") as root, namespace_pair("sk") as (a, b, dev), tempfile.TemporaryDirectory() as tmp:
         try:
             cgs = {}
             for name, duty in (("c60", 0.6), ("c30", 0.3), ("c10", 0.1)):
                 cgs[name] = root / name
-                cgs[name].mkdir(parents=True)
-                procs.append(subprocess.Popen(["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(cgs[name]),
-                                               sys.executable, "-S", "-c", BURN.format(d=duty)]))
+                cgs[name].mkdir()
+                procs.append(spawn_in(cgs[name], [sys.executable, "-S", "-c", BURN.format(d=duty)]))
             cgs["net"] = root / "net"
             cgs["net"].mkdir()
             cfg = Path(tmp) / "t.toml"
             cfg.write_text("".join(
                 f'[[tenant]]\nname = "{n}"\n[[tenant.compartment]]\nname = "c"\ncgroup = "{cg}"\n'
                 + (f'interfaces = ["{a}:va"]\n' if n == "net" else "") for n, cg in cgs.items()))
-            sender = subprocess.Popen(["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(cgs["net"]), "ip",
-                                       "netns", "exec", a, sys.executable, "-S", "-c",
-                                       "import socket, time\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-                                       "while True:\n    s.sendto(b'x' * 100, ('10.79.0.2', 9))\n    time.sleep(0.0005)\n"])
-            procs.append(sender)
+            procs.append(spawn_in(cgs["net"], [
+                "ip", "netns", "exec", a, sys.executable, "-S", "-c",
+                "import socket, time\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                "while True:\n    s.sendto(b'x' * 100, ('10.79.0.2', 9))\n    time.sleep(0.0005)\n"]))
             meter = Meter(Topology.from_file(cfg), window_ms=1)
             sums = {n: 0 for n in cgs}
             tx = 0
@@ -105,11 +100,6 @@ def main() -> list[Result]:
             for p in procs:
                 p.kill()
                 p.wait()
-            time.sleep(0.2)
-            for d in sorted((p for p in root.glob("*") if p.is_dir()), reverse=True):
-                d.rmdir()
-            if root.exists():
-                root.rmdir()
     rss.append(rss_kb())
     growth_mb = (rss[-1] - rss[0]) / 1024 if len(rss) > 1 else 0.0
     drift = max(abs(sums[n] / ((end[n] - start[n]) * 1000) - 1) for n in ("c60", "c30", "c10"))

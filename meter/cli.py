@@ -149,7 +149,7 @@ def record(config: str | None, cgroup_root: str | None, window_ms: int | None, d
         meter = Meter(topo, window_ms, counters=_counters(counters), first_seq=first_seq)
         _warn_unavailable(meter, explicit=bool(counters))
 
-        with _daemon_signals(meter) as reload_wanted:
+        with _daemon_signals(meter.stop) as reload_wanted:
             try:
                 with meter:
                     for batch in meter.batches(duration):
@@ -167,14 +167,14 @@ def record(config: str | None, cgroup_root: str | None, window_ms: int | None, d
 
 
 @contextlib.contextmanager
-def _daemon_signals(meter: Any) -> Iterator[Any]:
-    """SIGINT/SIGTERM: flush and stop; SIGHUP: ask for a topology reload (an Event)."""
+def _daemon_signals(on_stop: Callable[[], None]) -> Iterator[Any]:
+    """SIGINT/SIGTERM: call ``on_stop``; SIGHUP: ask for a topology reload (an Event)."""
     import threading
 
     reload_wanted = threading.Event()
 
     def stop(signum: int, frame: object) -> None:
-        meter.stop()
+        on_stop()
 
     def hup(signum: int, frame: object) -> None:
         reload_wanted.set()
@@ -279,9 +279,7 @@ def bill(prices: str, start: str, end: str, tenant: str | None, fmt: str, store_
             by_period = usage_from_parquet(parquet_dir, start_ns, end_ns, period)
             hosts = ",".join(sorted(p.name.removeprefix("host=") for p in Path(parquet_dir).glob("host=*")))
         else:
-            if store_path is None and not Path(_default_store()).exists():
-                raise MeterError(f"no record store at {_default_store()}: run meter record first, or pass --store")
-            with Store(store_path) as store:
+            with Store(store_path, must_exist=True) as store:
                 by_period = usage_from_store(store, start_ns, end_ns, period)
             hosts = ""
         invs = invoices(merge_periods(by_period), sheet, start_ns, end_ns, tenant=tenant)
@@ -320,12 +318,6 @@ def bill(prices: str, start: str, end: str, tenant: str | None, fmt: str, store_
                 console.print(t)
 
 
-def _default_store() -> Path:
-    from .sinks.store import default_path
-
-    return default_path()
-
-
 @main.command("export")
 @click.option("--parquet", "parquet_dir", required=True, type=click.Path(), help="Directory to write (host=/date= partitions).")
 @click.option("--store", "store_path", type=click.Path(), default=None, help="Record store to read.")
@@ -337,7 +329,7 @@ def export_cmd(parquet_dir: str, store_path: str | None, start: str | None, end:
     from .sinks.store import Store
 
     with _errors():
-        with Store(store_path) as store:
+        with Store(store_path, must_exist=True) as store:
             batch = store.records(_time_ns(start, "--from") if start else None, _time_ns(end, "--to") if end else None)
         files = write_parquet(batch, parquet_dir)
         click.echo(f"meter: {len(batch)} records in {len(files)} files under {parquet_dir}", err=True)
@@ -463,9 +455,7 @@ def serve(config: str | None, cgroup_root: str | None, listen: str, allow_remote
         _warn_unavailable(meter, explicit=bool(counters))
         exporter = Exporter(meter, listen, allow_remote=allow_remote)
         done = threading.Event()
-        with _daemon_signals(meter) as reload_wanted:
-            signal.signal(signal.SIGINT, lambda *a: done.set())
-            signal.signal(signal.SIGTERM, lambda *a: done.set())
+        with _daemon_signals(done.set) as reload_wanted:
             exporter.start()
             click.echo(f"meter: serving http://{exporter.host}:{exporter.port}/metrics", err=True)
             try:

@@ -464,12 +464,14 @@ class Meter:
         """Add a batch to the per-row running totals (and per-port ones)."""
         if len(out):
             self._grow_totals(int(row.max()) + 1)
-            for j, name in enumerate(records.COUNTER_COLUMNS):
-                col = out[name]
-                ok = col != records.NULL
-                if ok.any():
-                    np.add.at(self._tot[:, j], row[ok], col[ok])
-                    self._avail[row[ok], j] = True
+            values = np.stack([out[name] for name in records.COUNTER_COLUMNS], axis=1)
+            order = np.argsort(row, kind="stable")
+            r = row[order]
+            starts = np.flatnonzero(np.r_[True, r[1:] != r[:-1]])
+            present = values[order] != records.NULL
+            rows = r[starts]
+            self._tot[rows] += np.add.reduceat(np.where(present, values[order], 0), starts, axis=0)
+            self._avail[rows] |= np.logical_or.reduceat(present, starts, axis=0)
         if nd is not None and len(nd):
             rx = nd.kind == KIND_RX
             np.add.at(self._port_tot, (nd.port, np.where(rx, 0, 2)), nd.packets)

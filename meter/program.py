@@ -9,13 +9,14 @@ bills) works on hosts without it.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import os
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .errors import BPFError, PrivilegeError
 from .headers import prepare_headers
@@ -127,8 +128,7 @@ def delete_batch(fd: int, keys: Any) -> None:
     if len(keys) == 0:
         return
     count = ctypes.c_uint32(len(keys))
-    with contextlib.suppress(AttributeError):
-        keys = keys.copy(order="C")
+    keys = np.ascontiguousarray(keys)
     res = libbcc().bpf_delete_batch(fd, ctypes.c_void_p(keys.ctypes.data), ctypes.byref(count))
     if res != 0:
         err = ctypes.get_errno()

@@ -47,6 +47,7 @@ __all__ = [
     "RECORD_DTYPE",
     "build",
     "empty",
+    "factorize",
     "to_dicts",
 ]
 
@@ -122,6 +123,21 @@ def build(n: int, columns: dict[str, Any] | None = None) -> np.ndarray:
         elif name in _STRING_FIELDS:
             out[name] = ""
     return out
+
+
+def factorize(col: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """(distinct strings, int32 code per element) of a string (object) column.
+
+    The common case, one value in the whole column (host, provenance), costs
+    one vectorised comparison.
+    """
+    if len(col) == 0:
+        return [], np.zeros(0, np.int32)
+    first = col[0]
+    if bool((col == first).all()):
+        return [first], np.zeros(len(col), np.int32)
+    uniq, code = np.unique(col.astype(str), return_inverse=True)
+    return uniq.tolist(), code.astype(np.int32)
 
 
 def empty(n: int) -> np.ndarray:

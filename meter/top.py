@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .records import NULL
+from .records import NULL, factorize
 
 __all__ = ["TopRow", "TopSnapshot", "snapshot"]
 
@@ -57,22 +57,25 @@ class TopSnapshot:
 
 
 def _rows(batch: np.ndarray, keys: list[str], seconds: float) -> list[TopRow]:
-    groups: dict[tuple[str, ...], np.ndarray] = {}
-    keycols = np.rec.fromarrays([batch[k] for k in keys]) if len(batch) else None
-    if keycols is None:
+    """One row per distinct value of ``keys``: sort once, sum runs (NULL stays unavailable)."""
+    if len(batch) == 0:
         return []
-    uniq, inverse = np.unique(keycols, return_inverse=True)
-    for gi, key in enumerate(uniq):
-        groups[tuple(key)] = np.flatnonzero(inverse == gi)
+    tables, codes = zip(*(factorize(batch[k]) for k in keys))
+    key = np.zeros(len(batch), np.int64)
+    for table, code in zip(tables, codes):
+        key = key * len(table) + code
+    order = np.argsort(key, kind="stable")
+    starts = np.flatnonzero(np.r_[True, key[order][1:] != key[order][:-1]])
+    fields = ("cpu_ns", *_RATE_FIELDS)
+    values = np.stack([batch[f][order] for f in fields], axis=1)
+    sums = np.add.reduceat(np.where(values == NULL, 0, values), starts, axis=0)
+    seen = np.logical_or.reduceat(values != NULL, starts, axis=0)
     out = []
-    for key, idx in groups.items():
-        sub = batch[idx]
-        rates: dict[str, float | None] = {}
-        for f in _RATE_FIELDS:
-            col = sub[f]
-            rates[f] = None if np.all(col == NULL) else float(col[col != NULL].sum()) / seconds
-        cpu_pct = float(sub["cpu_ns"][sub["cpu_ns"] != NULL].sum()) / (seconds * 1e9) * 100
-        out.append(TopRow(str(key[0]), str(key[1]) if len(key) > 1 else None, cpu_pct, rates))
+    for g, start in enumerate(starts.tolist()):
+        names = [str(table[code[order[start]]]) for table, code in zip(tables, codes)]
+        rates = {f: float(sums[g, j + 1]) / seconds if seen[g, j + 1] else None for j, f in enumerate(_RATE_FIELDS)}
+        cpu_pct = float(sums[g, 0]) / (seconds * 1e9) * 100
+        out.append(TopRow(names[0], names[1] if len(names) > 1 else None, cpu_pct, rates))
     return out
 
 

@@ -224,7 +224,8 @@ def test_bill_cli_formats_and_errors(tmp_path, meter_bin):
     assert list(rows[0]) == list(FOCUS_COLUMNS) and len({r["ChargePeriodStart"] for r in rows}) == 3
     res = subprocess.run([*base, "--format", "csv"], capture_output=True, text=True)
     assert "acme,TOTAL" in res.stdout
-    for extra, words in ((["--tenant", "nobody"], "no usage"), (["--to", "1"], "reversed")):
+    for extra, words in ((["--tenant", "nobody"], "no usage"), (["--to", "1"], "reversed"),
+                         (["--store", str(tmp_path / "none.db")], "no record store")):
         res = subprocess.run([*base, *extra], capture_output=True, text=True)
         assert res.returncode == 1 and words in res.stderr and res.stderr.count("\n") == 1
 

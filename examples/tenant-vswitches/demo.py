@@ -125,13 +125,17 @@ def up(tenants: int = 3) -> Path:
     if (STATE / "state.json").exists():
         raise DemoError(f"a demo is already up ({STATE}/state.json): run `meter demo down` first")
     mount = _cgroup_mount()
-    STATE.mkdir(parents=True, exist_ok=True)
     made: list[dict[str, object]] = []
     try:
+        STATE.mkdir(parents=True, exist_ok=True)
         for k in range(tenants):
             made.append(_tenant_up(k, mount, RATES[k % len(RATES)]))
+    except OSError as err:
+        down()
+        raise DemoError(f"setting up tenant t{len(made)} failed ({err.strerror}: {err.filename}); run as root. "
+                        "Everything made was removed") from None
     except DemoError as err:
-        down(quiet=True)
+        down()
         raise DemoError(f"setting up tenant t{len(made)} failed, everything made was removed: {err}") from None
     lines = []
     for t in made:
@@ -162,7 +166,7 @@ def _kill_pidfile(path: Path) -> None:
             time.sleep(0.02)
 
 
-def down(*, quiet: bool = False) -> list[str]:
+def down() -> list[str]:
     """Remove everything a demo made; returns what was removed."""
     removed: list[str] = []
     if STATE.exists():
@@ -201,6 +205,4 @@ def down(*, quiet: bool = False) -> list[str]:
     if STATE.exists():
         shutil.rmtree(STATE, ignore_errors=True)
         removed.append(str(STATE))
-    if not quiet:
-        return removed
     return removed

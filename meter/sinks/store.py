@@ -32,7 +32,7 @@ import numpy as np
 
 from ..errors import SinkError
 from ..paths import meter_path
-from ..records import COUNTER_COLUMNS, FIELDS, NULL, RECORD_DTYPE, build
+from ..records import COUNTER_COLUMNS, FIELDS, NULL, RECORD_DTYPE, build, factorize
 
 __all__ = ["ROLLUPS", "Store", "default_path"]
 
@@ -48,9 +48,13 @@ def default_path() -> Path:
 class Store:
     """Append record batches; read them back; roll them up exactly."""
 
-    def __init__(self, path: str | Path | None = None, *, retention_s: int = DEFAULT_RETENTION_S) -> None:
+    def __init__(self, path: str | Path | None = None, *, retention_s: int = DEFAULT_RETENTION_S,
+                 must_exist: bool = False) -> None:
         self.path = Path(path) if path is not None else default_path()
         self.retention_ns = int(retention_s) * 1_000_000_000
+        if must_exist and not self.path.is_file():
+            raise SinkError(f"no record store at {self.path}: run meter record first, or pass --store",
+                            target=str(self.path))
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if not self.path.exists():
@@ -118,7 +122,7 @@ class Store:
 
     @staticmethod
     def _by_host(batch: np.ndarray) -> list[tuple[str, np.ndarray]]:
-        hosts, code = _factorize(batch["host"])
+        hosts, code = factorize(batch["host"])
         if len(hosts) == 1:  # the usual case: no copy
             return [(hosts[0], batch)]
         return [(h, batch[code == i]) for i, h in enumerate(hosts)]
@@ -238,17 +242,6 @@ class Store:
 _MAGIC = b"MTRC1"
 
 
-def _factorize(col: np.ndarray) -> tuple[list[str], np.ndarray]:
-    """(distinct strings, int32 code per element) of an object column of str."""
-    if len(col) == 0:
-        return [], np.zeros(0, np.int32)
-    first = col[0]
-    if bool((col == first).all()):  # host and provenance: one value a batch
-        return [first], np.zeros(len(col), np.int32)
-    uniq, code = np.unique(col.astype(str), return_inverse=True)
-    return uniq.tolist(), code.astype(np.int32)
-
-
 class _Columns:
     """A batch's columns, computed once per write: int64 matrix and factorized strings."""
 
@@ -260,7 +253,7 @@ class _Columns:
         self.ints = np.empty((len(self.int_names), self.n), "<i8")
         for i, name in enumerate(self.int_names):
             self.ints[i] = batch[name]
-        self.strings = {name: _factorize(batch[name]) for name in self.str_names}
+        self.strings = {name: factorize(batch[name]) for name in self.str_names}
 
 
 def _encode(batch: np.ndarray, cols: _Columns) -> bytes:

@@ -44,6 +44,21 @@
 /* bpf_get_current_cgroup_id() is never 0, so 0 marks the idle task. */
 #define METER_IDLE_CGID 0ULL
 
+/* Pseudo-cgroup ids (real ids are kernfs ids: generation << 32 | inode,
+ * far below bit 61). Time the clock saw on a CPU that the kernel charged
+ * to no task goes to SCHED (scheduler work between its last update of a
+ * task and the switch, idle entry and exit) or STEAL (the hypervisor ran
+ * something else: rq->clock - rq->clock_task). */
+#define METER_SCHED_CGID ((1ULL << 61) | 1)
+#define METER_STEAL_CGID ((1ULL << 61) | 2)
+/* NET softirq time run inside cgid's time for other compartments' ports
+ * (given away: the ports' owners are charged it as softirq_ns). */
+#define METER_GIVEN_BIT (1ULL << 62)
+
+/* Kernel charges not yet placed in a window (or clock time placed beyond
+ * the kernel's charge), per CPU, per cgroup. */
+#define METER_ADJ 4
+
 /* Usage is accumulated per (cgroup, window) in a hash shared by all CPUs. */
 struct meter_key {
 	__u64 cgid;
@@ -79,6 +94,22 @@ struct meter_cpu {
 	__u64 enabled[METER_MAX_COUNTERS];
 	__u64 running[METER_MAX_COUNTERS];
 	struct meter_slot slot[METER_CACHE_SLOTS];
+	/* Following the kernel's charge (METER_KERNEL_CHARGE): the task that
+	 * runs, its se.sum_exec_runtime at the last reconcile, and the clock
+	 * time given to it since then by ticks (provisionally). */
+	__u64 task;
+	__u64 sum;
+	__u64 ahead;
+	/* adj_ns > 0: the kernel charged adj_cgid that much more than this CPU
+	 * has placed (paid from the next idle or scheduler time); < 0: the
+	 * clock gave it that much more (taken back from its next time). */
+	__u64 adj_cgid[METER_ADJ];
+	__s64 adj_ns[METER_ADJ];
+	/* This CPU's struct rq (0 until found), rq->clock - rq->clock_task at
+	 * the last look, and steal seen but not placed yet. */
+	__u64 rq;
+	__u64 stolen;
+	__u64 steal;
 	/* A NET softirq span in progress (since span_start): the tc
 	 * programs note which ports' packets it processed. */
 	__u64 span_start;
@@ -143,6 +174,8 @@ enum meter_stat {
 	METER_STAT_COUNTER_ERRORS,  /* failed counter reads */
 	METER_STAT_NET_DROP_UPDATES, /* packet/softirq updates not stored: map full */
 	METER_STAT_SPAN_UNATTRIBUTED_NS, /* softirq ns of packets beyond the span list */
+	METER_STAT_UNPLACED_NS,     /* kernel/clock differences with no adj entry free */
+	METER_STAT_UNSETTLED,       /* switches whose task was not followed since it came in */
 	METER_NR_STATS,
 };
 

@@ -9,16 +9,40 @@
  * `current`, which at sched_switch is still the outgoing task. The idle
  * task (pid 0) is charged to METER_IDLE_CGID.
  *
+ * What a task is charged is what the kernel charged it (with
+ * METER_KERNEL_CHARGE): at each switch the outgoing task's
+ * se.sum_exec_runtime (updated by the scheduler just before) says how much
+ * the kernel added to the task -- and to its cgroup's cpu.stat -- since
+ * the task came in. The clock only places that time into windows. Clock
+ * time the kernel charged to no task goes to the SCHED and STEAL rows;
+ * kernel time beyond the clock's (a task woken onto an idle CPU is charged
+ * from the wakeup, before the switch) is placed out of the CPU's next idle
+ * or scheduler time. Ticks in a long slice charge the clock provisionally;
+ * the switch settles it. See docs/architecture.md, "CPU time".
+ *
  * Charges accumulate in per-CPU slots for the CPU's current window, then
  * in a hash per (cgroup, window); user space drains closed windows in bulk.
  * Nothing is sent per event.
  *
- * Only stable ABI is used: helpers and scalar context. No kernel struct is
- * dereferenced, so fallback headers are safe.
+ * Kernel structs are never dereferenced through the (maybe fallback)
+ * headers: the few fields read come as byte offsets taken from the running
+ * kernel's BTF (-D METER_*_OFF) and are read with bpf_probe_read_kernel.
  */
 #include <uapi/linux/bpf_perf_event.h>
 #include "meter.h"
 #include "counters.h"
+
+#ifdef METER_TASK_SUM_OFF
+#define METER_KERNEL_CHARGE 1
+#else
+#define METER_KERNEL_CHARGE 0
+#endif
+#if METER_KERNEL_CHARGE && defined(METER_TASK_CFS_RQ_OFF) && defined(METER_CFS_RQ_RQ_OFF) && \
+	defined(METER_RQ_CLOCK_OFF) && defined(METER_RQ_CLOCK_TASK_OFF) && defined(METER_RQ_CPU_OFF)
+#define METER_STEAL 1
+#else
+#define METER_STEAL 0
+#endif
 
 /* Shared by all CPUs: written only when a CPU's slots are flushed or
  * evicted (about once per cgroup per window per CPU), with atomic adds, so
@@ -281,53 +305,263 @@ static __always_inline void net_flush(struct meter_cpu *st)
 
 #endif /* METER_NET */
 
-/* Charge everything from this CPU's previous charge up to `now` to `current`. */
-static __always_inline void charge_until(struct meter_cpu *st, u64 now)
+static __always_inline u64 kread(u64 addr)
 {
-	u64 delta[METER_MAX_COUNTERS] = {};
-	u64 last, cgid;
+	u64 v = 0;
 
-	read_counters(st, delta);
-	last = st->last_ns;
-	st->last_ns = now;
-	cgid = current_cgid();
-	/* The hot path: still in the CPU's current window. */
-	if (now < st->window_end && now > last) {
-		accumulate(st, cgid, now - last, delta);
+	if (addr)
+		bpf_probe_read_kernel(&v, sizeof(v), (void *)addr);
+	return v;
+}
+
+/* Add v to cgid's pending adjustment (see struct meter_cpu). */
+static __always_inline void adj_add(struct meter_cpu *st, u64 cgid, s64 v)
+{
+	int free = -1;
+
+	if (!v)
+		return;
+#pragma unroll
+	for (int i = 0; i < METER_ADJ; i++) {
+		if (st->adj_ns[i] && st->adj_cgid[i] == cgid) {
+			st->adj_ns[i] += v;
+			return;
+		}
+		if (!st->adj_ns[i] && free < 0)
+			free = i;
+	}
+	if (free < 0) {
+		stat_add(METER_STAT_UNPLACED_NS, v < 0 ? -v : v);
 		return;
 	}
-	if (!last || now <= last) {
-		/* The first event on a CPU only starts its clock. */
-		st->window = now / METER_WINDOW_NS;
-		st->window_end = (st->window + 1) * METER_WINDOW_NS;
+	st->adj_cgid[free & (METER_ADJ - 1)] = cgid;
+	st->adj_ns[free & (METER_ADJ - 1)] = v;
+}
+
+/* Take cgid's pending adjustment (with only_negative: only what it owes back). */
+static __always_inline s64 adj_take(struct meter_cpu *st, u64 cgid, int only_negative)
+{
+	s64 v = 0;
+
+#pragma unroll
+	for (int i = 0; i < METER_ADJ; i++) {
+		if (st->adj_ns[i] && st->adj_cgid[i] == cgid && (!only_negative || st->adj_ns[i] < 0)) {
+			v += st->adj_ns[i];
+			st->adj_ns[i] = 0;
+		}
+	}
+	return v;
+}
+
+/*
+ * Place up to `gap` ns, from st->last_ns on and inside the current window,
+ * for what waits for this CPU's time: kernel charges not placed yet, then
+ * steal. Returns what was placed.
+ */
+static __always_inline u64 pay(struct meter_cpu *st, u64 gap)
+{
+	u64 zero[METER_MAX_COUNTERS] = {};
+	u64 room = st->window_end - st->last_ns;
+	u64 used = 0, p;
+
+	if (gap > room)
+		gap = room;
+#pragma unroll
+	for (int i = 0; i < METER_ADJ; i++) {
+		s64 owed = st->adj_ns[i];
+
+		if (owed > 0 && used < gap) {
+			p = (u64)owed < gap - used ? (u64)owed : gap - used;
+			accumulate(st, st->adj_cgid[i], p, zero);
+			st->adj_ns[i] = owed - (s64)p;
+			used += p;
+		}
+	}
+#if METER_STEAL
+	if (st->steal && used < gap) {
+		p = st->steal < gap - used ? st->steal : gap - used;
+		accumulate(st, METER_STEAL_CGID, p, zero);
+		st->steal -= p;
+		used += p;
+	}
+#endif
+	st->last_ns += used;
+	return used;
+}
+
+/* Move up to ns of cgid's time in the current window to SCHED; returns what was moved. */
+static __always_inline u64 take_back(struct meter_cpu *st, u64 cgid, u64 ns)
+{
+	u64 zero[METER_MAX_COUNTERS] = {};
+	struct meter_slot *s = &st->slot[slot_of(cgid)];
+	u64 t;
+
+	/* Keep 1 ns: an empty slot would hand its counter deltas to another cgroup. */
+	if (s->cgid != cgid || s->usage.ns <= 1)
+		return 0;
+	t = ns < s->usage.ns - 1 ? ns : s->usage.ns - 1;
+	s->usage.ns -= t;
+	accumulate(st, METER_SCHED_CGID, t, zero);
+	return t;
+}
+
+/* Charge [st->last_ns, now) to cgid: in the current window, or split over windows. */
+static __always_inline void advance(struct meter_cpu *st, u64 cgid, u64 now, u64 *delta)
+{
+	u64 last = st->last_ns;
+
+	st->last_ns = now;
+	if (now < st->window_end) {
+		if (now > last)
+			accumulate(st, cgid, now - last, delta);
 		return;
 	}
 	cross(st, cgid, last, now, delta);
 }
 
-static __always_inline int charge(int switching)
+/* Place ns of SCHED from st->last_ns on (the caller checked the room). */
+static __always_inline void fill_sched(struct meter_cpu *st, u64 ns)
+{
+	u64 zero[METER_MAX_COUNTERS] = {};
+
+	if (!ns)
+		return;
+	accumulate(st, METER_SCHED_CGID, ns, zero);
+	st->last_ns += ns;
+}
+
+/*
+ * Charge this CPU's time since its previous charge, [last, now). `cgid`
+ * ran (current). Time for others (kernel charges owed, steal, scheduler
+ * time) is placed first, from `last` on and only inside the current
+ * window (what does not fit waits for the next charge); the owner gets
+ * the rest, split over windows if it crosses them.
+ *
+ * With a `task`, `sum` is its se.sum_exec_runtime as the scheduler just
+ * left it (a switch): the task gets what the kernel charged it since the
+ * last settle. Else (a tick, task 0) it gets the clock's time,
+ * provisionally, less steal seen and less what it was given beyond the
+ * kernel before.
+ *
+ * (Inlined: bcc loads each program's section alone, so no BPF-to-BPF calls.)
+ */
+static __always_inline void charge_until(struct meter_cpu *st, u64 now, u64 cgid,
+					 u64 task, u64 sum)
+{
+	u64 delta[METER_MAX_COUNTERS] = {};
+	u64 last = st->last_ns, span, cap, gap, g, placed;
+	s64 want;
+
+	read_counters(st, delta);
+	if (!last) {
+		/* The first event on a CPU only starts its clock. */
+		st->last_ns = now;
+		st->window = now / METER_WINDOW_NS;
+		st->window_end = (st->window + 1) * METER_WINDOW_NS;
+		return;
+	}
+	if (now <= last)
+		return;
+	span = now - last;
+	cap = st->window_end - last;
+	if (cap > span)
+		cap = span;
+	if (cgid == METER_IDLE_CGID) {
+		/* Idle has no kernel charge: it keeps what nothing else waits for. */
+		pay(st, cap);
+		advance(st, cgid, now, delta);
+		return;
+	}
+#if METER_KERNEL_CHARGE
+	if (task && task != st->task)
+		stat_add(METER_STAT_UNSETTLED, 1);
+	if (task && task == st->task) {
+		want = (s64)(sum - st->sum) - (s64)st->ahead + adj_take(st, cgid, 0);
+		st->sum = sum;
+		st->ahead = 0;
+		if (want >= (s64)span) {
+			adj_add(st, cgid, want - (s64)span);
+		} else {
+			if (want < 0) {
+				/* The clock gave cgid more than the kernel did: take it
+				 * back from its time in this window, else its next time. */
+				adj_add(st, cgid, want + (s64)take_back(st, cgid, (u64)-want));
+				want = 0;
+			}
+			gap = span - (u64)want;
+			g = gap < cap ? gap : cap;
+			placed = pay(st, g);
+			fill_sched(st, g - placed);
+			/* What did not fit: cgid runs on it now and gives it back later. */
+			if (gap > g)
+				adj_add(st, cgid, -(s64)(gap - g));
+		}
+	} else {
+		u64 credit = (u64)-adj_take(st, cgid, 1), cut, c;
+
+		cut = 0;
+#if METER_STEAL
+		c = st->steal < cap ? st->steal : cap;
+		if (c) {
+			u64 zero[METER_MAX_COUNTERS] = {};
+
+			accumulate(st, METER_STEAL_CGID, c, zero);
+			st->steal -= c;
+			st->last_ns += c;
+			cut = c;
+		}
+#endif
+		c = credit < cap - cut ? credit : cap - cut;
+		fill_sched(st, c);
+		cut += c;
+		if (credit > c)
+			adj_add(st, cgid, -(s64)(credit - c));
+		st->ahead += span - cut;
+	}
+#endif
+	advance(st, cgid, now, delta);
+}
+
+#if METER_STEAL
+/* Note the steal time this CPU's run queue has seen since the last look. */
+static __always_inline void look_steal(struct meter_cpu *st, u64 task)
+{
+	u64 s;
+
+	if (!st->rq) {
+		u64 rq = kread(kread(task + METER_TASK_CFS_RQ_OFF) + METER_CFS_RQ_RQ_OFF);
+		u32 cpu = ~0U;
+
+		if (rq)
+			bpf_probe_read_kernel(&cpu, sizeof(cpu), (void *)(rq + METER_RQ_CPU_OFF));
+		if (!rq || cpu != bpf_get_smp_processor_id())
+			return;
+		st->rq = rq;
+		st->stolen = kread(rq + METER_RQ_CLOCK_OFF) - kread(rq + METER_RQ_CLOCK_TASK_OFF);
+		return;
+	}
+	s = kread(st->rq + METER_RQ_CLOCK_OFF) - kread(st->rq + METER_RQ_CLOCK_TASK_OFF);
+	if (s > st->stolen)
+		st->steal += s - st->stolen;
+	st->stolen = s;
+}
+#endif
+
+/* Common start of every charging program: this CPU's state, or NULL to leave it alone. */
+static __always_inline struct meter_cpu *charging_state(void)
 {
 	int zero = 0;
 	struct meter_cpu *st = cpu_state.lookup(&zero);
-	u64 now;
 
 	if (!st)
 		return 0;
 #if METER_NET
 	/* The tick interrupted a NET softirq span (or its entry or exit, which
-	 * charge this CPU themselves): leave it to them. */
+	 * write this CPU's slots themselves): leave it to them. */
 	if (*(volatile u32 *)&st->in_net_softirq)
 		return 0;
 #endif
-	now = bpf_ktime_get_ns();
-#if METER_NET
-	/* Packet counts of a window this CPU has left (see net_flush); only
-	 * at a switch, which no tc program can be interrupted by. */
-	if (switching && st->net_ndirty && now >= st->net_window_end)
-		net_flush(st);
-#endif
-	charge_until(st, now);
-	return 0;
+	return st;
 }
 
 #if METER_NET
@@ -371,17 +605,15 @@ int meter_softirq_entry(struct bpf_raw_tracepoint_args *ctx)
 }
 
 /*
- * Split the span [span_start, now) over its ports by packets; what no port
- * claims, and the time before the span, go to the task. Only when all of
- * [last_ns, now) lies in the CPU's current window (nearly always): else the
- * whole interval is left to the next charge, i.e. to the task (counted).
+ * Split the span [span_start, now) over its ports by packets: each port's
+ * owner is charged its share as softirq_ns, and the compartment whose time
+ * the span ran in gives as much (softirq_given_ns). Its cpu_ns stays what
+ * the kernel charged it; per window, cpu + softirq - given = the clock.
  */
 static __always_inline void charge_span(struct meter_cpu *st)
 {
-	u64 delta[METER_MAX_COUNTERS] = {};
-	u64 part[METER_MAX_COUNTERS] = {};
-	u64 left[METER_MAX_COUNTERS] = {};
-	u64 now, last, start, all, span, total, used = 0, cgid;
+	u64 zero[METER_MAX_COUNTERS] = {};
+	u64 now, start, span, total, used = 0;
 	u32 n = st->span_nports;
 
 	total = st->span_other;
@@ -392,37 +624,23 @@ static __always_inline void charge_span(struct meter_cpu *st)
 	if (!total)
 		return;   /* no metered packets: the time stays with the task */
 	now = bpf_ktime_get_ns();
-	last = st->last_ns;
 	start = st->span_start;
-	if (!last || start < last || now <= start || now >= st->window_end) {
-		stat_add(METER_STAT_SPAN_UNATTRIBUTED_NS, now > start ? now - start : 0);
+	if (!st->last_ns || now <= start)
 		return;
-	}
-	read_counters(st, delta);
-	all = now - last;
 	span = now - start;
-#pragma unroll
-	for (int c = 0; c < METER_NR_COUNTERS; c++)
-		left[c] = delta[c];
 	for (int i = 0; i < METER_SPAN_PORTS; i++) {
 		if (i >= n)
 			break;
 		u64 ns = span * st->span_pkts[i] / total;
-#pragma unroll
-		for (int c = 0; c < METER_NR_COUNTERS; c++) {
-			part[c] = delta[c] * ns / all;
-			left[c] -= part[c];
-		}
+
 		if (ns)
-			accumulate(st, METER_PORT_CGID(st->span_port[i]), ns, part);
+			accumulate(st, METER_PORT_CGID(st->span_port[i]), ns, zero);
 		used += ns;
 	}
+	if (used)
+		accumulate(st, METER_GIVEN_BIT | current_cgid(), used, zero);
 	if (st->span_other)
 		stat_add(METER_STAT_SPAN_UNATTRIBUTED_NS, span * st->span_other / total);
-	cgid = current_cgid();
-	if (all > used)
-		accumulate(st, cgid, all - used, left);
-	st->last_ns = now;
 }
 
 int meter_softirq_exit(struct bpf_raw_tracepoint_args *ctx)
@@ -442,14 +660,49 @@ int meter_softirq_exit(struct bpf_raw_tracepoint_args *ctx)
 }
 #endif /* METER_NET */
 
-/* Attached by user space to the raw tracepoint sched_switch. */
+/* Attached by user space to the raw tracepoint sched_switch(preempt, prev, next). */
 int meter_switch(struct bpf_raw_tracepoint_args *ctx)
 {
-	return charge(1);
+	struct meter_cpu *st = charging_state();
+	u64 now, cgid;
+
+	if (!st)
+		return 0;
+	now = bpf_ktime_get_ns();
+#if METER_NET
+	/* Packet counts of a window this CPU has left (see net_flush); only
+	 * at a switch, which no tc program can be interrupted by. */
+	if (st->net_ndirty && now >= st->net_window_end)
+		net_flush(st);
+#endif
+	cgid = current_cgid();
+#if METER_KERNEL_CHARGE
+	{
+		u64 prev = ctx->args[1], next = ctx->args[2];
+
+#if METER_STEAL
+		look_steal(st, cgid == METER_IDLE_CGID ? next : prev);
+#endif
+		charge_until(st, now, cgid, prev, cgid == METER_IDLE_CGID ? 0 : kread(prev + METER_TASK_SUM_OFF));
+		st->task = next;
+		st->sum = kread(next + METER_TASK_SUM_OFF);
+		st->ahead = 0;
+	}
+#else
+	charge_until(st, now, cgid, 0, 0);
+#endif
+	return 0;
 }
 
 /* The window tick: closes a long-running slice at least once per window. */
 int meter_tick(struct bpf_perf_event_data *ctx)
 {
-	return charge(0);
+	struct meter_cpu *st = charging_state();
+
+	if (!st)
+		return 0;
+	/* No look at steal here: without the run queue's lock a remote CPU may
+	 * be updating its clocks (a torn read); the switches look. */
+	charge_until(st, bpf_ktime_get_ns(), current_cgid(), 0, 0);
+	return 0;
 }

@@ -3,7 +3,7 @@
 Kernel programs (``bpf/``) attribute CPU time, perf counters, packets and
 kernel packet-processing time to cgroups; sources drain them in bulk; the
 engine resolves cgroups to tenants and compartments and hands numpy record
-batches to sinks. See DESIGN.md for the flow and the record model.
+batches to sinks. See docs/architecture.md for the flow and the record model.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ records, converted once::
 
     currency = "EUR"
     [prices]
-    cpu_second = "0.00002"          # per CPU-second (cpu_ns + softirq_ns)
+    cpu_second = "0.00002"          # per CPU-second (cpu_ns + softirq_ns - softirq_given_ns)
     gigacycle = "0.000001"          # per 10^9 cycles
     million_cache_misses = "0.0001" # per 10^6 cache misses
     kwh = "0.30"                    # per kWh of attributed energy
@@ -59,12 +59,19 @@ class Meter:
     unit: str
     description: str
     service: str
+    #: Fields subtracted from the sum (time a compartment ran for others).
+    minus: tuple[str, ...] = ()
+
+    @property
+    def all_fields(self) -> tuple[str, ...]:
+        return self.fields + self.minus
 
 
 #: The meters a price sheet can price, in invoice order.
 METERS = (
     Meter("cpu_second", ("cpu_ns", "softirq_ns"), Decimal(10**9), "CPU-second",
-          "CPU time of the compartment's tasks and of the kernel's packet processing for it", "Compute"),
+          "CPU time of the compartment's tasks and of the kernel's packet processing for it", "Compute",
+          minus=("softirq_given_ns",)),
     Meter("gigacycle", ("cycles",), Decimal(10**9), "10^9 cycles", "CPU cycles", "Compute"),
     Meter("million_cache_misses", ("cache_misses",), Decimal(10**6), "10^6 cache misses", "Last-level cache misses",
           "Compute"),
@@ -76,7 +83,7 @@ METERS = (
           "Networking"),
 )
 _BY_KEY = {m.key: m for m in METERS}
-NOT_BILLED = ("host", "idle")
+NOT_BILLED = ("host", "idle", "sched", "steal")
 
 
 def _decimal(value: Any, *, path: str, key: str) -> Decimal:
@@ -187,7 +194,7 @@ class Invoice:
 def usage_from_rollups(rows: list[dict[str, Any]]) -> dict[str, dict[str, int | None]]:
     """Per-tenant integer sums of every record field from rollup rows."""
     usage: dict[str, dict[str, int | None]] = {}
-    fields = sorted({f for m in METERS for f in m.fields})
+    fields = sorted({f for m in METERS for f in m.all_fields})
     for row in rows:
         u = usage.setdefault(row["tenant"], dict.fromkeys(fields))
         for f in fields:
@@ -218,7 +225,7 @@ def invoices(usage: dict[str, dict[str, int | None]], prices: PriceSheet, start_
             values = [usage[name].get(f) for f in m.fields]
             if all(v is None for v in values):
                 continue  # not measured for this tenant: no line, not a zero line
-            consumed = sum(v or 0 for v in values)
+            consumed = sum(v or 0 for v in values) - sum(usage[name].get(f) or 0 for f in m.minus)
             unit_price = prices.price(name, m.key)
             if unit_price is None:
                 if consumed == 0:
@@ -232,7 +239,7 @@ def invoices(usage: dict[str, dict[str, int | None]], prices: PriceSheet, start_
     return out
 
 
-_SUM_FIELDS = tuple(sorted({f for m in METERS for f in m.fields}))
+_SUM_FIELDS = tuple(sorted({f for m in METERS for f in m.all_fields}))
 
 
 def usage_from_store(store: Any, start_ns: int, end_ns: int, period_ns: int) -> dict[int, dict[str, dict[str, int | None]]]:

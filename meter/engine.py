@@ -32,14 +32,14 @@ from .perf import (
     open_error,
     parse_event,
 )
-from .resolver import IDLE_ROW, Resolver
+from .resolver import IDLE_ROW, PSEUDO_ROWS, Resolver
 from .sources.energy import EnergySettings, ModelReader, pick_reader
 from .sources.net import KIND_RX, NetDrain, NetSource, Port, parse_port
-from .sources.sched import PORT_CGID_BIT, SchedDrain, SchedSource
+from .sources.sched import GIVEN_BIT, PORT_CGID_BIT, SchedDrain, SchedSource
 from .sources.sriov import VF_FIELDS, VFSource
 from .topology import Topology
 
-__all__ = ["ENERGY_DOMAINS", "CounterPlan", "Meter", "MeterStats", "plan_counters"]
+__all__ = ["ENERGY_DOMAINS", "CounterPlan", "Meter", "MeterStats", "plan_counters", "window_sums", "window_totals"]
 
 log = logging.getLogger("meter")
 
@@ -119,6 +119,7 @@ class MeterStats:
     counter_errors: int = 0
     net_dropped_updates: int = 0  # packet updates not stored: net map full
     softirq_unattributed_ns: int = 0  # NET softirq time left with the interrupted task
+    unplaced_ns: int = 0  # kernel/clock differences the kernel side had no room to carry
     warmup_windows_skipped: int = 0
     conservation_violations: int = 0
     unresolved_cgroups: int = 0
@@ -252,7 +253,8 @@ class Meter:
             self._close_sources()
             raise
         self._offset_ns = _realtime_offset_ns()
-        self._stop.clear()
+        # _stop is not cleared here: a stop asked for while opening (SIGTERM
+        # during start-up) must still stop the meter. close() clears it.
         self._flushed = False
 
     def close(self) -> None:
@@ -264,6 +266,7 @@ class Meter:
                     self._dispatch(self._drain(final=True))
             finally:
                 self._close_sources()
+        self._stop.clear()  # ready to be opened and run again
 
     def _close_sources(self) -> None:
         """Detach tc filters first (they use the sched object's maps), then the rest."""
@@ -353,9 +356,9 @@ class Meter:
         return batch
 
     # Columns summed per (window, row) before records are built.
-    _SUMS = ("cpu_ns", "softirq_ns", "rx_packets", "rx_bytes", "tx_packets", "tx_bytes",
+    _SUMS = ("cpu_ns", "softirq_ns", "softirq_given_ns", "rx_packets", "rx_bytes", "tx_packets", "tx_bytes",
              "vf_rx_packets", "vf_rx_bytes", "vf_tx_packets", "vf_tx_bytes")
-    _NET_SUMS = _SUMS[1:6]
+    _NET_SUMS = ("softirq_ns", "rx_packets", "rx_bytes", "tx_packets", "tx_bytes")
 
     def _build(self, d: SchedDrain, nd: NetDrain | None = None,
                vf: dict[int, tuple[int, int, int, int]] | None = None) -> np.ndarray:
@@ -381,8 +384,14 @@ class Meter:
         self.stats.warmup_windows_skipped += int(np.unique(d.window[~keep]).size)
         window, cgid, ns, counts = d.window[keep], d.cgid[keep], d.ns[keep], d.counts[keep]
         is_port = cgid >= np.uint64(PORT_CGID_BIT)
-        if np.any(~is_port):
-            add(window[~is_port], res.rows(cgid[~is_port]), cpu_ns=ns[~is_port], counts=counts[~is_port])
+        is_given = ~is_port & (cgid >= np.uint64(GIVEN_BIT))
+        is_cpu = ~is_port & ~is_given
+        if np.any(is_cpu):
+            add(window[is_cpu], res.rows(cgid[is_cpu]), cpu_ns=ns[is_cpu], counts=counts[is_cpu])
+        if np.any(is_given):
+            # Softirq time run inside a row's cpu_ns for other rows' ports.
+            add(window[is_given], res.rows(cgid[is_given] & ~np.uint64(GIVEN_BIT)), softirq_given_ns=ns[is_given],
+                counts=counts[is_given])
         if np.any(is_port):
             port = (cgid[is_port] & np.uint64(0xFFFFFFFF)).astype(np.int64)
             add(window[is_port], self._port_row[port], softirq_ns=ns[is_port], counts=counts[is_port])
@@ -423,14 +432,15 @@ class Meter:
             "cgroup_id": np.asarray(res.cgroup_ids, np.uint64)[g_row],
             "cpu_ns": g_ns,
             "seq": np.arange(self._seq, self._seq + n),
-            "cpu_source": "sched_switch",
+            "cpu_source": np.where(g_row < PSEUDO_ROWS, "clock",
+                                   "kernel" if self._sched.kernel_charge else "clock").astype(object),
             "counters_source": self.plan.source,
         }
         for i, field in enumerate(self.plan.events):
             cols[field] = g[:, len(self._SUMS) + i]
         if "cycles" in self.plan.estimated and self.plan.hz:
-            # Softirq time spent for the compartment runs cycles too.
-            cycles = (g_ns + g[:, 1]) * self.plan.hz // 1_000_000_000
+            # Softirq time spent for the compartment runs cycles too (and time given away does not).
+            cycles = (g_ns + g[:, 1] - g[:, 2]) * self.plan.hz // 1_000_000_000
             cycles[g_row == IDLE_ROW] = records.NULL
             cols["cycles"] = cycles
         if self._net is not None:
@@ -439,6 +449,8 @@ class Meter:
             for name in self._NET_SUMS:
                 cols[name] = np.where(has_ports, g[:, self._SUMS.index(name)], records.NULL)
             cols["net_source"] = np.where(has_ports, "tc", "").astype(object)
+            # Any row's time can be interrupted by packet work for others' ports.
+            cols["softirq_given_ns"] = g[:, self._SUMS.index("softirq_given_ns")]
         if self._vf is not None:
             has_vfs = self._row_has_vfs[g_row]
             for name in VF_FIELDS:
@@ -562,18 +574,18 @@ class Meter:
         self.stats.counter_errors = k["counter_errors"]
         self.stats.net_dropped_updates = k["net_drop_updates"]
         self.stats.softirq_unattributed_ns = k["span_unattributed_ns"]
+        self.stats.unplaced_ns = k["unplaced_ns"]
         self.stats.nudges = self._sched.nudges
         first = self._sched.first_window
         self.stats.first_window_start_ns = first * self.window_ns + self._offset_ns
         self.stats.covered_ns = max(0, self._sched.closed_window + 1 - first) * self.window_ns
         self.stats.records += len(batch)
         if len(batch):
-            # Every CPU-ns of a window is some row's cpu_ns or softirq_ns.
-            starts, sums = window_sums(batch, "cpu_ns")
-            _, softirq = window_sums(batch, "softirq_ns")
+            # Every CPU-ns of a window is some row's cpu_ns, or softirq_ns given by another row.
+            starts, sums = window_totals(batch)
             self.stats.windows += len(starts)
             expected = self.ncpu * self.window_ns
-            self.stats.conservation_violations += int(np.count_nonzero(sums + softirq != expected))
+            self.stats.conservation_violations += int(np.count_nonzero(sums != expected))
             self.stats.last_window_end_ns = int(starts[-1]) + self.window_ns
 
     def batches(self, duration: float | None = None) -> Iterator[np.ndarray]:
@@ -664,6 +676,18 @@ def window_sums(batch: np.ndarray, field: str) -> tuple[np.ndarray, np.ndarray]:
         return starts, values
     first = np.flatnonzero(np.r_[True, starts[1:] != starts[:-1]])
     return starts[first], np.add.reduceat(values, first)
+
+
+def window_totals(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(window starts, the CPU time each window's records account for).
+
+    cpu_ns + softirq_ns - softirq_given_ns over every row of a window: with
+    every CPU metered, ncpu x W.
+    """
+    starts, cpu = window_sums(batch, "cpu_ns")
+    _, softirq = window_sums(batch, "softirq_ns")
+    _, given = window_sums(batch, "softirq_given_ns")
+    return starts, cpu + softirq - given
 
 
 def _realtime_offset_ns() -> int:

@@ -11,16 +11,19 @@ host                host name the record was measured on
 tenant              tenant name; ``host``/``idle`` for the pseudo-compartments
 compartment         compartment name; ``host``/``idle`` for the pseudo-compartments
 cgroup_id           the compartment's cgroup id (0 for idle)
-cpu_ns              CPU time of the compartment's tasks in the window, ns
+cpu_ns              CPU time the kernel charged the compartment's tasks, placed in windows, ns
 cycles              CPU cycles (measured, or estimated: see counters_source)
 instructions        instructions retired
 cache_misses        last-level cache misses
-softirq_ns          kernel packet-processing time charged to the compartment, ns
+softirq_ns          kernel packet-processing time for the compartment's ports, ns
+softirq_given_ns    of its cpu_ns, packet processing it ran for other rows' ports, ns
 energy_uj           energy attributed to the compartment, microjoules
 rx_packets ...      packets/bytes across the compartment's interfaces
 vf_* ...            SR-IOV VF counters of the compartment's VFs
 seq                 per-host sequence number (idempotent storage key with host)
-cpu_source          where cpu_ns came from: ``sched_switch`` or ``cpu.stat``
+cpu_source          where cpu_ns came from: ``kernel`` (the scheduler's own charge,
+                    placed by the clock), ``clock`` (time between switches: no
+                    BTF) or ``cpu.stat``
 counters_source     ``pmu``, ``cpu-clock estimate`` or ``perf:<spec,...>``
 energy_source       ``rapl-perf``, ``powercap``, ``pyrapl`` or ``model``
 net_source          ``tc``
@@ -66,6 +69,7 @@ COUNTER_COLUMNS = (
     "instructions",
     "cache_misses",
     "softirq_ns",
+    "softirq_given_ns",
     "energy_uj",
     "rx_packets",
     "rx_bytes",

@@ -1,7 +1,8 @@
 """Resolving cgroup ids to record rows: ``host``, ``idle``, then compartments.
 
 Row 0 is ``host`` (tasks in no compartment), row 1 is ``idle`` (the idle
-task), rows 2.. are compartments. A cgroup id is resolved once and
+task), row 2 ``sched`` (clock time the kernel charged to no task), row 3
+``steal`` (time the hypervisor took), rows 4.. are compartments. A cgroup id is resolved once and
 remembered, so a compartment whose cgroup is removed while metering keeps
 its usage. Under a discovered topology (``--cgroup-root``), an unknown id
 makes the resolver re-read the root, and new compartments are appended as
@@ -16,14 +17,22 @@ import numpy as np
 
 from .cgroup import CgroupIndex, cgroup_id
 from .errors import CgroupError
-from .topology import HOST, IDLE, Compartment, Topology
+from .topology import HOST, IDLE, SCHED, STEAL, Compartment, Topology
 
-__all__ = ["HOST_ROW", "IDLE_CGID", "IDLE_ROW", "Resolver"]
+__all__ = ["HOST_ROW", "IDLE_CGID", "IDLE_ROW", "PSEUDO_ROWS", "Resolver", "SCHED_ROW", "STEAL_ROW"]
 
 #: The cgroup id the kernel programs use for the idle task (METER_IDLE_CGID).
 IDLE_CGID = 0
+#: Pseudo-cgroup ids of the sched and steal rows (METER_SCHED_CGID, METER_STEAL_CGID).
+SCHED_CGID = (1 << 61) | 1
+STEAL_CGID = (1 << 61) | 2
 HOST_ROW = 0
 IDLE_ROW = 1
+SCHED_ROW = 2
+STEAL_ROW = 3
+#: Rows that are meter's own, not compartments.
+PSEUDO_ROWS = 4
+_PSEUDO = {IDLE_CGID: IDLE_ROW, SCHED_CGID: SCHED_ROW, STEAL_CGID: STEAL_ROW}
 
 
 class Resolver:
@@ -32,11 +41,11 @@ class Resolver:
     def __init__(self, topology: Topology, index: CgroupIndex | None = None) -> None:
         self.topology = topology
         self.index = index if index is not None else CgroupIndex(topology.mount)
-        self.tenants: list[str] = [HOST, IDLE]
-        self.names: list[str] = [HOST, IDLE]
-        self.cgroup_ids: list[int] = [cgroup_id(topology.mount), IDLE_CGID]
-        self.compartments: list[Compartment | None] = [None, None]
-        self._rows: dict[int, int] = {IDLE_CGID: IDLE_ROW}
+        self.tenants: list[str] = [HOST, IDLE, SCHED, STEAL]
+        self.names: list[str] = [HOST, IDLE, SCHED, STEAL]
+        self.cgroup_ids: list[int] = [cgroup_id(topology.mount), IDLE_CGID, SCHED_CGID, STEAL_CGID]
+        self.compartments: list[Compartment | None] = [None] * PSEUDO_ROWS
+        self._rows: dict[int, int] = dict(_PSEUDO)
         self.unresolved = 0  # ids no scan could name (charged to host)
         self._add(topology.compartments)
 
@@ -51,7 +60,7 @@ class Resolver:
         """Follow a new topology: rows of kept compartments stay, new ones are
         appended, removed ones keep their row but receive nothing more."""
         self.topology = topology
-        self._rows = {IDLE_CGID: IDLE_ROW}
+        self._rows = dict(_PSEUDO)
         self._add(topology.compartments)
 
     def _add(self, compartments: tuple[Compartment, ...]) -> None:

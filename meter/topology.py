@@ -1,6 +1,6 @@
 """Topology: which cgroups are compartments, and which tenant owns each.
 
-Two ways in, as in DESIGN.md:
+Two ways in (README, "Topology"):
 
 * a TOML file (``--config``)::
 
@@ -37,6 +37,9 @@ from .errors import CgroupError, ConfigError
 __all__ = [
     "HOST",
     "IDLE",
+    "RESERVED",
+    "SCHED",
+    "STEAL",
     "NAME_MAX",
     "Compartment",
     "Topology",
@@ -47,6 +50,12 @@ __all__ = [
 HOST = "host"
 #: Pseudo-compartment for the idle task.
 IDLE = "idle"
+#: Pseudo-compartment for CPU time the kernel charged to no task (scheduler work).
+SCHED = "sched"
+#: Pseudo-compartment for time the hypervisor took from this host's CPUs.
+STEAL = "steal"
+#: Names of meter's own rows, which no tenant or compartment may take.
+RESERVED = (HOST, IDLE, SCHED, STEAL)
 #: Longest tenant or compartment name (records store names at fixed width).
 NAME_MAX = 64
 
@@ -124,7 +133,7 @@ class Topology:
         comps = []
         for child in sorted(p for p in base.iterdir() if p.is_dir()):
             name = child.name
-            if name in (HOST, IDLE) or not _NAME_RE.match(name) or len(name) > NAME_MAX:
+            if name in RESERVED or not _NAME_RE.match(name) or len(name) > NAME_MAX:
                 continue  # cannot be named in records; its usage counts as host
             comps.append(Compartment(tenant=name, name=name, cgroup=child))
         return cls(tuple(comps), mnt, cgroup_root=base)
@@ -213,7 +222,7 @@ class _Parser:
             raise self.fail(key, "must be a non-empty string")
         if not _NAME_RE.match(value) or len(value) > NAME_MAX:
             raise self.fail(key, f"{value!r} must be at most {NAME_MAX} letters, digits or _.:@+-", value)
-        if value in (HOST, IDLE):
+        if value in RESERVED:
             raise self.fail(key, f"{value!r} is reserved for meter's own {value} row", value)
         return value
 

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -235,7 +236,15 @@ def test_kill_9_loses_at_most_the_batch_in_flight_and_restart_continues(tmp_path
     store = tmp_path / "r.db"
     cmd = [*meter_bin, "record", "--cgroup-root", str(cgroups.root), "--store", str(store)]
     p = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
-    time.sleep(4)
+    # Start-up (compiling the programs) takes seconds on a busy host: kill it
+    # once it has stored a few batches, whenever that is.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and p.poll() is None:
+        time.sleep(0.25)
+        if store.exists():
+            with Store(store) as s:
+                if s.next_seq(socket.gethostname()) > 600:
+                    break
     p.send_signal(signal.SIGKILL)
     p.wait()
     with Store(store) as s:

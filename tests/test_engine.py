@@ -170,8 +170,12 @@ def test_perf_counter_plumbing_with_a_software_event(tmp_path, cgroups, cgroup_m
         batch = _run(meter, 0.1)
     assert set(np.unique(batch["counters_source"])) == {"perf:cycles=sw:cpu-clock"}
     mine = batch[batch["tenant"] == "c"]
-    assert mine["cycles"].sum() == pytest.approx(mine["cpu_ns"].sum(), rel=0.01)
-    assert batch["cycles"].sum() == pytest.approx(batch["cpu_ns"].sum(), rel=0.01)
+    # cpu-clock counts the clock while a task is on the CPU; cpu_ns is what the
+    # kernel charged, which leaves hypervisor steal out (and the steal row
+    # holds it): they differ by at most the steal seen.
+    steal = int(batch["cpu_ns"][batch["tenant"] == "steal"].sum())
+    assert abs(int(mine["cycles"].sum()) - int(mine["cpu_ns"].sum())) <= 0.01 * mine["cpu_ns"].sum() + steal
+    assert abs(int(batch["cycles"].sum()) - int(batch["cpu_ns"].sum())) <= 0.01 * batch["cpu_ns"].sum() + steal
     assert np.all(batch["instructions"] == NULL) and np.all(batch["cache_misses"] == NULL)
     assert meter.stats.counter_errors == 0
 

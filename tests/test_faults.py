@@ -50,6 +50,13 @@ def test_unprivileged_run_names_the_missing_capability(meter_bin, tmp_path):
     assert "CAP_BPF" in res.stderr and "sudo" in res.stderr
 
 
+def _meter_filter_ids(dev: str) -> list[int]:
+    """Program ids of meter's ingress filters on dev."""
+    out = subprocess.run(["tc", "-j", "filter", "show", "dev", dev, "ingress"], capture_output=True, text=True).stdout
+    return sorted(f["options"].get("prog", {}).get("id", -1) for f in json.loads(out or "[]")
+                  if "meter" in json.dumps(f) and "options" in f)
+
+
 def _meter_filters(dev: str) -> int:
     out = subprocess.run(["tc", "-j", "filter", "show", "dev", dev, "ingress"], capture_output=True, text=True).stdout
     return sum(1 for f in json.loads(out or "[]") if "meter" in json.dumps(f))
@@ -72,13 +79,40 @@ def test_sigkill_then_restart_cleans_stale_attachments(tmp_path, cgroups, cgroup
     p.wait()
     # A killed meter cannot clean up: its tc filter (and program) outlive it.
     assert _meter_filters(dev) >= 1
+    stale = _meter_filter_ids(dev)
     p = subprocess.Popen([*meter_bin, "record", "--config", str(cfg), "-o", str(out)], stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
-    time.sleep(3)
-    assert _meter_filters(dev) == 1  # the stale one was recognised by name and replaced, not doubled
-    p.send_signal(signal.SIGTERM)
-    _, err = p.communicate(timeout=30)
+    try:
+        # Start-up takes seconds on a busy host: wait for the new meter's filter.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and _meter_filter_ids(dev) in ([], stale):
+            time.sleep(0.1)
+        time.sleep(0.5)
+        assert _meter_filters(dev) == 1  # the stale one was recognised by name and replaced, not doubled
+        assert _meter_filter_ids(dev) != stale
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
     assert p.returncode == 0, err
     assert _meter_filters(dev) == 0
     progs = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True).stdout
     assert not [x for x in json.loads(progs) if x.get("name", "").startswith("meter_tc")]
+
+
+@pytest.mark.bpf
+def test_sigterm_during_start_up_stops_the_meter(tmp_path, cgroups, meter_bin):
+    """A stop asked for while the programs compile is kept, not lost when open() finishes."""
+    cgroups.make("s")
+    p = subprocess.Popen([*meter_bin, "record", "--cgroup-root", str(cgroups.root), "-o", str(tmp_path / "r.jsonl")],
+                         stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)  # bcc is still compiling: seconds on any host
+    p.send_signal(signal.SIGTERM)
+    try:
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 0, err

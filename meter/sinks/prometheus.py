@@ -54,6 +54,8 @@ _SIMPLE = (
     ("meter_instructions_total", "instructions", 1, "Instructions retired."),
     ("meter_cache_misses_total", "cache_misses", 1, "Last-level cache misses."),
     ("meter_softirq_seconds_total", "softirq_ns", 1e-9, "NET softirq time spent on the compartment's packets."),
+    ("meter_softirq_given_seconds_total", "softirq_given_ns", 1e-9,
+     "NET softirq time run inside the compartment's CPU time for other compartments' packets."),
 )
 
 

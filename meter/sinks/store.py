@@ -81,6 +81,11 @@ class Store:
                 f"CREATE TABLE IF NOT EXISTS {table} (host TEXT, tenant TEXT, compartment TEXT, period_start_ns INTEGER, "
                 f"records INTEGER, {sums}, PRIMARY KEY (host, tenant, compartment, period_start_ns)) WITHOUT ROWID"
             )
+            # A store written before a counter column existed gets it (NULL: not measured then).
+            have = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
+            for name in COUNTER_COLUMNS:
+                if name not in have:
+                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {name} INTEGER")
 
     def close(self) -> None:
         self.db.close()

@@ -36,9 +36,49 @@ KEY_DTYPE = np.dtype([("cgid", np.uint64), ("window", np.uint64)])
 USAGE_DTYPE = np.dtype([("ns", np.uint64), ("count", np.uint64, (MAX_COUNTERS,))])
 
 # enum meter_stat in bpf/meter.h
-_STATS = ("late_ns", "drop_ns", "drop_updates", "counter_errors", "net_drop_updates", "span_unattributed_ns")
+_STATS = ("late_ns", "drop_ns", "drop_updates", "counter_errors", "net_drop_updates", "span_unattributed_ns",
+          "unplaced_ns", "unsettled")
 #: Softirq time of port p is charged to pseudo-cgroup PORT_CGID_BIT | p (METER_PORT_CGID).
 PORT_CGID_BIT = 1 << 63
+#: NET softirq time given away by cgroup c is charged to GIVEN_BIT | c (METER_GIVEN_BIT).
+GIVEN_BIT = 1 << 62
+#: Clock time the kernel charged to no task (METER_SCHED_CGID, METER_STEAL_CGID).
+SCHED_CGID = (1 << 61) | 1
+STEAL_CGID = (1 << 61) | 2
+
+#: Kernel fields the program reads, as (-D setting, BTF path). The first
+#: makes CPU time the kernel's own charge; the rest find steal time.
+KERNEL_FIELDS = (
+    ("METER_TASK_SUM_OFF", "task_struct.se.sum_exec_runtime"),
+    ("METER_TASK_CFS_RQ_OFF", "task_struct.se.cfs_rq"),
+    ("METER_CFS_RQ_RQ_OFF", "cfs_rq.rq"),
+    ("METER_RQ_CLOCK_OFF", "rq.clock"),
+    ("METER_RQ_CLOCK_TASK_OFF", "rq.clock_task"),
+    ("METER_RQ_CPU_OFF", "rq.cpu"),
+)
+
+
+def kernel_field_defines(btf_path: str | None = None) -> tuple[dict[str, int], str | None]:
+    """``-D`` offsets of the kernel fields found in the running kernel's BTF.
+
+    Returns (defines, reason): without ``task_struct.se.sum_exec_runtime``
+    the defines are empty and ``reason`` says why (CPU time then comes from
+    the clock alone, flagged in the records' ``cpu_source``).
+    """
+    from ..btf import BTF_PATH, BTFError, kernel_btf  # noqa: PLC0415
+
+    try:
+        btf = kernel_btf(btf_path or BTF_PATH)
+    except BTFError as err:
+        return {}, str(err)
+    out: dict[str, int] = {}
+    for define, path in KERNEL_FIELDS:
+        try:
+            out[define] = btf.offset(path)
+        except BTFError as err:
+            if define == "METER_TASK_SUM_OFF":
+                return {}, str(err)
+    return out, None
 _CTL_WATERMARK = 0
 _CTL_FIRST = 1
 _NEVER = 2**63 - 1
@@ -96,6 +136,11 @@ class SchedSource:
         self.net_entries = net_entries
         self.max_ports = max_ports
         self.bpf: Any = None
+        #: True when cpu time is the kernel's own charge (se.sum_exec_runtime
+        #: from BTF offsets); False: the clock between switches (fallback).
+        self.kernel_charge = False
+        #: Why kernel_charge is False (None when it is True, or not open).
+        self.kernel_charge_reason: str | None = None
         self.ncpu = 0
         self.nudges = 0
         self._published = 0
@@ -115,6 +160,9 @@ class SchedSource:
             "METER_USAGE_ENTRIES": self.map_entries,
             "METER_MAX_SPAN": self.max_span,
         }
+        fields, self.kernel_charge_reason = kernel_field_defines()
+        defines |= fields
+        self.kernel_charge = "METER_TASK_SUM_OFF" in fields
         names = [self.program_name]
         if self.net_entries:
             defines |= {"METER_NET": 1, "METER_NET_ENTRIES": self.net_entries,

@@ -110,6 +110,9 @@ struct meter_cpu {
 	__u64 rq;
 	__u64 stolen;
 	__u64 steal;
+	/* This CPU's KVM steal_time record (0: none) and its steal at the last look. */
+	__u64 kvm;
+	__u64 kvm_seen;
 	/* A NET softirq span in progress (since span_start): the tc
 	 * programs note which ports' packets it processed. */
 	__u64 span_start;

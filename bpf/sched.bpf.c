@@ -523,23 +523,81 @@ static __always_inline void charge_until(struct meter_cpu *st, u64 now, u64 cgid
 }
 
 #if METER_STEAL
-/* Note the steal time this CPU's run queue has seen since the last look. */
-static __always_inline void look_steal(struct meter_cpu *st, u64 task)
+#if defined(METER_PCPU_RUNQUEUES_OFF) && defined(METER_PCPU_CPU_NUMBER_OFF) && \
+	defined(METER_PCPU_STEAL_TIME_OFF) && defined(METER_KVM_STEAL_OFF) && defined(METER_KVM_VERSION_OFF)
+#define METER_KVM_STEAL 1
+#else
+#define METER_KVM_STEAL 0
+#endif
+
+static __always_inline u32 kread32(u64 addr)
+{
+	u32 v = ~0U;
+
+	bpf_probe_read_kernel(&v, sizeof(v), (void *)addr);
+	return v;
+}
+
+#if METER_KVM_STEAL
+/* The hypervisor's steal counter for this CPU, or -1 while it is being written. */
+static __always_inline u64 kvm_steal(struct meter_cpu *st)
+{
+	u32 v1 = kread32(st->kvm + METER_KVM_VERSION_OFF);
+	u64 steal = kread(st->kvm + METER_KVM_STEAL_OFF);
+	u32 v2 = kread32(st->kvm + METER_KVM_VERSION_OFF);
+
+	return v1 != v2 || (v1 & 1) ? ~0ULL : steal;
+}
+#endif
+
+/*
+ * Note the steal time this CPU has seen since the last look: the
+ * hypervisor's own counter (KVM guests; any time), else the run queue's
+ * rq->clock - rq->clock_task (only `locked`: under the run queue's lock,
+ * which a switch holds; elsewhere a remote CPU may be updating them).
+ */
+static __always_inline void look_steal(struct meter_cpu *st, u64 task, int locked)
 {
 	u64 s;
 
 	if (!st->rq) {
-		u64 rq = kread(kread(task + METER_TASK_CFS_RQ_OFF) + METER_CFS_RQ_RQ_OFF);
-		u32 cpu = ~0U;
+		/* First look: find this CPU's run queue through a task, check it. */
+		u64 rq = task ? kread(kread(task + METER_TASK_CFS_RQ_OFF) + METER_CFS_RQ_RQ_OFF) : 0;
 
-		if (rq)
-			bpf_probe_read_kernel(&cpu, sizeof(cpu), (void *)(rq + METER_RQ_CPU_OFF));
-		if (!rq || cpu != bpf_get_smp_processor_id())
+		if (!rq || kread32(rq + METER_RQ_CPU_OFF) != bpf_get_smp_processor_id() || !locked)
 			return;
 		st->rq = rq;
 		st->stolen = kread(rq + METER_RQ_CLOCK_OFF) - kread(rq + METER_RQ_CLOCK_TASK_OFF);
+#if METER_KVM_STEAL
+		{
+			/* The per-CPU base is the run queue's address less its offset. */
+			u64 base = rq - METER_PCPU_RUNQUEUES_OFF;
+
+			if (kread32(base + METER_PCPU_CPU_NUMBER_OFF) == bpf_get_smp_processor_id()) {
+				st->kvm = base + METER_PCPU_STEAL_TIME_OFF;
+				st->kvm_seen = kvm_steal(st);
+				if (st->kvm_seen == ~0ULL)
+					st->kvm = 0;   /* try again at the next first look */
+				if (!st->kvm)
+					st->rq = 0;
+			}
+		}
+#endif
 		return;
 	}
+#if METER_KVM_STEAL
+	if (st->kvm) {
+		s = kvm_steal(st);
+		if (s == ~0ULL)
+			return;
+		if (s > st->kvm_seen)
+			st->steal += s - st->kvm_seen;
+		st->kvm_seen = s;
+		return;
+	}
+#endif
+	if (!locked)
+		return;
 	s = kread(st->rq + METER_RQ_CLOCK_OFF) - kread(st->rq + METER_RQ_CLOCK_TASK_OFF);
 	if (s > st->stolen)
 		st->steal += s - st->stolen;
@@ -681,7 +739,7 @@ int meter_switch(struct bpf_raw_tracepoint_args *ctx)
 		u64 prev = ctx->args[1], next = ctx->args[2];
 
 #if METER_STEAL
-		look_steal(st, cgid == METER_IDLE_CGID ? next : prev);
+		look_steal(st, cgid == METER_IDLE_CGID ? next : prev, 1);
 #endif
 		charge_until(st, now, cgid, prev, cgid == METER_IDLE_CGID ? 0 : kread(prev + METER_TASK_SUM_OFF));
 		st->task = next;
@@ -701,8 +759,10 @@ int meter_tick(struct bpf_perf_event_data *ctx)
 
 	if (!st)
 		return 0;
-	/* No look at steal here: without the run queue's lock a remote CPU may
-	 * be updating its clocks (a torn read); the switches look. */
+#if METER_STEAL
+	/* Steal first: after a pause of the VM the clock's whole gap is no task's. */
+	look_steal(st, 0, 0);
+#endif
 	charge_until(st, bpf_ktime_get_ns(), current_cgid(), 0, 0);
 	return 0;
 }

@@ -51,6 +51,7 @@ class BTF:
         # only for the types a lookup walks through.
         self._pos: list[int] = [0]
         self._structs: dict[str, int] = {}
+        self._datasecs: dict[str, int] = {}
         trailing = {_INT: 4, _VAR: 4, _DECL_TAG: 4, _ARRAY: 12}
         per_member = {_STRUCT: 12, _UNION: 12, _ENUM: 8, _FUNC_PROTO: 8, _DATASEC: 12, _ENUM64: 12}
         unpack = struct.Struct("<III").unpack_from
@@ -61,6 +62,8 @@ class BTF:
             kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
             if kind == _STRUCT and vlen and name_off:
                 self._structs.setdefault(self._str(name_off), len(self._pos) - 1)
+            elif kind == _DATASEC:
+                self._datasecs[self._str(name_off)] = len(self._pos) - 1
             pos += 12 + trailing.get(kind, 0) + per_member.get(kind, 0) * vlen
 
     def _type(self, type_id: int) -> tuple[int, int, list[tuple[str, int, int]]]:
@@ -123,6 +126,27 @@ class BTF:
             off, type_id = found
             total += off
         return total
+
+
+    def percpu_offset(self, var: str) -> int:
+        """Offset of per-CPU variable ``var`` in the kernel's per-CPU section.
+
+        A CPU's copy is at (that CPU's per-CPU base) + this offset; the base
+        is any per-CPU object's address minus its own offset (for example a
+        run queue's, ``runqueues``).
+        """
+        sec = self._datasecs.get(".data..percpu")
+        if sec is None:
+            raise BTFError("the kernel's BTF has no per-CPU section")
+        _name_off, info, _size = struct.unpack_from("<III", self._data, self._pos[sec])
+        pos = self._pos[sec] + 12
+        for _ in range(info & 0xFFFF):
+            var_id, off, _sz = struct.unpack_from("<III", self._data, pos)
+            pos += 12
+            name_off = struct.unpack_from("<I", self._data, self._pos[var_id])[0]
+            if self._str(name_off) == var:
+                return off
+        raise BTFError(f"the kernel has no per-CPU variable {var}")
 
 
 def kernel_btf(path: str | Path = BTF_PATH) -> BTF:

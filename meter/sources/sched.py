@@ -78,6 +78,18 @@ def kernel_field_defines(btf_path: str | None = None) -> tuple[dict[str, int], s
         except BTFError as err:
             if define == "METER_TASK_SUM_OFF":
                 return {}, str(err)
+    # The hypervisor's own steal counter (KVM guests): read at every tick,
+    # so a tick after the VM was paused does not charge the pause to a task.
+    try:
+        out |= {
+            "METER_PCPU_RUNQUEUES_OFF": btf.percpu_offset("runqueues"),
+            "METER_PCPU_CPU_NUMBER_OFF": btf.percpu_offset("cpu_number"),
+            "METER_PCPU_STEAL_TIME_OFF": btf.percpu_offset("steal_time"),
+            "METER_KVM_STEAL_OFF": btf.offset("kvm_steal_time.steal"),
+            "METER_KVM_VERSION_OFF": btf.offset("kvm_steal_time.version"),
+        }
+    except BTFError:
+        pass  # not a KVM guest kernel: steal from the run queue's clocks at switches
     return out, None
 _CTL_WATERMARK = 0
 _CTL_FIRST = 1

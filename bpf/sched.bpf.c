@@ -389,19 +389,19 @@ static __always_inline u64 pay(struct meter_cpu *st, u64 gap)
 	return used;
 }
 
-/* Move up to ns of cgid's time in the current window to SCHED; returns what was moved. */
-static __always_inline u64 take_back(struct meter_cpu *st, u64 cgid, u64 ns)
+/* Move up to ns of `from`'s time in the current window to `to`; returns what was moved. */
+static __always_inline u64 move(struct meter_cpu *st, u64 from, u64 to, u64 ns)
 {
 	u64 zero[METER_MAX_COUNTERS] = {};
-	struct meter_slot *s = &st->slot[slot_of(cgid)];
+	struct meter_slot *s = &st->slot[slot_of(from)];
 	u64 t;
 
 	/* Keep 1 ns: an empty slot would hand its counter deltas to another cgroup. */
-	if (s->cgid != cgid || s->usage.ns <= 1)
+	if (!ns || s->cgid != from || s->usage.ns <= 1)
 		return 0;
 	t = ns < s->usage.ns - 1 ? ns : s->usage.ns - 1;
 	s->usage.ns -= t;
-	accumulate(st, METER_SCHED_CGID, t, zero);
+	accumulate(st, to, t, zero);
 	return t;
 }
 
@@ -473,19 +473,24 @@ static __always_inline void charge_until(struct meter_cpu *st, u64 now, u64 cgid
 		return;
 	}
 #if METER_KERNEL_CHARGE
-	if (task && task != st->task)
-		stat_add(METER_STAT_UNSETTLED, 1);
 	if (task && task == st->task) {
 		want = (s64)(sum - st->sum) - (s64)st->ahead + adj_take(st, cgid, 0);
 		st->sum = sum;
 		st->ahead = 0;
 		if (want >= (s64)span) {
-			adj_add(st, cgid, want - (s64)span);
+			/* The kernel charged more than the clock saw since the switch
+			 * (a wakeup is charged from before it): take that from idle's
+			 * or the scheduler's time in this window, else owe it. */
+			u64 more = (u64)want - span;
+
+			more -= move(st, METER_IDLE_CGID, cgid, more);
+			more -= move(st, METER_SCHED_CGID, cgid, more);
+			adj_add(st, cgid, (s64)more);
 		} else {
 			if (want < 0) {
 				/* The clock gave cgid more than the kernel did: take it
 				 * back from its time in this window, else its next time. */
-				adj_add(st, cgid, want + (s64)take_back(st, cgid, (u64)-want));
+				adj_add(st, cgid, want + (s64)move(st, cgid, METER_SCHED_CGID, (u64)-want));
 				want = 0;
 			}
 			gap = span - (u64)want;
@@ -511,12 +516,13 @@ static __always_inline void charge_until(struct meter_cpu *st, u64 now, u64 cgid
 			cut = c;
 		}
 #endif
+		/* The task ran span - cut as far as the kernel goes (ahead); the
+		 * credit repaid now comes off its share, not off that. */
+		st->ahead += span - cut;
 		c = credit < cap - cut ? credit : cap - cut;
 		fill_sched(st, c);
-		cut += c;
 		if (credit > c)
 			adj_add(st, cgid, -(s64)(credit - c));
-		st->ahead += span - cut;
 	}
 #endif
 	advance(st, cgid, now, delta);
@@ -602,6 +608,27 @@ static __always_inline void look_steal(struct meter_cpu *st, u64 task, int locke
 	if (s > st->stolen)
 		st->steal += s - st->stolen;
 	st->stolen = s;
+}
+#endif
+
+#if METER_KERNEL_CHARGE
+/*
+ * Follow `task`, which runs on this CPU although no switch to it was seen
+ * (it happens: a thread of this VM's init agent comes and goes unseen about
+ * once a second). Its slice started at the scheduler's own mark,
+ * se.prev_sum_exec_runtime (CFS sets it when it picks a task); what ticks
+ * gave provisionally since the last switch seen stays with its owners.
+ */
+static __always_inline void follow(struct meter_cpu *st, u64 task)
+{
+	stat_add(METER_STAT_UNSETTLED, 1);
+	st->task = task;
+#ifdef METER_TASK_PREV_SUM_OFF
+	st->sum = kread(task + METER_TASK_PREV_SUM_OFF);
+#else
+	st->sum = kread(task + METER_TASK_SUM_OFF);
+#endif
+	st->ahead = 0;
 }
 #endif
 
@@ -741,6 +768,11 @@ int meter_switch(struct bpf_raw_tracepoint_args *ctx)
 #if METER_STEAL
 		look_steal(st, cgid == METER_IDLE_CGID ? next : prev, 1);
 #endif
+#ifdef METER_TASK_PREV_SUM_OFF
+		/* prev came in unseen (rare; counted): follow it from here. */
+		if (cgid != METER_IDLE_CGID && prev != st->task)
+			follow(st, prev);
+#endif
 		charge_until(st, now, cgid, prev, cgid == METER_IDLE_CGID ? 0 : kread(prev + METER_TASK_SUM_OFF));
 		st->task = next;
 		st->sum = kread(next + METER_TASK_SUM_OFF);
@@ -762,6 +794,14 @@ int meter_tick(struct bpf_perf_event_data *ctx)
 #if METER_STEAL
 	/* Steal first: after a pause of the VM the clock's whole gap is no task's. */
 	look_steal(st, 0, 0);
+#endif
+#if METER_KERNEL_CHARGE
+	{
+		u64 task = bpf_get_current_task();
+
+		if (current_cgid() != METER_IDLE_CGID && task != st->task)
+			follow(st, task);
+	}
 #endif
 	charge_until(st, bpf_ktime_get_ns(), current_cgid(), 0, 0);
 	return 0;

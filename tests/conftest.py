@@ -80,6 +80,37 @@ class Cgroups:
         self.procs.append(p)
         return p
 
+    def spawn_stopped(self, cgroup: Path, argv: list[str]) -> subprocess.Popen[bytes]:
+        """Start ``argv`` inside ``cgroup``, stopped (SIGSTOP) before it execs.
+
+        The shell moves itself into the cgroup; the kernel charges the part of
+        that shell's slice before its last scheduler update to the cgroup it
+        came from. A caller that reads cpu.stat while the process is stopped,
+        then sends SIGCONT, compares only usage from inside the cgroup.
+        """
+        p = subprocess.Popen(
+            ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && kill -STOP $$ && exec "$@"', str(cgroup), *argv],
+            stdout=subprocess.DEVNULL,
+        )
+        self.procs.append(p)
+        deadline = time.monotonic() + 30
+        while not _stopped(p.pid):
+            assert time.monotonic() < deadline and p.poll() is None, f"{argv[0]} did not start"
+            time.sleep(0.002)
+        return p
+
+    def burner_code(self, duty: float, seconds: float) -> list[str]:
+        """argv of a process busy ``duty`` of every 10 ms for ``seconds``."""
+        code = (
+            "import time\n"
+            f"end = time.monotonic() + {seconds}\n"
+            "while (now := time.monotonic()) < end:\n"
+            f"    busy_until = now + {0.01 * duty}\n"
+            "    while time.monotonic() < busy_until: pass\n"
+            f"    time.sleep({0.01 * (1 - duty)})\n"
+        )
+        return [sys.executable, "-S", "-c", code]
+
     def burner(self, cgroup: Path, duty: float, seconds: float) -> subprocess.Popen[bytes]:
         """A process busy ``duty`` of every 10 ms for ``seconds``."""
         code = (
@@ -215,6 +246,14 @@ def net() -> Iterator[Net]:
 def _private_store(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Never let a test write to the real /var/lib/meter store."""
     monkeypatch.setenv("METER_STORE", str(tmp_path_factory.mktemp("store") / "records.db"))
+
+
+def _stopped(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "T"
+    except FileNotFoundError:
+        return False
 
 
 def steal_ns() -> int:

@@ -81,9 +81,11 @@ def test_long_slice_is_split_into_one_ms_windows(tmp_path, cgroups, cgroup_mount
         batch = _run(meter, 0.8)
         p.wait()
     mine = batch[batch["tenant"] == "spin"]
-    # One thread: never more than one window's worth per window, and a
-    # record in (nearly) every window of its half second.
-    assert mine["cpu_ns"].max() <= 1_000_000
+    # One thread: never more than one window's worth per window (plus what the
+    # kernel charged it for a wakeup just before its switch and meter could
+    # only place a window later: an idle exit, 1-6 us here, so 1 % of W), and
+    # a record in (nearly) every window of its half second.
+    assert mine["cpu_ns"].max() <= 1_010_000
     full = np.count_nonzero(mine["cpu_ns"] >= 900_000)
     assert full >= 350, f"only {full} near-full 1 ms windows"
     assert np.all(mine["window_ms"] == 1)

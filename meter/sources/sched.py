@@ -50,6 +50,7 @@ STEAL_CGID = (1 << 61) | 2
 #: makes CPU time the kernel's own charge; the rest find steal time.
 KERNEL_FIELDS = (
     ("METER_TASK_SUM_OFF", "task_struct.se.sum_exec_runtime"),
+    ("METER_TASK_PREV_SUM_OFF", "task_struct.se.prev_sum_exec_runtime"),
     ("METER_TASK_CFS_RQ_OFF", "task_struct.se.cfs_rq"),
     ("METER_CFS_RQ_RQ_OFF", "cfs_rq.rq"),
     ("METER_RQ_CLOCK_OFF", "rq.clock"),

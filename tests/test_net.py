@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import subprocess
 import os
 import signal
+import subprocess
 import time
 
 import numpy as np

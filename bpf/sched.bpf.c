@@ -497,9 +497,21 @@ static __always_inline void charge_until(struct meter_cpu *st, u64 now, u64 cgid
 			g = gap < cap ? gap : cap;
 			placed = pay(st, g);
 			fill_sched(st, g - placed);
-			/* What did not fit: cgid runs on it now and gives it back later. */
-			if (gap > g)
-				adj_add(st, cgid, -(s64)(gap - g));
+			gap -= g;
+			if (gap) {
+				/* [last, now) crosses windows: the rest goes at its end,
+				 * inside now's window, after cgid's part. */
+				u64 tail = now % METER_WINDOW_NS;
+
+				g = gap < tail ? gap : tail;
+				advance(st, cgid, now - g, delta);
+				__builtin_memset(delta, 0, sizeof(delta));
+				placed = pay(st, g);
+				fill_sched(st, g - placed);
+				/* What still did not fit: cgid runs on it now and gives it back later. */
+				if (gap > g)
+					adj_add(st, cgid, -(s64)(gap - g));
+			}
 		}
 	} else {
 		u64 credit = (u64)-adj_take(st, cgid, 1), cut, c;
@@ -633,7 +645,7 @@ static __always_inline void follow(struct meter_cpu *st, u64 task)
 #endif
 
 /* Common start of every charging program: this CPU's state, or NULL to leave it alone. */
-static __always_inline struct meter_cpu *charging_state(void)
+static __always_inline struct meter_cpu *charging_state(int switching)
 {
 	int zero = 0;
 	struct meter_cpu *st = cpu_state.lookup(&zero);
@@ -642,9 +654,13 @@ static __always_inline struct meter_cpu *charging_state(void)
 		return 0;
 #if METER_NET
 	/* The tick interrupted a NET softirq span (or its entry or exit, which
-	 * write this CPU's slots themselves): leave it to them. */
-	if (*(volatile u32 *)&st->in_net_softirq)
-		return 0;
+	 * write this CPU's slots themselves): leave it to them. A switch never
+	 * runs inside a softirq: a span still open then is stale, and ends. */
+	if (*(volatile u32 *)&st->in_net_softirq) {
+		if (!switching)
+			return 0;
+		*(volatile u32 *)&st->in_net_softirq = 0;
+	}
 #endif
 	return st;
 }
@@ -748,7 +764,7 @@ int meter_softirq_exit(struct bpf_raw_tracepoint_args *ctx)
 /* Attached by user space to the raw tracepoint sched_switch(preempt, prev, next). */
 int meter_switch(struct bpf_raw_tracepoint_args *ctx)
 {
-	struct meter_cpu *st = charging_state();
+	struct meter_cpu *st = charging_state(1);
 	u64 now, cgid;
 
 	if (!st)
@@ -787,7 +803,7 @@ int meter_switch(struct bpf_raw_tracepoint_args *ctx)
 /* The window tick: closes a long-running slice at least once per window. */
 int meter_tick(struct bpf_perf_event_data *ctx)
 {
-	struct meter_cpu *st = charging_state();
+	struct meter_cpu *st = charging_state(0);
 
 	if (!st)
 		return 0;

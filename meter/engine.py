@@ -120,6 +120,7 @@ class MeterStats:
     net_dropped_updates: int = 0  # packet updates not stored: net map full
     softirq_unattributed_ns: int = 0  # NET softirq time left with the interrupted task
     unplaced_ns: int = 0  # kernel/clock differences the kernel side had no room to carry
+    unsettled: int = 0  # slices whose start was not seen (followed from the scheduler's own mark)
     warmup_windows_skipped: int = 0
     conservation_violations: int = 0
     unresolved_cgroups: int = 0
@@ -575,6 +576,7 @@ class Meter:
         self.stats.net_dropped_updates = k["net_drop_updates"]
         self.stats.softirq_unattributed_ns = k["span_unattributed_ns"]
         self.stats.unplaced_ns = k["unplaced_ns"]
+        self.stats.unsettled = k["unsettled"]
         self.stats.nudges = self._sched.nudges
         first = self._sched.first_window
         self.stats.first_window_start_ns = first * self.window_ns + self._offset_ns

@@ -449,7 +449,7 @@ static __always_inline void charge_until(struct meter_cpu *st, u64 now, u64 cgid
 					 u64 task, u64 sum)
 {
 	u64 delta[METER_MAX_COUNTERS] = {};
-	u64 last = st->last_ns, span, cap, gap, g, placed;
+	u64 last = st->last_ns, span, cap, gap, g, placed, tail = 0;
 	s64 want;
 
 	read_counters(st, delta);
@@ -501,16 +501,12 @@ static __always_inline void charge_until(struct meter_cpu *st, u64 now, u64 cgid
 			if (gap) {
 				/* [last, now) crosses windows: the rest goes at its end,
 				 * inside now's window, after cgid's part. */
-				u64 tail = now % METER_WINDOW_NS;
-
-				g = gap < tail ? gap : tail;
-				advance(st, cgid, now - g, delta);
-				__builtin_memset(delta, 0, sizeof(delta));
-				placed = pay(st, g);
-				fill_sched(st, g - placed);
-				/* What still did not fit: cgid runs on it now and gives it back later. */
-				if (gap > g)
-					adj_add(st, cgid, -(s64)(gap - g));
+				tail = now % METER_WINDOW_NS;
+				if (tail > gap)
+					tail = gap;
+				/* What still does not fit: cgid runs on it now and gives it back later. */
+				if (gap > tail)
+					adj_add(st, cgid, -(s64)(gap - tail));
 			}
 		}
 	} else {
@@ -537,7 +533,12 @@ static __always_inline void charge_until(struct meter_cpu *st, u64 now, u64 cgid
 			adj_add(st, cgid, -(s64)(credit - c));
 	}
 #endif
-	advance(st, cgid, now, delta);
+	/* One advance only: each copy of its window loop costs the verifier dearly. */
+	advance(st, cgid, now - tail, delta);
+	if (tail) {
+		placed = pay(st, tail);
+		fill_sched(st, tail - placed);
+	}
 }
 
 #if METER_STEAL
@@ -782,7 +783,10 @@ int meter_switch(struct bpf_raw_tracepoint_args *ctx)
 		u64 prev = ctx->args[1], next = ctx->args[2];
 
 #if METER_STEAL
-		look_steal(st, cgid == METER_IDLE_CGID ? next : prev, 1);
+		/* With the hypervisor's counter the tick looks (cheaper per switch);
+		 * the run queue's clocks can only be read here, under its lock. */
+		if (!METER_KVM_STEAL || !st->rq)
+			look_steal(st, cgid == METER_IDLE_CGID ? next : prev, 1);
 #endif
 #ifdef METER_TASK_PREV_SUM_OFF
 		/* prev came in unseen (rare; counted): follow it from here. */

@@ -15,7 +15,7 @@ DEB      := python3-bpfcc bpftool iproute2 python3-venv util-linux prometheus tm
 HEADERS  := $(shell [ -d /lib/modules/$$(uname -r)/build/include ] || echo linux-headers-$(ARCH))
 BENCHDEB := linux-perf iperf3 stress-ng
 
-.PHONY: setup deb run test bench lint clean
+.PHONY: setup deb run test test-repeat bench lint clean
 
 setup: deb $(VENV)/.installed
 
@@ -40,6 +40,16 @@ run: setup
 
 test: setup
 	$(SUDO) env CI="$(CI)" $(VENV)/bin/pytest -q
+
+# The suite N times in a row (default 10) with the host kept half busy,
+# stopping at the first red run: `sudo make test-repeat N=10`.
+N ?= 10
+test-repeat: setup
+	$(MAKE) deb EXTRA_DEB=stress-ng
+	@stress-ng --cpu 2 --cpu-load 50 --timeout 0 >/dev/null 2>&1 & pid=$$!; \
+	trap "kill $$pid" EXIT; \
+	for i in $$(seq 1 $(N)); do echo "== run $$i of $(N)"; \
+	    $(SUDO) env CI="$(CI)" $(VENV)/bin/pytest -q -p no:cacheprovider || exit 1; done
 
 bench:
 	$(MAKE) setup EXTRA_DEB="$(BENCHDEB)"

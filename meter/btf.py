@@ -68,7 +68,7 @@ class BTF:
 
     def _type(self, type_id: int) -> tuple[int, int, list[tuple[str, int, int]]]:
         """(kind, size_or_type, members) of a type."""
-        name_off, info, size_type = struct.unpack_from("<III", self._data, self._pos[type_id])
+        _name_off, info, size_type = struct.unpack_from("<III", self._data, self._pos[type_id])
         kind, vlen, kflag = (info >> 24) & 0x1F, info & 0xFFFF, info >> 31
         members: list[tuple[str, int, int]] = []
         if kind in (_STRUCT, _UNION):

@@ -113,15 +113,7 @@ class Cgroups:
 
     def burner(self, cgroup: Path, duty: float, seconds: float) -> subprocess.Popen[bytes]:
         """A process busy ``duty`` of every 10 ms for ``seconds``."""
-        code = (
-            "import time\n"
-            f"end = time.monotonic() + {seconds}\n"
-            "while (now := time.monotonic()) < end:\n"
-            f"    busy_until = now + {0.01 * duty}\n"
-            "    while time.monotonic() < busy_until: pass\n"
-            f"    time.sleep({0.01 * (1 - duty)})\n"
-        )
-        return self.spawn(cgroup, [sys.executable, "-S", "-c", code])
+        return self.spawn(cgroup, self.burner_code(duty, seconds))
 
     def remove(self, path: Path) -> None:
         for child in sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):

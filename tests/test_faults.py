@@ -50,6 +50,18 @@ def test_unprivileged_run_names_the_missing_capability(meter_bin, tmp_path):
     assert "CAP_BPF" in res.stderr and "sudo" in res.stderr
 
 
+def _stop(p: subprocess.Popen[str], timeout: float) -> str:
+    """SIGTERM, wait up to ``timeout`` s for the exit and return stderr; never leave it running."""
+    try:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+        return p.communicate(timeout=timeout)[1]
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
 def _meter_filter_ids(dev: str) -> list[int]:
     """Program ids of meter's ingress filters on dev."""
     out = subprocess.run(["tc", "-j", "filter", "show", "dev", dev, "ingress"], capture_output=True, text=True).stdout
@@ -89,12 +101,8 @@ def test_sigkill_then_restart_cleans_stale_attachments(tmp_path, cgroups, cgroup
         time.sleep(0.5)
         assert _meter_filters(dev) == 1  # the stale one was recognised by name and replaced, not doubled
         assert _meter_filter_ids(dev) != stale
-        p.send_signal(signal.SIGTERM)
-        _, err = p.communicate(timeout=30)
     finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+        err = _stop(p, 30)
     assert p.returncode == 0, err
     assert _meter_filters(dev) == 0
     progs = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True).stdout
@@ -108,11 +116,5 @@ def test_sigterm_during_start_up_stops_the_meter(tmp_path, cgroups, meter_bin):
     p = subprocess.Popen([*meter_bin, "record", "--cgroup-root", str(cgroups.root), "-o", str(tmp_path / "r.jsonl")],
                          stderr=subprocess.PIPE, text=True)
     time.sleep(0.5)  # bcc is still compiling: seconds on any host
-    p.send_signal(signal.SIGTERM)
-    try:
-        _, err = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+    err = _stop(p, 60)
     assert p.returncode == 0, err

@@ -510,24 +510,14 @@ static __always_inline void charge_until(struct meter_cpu *st, u64 now, u64 cgid
 			}
 		}
 	} else {
-		u64 credit = (u64)-adj_take(st, cgid, 1), cut, c;
+		/* Provisional: the clock's time, less what cgid was given beyond
+		 * the kernel before. Steal is not cut here: the kernel may charge
+		 * some of it after all, and owed time would then land windows
+		 * later; the switch settles it, and its gap holds the steal. */
+		u64 credit = (u64)-adj_take(st, cgid, 1), c;
 
-		cut = 0;
-#if METER_STEAL
-		c = st->steal < cap ? st->steal : cap;
-		if (c) {
-			u64 zero[METER_MAX_COUNTERS] = {};
-
-			accumulate(st, METER_STEAL_CGID, c, zero);
-			st->steal -= c;
-			st->last_ns += c;
-			cut = c;
-		}
-#endif
-		/* The task ran span - cut as far as the kernel goes (ahead); the
-		 * credit repaid now comes off its share, not off that. */
-		st->ahead += span - cut;
-		c = credit < cap - cut ? credit : cap - cut;
+		st->ahead += span;
+		c = credit < cap ? credit : cap;
 		fill_sched(st, c);
 		if (credit > c)
 			adj_add(st, cgid, -(s64)(credit - c));

@@ -440,7 +440,7 @@ static __always_inline void fill_sched(struct meter_cpu *st, u64 ns)
  * With a `task`, `sum` is its se.sum_exec_runtime as the scheduler just
  * left it (a switch): the task gets what the kernel charged it since the
  * last settle. Else (a tick, task 0) it gets the clock's time,
- * provisionally, less steal seen and less what it was given beyond the
+ * provisionally, less what it was given beyond the
  * kernel before.
  *
  * (Inlined: bcc loads each program's section alone, so no BPF-to-BPF calls.)

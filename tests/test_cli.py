@@ -140,7 +140,10 @@ def test_sighup_reloads_the_topology_without_a_gap(meter_bin, tmp_path, cgroups,
     tenants = {r["tenant"] for r in rows}
     assert {"a", "b", "host", "idle"} <= tenants
     usage = {t: sum(r["cpu_ns"] for r in rows if r["tenant"] == t) for t in ("a", "b")}
-    assert usage["a"] > 0.25e9 and usage["b"] > 0.25e9
+    # Each 0.3 s busy loop was billed. cpu_ns is what the kernel charged it: on a
+    # host busy with other loads (CI, a stress run) it shares its CPU, so the
+    # bound is a third of the wall time (two CPUs, at most a few hogs at once).
+    assert usage["a"] > 0.1e9 and usage["b"] > 0.1e9
     last_a = max(r["window_start_ns"] for r in rows if r["tenant"] == "a")
     first_b = min(r["window_start_ns"] for r in rows if r["tenant"] == "b")
     assert last_a < first_b  # a's second burn went to host

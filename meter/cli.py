@@ -161,8 +161,9 @@ def record(config: str | None, cgroup_root: str | None, window_ms: int | None, d
                 sink.close()
         st = meter.stats
         summary = f"meter: {sink.count} records, {st.windows} windows of {meter.window_ms} ms"
-        if st.dropped_updates or st.late_ns:
-            summary += f"; LOST {st.dropped_ns} ns in {st.dropped_updates} dropped updates, {st.late_ns} ns late"
+        if st.dropped_updates or st.late_ns or st.unplaced_ns:
+            summary += (f"; LOST {st.dropped_ns} ns in {st.dropped_updates} dropped updates, {st.late_ns} ns late, "
+                        f"{st.unplaced_ns} ns the kernel side could not carry")
         click.echo(summary, err=True)
 
 

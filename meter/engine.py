@@ -433,7 +433,8 @@ class Meter:
             "cgroup_id": np.asarray(res.cgroup_ids, np.uint64)[g_row],
             "cpu_ns": g_ns,
             "seq": np.arange(self._seq, self._seq + n),
-            "cpu_source": np.where(g_row < PSEUDO_ROWS, "clock",
+            # host's tasks are kernel-charged like any compartment's; idle, sched, steal are clock time.
+            "cpu_source": np.where((g_row >= IDLE_ROW) & (g_row < PSEUDO_ROWS), "clock",
                                    "kernel" if self._sched.kernel_charge else "clock").astype(object),
             "counters_source": self.plan.source,
         }

@@ -17,15 +17,13 @@ import numpy as np
 
 from .cgroup import CgroupIndex, cgroup_id
 from .errors import CgroupError
+from .sources.sched import SCHED_CGID, STEAL_CGID
 from .topology import HOST, IDLE, SCHED, STEAL, Compartment, Topology
 
 __all__ = ["HOST_ROW", "IDLE_CGID", "IDLE_ROW", "PSEUDO_ROWS", "Resolver", "SCHED_ROW", "STEAL_ROW"]
 
 #: The cgroup id the kernel programs use for the idle task (METER_IDLE_CGID).
 IDLE_CGID = 0
-#: Pseudo-cgroup ids of the sched and steal rows (METER_SCHED_CGID, METER_STEAL_CGID).
-SCHED_CGID = (1 << 61) | 1
-STEAL_CGID = (1 << 61) | 2
 HOST_ROW = 0
 IDLE_ROW = 1
 SCHED_ROW = 2

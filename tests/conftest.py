@@ -81,22 +81,21 @@ class Cgroups:
         return p
 
     def spawn_stopped(self, cgroup: Path, argv: list[str]) -> subprocess.Popen[bytes]:
-        """Start ``argv`` inside ``cgroup``, stopped (SIGSTOP) before it execs.
+        """Start ``argv`` stopped (SIGSTOP, before it execs), then move it into ``cgroup``.
 
-        The shell moves itself into the cgroup; the kernel charges the part of
-        that shell's slice before its last scheduler update to the cgroup it
-        came from. A caller that reads cpu.stat while the process is stopped,
-        then sends SIGCONT, compares only usage from inside the cgroup.
+        It is moved from outside once it is off its CPU, so every nanosecond
+        of it the kernel charges to ``cgroup`` runs after the caller's SIGCONT,
+        and none of it ran in ``cgroup`` before: a fresh cgroup's cpu.stat is
+        then exactly the process's usage. (A process that moves itself has a
+        slice that began in the cgroup it came from.)
         """
-        p = subprocess.Popen(
-            ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && kill -STOP $$ && exec "$@"', str(cgroup), *argv],
-            stdout=subprocess.DEVNULL,
-        )
+        p = subprocess.Popen(["sh", "-c", 'kill -STOP $$ && exec "$@"', "sh", *argv], stdout=subprocess.DEVNULL)
         self.procs.append(p)
         deadline = time.monotonic() + 30
-        while not _stopped(p.pid):
+        while not _stopped_off_cpu(p.pid):
             assert time.monotonic() < deadline and p.poll() is None, f"{argv[0]} did not start"
             time.sleep(0.002)
+        (cgroup / "cgroup.procs").write_text(str(p.pid))
         return p
 
     def burner_code(self, duty: float, seconds: float) -> list[str]:
@@ -244,6 +243,20 @@ def _stopped(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] == "T"
+    except FileNotFoundError:
+        return False
+
+
+def _stopped_off_cpu(pid: int) -> bool:
+    """Stopped and no longer running: "T" shows as soon as a task starts to
+    stop; its run time (which /proc brings up to date for a running task)
+    stands still once it is off its CPU."""
+    if not _stopped(pid):
+        return False
+    try:
+        first = Path(f"/proc/{pid}/schedstat").read_text().split()[0]
+        time.sleep(0.002)
+        return Path(f"/proc/{pid}/schedstat").read_text().split()[0] == first
     except FileNotFoundError:
         return False
 

@@ -111,8 +111,11 @@ class Cgroups:
         return [sys.executable, "-S", "-c", code]
 
     def burner(self, cgroup: Path, duty: float, seconds: float) -> subprocess.Popen[bytes]:
-        """A process busy ``duty`` of every 10 ms for ``seconds``."""
-        return self.spawn(cgroup, self.burner_code(duty, seconds))
+        """A process busy ``duty`` of every 10 ms for ``seconds``, running in
+        ``cgroup`` from its first nanosecond (see :meth:`spawn_stopped`)."""
+        p = self.spawn_stopped(cgroup, self.burner_code(duty, seconds))
+        os.kill(p.pid, signal.SIGCONT)
+        return p
 
     def remove(self, path: Path) -> None:
         for child in sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):

@@ -28,7 +28,7 @@ from _common import Result, cgroup_tree, report
 from meter import program
 from meter.cgroup import cgroup_id
 from meter.engine import Meter
-from meter.sources.sched import KEY_DTYPE, USAGE_DTYPE
+from meter.bpfabi import KEY_DTYPE, USAGE_DTYPE
 from meter.topology import Topology
 
 

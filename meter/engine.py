@@ -21,22 +21,16 @@ from typing import Any
 
 import numpy as np
 
-from . import records
+from . import build, records
 from .attribution import attribute_energy
 from .errors import ConfigError, MeterError
-from .perf import (
-    COUNTER_FIELDS,
-    DEFAULT_COUNTERS,
-    PerfEvent,
-    cpu_hz,
-    open_error,
-    parse_event,
-)
-from .resolver import IDLE_ROW, PSEUDO_ROWS, Resolver
-from .sources.energy import EnergySettings, ModelReader, pick_reader
-from .sources.net import KIND_RX, NetDrain, NetSource, Port, parse_port
-from .sources.sched import GIVEN_BIT, PORT_CGID_BIT, SchedDrain, SchedSource
-from .sources.sriov import VF_FIELDS, VFSource
+from .perf import CounterPlan, plan_counters
+from .bpfabi import KIND_RX
+from .resolver import IDLE_ROW, Resolver
+from .sources.base import CPUSource, CPUSpec, KernelSources, PacketSource, SourceFactory, VFPoller
+from .sources.energy import EnergyReader, EnergySettings, ModelReader
+from .sources.net import NetDrain, Port, parse_port
+from .sources.sched import SchedDrain
 from .topology import Topology
 
 __all__ = ["ENERGY_DOMAINS", "CounterPlan", "Meter", "MeterStats", "plan_counters", "window_sums", "window_totals"]
@@ -51,58 +45,6 @@ BatchCallback = Callable[[np.ndarray], None]
 #: The most windows one kernel charge may be split over; the verifier walks
 #: the split loop once per window, and rejects much longer loops.
 MAX_SPAN_LIMIT = 1024
-
-
-@dataclasses.dataclass(frozen=True)
-class CounterPlan:
-    """Which record fields come from which perf event, and what is estimated.
-
-    ``events`` maps record field -> event read per schedule. ``estimated``
-    names fields computed from cpu_ns (cycles at ``hz``) because their event
-    could not be opened; other unopened fields are NULL. ``source`` is the
-    records' ``counters_source``.
-    """
-
-    events: dict[str, PerfEvent]
-    estimated: tuple[str, ...]
-    unavailable: dict[str, str]
-    hz: int | None
-    source: str
-
-
-def plan_counters(requested: dict[str, str] | None = None, *, probe: bool = True) -> CounterPlan:
-    """Decide the counter set: open what opens, estimate cycles, null the rest.
-
-    ``requested`` maps record fields (cycles, instructions, cache_misses) to
-    perf event specs; default :data:`meter.perf.DEFAULT_COUNTERS`.
-    """
-    requested = dict(DEFAULT_COUNTERS if requested is None else requested)
-    events: dict[str, PerfEvent] = {}
-    unavailable: dict[str, str] = {}
-    for field, spec in requested.items():
-        if field not in COUNTER_FIELDS:
-            raise ConfigError(f"counter field {field!r} is not a record field (one of {', '.join(COUNTER_FIELDS)})")
-        ev = parse_event(spec)
-        reason = open_error(ev) if probe else None
-        if reason is None:
-            events[field] = ev
-        else:
-            unavailable[field] = f"{spec}: {reason}"
-    hz = None
-    estimated: tuple[str, ...] = ()
-    if "cycles" not in events:
-        hz = cpu_hz()
-        if hz:
-            estimated = ("cycles",)
-    if events and all(ev.is_hardware for ev in events.values()) and set(events) == set(requested):
-        source = "pmu"
-    elif events:
-        source = "perf:" + ",".join(f"{f}={ev.spec}" for f, ev in events.items())
-        if estimated:
-            source += "; cycles: cpu-clock estimate"
-    else:
-        source = "cpu-clock estimate" if estimated else ""
-    return CounterPlan(events, estimated, unavailable, hz, source)
 
 
 @dataclasses.dataclass
@@ -147,7 +89,9 @@ class Meter:
     ``counters`` maps record fields to perf event specs (see
     :func:`plan_counters`). Batches come every ``drain_interval`` seconds.
     ``vf_links(pf)`` replaces the netlink query for a PF's VF counters
-    (for agents that have them already, and for tests).
+    (for agents that have them already, and for tests). ``sources`` builds
+    the sources (default: :class:`~meter.sources.base.KernelSources`, the
+    real ones; ``meter.sources.fake.FakeSources`` simulates a host).
     """
 
     def __init__(
@@ -162,6 +106,7 @@ class Meter:
         map_entries: int = 65536,
         energy: EnergySettings | None = None,
         vf_links: Callable[[str], list[Any]] | None = None,
+        sources: SourceFactory | None = None,
     ) -> None:
         window_ms = window_ms if window_ms is not None else (topology.window_ms or 1)
         if not isinstance(window_ms, int) or window_ms < 1:
@@ -181,7 +126,8 @@ class Meter:
         self.plan = plan_counters(counters)
         src = str(topology.source) if topology.source else None
         self.energy = energy if energy is not None else EnergySettings.from_table(topology.energy, path=src)
-        self._reader: Any = None
+        self._sources: SourceFactory = sources if sources is not None else KernelSources(vf_links)
+        self._reader: EnergyReader | None = None
         self._energy_carry = {"package": 0, "dram": 0}
         self.stats = MeterStats()
         self._seq = int(first_seq)
@@ -190,10 +136,9 @@ class Meter:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._map_entries = map_entries
-        self._sched: SchedSource | None = None
-        self._net: NetSource | None = None
-        self._vf: VFSource | None = None
-        self._vf_links = vf_links
+        self._sched: CPUSource | None = None
+        self._net: PacketSource | None = None
+        self._vf: VFPoller | None = None
         self._row_has_vfs = np.zeros(0, bool)
         ncols = len(records.COUNTER_COLUMNS)
         self._tot = np.zeros((0, ncols), np.int64)
@@ -225,14 +170,8 @@ class Meter:
         # An idle CPU is nudged only at drains: one charge may span two intervals.
         span = int(2 * self.drain_interval * 1e9 // self.window_ns) + 16
         ports, port_rows = self._ports()
-        sched = SchedSource(
-            self.window_ns,
-            list(self.plan.events.values()),
-            map_entries=self._map_entries,
-            max_span=min(span, MAX_SPAN_LIMIT),
-            net_entries=self._map_entries if ports else None,
-            max_ports=len(ports),
-        )
+        sched = self._sources.cpu(CPUSpec(self.window_ns, list(self.plan.events.values()), self._map_entries,
+                                          min(span, MAX_SPAN_LIMIT), len(ports)))
         sched.open()
         self._sched = sched
         try:
@@ -240,16 +179,16 @@ class Meter:
             if vfs:
                 self._row_has_vfs = np.zeros(self._resolver.nrows, bool)
                 self._row_has_vfs[[row for row, _pf, _vf in vfs]] = True
-                self._vf = VFSource(vfs, get_links=self._vf_links)
+                self._vf = self._sources.vfs(vfs)
             self._ports_list = ports
             self._port_tot = np.zeros((len(ports), 4), np.int64)
             if ports:
                 self._port_row = np.asarray(port_rows, np.int64)
                 self._row_has_ports = np.zeros(self._resolver.nrows, bool)
                 self._row_has_ports[self._port_row] = True
-                self._net = NetSource(sched.bpf, ports, map_entries=self._map_entries)
+                self._net = self._sources.packets(sched, ports, self._map_entries)
                 self._net.attach()
-            self._reader = pick_reader(self.energy)
+            self._reader = self._sources.energy(self.energy)
         except Exception:
             self._close_sources()
             raise
@@ -305,6 +244,21 @@ class Meter:
         return ports, port_rows
 
     @property
+    def running(self) -> bool:
+        """Whether the background drain thread (:meth:`start`) runs."""
+        return self._thread is not None
+
+    @property
+    def is_open(self) -> bool:
+        """Whether the sources are open (between :meth:`open` and :meth:`close`)."""
+        return self._sched is not None
+
+    @property
+    def energy_source(self) -> str:
+        """The records' energy_source: the energy reader in use ("" before open)."""
+        return self._reader.source if self._reader is not None else ""
+
+    @property
     def ncpu(self) -> int:
         return self._sched.ncpu if self._sched is not None else os.cpu_count() or 1
 
@@ -356,113 +310,28 @@ class Meter:
         self.stats.drain_seconds += time.perf_counter() - t0
         return batch
 
-    # Columns summed per (window, row) before records are built.
-    _SUMS = ("cpu_ns", "softirq_ns", "softirq_given_ns", "rx_packets", "rx_bytes", "tx_packets", "tx_bytes",
-             "vf_rx_packets", "vf_rx_bytes", "vf_tx_packets", "vf_tx_bytes")
-    _NET_SUMS = ("softirq_ns", "rx_packets", "rx_bytes", "tx_packets", "tx_bytes")
-
     def _build(self, d: SchedDrain, nd: NetDrain | None = None,
                vf: dict[int, tuple[int, int, int, int]] | None = None) -> np.ndarray:
-        """Merge one drain of every source into records: one per (window, row), sorted."""
+        """Merge one drain of every source into records (``meter.build``), then
+        apportion energy and add them to the running totals."""
         assert self._sched is not None and self._resolver is not None
-        res = self._resolver
-        first = self._sched.first_window
-        ncount = d.counts.shape[1]
-        parts_window, parts_row, parts_vals = [], [], []
-
-        def add(window: np.ndarray, row: np.ndarray, **cols: np.ndarray) -> None:
-            vals = np.zeros((len(window), len(self._SUMS) + ncount), np.int64)
-            for name, col in cols.items():
-                if name == "counts":
-                    vals[:, len(self._SUMS):] = col
-                else:
-                    vals[:, self._SUMS.index(name)] = col
-            parts_window.append(window)
-            parts_row.append(row)
-            parts_vals.append(vals)
-
-        keep = d.window >= first
-        self.stats.warmup_windows_skipped += int(np.unique(d.window[~keep]).size)
-        window, cgid, ns, counts = d.window[keep], d.cgid[keep], d.ns[keep], d.counts[keep]
-        is_port = cgid >= np.uint64(PORT_CGID_BIT)
-        is_given = ~is_port & (cgid >= np.uint64(GIVEN_BIT))
-        is_cpu = ~is_port & ~is_given
-        if np.any(is_cpu):
-            add(window[is_cpu], res.rows(cgid[is_cpu]), cpu_ns=ns[is_cpu], counts=counts[is_cpu])
-        if np.any(is_given):
-            # Softirq time run inside a row's cpu_ns for other rows' ports.
-            add(window[is_given], res.rows(cgid[is_given] & ~np.uint64(GIVEN_BIT)), softirq_given_ns=ns[is_given],
-                counts=counts[is_given])
-        if np.any(is_port):
-            port = (cgid[is_port] & np.uint64(0xFFFFFFFF)).astype(np.int64)
-            add(window[is_port], self._port_row[port], softirq_ns=ns[is_port], counts=counts[is_port])
-        if nd is not None and len(nd):
-            k = nd.window >= first
-            rows = self._port_row[nd.port[k]]
-            rx = nd.kind[k] == KIND_RX
-            add(nd.window[k], rows,
-                rx_packets=np.where(rx, nd.packets[k], 0), rx_bytes=np.where(rx, nd.bytes[k], 0),
-                tx_packets=np.where(rx, 0, nd.packets[k]), tx_bytes=np.where(rx, 0, nd.bytes[k]))
-        if vf:
-            # Polled per drain: the deltas land in the newest window closed.
-            rows = np.fromiter(vf, np.int64, len(vf))
-            v = np.array(list(vf.values()), np.int64).reshape(len(vf), 4)
-            add(np.full(len(vf), self._sched.closed_window, np.int64), rows, vf_rx_packets=v[:, 0],
-                vf_rx_bytes=v[:, 1], vf_tx_packets=v[:, 2], vf_tx_bytes=v[:, 3])
-        if not parts_window:
-            return records.empty(0)
-        window = np.concatenate(parts_window)
-        row = np.concatenate(parts_row)
-        vals = np.concatenate(parts_vals)
-        # Group by (window, row): sort once, sum runs with reduceat (exact ints).
-        key = (window - window.min()) * res.nrows + row
-        order = np.argsort(key, kind="stable")
-        key = key[order]
-        starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
-        g = np.add.reduceat(vals[order], starts, axis=0)
-        g_window = window[order][starts]
-        g_row = row[order][starts]
-        n = len(starts)
-        g_ns = g[:, 0]
-        cols: dict[str, Any] = {
-            "window_start_ns": g_window * self.window_ns + self._offset_ns,
-            "window_ms": self.window_ms,
-            "host": self.host,
-            "tenant": np.asarray(res.tenants, dtype=object)[g_row],
-            "compartment": np.asarray(res.names, dtype=object)[g_row],
-            "cgroup_id": np.asarray(res.cgroup_ids, np.uint64)[g_row],
-            "cpu_ns": g_ns,
-            "seq": np.arange(self._seq, self._seq + n),
-            # host's tasks are kernel-charged like any compartment's; idle, sched, steal are clock time.
-            "cpu_source": np.where((g_row >= IDLE_ROW) & (g_row < PSEUDO_ROWS), "clock",
-                                   "kernel" if self._sched.kernel_charge else "clock").astype(object),
-            "counters_source": self.plan.source,
-        }
-        for i, field in enumerate(self.plan.events):
-            cols[field] = g[:, len(self._SUMS) + i]
-        if "cycles" in self.plan.estimated and self.plan.hz:
-            # Softirq time spent for the compartment runs cycles too (and time given away does not).
-            cycles = (g_ns + g[:, 1] - g[:, 2]) * self.plan.hz // 1_000_000_000
-            cycles[g_row == IDLE_ROW] = records.NULL
-            cols["cycles"] = cycles
-        if self._net is not None:
-            # Net fields are measured (0 when quiet) for rows with ports, absent for the rest.
-            has_ports = self._row_has_ports[g_row]
-            for name in self._NET_SUMS:
-                cols[name] = np.where(has_ports, g[:, self._SUMS.index(name)], records.NULL)
-            cols["net_source"] = np.where(has_ports, "tc", "").astype(object)
-            # Any row's time can be interrupted by packet work for others' ports.
-            cols["softirq_given_ns"] = g[:, self._SUMS.index("softirq_given_ns")]
-        if self._vf is not None:
-            has_vfs = self._row_has_vfs[g_row]
-            for name in VF_FIELDS:
-                cols[name] = np.where(has_vfs, g[:, self._SUMS.index(name)], records.NULL)
-            cols["vf_source"] = np.where(has_vfs, self._vf.source, "").astype(object)
-        out = records.build(n, cols)
-        self._attribute_energy(out, g_window, g_row)
-        self._accumulate(out, g_row, nd)
-        self._seq += n
-        self.stats.unresolved_cgroups = res.unresolved
+        ctx = build.Context(
+            window_ns=self.window_ns, host=self.host, plan=self.plan, offset_ns=self._offset_ns,
+            first_window=self._sched.first_window, closed_window=self._sched.closed_window,
+            kernel_charge=self._sched.kernel_charge, first_seq=self._seq,
+            port_row=self._port_row if self._net is not None else None,
+            row_has_ports=self._row_has_ports if self._net is not None else None,
+            row_has_vfs=self._row_has_vfs if self._vf is not None else None,
+            vf_source=self._vf.source if self._vf is not None else "",
+        )
+        built = build.build(d, nd, vf, self._resolver, ctx)
+        self.stats.warmup_windows_skipped += built.warmup_windows
+        out = built.records
+        if len(out):
+            self._attribute_energy(out, built.window, built.row)
+            self._accumulate(out, built.row, nd)
+            self._seq += len(out)
+        self.stats.unresolved_cgroups = self._resolver.unresolved
         return out
 
     # -- cumulative totals (for exporters and embedding agents) --------------------------

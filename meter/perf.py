@@ -19,15 +19,17 @@ import struct
 import time
 from pathlib import Path
 
-from .errors import PerfEventError
+from .errors import ConfigError, PerfEventError
 
 __all__ = [
     "COUNTER_FIELDS",
+    "CounterPlan",
     "DEFAULT_COUNTERS",
     "PerfEvent",
     "count_over",
     "cpu_hz",
     "open_error",
+    "plan_counters",
     "parse_event",
 ]
 
@@ -179,3 +181,55 @@ def cpu_hz(root: str | Path = "/") -> int | None:
     except (OSError, ValueError):
         pass
     return None
+
+
+@dataclasses.dataclass(frozen=True)
+class CounterPlan:
+    """Which record fields come from which perf event, and what is estimated.
+
+    ``events`` maps record field -> event read per schedule. ``estimated``
+    names fields computed from cpu_ns (cycles at ``hz``) because their event
+    could not be opened; other unopened fields are NULL. ``source`` is the
+    records' ``counters_source``.
+    """
+
+    events: dict[str, PerfEvent]
+    estimated: tuple[str, ...]
+    unavailable: dict[str, str]
+    hz: int | None
+    source: str
+
+
+def plan_counters(requested: dict[str, str] | None = None, *, probe: bool = True) -> CounterPlan:
+    """Decide the counter set: open what opens, estimate cycles, null the rest.
+
+    ``requested`` maps record fields (cycles, instructions, cache_misses) to
+    perf event specs; default :data:`meter.perf.DEFAULT_COUNTERS`.
+    """
+    requested = dict(DEFAULT_COUNTERS if requested is None else requested)
+    events: dict[str, PerfEvent] = {}
+    unavailable: dict[str, str] = {}
+    for field, spec in requested.items():
+        if field not in COUNTER_FIELDS:
+            raise ConfigError(f"counter field {field!r} is not a record field (one of {', '.join(COUNTER_FIELDS)})")
+        ev = parse_event(spec)
+        reason = open_error(ev) if probe else None
+        if reason is None:
+            events[field] = ev
+        else:
+            unavailable[field] = f"{spec}: {reason}"
+    hz = None
+    estimated: tuple[str, ...] = ()
+    if "cycles" not in events:
+        hz = cpu_hz()
+        if hz:
+            estimated = ("cycles",)
+    if events and all(ev.is_hardware for ev in events.values()) and set(events) == set(requested):
+        source = "pmu"
+    elif events:
+        source = "perf:" + ",".join(f"{f}={ev.spec}" for f, ev in events.items())
+        if estimated:
+            source += "; cycles: cpu-clock estimate"
+    else:
+        source = "cpu-clock estimate" if estimated else ""
+    return CounterPlan(events, estimated, unavailable, hz, source)

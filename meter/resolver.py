@@ -17,13 +17,11 @@ import numpy as np
 
 from .cgroup import CgroupIndex, cgroup_id
 from .errors import CgroupError
-from .sources.sched import SCHED_CGID, STEAL_CGID
+from .bpfabi import IDLE_CGID, SCHED_CGID, STEAL_CGID
 from .topology import HOST, IDLE, SCHED, STEAL, Compartment, Topology
 
-__all__ = ["HOST_ROW", "IDLE_CGID", "IDLE_ROW", "PSEUDO_ROWS", "Resolver", "SCHED_ROW", "STEAL_ROW"]
+__all__ = ["HOST_ROW", "IDLE_ROW", "PSEUDO_ROWS", "Resolver", "SCHED_ROW", "STEAL_ROW"]
 
-#: The cgroup id the kernel programs use for the idle task (METER_IDLE_CGID).
-IDLE_CGID = 0
 HOST_ROW = 0
 IDLE_ROW = 1
 SCHED_ROW = 2

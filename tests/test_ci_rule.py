@@ -31,7 +31,11 @@ def test_skipped_bpf_test_fails_only_in_ci(pytester, monkeypatch, ci, failed, sk
     pytester.makepyfile(TESTS)
     # The rule is read at import of conftest: run in a fresh interpreter.
     result = pytester.runpytest_subprocess()
-    result.assert_outcomes(failed=failed, skipped=skipped)
+    # As root the kernel test skips in its body (a failure); unprivileged,
+    # conftest skips it before (an error at setup): either way the run is red.
+    got = result.parseoutcomes()
+    assert got.get("failed", 0) + got.get("errors", got.get("error", 0)) == failed, got
+    assert got.get("skipped", 0) == skipped, got
 
 
 @pytest.mark.bpf

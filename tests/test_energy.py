@@ -236,7 +236,7 @@ def test_meter_books_balance_with_a_fake_powercap(powercap, monkeypatch, cgroups
     meter = Meter(Topology.discover(cgroups.root), drain_interval=0.1)
     per_drain = []
     with meter:
-        assert meter._reader.source == "powercap"
+        assert meter.energy_source == "powercap"
         p = cgroups.burner(cg, 0.6, 0.6)
         for i in range(8):
             powercap.advance("intel-rapl:0", 1_000_003 + i)

@@ -98,7 +98,7 @@ def test_prometheus_scrapes_meter_and_promql_matches(tmp_path, cgroups):
             prom.wait(10)
         exporter.stop()
     # The exporter started the meter, so it stopped and closed it too.
-    assert meter._sched is None
+    assert not meter.is_open
 
 
 @pytest.mark.bpf

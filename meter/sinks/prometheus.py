@@ -96,7 +96,7 @@ class Exporter:
         """Start the meter (if it is not running) and the HTTP server."""
         if self._server is not None:
             return
-        if getattr(self.meter, "_thread", None) is None:
+        if not self.meter.running:
             self.meter.start()
             self._own_meter = True
         exporter = self
@@ -196,7 +196,7 @@ class Exporter:
             yield fam
         yield InfoMetricFamily("meter_build", "meter's version and settings.", value={
             "version": __version__, "window_ms": str(meter.window_ms), "counters": meter.plan.source or "none",
-            "energy": getattr(getattr(meter, "_reader", None), "source", "") or "none"})
+            "energy": meter.energy_source or "none"})
         # Self-metrics.
         st = meter.stats
         for name, value, doc in (

@@ -25,19 +25,14 @@ from typing import Any
 import numpy as np
 
 from .. import program
+from ..bpfabi import NET_KEY_DTYPE, NET_USAGE_DTYPE, PORT_PLACEHOLDER, check_table
 from ..errors import BPFError
 from ..netns import NETNS_DIR, NetnsError, iproute
 
-__all__ = ["NET_KEY_DTYPE", "NET_USAGE_DTYPE", "NetDrain", "NetSource", "Port", "parse_port"]
+__all__ = ["NetDrain", "NetSource", "Port", "parse_port"]
 
 log = logging.getLogger("meter.net")
 
-#: Mirrors ``struct meter_net_key`` in bpf/meter.h.
-NET_KEY_DTYPE = np.dtype([("port", np.uint32), ("kind", np.uint32), ("window", np.uint64)])
-#: Mirrors ``struct meter_net_usage`` in bpf/meter.h.
-NET_USAGE_DTYPE = np.dtype([("packets", np.uint64), ("bytes", np.uint64), ("count", np.uint64, (4,))])
-KIND_RX, KIND_TX = 0, 1
-PLACEHOLDER = 0x4D455452  # METER_PORT_PLACEHOLDER
 _INGRESS, _EGRESS = "ffff:fff2", "ffff:fff3"
 #: tc filter priority meter uses: ahead of most hand-made filters.
 PRIORITY = 1
@@ -95,6 +90,7 @@ class NetSource:
         self._missing_logged: set[int] = set()
         self._added_qdisc: dict[int, bool] = {}
         self._prog_fds: dict[tuple[int, str], int] = {}
+        check_table(bpf[b"net_usage"], NET_KEY_DTYPE, NET_USAGE_DTYPE, "net_usage")
         self._fd = program.map_fd(bpf, b"net_usage")
         self._keys = np.zeros(map_entries, NET_KEY_DTYPE)
         self._vals = np.zeros(map_entries, NET_USAGE_DTYPE)
@@ -112,7 +108,7 @@ class NetSource:
         code = bytearray(self.bpf.dump_func(fn))
         patched = 0
         for off in range(0, len(code), 8):
-            if int.from_bytes(code[off + 4 : off + 8], "little") == PLACEHOLDER:
+            if int.from_bytes(code[off + 4 : off + 8], "little") == PORT_PLACEHOLDER:
                 code[off + 4 : off + 8] = port.index.to_bytes(4, "little")
                 patched += 1
         if patched != 1:

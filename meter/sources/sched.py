@@ -23,28 +23,11 @@ from typing import Any
 import numpy as np
 
 from .. import program
+from ..bpfabi import CTL_FIRST, CTL_WATERMARK, KEY_DTYPE, MAX_COUNTERS, STATS, USAGE_DTYPE, check_table
 from ..errors import BPFError, PerfEventError
 from ..perf import PerfEvent
 
-__all__ = ["KEY_DTYPE", "PORT_CGID_BIT", "SchedDrain", "SchedSource", "USAGE_DTYPE"]
-
-MAX_COUNTERS = 4  # METER_MAX_COUNTERS in bpf/meter.h
-
-#: Mirrors ``struct meter_key`` in bpf/meter.h.
-KEY_DTYPE = np.dtype([("cgid", np.uint64), ("window", np.uint64)])
-#: Mirrors ``struct meter_usage`` in bpf/meter.h.
-USAGE_DTYPE = np.dtype([("ns", np.uint64), ("count", np.uint64, (MAX_COUNTERS,))])
-
-# enum meter_stat in bpf/meter.h
-_STATS = ("late_ns", "drop_ns", "drop_updates", "counter_errors", "net_drop_updates", "span_unattributed_ns",
-          "unplaced_ns", "unsettled")
-#: Softirq time of port p is charged to pseudo-cgroup PORT_CGID_BIT | p (METER_PORT_CGID).
-PORT_CGID_BIT = 1 << 63
-#: NET softirq time given away by cgroup c is charged to GIVEN_BIT | c (METER_GIVEN_BIT).
-GIVEN_BIT = 1 << 62
-#: Clock time the kernel charged to no task (METER_SCHED_CGID, METER_STEAL_CGID).
-SCHED_CGID = (1 << 61) | 1
-STEAL_CGID = (1 << 61) | 2
+__all__ = ["SchedDrain", "SchedSource"]
 
 #: Kernel fields the program reads, as (-D setting, BTF path). The first
 #: makes CPU time the kernel's own charge; the rest find steal time.
@@ -92,8 +75,6 @@ def kernel_field_defines(btf_path: str | None = None) -> tuple[dict[str, int], s
     except BTFError:
         pass  # not a KVM guest kernel: steal from the run queue's clocks at switches
     return out, None
-_CTL_WATERMARK = 0
-_CTL_FIRST = 1
 _NEVER = 2**63 - 1
 
 PERF_TYPE_SOFTWARE = 1
@@ -191,7 +172,7 @@ class SchedSource:
             self._cpus = get_online_cpus()
             self.ncpu = len(self._cpus)
             # Nothing before every CPU's clock runs is a whole window: discard it.
-            self._control(_CTL_FIRST, _NEVER)
+            self._control(CTL_FIRST, _NEVER)
             self._publish(_NEVER)
             hooks = [(b"sched_switch", b"meter_switch")]
             if self.net_entries:
@@ -213,10 +194,11 @@ class SchedSource:
             # Every CPU's clock runs now; the next window is the first whole one.
             self._first_window = time.monotonic_ns() // self.window_ns + 1
             self._publish(self._first_window - 1)
-            self._control(_CTL_FIRST, self._first_window)
+            self._control(CTL_FIRST, self._first_window)
         except Exception:
             self.close()
             raise
+        check_table(self.bpf[b"usage"], KEY_DTYPE, USAGE_DTYPE, "usage")
         self._fd = program.map_fd(self.bpf, b"usage")
         self._keys = np.zeros(self.map_entries, KEY_DTYPE)
         self._vals = np.zeros(self.map_entries, USAGE_DTYPE)
@@ -241,7 +223,7 @@ class SchedSource:
         ctl[ctl.Key(index)] = ctl.Leaf(value)
 
     def _publish(self, watermark: int) -> None:
-        self._control(_CTL_WATERMARK, watermark)
+        self._control(CTL_WATERMARK, watermark)
         self._published = watermark
 
     def _cpu_windows(self) -> list[int]:
@@ -328,7 +310,7 @@ class SchedSource:
 
     def _kernel_stats(self) -> dict[str, int]:
         table = self.bpf[b"stats"]
-        return {name: int(sum(table[table.Key(i)])) for i, name in enumerate(_STATS)}
+        return {name: int(sum(table[table.Key(i)])) for i, name in enumerate(STATS)}
 
     def stats(self) -> dict[str, int]:
         """Kernel-side losses since start: late ns, dropped ns/updates, counter errors.
@@ -337,5 +319,5 @@ class SchedSource:
         discarded in the kernel, and not counted.
         """
         if self.bpf is None:
-            return {name: 0 for name in _STATS}
+            return {name: 0 for name in STATS}
         return self._kernel_stats()

@@ -1,0 +1,175 @@
+"""The ABI shared with the kernel programs: every layout and constant of ``bpf/meter.h``.
+
+User space reads the programs' maps as raw bytes into numpy arrays, so a
+struct whose layout drifted from the header would be read silently wrong,
+and a bill with it. This module is the one Python copy of that header:
+
+* the map key/value structs as numpy dtypes;
+* the pseudo-cgroup ids, bits and enums;
+* :func:`check_table`, run when a program is loaded, compares each dtype
+  with the layout the compiler gave the struct (bcc exposes it as ctypes
+  types) and raises :class:`~meter.errors.BPFError` naming the field;
+* :func:`header_constants` / :func:`header_structs` read the header's
+  ``#define``, ``enum`` and ``struct`` text, so a test checks this module
+  against it without a kernel (``tests/test_bpfabi.py``).
+
+See docs/architecture.md, "Kernel/user ABI".
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import BPFError
+
+__all__ = [
+    "CTL_FIRST", "CTL_WATERMARK", "GIVEN_BIT", "IDLE_CGID", "KEY_DTYPE", "KIND_RX", "KIND_SOFTIRQ",
+    "KIND_TX", "MAX_COUNTERS", "NET_KEY_DTYPE", "NET_USAGE_DTYPE", "PORT_CGID_BIT", "PORT_PLACEHOLDER",
+    "SCHED_CGID", "STATS", "STEAL_CGID", "USAGE_DTYPE", "check_table", "dtype_layout", "header_constants", "header_path", "header_structs",
+]
+
+def header_path() -> Path:
+    """The installed ``meter.h`` this module mirrors (package ``meter.bpf``)."""
+    return Path(str(resources.files("meter.bpf"))) / "meter.h"
+
+#: METER_MAX_COUNTERS: perf counters read per schedule, at most.
+MAX_COUNTERS = 4
+
+#: struct meter_key: the usage map's key.
+KEY_DTYPE = np.dtype([("cgid", np.uint64), ("window", np.uint64)])
+#: struct meter_usage: the usage map's value.
+USAGE_DTYPE = np.dtype([("ns", np.uint64), ("count", np.uint64, (MAX_COUNTERS,))])
+#: struct meter_net_key: the net map's key.
+NET_KEY_DTYPE = np.dtype([("port", np.uint32), ("kind", np.uint32), ("window", np.uint64)])
+#: struct meter_net_usage: the net map's value (softirq kind: ns, packets).
+NET_USAGE_DTYPE = np.dtype([("packets", np.uint64), ("bytes", np.uint64), ("count", np.uint64, (MAX_COUNTERS,))])
+
+#: METER_IDLE_CGID: the idle task (bpf_get_current_cgroup_id() is never 0).
+IDLE_CGID = 0
+#: METER_SCHED_CGID, METER_STEAL_CGID: clock time the kernel charged to no task.
+SCHED_CGID = (1 << 61) | 1
+STEAL_CGID = (1 << 61) | 2
+#: METER_GIVEN_BIT | c: NET softirq time given away by cgroup c.
+GIVEN_BIT = 1 << 62
+#: METER_PORT_CGID(p) = PORT_CGID_BIT | p: softirq time of port p.
+PORT_CGID_BIT = 1 << 63
+#: METER_PORT_PLACEHOLDER: the immediate replaced by the port number in tc programs.
+PORT_PLACEHOLDER = 0x4D455452
+
+#: enum meter_net_kind.
+KIND_RX, KIND_TX, KIND_SOFTIRQ = 0, 1, 2
+#: enum meter_control.
+CTL_WATERMARK, CTL_FIRST = 0, 1
+#: enum meter_stat, in order (lower case, without METER_STAT_).
+STATS = ("late_ns", "drop_ns", "drop_updates", "counter_errors", "net_drop_updates", "span_unattributed_ns",
+         "unplaced_ns", "unsettled")
+
+_C_TYPES = {"__u8": 1, "__u16": 2, "__u32": 4, "__u64": 8, "__s32": 4, "__s64": 8}
+
+
+def check_table(table: Any, key: np.dtype, value: np.dtype, what: str) -> None:
+    """Raise BPFError unless bcc's compiled key/value types of ``table`` match the dtypes."""
+    for role, ctype, dtype in (("key", table.Key, key), ("value", table.Leaf, value)):
+        problem = _layout_difference(ctype, dtype)
+        if problem:
+            raise BPFError(
+                f"the compiled {what} map's {role} does not match meter/bpfabi.py ({problem}): "
+                "bpf/meter.h and meter/bpfabi.py must change together; reinstall meter",
+                program=what,
+            )
+
+
+def _layout_difference(ctype: Any, dtype: np.dtype) -> str | None:
+    if ctypes.sizeof(ctype) != dtype.itemsize:
+        return f"{ctypes.sizeof(ctype)} bytes in the kernel, {dtype.itemsize} here"
+    names = [f[0] for f in ctype._fields_]
+    if names != list(dtype.names or ()):
+        return f"fields {names} in the kernel, {list(dtype.names or ())} here"
+    for name in names:
+        field = getattr(ctype, name)
+        sub, offset = dtype.fields[name][:2]  # type: ignore[index]
+        if field.offset != offset or field.size != sub.itemsize:
+            return f"{name} at {field.offset} ({field.size} bytes) in the kernel, at {offset} ({sub.itemsize}) here"
+    return None
+
+
+# -- reading the header (for tests and `meter check`) --------------------------------
+
+def _strip_comments(text: str) -> str:
+    return re.sub(r"/\*.*?\*/|//[^\n]*", " ", text, flags=re.S)
+
+
+def header_constants(path: Path | None = None) -> dict[str, int]:
+    """Integer ``#define``s (defaults included) and enum members of the header."""
+    path = path or header_path()
+    text = _strip_comments(path.read_text(encoding="utf-8"))
+    out: dict[str, int] = {}
+    for name, expr in re.findall(r"^\s*#define\s+(METER_\w+)\s+(.+?)\s*$", text, flags=re.M):
+        value = _eval(expr, out)
+        if value is not None:
+            out[name] = value
+    for body in re.findall(r"enum\s+\w+\s*\{(.*?)\}", text, flags=re.S):
+        nxt = 0
+        for item in (i.strip() for i in body.split(",")):
+            if not item:
+                continue
+            name, _, expr = (p.strip() for p in item.partition("="))
+            if expr:
+                nxt = _eval(expr, out) or 0
+            out[name] = nxt
+            nxt += 1
+    return out
+
+
+def _eval(expr: str, known: dict[str, int]) -> int | None:
+    """Value of a constant C expression of integers, names already known, shifts and ors."""
+    expr = re.sub(r"\b(0x[0-9a-fA-F]+|\d+)(?:ULL|UL|U|LL)?\b", r"\1", expr)
+    expr = re.sub(r"\(__u64\)", "", expr)
+    if not re.fullmatch(r"[\w\s()<>|+*-]+", expr):
+        return None
+    names = set(re.findall(r"\b[A-Za-z_]\w*\b", expr))
+    if not names <= set(known):
+        return None
+    try:
+        return int(eval(expr, {"__builtins__": {}}, dict(known)))  # noqa: S307  (checked: ints, names, operators)
+    except (SyntaxError, TypeError, ValueError):
+        return None
+
+
+def header_structs(path: Path | None = None) -> dict[str, list[tuple[str, int, int]]]:
+    """Each scalar-only struct of the header as [(field, offset, size)] and its size, laid out as C does."""
+    path = path or header_path()
+    text = _strip_comments(path.read_text(encoding="utf-8"))
+    consts = header_constants(path)
+    out: dict[str, list[tuple[str, int, int]]] = {}
+    for name, body in re.findall(r"struct\s+(\w+)\s*\{(.*?)\};", text, flags=re.S):
+        fields: list[tuple[str, int, int]] = []
+        offset = align = 0
+        for decl in (d.strip() for d in body.split(";")):
+            m = re.fullmatch(r"(__[us]\d+)\s+(\w+)(?:\s*\[\s*(\w+)\s*\])?", decl)
+            if not decl:
+                continue
+            if m is None:
+                break  # a nested struct: not a map type
+            size = _C_TYPES[m.group(1)]
+            count = int(m.group(3)) if m.group(3) and m.group(3).isdigit() else consts.get(m.group(3) or "", 1)
+            offset = -(-offset // size) * size
+            fields.append((m.group(2), offset, size * count))
+            offset += size * count
+            align = max(align, size)
+        else:
+            out[name] = fields + [("", -(-offset // max(align, 1)) * max(align, 1), 0)]
+    return out
+
+
+def dtype_layout(dtype: np.dtype) -> list[tuple[str, int, int]]:
+    """A dtype as [(field, offset, size)] plus its total size, like :func:`header_structs`."""
+    names = dtype.names or ()
+    return [(n, dtype.fields[n][1], dtype.fields[n][0].itemsize) for n in names] + [  # type: ignore[index]
+        ("", dtype.itemsize, 0)]

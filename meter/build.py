@@ -1,0 +1,193 @@
+"""Building records: one drain of every source in, one record per (window, row) out.
+
+Pure: plain arrays in (``SchedDrain``, ``NetDrain``, VF deltas), records
+of :data:`meter.records.RECORD_DTYPE` out; no kernel, no clock, no I/O
+beyond the resolver's cgroup lookups. The engine calls it once per drain;
+tests call it with hand-made drains. See docs/architecture.md, "Records".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Protocol
+
+import numpy as np
+
+from . import records
+from .bpfabi import GIVEN_BIT, KIND_RX, PORT_CGID_BIT
+from .perf import CounterPlan
+from .resolver import IDLE_ROW, PSEUDO_ROWS
+from .sources.net import NetDrain
+from .sources.sched import SchedDrain
+from .sources.sriov import VF_FIELDS
+
+__all__ = ["SUMS", "Built", "Context", "Rows", "build", "group_sums"]
+
+#: Columns summed per (window, row) before records are built, then the counters.
+SUMS = ("cpu_ns", "softirq_ns", "softirq_given_ns", "rx_packets", "rx_bytes", "tx_packets", "tx_bytes",
+        "vf_rx_packets", "vf_rx_bytes", "vf_tx_packets", "vf_tx_bytes")
+_NET_SUMS = ("softirq_ns", "rx_packets", "rx_bytes", "tx_packets", "tx_bytes")
+
+
+class Rows(Protocol):
+    """Row names and the cgroup id -> row mapping (``meter.resolver.Resolver``)."""
+
+    tenants: list[str]
+    names: list[str]
+    cgroup_ids: list[int]
+    unresolved: int
+
+    @property
+    def nrows(self) -> int: ...
+
+    def rows(self, cgids: np.ndarray) -> np.ndarray: ...
+
+
+@dataclasses.dataclass
+class Context:
+    """Everything about the meter a drain's records depend on."""
+
+    window_ns: int
+    host: str
+    plan: CounterPlan
+    #: CLOCK_REALTIME - CLOCK_MONOTONIC: window starts are wall-clock ns.
+    offset_ns: int
+    first_window: int
+    #: Newest window the CPU source has closed (VF deltas land in it).
+    closed_window: int
+    kernel_charge: bool
+    first_seq: int
+    #: Row of each port; None without a packet source.
+    port_row: np.ndarray | None = None
+    #: Rows that own a port / a VF (their net / VF fields are measured, others NULL).
+    row_has_ports: np.ndarray | None = None
+    row_has_vfs: np.ndarray | None = None
+    vf_source: str = ""
+
+
+@dataclasses.dataclass
+class Built:
+    """A drain's records, with each record's window and row (for energy and totals)."""
+
+    records: np.ndarray
+    window: np.ndarray
+    row: np.ndarray
+    #: Distinct windows before the first whole one (start-up), not recorded.
+    warmup_windows: int
+
+
+def group_sums(key: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(index of each group's first element, Σ values per group) of ``key``, sorted by key.
+
+    Stable sort once, then one ``reduceat``: exact integer sums, no Python
+    loop. The indices are into the *sorted* order: ``key[order][first]``
+    is each group's key, with ``order = np.argsort(key, kind="stable")``.
+    """
+    order = np.argsort(key, kind="stable")
+    k = key[order]
+    first = np.flatnonzero(np.r_[True, k[1:] != k[:-1]]) if len(k) else np.zeros(0, np.int64)
+    sums = np.add.reduceat(values[order], first, axis=0) if len(k) else values[:0]
+    return order[first], sums
+
+
+def build(d: SchedDrain, nd: NetDrain | None, vf: dict[int, tuple[int, int, int, int]] | None,
+          rows: Rows, ctx: Context) -> Built:
+    """Merge one drain of every source into records, sorted by (window, row)."""
+    ncount = d.counts.shape[1]
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def add(window: np.ndarray, row: np.ndarray, **cols: np.ndarray) -> None:
+        vals = np.zeros((len(window), len(SUMS) + ncount), np.int64)
+        for name, col in cols.items():
+            if name == "counts":
+                vals[:, len(SUMS):] = col
+            else:
+                vals[:, SUMS.index(name)] = col
+        parts.append((window, row, vals))
+
+    keep = d.window >= ctx.first_window
+    warmup = int(np.unique(d.window[~keep]).size)
+    window, cgid, ns, counts = d.window[keep], d.cgid[keep], d.ns[keep], d.counts[keep]
+    is_port = cgid >= np.uint64(PORT_CGID_BIT)
+    is_given = ~is_port & (cgid >= np.uint64(GIVEN_BIT))
+    is_cpu = ~is_port & ~is_given
+    if np.any(is_cpu):
+        add(window[is_cpu], rows.rows(cgid[is_cpu]), cpu_ns=ns[is_cpu], counts=counts[is_cpu])
+    if np.any(is_given):
+        # Softirq time run inside a row's cpu_ns for other rows' ports.
+        add(window[is_given], rows.rows(cgid[is_given] & ~np.uint64(GIVEN_BIT)), softirq_given_ns=ns[is_given],
+            counts=counts[is_given])
+    if np.any(is_port) and ctx.port_row is not None:
+        port = (cgid[is_port] & np.uint64(0xFFFFFFFF)).astype(np.int64)
+        add(window[is_port], ctx.port_row[port], softirq_ns=ns[is_port], counts=counts[is_port])
+    if nd is not None and len(nd) and ctx.port_row is not None:
+        k = nd.window >= ctx.first_window
+        rx = nd.kind[k] == KIND_RX
+        add(nd.window[k], ctx.port_row[nd.port[k]],
+            rx_packets=np.where(rx, nd.packets[k], 0), rx_bytes=np.where(rx, nd.bytes[k], 0),
+            tx_packets=np.where(rx, 0, nd.packets[k]), tx_bytes=np.where(rx, 0, nd.bytes[k]))
+    if vf:
+        # Polled per drain: the deltas land in the newest window closed.
+        vrows = np.fromiter(vf, np.int64, len(vf))
+        v = np.array(list(vf.values()), np.int64).reshape(len(vf), 4)
+        add(np.full(len(vf), ctx.closed_window, np.int64), vrows, vf_rx_packets=v[:, 0], vf_rx_bytes=v[:, 1],
+            vf_tx_packets=v[:, 2], vf_tx_bytes=v[:, 3])
+    if not parts:
+        empty = np.zeros(0, np.int64)
+        return Built(records.empty(0), empty, empty, warmup)
+    window = np.concatenate([p[0] for p in parts])
+    row = np.concatenate([p[1] for p in parts])
+    vals = np.concatenate([p[2] for p in parts])
+    first, g = group_sums((window - window.min()) * rows.nrows + row, vals)
+    out = _records(window[first], row[first], g, rows, ctx)
+    return Built(out, window[first], row[first], warmup)
+
+
+def _records(g_window: np.ndarray, g_row: np.ndarray, g: np.ndarray, rows: Rows, ctx: Context) -> np.ndarray:
+    """Records from per-(window, row) sums (``g``: columns :data:`SUMS`, then counters)."""
+    n = len(g_row)
+    g_ns = g[:, 0]
+    plan = ctx.plan
+    cols: dict[str, Any] = {
+        "window_start_ns": g_window * ctx.window_ns + ctx.offset_ns,
+        "window_ms": ctx.window_ns // 1_000_000,
+        "host": ctx.host,
+        "tenant": np.asarray(rows.tenants, dtype=object)[g_row],
+        "compartment": np.asarray(rows.names, dtype=object)[g_row],
+        "cgroup_id": np.asarray(rows.cgroup_ids, np.uint64)[g_row],
+        "cpu_ns": g_ns,
+        "seq": np.arange(ctx.first_seq, ctx.first_seq + n),
+        # host's tasks are kernel-charged like any compartment's; idle, sched, steal are clock time.
+        "cpu_source": np.where((g_row >= IDLE_ROW) & (g_row < PSEUDO_ROWS), "clock",
+                               "kernel" if ctx.kernel_charge else "clock").astype(object),
+        "counters_source": plan.source,
+    }
+    for i, field in enumerate(plan.events):
+        cols[field] = g[:, len(SUMS) + i]
+    if "cycles" in plan.estimated and plan.hz:
+        # Softirq time spent for the compartment runs cycles too (and time given away does not).
+        cycles = (g_ns + g[:, 1] - g[:, 2]) * plan.hz // 1_000_000_000
+        cycles[g_row == IDLE_ROW] = records.NULL
+        cols["cycles"] = cycles
+    if ctx.row_has_ports is not None:
+        # Net fields are measured (0 when quiet) for rows with ports, absent for the rest.
+        has_ports = _flag(ctx.row_has_ports, g_row)
+        for name in _NET_SUMS:
+            cols[name] = np.where(has_ports, g[:, SUMS.index(name)], records.NULL)
+        cols["net_source"] = np.where(has_ports, "tc", "").astype(object)
+        # Any row's time can be interrupted by packet work for others' ports.
+        cols["softirq_given_ns"] = g[:, SUMS.index("softirq_given_ns")]
+    if ctx.row_has_vfs is not None:
+        has_vfs = _flag(ctx.row_has_vfs, g_row)
+        for name in VF_FIELDS:
+            cols[name] = np.where(has_vfs, g[:, SUMS.index(name)], records.NULL)
+        cols["vf_source"] = np.where(has_vfs, ctx.vf_source, "").astype(object)
+    return records.build(n, cols)
+
+
+def _flag(per_row: np.ndarray, row: np.ndarray) -> np.ndarray:
+    """``per_row[row]``, False for rows added after the flags were made (a reload)."""
+    out = np.zeros(len(row), bool)
+    inside = row < len(per_row)
+    out[inside] = per_row[row[inside]]
+    return out

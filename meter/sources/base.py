@@ -1,0 +1,136 @@
+"""What the engine needs from each kind of source, and who builds them.
+
+The engine (``meter/engine.py``) only talks to these protocols, so any
+source can be swapped: :class:`KernelSources` builds the real ones (BPF
+programs, tc filters, netlink, RAPL), ``meter.sources.fake.FakeSources``
+builds simulated ones for tests and benchmarks that run without root or
+without the hardware. See docs/architecture.md, "Sources".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from .energy import EnergyReader, EnergySettings
+    from .net import NetDrain, Port
+    from .sched import SchedDrain
+    from ..perf import PerfEvent
+
+__all__ = ["CPUSource", "CPUSpec", "KernelSources", "PacketSource", "SourceFactory", "VFPoller"]
+
+
+class CPUSource(Protocol):
+    """CPU time and counters per (cgroup id, window), drained once windows close.
+
+    ``drain()`` returns every window at or below the watermark it published
+    the time before; after it, ``closed_window`` is the newest window taken.
+    """
+
+    ncpu: int
+    #: cpu_ns is the kernel's own charge (else the clock's): the records' cpu_source.
+    kernel_charge: bool
+    closed_window: int
+    #: Times idle CPUs were made to switch so that their windows close.
+    nudges: int
+
+    @property
+    def first_window(self) -> int: ...
+
+    def open(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def drain(self, *, final: bool = False) -> SchedDrain: ...
+
+    def stats(self) -> dict[str, int]:
+        """Kernel-side counts named as in :data:`meter.bpfabi.STATS`."""
+        ...
+
+
+class PacketSource(Protocol):
+    """Packets, bytes and softirq time per (port, kind, window)."""
+
+    ports: list[Port]
+
+    def attach(self) -> None: ...
+
+    def refresh(self) -> None:
+        """Follow interfaces that appeared or vanished."""
+        ...
+
+    def drain(self, closable: int) -> NetDrain: ...
+
+    def close(self) -> None: ...
+
+
+class VFPoller(Protocol):
+    """SR-IOV VF counter deltas per compartment row since the last poll."""
+
+    source: str
+
+    def poll(self) -> dict[int, tuple[int, int, int, int]]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class CPUSpec:
+    """What the engine asks of a CPU source."""
+
+    window_ns: int
+    events: list[PerfEvent]
+    map_entries: int
+    #: The most windows one charge may be split over.
+    max_span: int
+    #: The ports packets are counted for (their number sizes the net maps).
+    nports: int
+
+
+class SourceFactory(Protocol):
+    """Builds a meter's sources when it opens."""
+
+    def cpu(self, spec: CPUSpec) -> CPUSource: ...
+
+    def packets(self, cpu: CPUSource, ports: list[Port], map_entries: int) -> PacketSource: ...
+
+    def vfs(self, vfs: list[tuple[int, str, int]]) -> VFPoller: ...
+
+    def energy(self, settings: EnergySettings) -> EnergyReader: ...
+
+
+class KernelSources:
+    """The real sources: BPF programs on this kernel, tc, netlink, RAPL.
+
+    ``vf_links(pf)`` replaces the netlink query for a PF's VF counters
+    (for agents that have them already, and for tests).
+    """
+
+    def __init__(self, vf_links: Callable[[str], list[Any]] | None = None) -> None:
+        self.vf_links = vf_links
+
+    def cpu(self, spec: CPUSpec) -> CPUSource:
+        from .sched import SchedSource  # noqa: PLC0415  (bcc is imported when used)
+
+        return SchedSource(
+            spec.window_ns, spec.events, map_entries=spec.map_entries, max_span=spec.max_span,
+            net_entries=spec.map_entries if spec.nports else None, max_ports=spec.nports,
+        )
+
+    def packets(self, cpu: CPUSource, ports: list[Port], map_entries: int) -> PacketSource:
+        from .net import NetSource  # noqa: PLC0415
+
+        # The tc programs share the sched program's maps (one compiled unit).
+        return NetSource(cpu.bpf, ports, map_entries=map_entries)  # type: ignore[attr-defined]
+
+    def vfs(self, vfs: list[tuple[int, str, int]]) -> VFPoller:
+        from .sriov import VFSource  # noqa: PLC0415
+
+        return VFSource(vfs, get_links=self.vf_links)
+
+    def energy(self, settings: EnergySettings) -> EnergyReader:
+        from .energy import pick_reader  # noqa: PLC0415
+
+        return pick_reader(settings)  # type: ignore[no-any-return]

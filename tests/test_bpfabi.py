@@ -1,0 +1,102 @@
+"""meter/bpfabi.py is bpf/meter.h, in Python: checked against the header's text, and
+against the compiled program's own layout at load."""
+
+from __future__ import annotations
+
+import ctypes
+import re
+
+import numpy as np
+import pytest
+
+from meter import bpfabi
+from meter.errors import BPFError
+
+
+def test_every_constant_matches_the_header():
+    c = bpfabi.header_constants()
+    assert c["METER_MAX_COUNTERS"] == bpfabi.MAX_COUNTERS
+    assert c["METER_IDLE_CGID"] == bpfabi.IDLE_CGID
+    assert c["METER_SCHED_CGID"] == bpfabi.SCHED_CGID
+    assert c["METER_STEAL_CGID"] == bpfabi.STEAL_CGID
+    assert c["METER_GIVEN_BIT"] == bpfabi.GIVEN_BIT
+    assert c["METER_PORT_PLACEHOLDER"] == bpfabi.PORT_PLACEHOLDER
+    assert (c["METER_NET_RX"], c["METER_NET_TX"], c["METER_NET_SOFTIRQ"]) == (
+        bpfabi.KIND_RX, bpfabi.KIND_TX, bpfabi.KIND_SOFTIRQ)
+    assert (c["METER_CTL_WATERMARK"], c["METER_CTL_FIRST"]) == (bpfabi.CTL_WATERMARK, bpfabi.CTL_FIRST)
+    # The port pseudo-cgroup is a macro with an argument: its bit, from the text.
+    text = bpfabi.header_path().read_text()
+    assert re.search(r"#define METER_PORT_CGID\(port\) \(\(1ULL << (\d+)\)", text).group(1) == str(
+        bpfabi.PORT_CGID_BIT.bit_length() - 1)
+
+
+def test_stats_are_the_header_enum_in_order():
+    c = bpfabi.header_constants()
+    names = sorted((v, k) for k, v in c.items() if k.startswith("METER_STAT_"))
+    assert [k.removeprefix("METER_STAT_").lower() for _, k in names] == list(bpfabi.STATS)
+    assert c["METER_NR_STATS"] == len(bpfabi.STATS)
+
+
+@pytest.mark.parametrize(("struct", "dtype"), [
+    ("meter_key", bpfabi.KEY_DTYPE), ("meter_usage", bpfabi.USAGE_DTYPE),
+    ("meter_net_key", bpfabi.NET_KEY_DTYPE), ("meter_net_usage", bpfabi.NET_USAGE_DTYPE),
+])
+def test_map_structs_are_laid_out_like_the_dtypes(struct, dtype):
+    assert bpfabi.header_structs()[struct] == bpfabi.dtype_layout(dtype)
+
+
+def test_pseudo_cgroup_ids_never_collide_with_real_ones():
+    # Real ids are kernfs ids: generation << 32 | inode, far below bit 61.
+    pseudo = [bpfabi.SCHED_CGID, bpfabi.STEAL_CGID]
+    assert all(p < bpfabi.GIVEN_BIT and p >= 1 << 61 for p in pseudo)
+    assert bpfabi.GIVEN_BIT < bpfabi.PORT_CGID_BIT
+    assert bpfabi.SCHED_CGID & bpfabi.GIVEN_BIT == 0
+
+
+class _Table:
+    """What bcc hands back for a map: ctypes Key and Leaf types, laid out by the compiler."""
+
+    def __init__(self, key, leaf):
+        self.Key, self.Leaf = key, leaf
+
+
+def _struct(*fields):
+    return type("S", (ctypes.Structure,), {"_fields_": list(fields)})
+
+
+def test_check_table_accepts_the_compiled_layout():
+    key = _struct(("cgid", ctypes.c_uint64), ("window", ctypes.c_uint64))
+    leaf = _struct(("ns", ctypes.c_uint64), ("count", ctypes.c_uint64 * bpfabi.MAX_COUNTERS))
+    bpfabi.check_table(_Table(key, leaf), bpfabi.KEY_DTYPE, bpfabi.USAGE_DTYPE, "usage")
+
+
+@pytest.mark.parametrize(("leaf", "says"), [
+    (_struct(("ns", ctypes.c_uint64), ("count", ctypes.c_uint64 * 3)), "32 bytes in the kernel, 40 here"),
+    (_struct(("count", ctypes.c_uint64 * 4), ("ns", ctypes.c_uint64)), "fields ['count', 'ns']"),
+    (_struct(("ns", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("count", ctypes.c_uint64 * 4)), "fields"),
+])
+def test_check_table_names_the_drift(leaf, says):
+    key = _struct(("cgid", ctypes.c_uint64), ("window", ctypes.c_uint64))
+    with pytest.raises(BPFError, match=re.escape(says)) as err:
+        bpfabi.check_table(_Table(key, leaf), bpfabi.KEY_DTYPE, bpfabi.USAGE_DTYPE, "usage")
+    assert "usage map's value" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_check_table_sees_a_moved_field_of_the_same_size():
+    key = _struct(("port", ctypes.c_uint32), ("kind", ctypes.c_uint32), ("window", ctypes.c_uint64))
+    moved = np.dtype({"names": ["port", "kind", "window"], "formats": [np.uint32, np.uint32, np.uint64],
+                      "offsets": [4, 0, 8], "itemsize": 16})
+    with pytest.raises(BPFError, match="port at 0 .* at 4"):
+        bpfabi.check_table(_Table(key, key), moved, bpfabi.NET_KEY_DTYPE, "net_usage")
+
+
+@pytest.mark.bpf
+def test_the_compiled_program_matches_the_abi():
+    from meter import program
+
+    bpf = program.load(["sched", "net"], {"METER_NET": 1, "METER_NR_COUNTERS": 0})
+    try:
+        bpfabi.check_table(bpf[b"usage"], bpfabi.KEY_DTYPE, bpfabi.USAGE_DTYPE, "usage")
+        bpfabi.check_table(bpf[b"net_usage"], bpfabi.NET_KEY_DTYPE, bpfabi.NET_USAGE_DTYPE, "net_usage")
+    finally:
+        bpf.cleanup()

@@ -1,0 +1,440 @@
+"""The engine against simulated sources: records, rows, conservation, reloads,
+network, VF and energy fields, totals and sinks — no root, no kernel.
+
+The cgroup tree is plain directories (a cgroup id is a directory's inode), so
+everything here runs as any user in well under a second per test.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from meter import NULL, Topology, build, records
+from meter.bpfabi import GIVEN_BIT, IDLE_CGID, KIND_RX, KIND_TX, PORT_CGID_BIT, SCHED_CGID, STEAL_CGID
+from meter.cgroup import cgroup_id
+from meter.engine import Meter, window_totals
+from meter.errors import ConfigError
+from meter.perf import CounterPlan
+from meter.sources.fake import FakeCPU, FakeEnergy, FakePackets, FakeSources, FakeVFs, steady_load
+from meter.sources.sched import SchedDrain
+
+W = 1_000_000
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    root = tmp_path / "cgroup"
+    for rel in ("acme/vswitch", "acme/vswitch/pmd", "globex/vswitch", "other"):
+        (root / rel).mkdir(parents=True)
+    return root
+
+
+def _topology(tree: Path, extra: str = "", names: tuple[str, ...] = ("acme", "globex")) -> Topology:
+    text = "".join(f'[[tenant]]\nname = "{n}"\n[[tenant.compartment]]\nname = "vswitch"\ncgroup = "{n}/vswitch"\n'
+                   + (extra if n == "acme" else "") for n in names)
+    cfg = tree.parent / "topology.toml"
+    cfg.write_text(text)
+    return Topology.from_file(cfg, mount=tree)
+
+
+def _id(tree: Path, rel: str) -> int:
+    return cgroup_id(tree / rel)
+
+
+def _rows(batch: np.ndarray, tenant: str) -> np.ndarray:
+    return batch[batch["tenant"] == tenant]
+
+
+def _open(topo: Topology, cpu: FakeCPU | None = None, **kw) -> tuple[Meter, FakeSources]:
+    src = FakeSources(cpu or FakeCPU(ncpu=2), kw.pop("packets", None), kw.pop("vfs", None), kw.pop("energy", None))
+    meter = Meter(topo, sources=src, **kw)
+    meter.open()
+    return meter, src
+
+
+# -- records and rows ---------------------------------------------------------------------
+
+def test_one_record_per_window_and_row_and_idle_takes_the_rest(tree):
+    meter, src = _open(_topology(tree))
+    cpu = src.cpu_source
+    w = cpu.now
+    cpu.charge(w, _id(tree, "acme/vswitch"), 300_000)
+    cpu.charge(w, _id(tree, "acme/vswitch"), 200_000)  # two CPUs' charges: one record
+    cpu.charge(w, _id(tree, "globex/vswitch"), 700_000)
+    cpu.advance(1)
+    batch = meter.drain()
+    assert [(r["tenant"], r["cpu_ns"]) for r in batch] == [("idle", 800_000), ("acme", 500_000), ("globex", 700_000)]
+    assert np.all(batch["window_start_ns"] == batch["window_start_ns"][0])
+    assert set(batch["compartment"]) == {"idle", "vswitch"}
+    meter.close()
+
+
+def test_a_nested_cgroup_is_billed_to_its_compartment(tree):
+    meter, src = _open(_topology(tree))
+    src.cpu_source.charge(src.cpu_source.now, _id(tree, "acme/vswitch/pmd"), 400_000)
+    src.cpu_source.advance(1)
+    batch = meter.drain()
+    assert int(_rows(batch, "acme")["cpu_ns"].sum()) == 400_000
+    assert meter.stats.unresolved_cgroups == 0
+
+
+def test_tasks_in_no_compartment_are_host_and_unknown_ids_are_counted(tree):
+    meter, src = _open(_topology(tree))
+    cpu = src.cpu_source
+    cpu.charge(cpu.now, _id(tree, "other"), 100_000)  # a cgroup, but no compartment's
+    cpu.charge(cpu.now, 987_654_321_123, 50_000)  # no such cgroup at all
+    cpu.advance(1)
+    batch = meter.drain()
+    assert int(_rows(batch, "host")["cpu_ns"].sum()) == 150_000
+    assert meter.stats.unresolved_cgroups == 1
+
+
+def test_pseudo_rows_hold_scheduler_and_steal_time_as_clock_time(tree):
+    meter, src = _open(_topology(tree))
+    cpu = src.cpu_source
+    cpu.charge(cpu.now, SCHED_CGID, 3_000)
+    cpu.charge(cpu.now, STEAL_CGID, 40_000)
+    cpu.charge(cpu.now, _id(tree, "acme/vswitch"), 10_000)
+    cpu.advance(1)
+    batch = meter.drain()
+    by = {r["tenant"]: r for r in batch}
+    assert by["sched"]["cpu_ns"] == 3_000 and by["steal"]["cpu_ns"] == 40_000
+    assert {by[t]["cpu_source"] for t in ("idle", "sched", "steal")} == {"clock"}
+    assert by["acme"]["cpu_source"] == "kernel"
+
+
+def test_cpu_source_says_clock_without_the_kernels_charge(tree):
+    meter, src = _open(_topology(tree), FakeCPU(kernel_charge=False))
+    src.cpu_source.charge(src.cpu_source.now, _id(tree, "acme/vswitch"), 10_000)
+    src.cpu_source.advance(1)
+    assert set(meter.drain()["cpu_source"]) == {"clock"}
+
+
+def test_start_up_windows_are_skipped_and_counted(tree):
+    cpu = FakeCPU(first_window=50)
+    meter, _ = _open(_topology(tree), cpu)
+    cpu.charge(48, _id(tree, "acme/vswitch"), 1)
+    cpu.charge(49, _id(tree, "acme/vswitch"), 1)
+    cpu.advance(1)
+    batch = meter.drain()
+    assert np.all(batch["window_start_ns"] >= 50 * W + meter._offset_ns) and len(_rows(batch, "acme")) == 0
+    assert meter.stats.warmup_windows_skipped == 2
+
+
+def test_sequence_numbers_run_on_across_drains_from_first_seq(tree):
+    cpu = FakeCPU()
+    meter, _ = _open(_topology(tree), cpu, first_seq=1000)
+    seqs = []
+    for _ in range(3):
+        cpu.charge(cpu.now, _id(tree, "acme/vswitch"), 5)
+        cpu.advance(2)
+        seqs += list(meter.drain()["seq"])
+    assert seqs == list(range(1000, 1000 + len(seqs))) and len(seqs) == 9  # acme + idle, idle
+
+
+def test_window_starts_are_wall_clock_and_windows_can_be_wider(tree):
+    cpu = FakeCPU(window_ns=5 * W, first_window=10)
+    meter, _ = _open(_topology(tree), cpu, window_ms=5)
+    cpu.advance(3)
+    batch = meter.drain()
+    assert list(batch["window_start_ns"] - meter._offset_ns) == [50 * W, 55 * W, 60 * W]
+    assert set(batch["window_ms"]) == {5} and set(batch["cpu_ns"]) == {2 * 5 * W}
+
+
+def test_a_fake_of_another_window_width_is_refused(tree):
+    meter = Meter(_topology(tree), window_ms=2, sources=FakeSources(FakeCPU(window_ns=W)))
+    with pytest.raises(ValueError, match="windows"):
+        meter.open()
+
+
+# -- conservation -------------------------------------------------------------------------
+
+def test_every_window_adds_up_to_cpus_times_w(tree):
+    cpu = FakeCPU(ncpu=4)
+    ids = [_id(tree, "acme/vswitch"), _id(tree, "globex/vswitch"), _id(tree, "other")]
+    cpu.load = steady_load(ids, 4, W, busy=0.7, per_cpu=3, seed=1)
+    meter, _ = _open(_topology(tree), cpu)
+    cpu.advance(200)
+    batch = meter.drain()
+    starts, total = window_totals(batch)
+    assert len(starts) == 200 and np.all(total == 4 * W)
+    assert meter.stats.conservation_violations == 0 and meter.stats.windows == 200
+
+
+def test_a_window_that_does_not_add_up_is_a_violation(tree):
+    cpu = FakeCPU(fill_idle=False)
+    meter, _ = _open(_topology(tree), cpu)
+    cpu.charge(cpu.now, _id(tree, "acme/vswitch"), 2 * W)  # full
+    cpu.charge(cpu.now + 1, _id(tree, "acme/vswitch"), W)  # half a window missing
+    cpu.advance(2)
+    meter.drain()
+    assert meter.stats.conservation_violations == 1
+
+
+def test_given_softirq_and_port_softirq_balance_in_the_window(tree):
+    packets = FakePackets()
+    topo = _topology(tree, 'interfaces = ["veth-a"]\n')
+    meter, src = _open(topo, packets=packets)
+    cpu = src.cpu_source
+    globex = _id(tree, "globex/vswitch")
+    cpu.charge(cpu.now, globex, 900_000)  # globex ran 0.9 ms, 0.2 ms of it for acme's port
+    cpu.charge(cpu.now, GIVEN_BIT | globex, 200_000)
+    cpu.charge(cpu.now, PORT_CGID_BIT | 0, 200_000)
+    cpu.advance(1)
+    batch = meter.drain()
+    acme, glob = _rows(batch, "acme")[0], _rows(batch, "globex")[0]
+    assert acme["softirq_ns"] == 200_000 and acme["cpu_ns"] == 0
+    assert glob["cpu_ns"] == 900_000 and glob["softirq_given_ns"] == 200_000
+    _, total = window_totals(batch)
+    assert list(total) == [2 * W] and meter.stats.conservation_violations == 0
+
+
+# -- network, VFs -------------------------------------------------------------------------
+
+def test_packets_land_on_the_port_owner_and_portless_rows_are_null(tree):
+    packets = FakePackets()
+    meter, src = _open(_topology(tree, 'interfaces = ["veth-a", "ns1:eth0"]\n'), packets=packets)
+    assert packets.attached and [p.label for p in packets.ports] == ["veth-a", "ns1:eth0"]
+    w = src.cpu_source.now
+    packets.count(0, KIND_RX, w, 10, 1000)
+    packets.count(1, KIND_TX, w, 3, 300)
+    packets.count(1, KIND_RX, w + 5, 1, 1)  # a window not closed yet: next drain
+    src.cpu_source.advance(1)
+    batch = meter.drain()
+    acme = _rows(batch, "acme")[0]
+    assert (acme["rx_packets"], acme["rx_bytes"], acme["tx_packets"], acme["tx_bytes"]) == (10, 1000, 3, 300)
+    assert acme["net_source"] == "tc"
+    for t in ("globex", "idle"):
+        if len(_rows(batch, t)):
+            assert _rows(batch, t)[0]["rx_packets"] == NULL and _rows(batch, t)[0]["net_source"] == ""
+    assert packets.refreshes == 1
+    src.cpu_source.advance(5)
+    assert int(meter.drain()["rx_packets"].clip(0).sum()) == 1
+    meter.close()
+    assert not packets.attached
+
+
+def test_vf_counters_land_in_the_newest_closed_window(tree):
+    vfs = FakeVFs()
+    topo = _topology(tree, 'vfs = [{ pf = "enp3s0f0", vf = 3 }]\n')
+    meter, src = _open(topo, vfs=vfs)
+    assert vfs.vfs == [(4, "enp3s0f0", 3)]  # row 4: acme, the first compartment
+    vfs.add(4, 7, 700, 2, 200)
+    src.cpu_source.advance(3)
+    batch = meter.drain()
+    acme = _rows(batch, "acme")
+    assert len(acme) == 1 and acme[0]["window_start_ns"] == batch["window_start_ns"].max()
+    assert (acme[0]["vf_rx_packets"], acme[0]["vf_tx_bytes"], acme[0]["vf_source"]) == (7, 200, "vf")
+    assert np.all(_rows(batch, "idle")["vf_rx_packets"] == NULL)
+
+
+# -- reloads ------------------------------------------------------------------------------
+
+def test_reload_keeps_rows_and_totals_adds_new_ones(tree):
+    topo = _topology(tree, names=("acme",))
+    meter, src = _open(topo)
+    cpu = src.cpu_source
+    cpu.charge(cpu.now, _id(tree, "acme/vswitch"), 100)
+    cpu.advance(1)
+    meter.drain()
+    meter.set_topology(_topology(tree, names=("globex", "acme")))
+    cpu.charge(cpu.now, _id(tree, "acme/vswitch"), 20)
+    cpu.charge(cpu.now, _id(tree, "globex/vswitch"), 3)
+    cpu.advance(1)
+    batch = meter.drain()
+    assert int(_rows(batch, "globex")["cpu_ns"].sum()) == 3
+    totals = {(t["tenant"]): t["cpu_ns"] for t in meter.totals()}
+    assert totals["acme"] == 120 and totals["globex"] == 3
+
+
+def test_a_removed_compartments_tasks_count_as_host_after_a_reload(tree):
+    meter, src = _open(_topology(tree))
+    meter.set_topology(_topology(tree, names=("globex",)))
+    src.cpu_source.charge(src.cpu_source.now, _id(tree, "acme/vswitch"), 77)
+    src.cpu_source.advance(1)
+    batch = meter.drain()
+    assert int(_rows(batch, "host")["cpu_ns"].sum()) == 77 and len(_rows(batch, "acme")) == 0
+
+
+def test_rows_added_after_open_get_null_port_fields_not_an_index_error(tree):
+    packets = FakePackets()
+    topo = Topology.discover(tree, mount=tree)
+    meter, src = _open(_topology(tree, 'interfaces = ["veth-a"]\n'), packets=packets)
+    (tree / "newcomer").mkdir()
+    meter.set_topology(topo.refresh())
+    src.cpu_source.charge(src.cpu_source.now, _id(tree, "newcomer"), 10)
+    src.cpu_source.advance(1)
+    batch = meter.drain()
+    new = _rows(batch, "newcomer")
+    assert len(new) == 1 and new[0]["cpu_ns"] == 10 and new[0]["rx_packets"] == NULL
+
+
+# -- totals, energy -----------------------------------------------------------------------
+
+def test_totals_sum_every_drain_and_say_none_when_never_measured(tree):
+    cpu = FakeCPU()
+    meter, _ = _open(_topology(tree), cpu)
+    for _ in range(5):
+        cpu.charge(cpu.now, _id(tree, "globex/vswitch"), 1_000)
+        cpu.advance(1)
+        meter.drain()
+    t = {r["tenant"]: r for r in meter.totals()}
+    assert t["globex"]["cpu_ns"] == 5_000 and t["acme"]["cpu_ns"] is None
+    assert t["globex"]["instructions"] is None  # never measured: None, not 0
+    assert t["idle"]["cpu_ns"] == 5 * 2 * W - 5_000
+
+
+def test_measured_energy_is_split_exactly_and_carried_over_empty_drains(tree):
+    energy = FakeEnergy()
+    cpu = FakeCPU()
+    meter, _ = _open(_topology(tree), cpu, energy=energy)
+    assert meter.energy_source == "fake"
+    energy.add(package=1_000_003, dram=50_001)
+    meter.drain()  # nothing closed: nothing to split, the energy waits
+    cpu.charge(cpu.now, _id(tree, "acme/vswitch"), 600_000)
+    cpu.charge(cpu.now, _id(tree, "globex/vswitch"), 300_000)
+    cpu.advance(1)
+    energy.add(package=7)
+    batch = meter.drain()
+    assert int(batch["energy_uj"].sum()) == 1_000_003 + 50_001 + 7
+    assert set(batch["energy_source"]) == {"fake"}
+    st = meter.stats
+    assert st.energy_measured_uj == st.energy_attributed_uj == 1_050_011 and st.energy_pending_uj == 0
+    meter.close()
+    assert energy.closed
+
+
+def test_kernel_side_losses_are_reported_in_stats(tree):
+    cpu = FakeCPU()
+    meter, _ = _open(_topology(tree), cpu)
+    cpu.kernel_stats.update(late_ns=5, drop_updates=2, unplaced_ns=9)
+    cpu.advance(4)
+    meter.drain()
+    assert (meter.stats.late_ns, meter.stats.dropped_updates, meter.stats.unplaced_ns) == (5, 2, 9)
+    assert meter.stats.covered_ns == 4 * W
+
+
+# -- callbacks and sinks ------------------------------------------------------------------
+
+def test_close_flushes_the_last_windows_to_callbacks(tree):
+    cpu = FakeCPU()
+    meter, _ = _open(_topology(tree), cpu)
+    got = []
+    meter.on_batch(got.append)
+    cpu.charge(cpu.now, _id(tree, "acme/vswitch"), 42)
+    cpu.advance(1)
+    meter.close()
+    assert sum(int(b["cpu_ns"][b["tenant"] == "acme"].sum()) for b in got) == 42
+    assert not meter.is_open and not cpu.is_open
+
+
+def test_the_exporter_serves_a_fake_meters_totals(tree):
+    from meter.sinks.prometheus import Exporter
+
+    cpu = FakeCPU()
+    meter = Meter(_topology(tree), sources=FakeSources(cpu), drain_interval=0.05)
+    exporter = Exporter(meter, "127.0.0.1:0")
+    exporter.start()
+    try:
+        assert meter.running
+        cpu.charge(cpu.now, _id(tree, "acme/vswitch"), 250_000_000)
+        cpu.advance(1)
+        port = exporter.port
+        for _ in range(100):
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            if 'meter_cpu_seconds_total{compartment="vswitch",tenant="acme"} 0.25' in text:
+                break
+        assert 'meter_cpu_seconds_total{compartment="vswitch",tenant="acme"} 0.25' in text
+    finally:
+        exporter.stop()
+    assert not meter.is_open
+
+
+# -- the pure builder ---------------------------------------------------------------------
+
+class _Rows:
+    def __init__(self, ids: dict[int, int]):
+        self.tenants = ["host", "idle", "sched", "steal", "t"]
+        self.names = ["host", "idle", "sched", "steal", "c"]
+        self.cgroup_ids = [1, 0, SCHED_CGID, STEAL_CGID, 99]
+        self.unresolved = 0
+        self._ids = ids
+
+    @property
+    def nrows(self) -> int:
+        return 5
+
+    def rows(self, cgids):
+        return np.array([self._ids.get(int(c), 0) for c in cgids], np.int64)
+
+
+def _ctx(**kw) -> build.Context:
+    plan = kw.pop("plan", CounterPlan({}, (), {}, None, ""))
+    return build.Context(window_ns=W, host="h", plan=plan, offset_ns=0, first_window=0, closed_window=10,
+                         kernel_charge=True, first_seq=0, **kw)
+
+
+def test_build_estimates_cycles_from_cpu_and_softirq_time_and_nulls_idle():
+    plan = CounterPlan({}, ("cycles",), {}, 2_000_000_000, "cpu-clock estimate")
+    d = SchedDrain(cgid=np.array([99, IDLE_CGID, GIVEN_BIT | 99], np.uint64), window=np.array([3, 3, 3]),
+                   ns=np.array([1_000, 5_000, 400]), counts=np.zeros((3, 0), np.int64))
+    out = build.build(d, None, None, _Rows({99: 4, 0: 1}), _ctx(plan=plan)).records
+    t = out[out["tenant"] == "t"][0]
+    assert t["cycles"] == (1_000 - 400) * 2 and out[out["tenant"] == "idle"][0]["cycles"] == NULL
+    assert t["counters_source"] == "cpu-clock estimate"
+
+
+def test_build_copies_measured_counters_per_field():
+    from meter.perf import parse_event
+
+    plan = CounterPlan({"instructions": parse_event("sw:cpu-clock")}, (), {}, None, "perf:instructions=sw:cpu-clock")
+    d = SchedDrain(cgid=np.array([99, 99], np.uint64), window=np.array([1, 2]), ns=np.array([10, 20]),
+                   counts=np.array([[7], [8]], np.int64))
+    out = build.build(d, None, None, _Rows({99: 4}), _ctx(plan=plan)).records
+    assert list(out["instructions"]) == [7, 8] and np.all(out["cache_misses"] == NULL)
+
+
+def test_build_of_nothing_is_an_empty_batch_of_the_record_dtype():
+    d = SchedDrain(cgid=np.zeros(0, np.uint64), window=np.zeros(0, np.int64), ns=np.zeros(0, np.int64),
+                   counts=np.zeros((0, 0), np.int64))
+    built = build.build(d, None, {}, _Rows({}), _ctx())
+    assert len(built.records) == 0 and built.records.dtype == records.RECORD_DTYPE
+
+
+def test_group_sums_are_exact_for_big_integers():
+    key = np.array([3, 1, 3, 2, 1])
+    vals = np.array([[2**62], [1], [2**61], [5], [2]], np.int64)
+    first, sums = build.group_sums(key, vals)
+    assert list(key[first]) == [1, 2, 3] and list(sums[:, 0]) == [3, 5, 2**62 + 2**61]
+
+
+# -- steady_load, the scale benchmark's generator -----------------------------------------
+
+def test_steady_load_fills_each_cpu_to_its_busy_share():
+    ids = list(range(100, 200))
+    load = steady_load(ids, 8, W, busy=0.5, per_cpu=4, seed=3)
+    window, cgid, ns = load(np.arange(10, 20))
+    assert len(window) == 10 * 8 * 4 and set(np.unique(window)) == set(range(10, 20))
+    per_window = np.bincount(window - 10, weights=ns).astype(np.int64)
+    assert np.all(per_window == 8 * W // 2) and set(np.unique(cgid)) <= set(ids)
+
+
+def test_meter_settings_are_checked_before_anything_opens(tree):
+    with pytest.raises(ConfigError, match="window_ms"):
+        Meter(_topology(tree), window_ms=0, sources=FakeSources(FakeCPU()))
+    with pytest.raises(ConfigError, match="drain_interval"):
+        Meter(_topology(tree), drain_interval=0, sources=FakeSources(FakeCPU()))
+
+
+def test_records_become_json_ready_dicts_with_null_as_none(tree):
+    meter, src = _open(_topology(tree))
+    src.cpu_source.charge(src.cpu_source.now, _id(tree, "acme/vswitch"), 1)
+    src.cpu_source.advance(1)
+    rows = json.loads(json.dumps(list(records.to_dicts(meter.drain()))))
+    acme = next(r for r in rows if r["tenant"] == "acme")
+    assert acme["cpu_ns"] == 1 and acme["instructions"] is None and acme["host"] == meter.host

@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import tomllib
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, MeterError
+from .host import load_toml
 
 __all__ = [
     "METERS",
@@ -112,13 +112,7 @@ class PriceSheet:
     @classmethod
     def from_file(cls, path: str | Path) -> PriceSheet:
         path = Path(path)
-        try:
-            data = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError("no such price sheet", path=str(path)) from None
-        except tomllib.TOMLDecodeError as err:
-            m = re.search(r"at line (\d+)", str(err))
-            raise ConfigError(f"invalid TOML: {err}", path=str(path), line=int(m.group(1)) if m else None) from None
+        data, _ = load_toml(path, "price sheet")
         return cls.from_dict(data, source=str(path))
 
     @classmethod

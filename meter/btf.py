@@ -18,11 +18,12 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+from . import host
 from .errors import MeterError
 
 __all__ = ["BTF", "BTF_PATH", "BTFError", "kernel_btf"]
 
-BTF_PATH = Path("/sys/kernel/btf/vmlinux")
+BTF_PATH = "sys/kernel/btf/vmlinux"  # under the host root (meter.host)
 
 _MAGIC = 0xEB9F
 # Kinds (BTF_KIND_*) and the size of what follows each type record.
@@ -149,8 +150,9 @@ class BTF:
         raise BTFError(f"the kernel has no per-CPU variable {var}")
 
 
-def kernel_btf(path: str | Path = BTF_PATH) -> BTF:
-    """The running kernel's BTF (``/sys/kernel/btf/vmlinux``)."""
+def kernel_btf(path: str | Path | None = None) -> BTF:
+    """The running kernel's BTF (``/sys/kernel/btf/vmlinux`` under the host root)."""
+    path = path if path is not None else host.path(BTF_PATH)
     try:
         return BTF(Path(path).read_bytes())
     except OSError as err:

@@ -13,18 +13,19 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from . import host
 from .errors import CgroupError
 
 __all__ = ["CgroupIndex", "cgroup_id", "cpu_usage_usec", "find_mount"]
 
 
-def find_mount(root: str | Path = "/") -> Path:
+def find_mount(root: str | Path | None = None) -> Path:
     """The cgroup v2 mount point, from /proc/self/mountinfo.
 
     On a hybrid host that is usually /sys/fs/cgroup/unified, on a unified
     host /sys/fs/cgroup. Raises :class:`CgroupError` when there is none.
     """
-    root = Path(root)
+    root = host.root(root)
     try:
         text = (root / "proc/self/mountinfo").read_text()
     except OSError as err:

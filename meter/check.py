@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from . import cgroup as cgroupfs
+from . import host
 from .errors import CgroupError
 from .headers import find_headers
 from .perf import DEFAULT_COUNTERS, cpu_hz, open_error, parse_event
@@ -125,10 +126,7 @@ def run_checks() -> list[Finding]:
         out.append(Finding("bpf", "BPF syscall", "fail", f"BPF_PROG_LOAD: {_strerror(err)}",
                            "meter cannot measure here: run as root on a kernel with CONFIG_BPF_SYSCALL", True))
 
-    btf = Path("/sys/kernel/btf/vmlinux").exists()
-    out.append(Finding("btf", "BTF", "ok" if btf else "missing",
-                       "/sys/kernel/btf/vmlinux" if btf else "no /sys/kernel/btf/vmlinux",
-                       "not needed: meter's programs use stable ABI only"))
+    out.append(_btf())
 
     hdr = find_headers()
     if hdr.kind == "running":
@@ -217,7 +215,19 @@ def _tc_clsact(bpf: _Bpf) -> Finding:
     return Finding("tc_clsact", "tc clsact", "fail", res.stderr.strip() or "tc failed", "packets unavailable: null in records")
 
 
-def _rapl(root: str | Path = "/") -> Finding:
+def _btf() -> Finding:
+    """Whether cpu_ns can be the kernel's own charge (task fields found in BTF)."""
+    from .sources.sched import kernel_field_defines  # noqa: PLC0415
+
+    fields, reason = kernel_field_defines()
+    if "METER_TASK_SUM_OFF" in fields:
+        return Finding("btf", "BTF", "ok", f"task and run-queue fields ({len(fields)} offsets)",
+                       "cpu_ns is what the kernel charged (cpu_source=kernel)")
+    return Finding("btf", "BTF", "missing", reason or "no kernel BTF",
+                   "cpu_ns comes from the clock (cpu_source=clock): above cpu.stat by the scheduler's own time")
+
+
+def _rapl(root: str | Path | None = None) -> Finding:
     """The energy reader meter would pick here (see meter.sources.energy)."""
     from .sources.energy import (
         EnergySettings,
@@ -242,9 +252,9 @@ def _rapl(root: str | Path = "/") -> Finding:
         reader.close()
 
 
-def _sriov(root: str | Path = "/") -> Finding:
+def _sriov(root: str | Path | None = None) -> Finding:
     pfs = []
-    for dev in sorted((Path(root) / "sys/class/net").glob("*")):
+    for dev in sorted(host.path("sys/class/net", root).glob("*")):
         total = dev / "device/sriov_totalvfs"
         try:
             n = int(total.read_text())

@@ -124,8 +124,9 @@ def check(as_json: bool) -> None:
 @click.option("--store", "store_path", type=click.Path(), default=None,
               help="Record store (default: /var/lib/meter/records.db as root, or $METER_STORE).")
 @counters_option
+@click.option("--print-bpf", is_flag=True, help="Print the kernel program and its -D settings, then exit.")
 def record(config: str | None, cgroup_root: str | None, window_ms: int | None, duration: float | None,
-           output: str | None, fmt: str, store_path: str | None, counters: str | None) -> None:
+           output: str | None, fmt: str, store_path: str | None, counters: str | None, print_bpf: bool) -> None:
     """Write billable records (one per compartment per window) until stopped.
 
     By default into the record store (SQLite, crash-safe; a restart
@@ -135,17 +136,21 @@ def record(config: str | None, cgroup_root: str | None, window_ms: int | None, d
     import socket
 
     from .engine import Meter
+    from .sinks import Sink
     from .sinks.files import FileSink
     from .sinks.store import Store
 
     with _errors():
         topo = _topology(config, cgroup_root)
+        if print_bpf:
+            click.echo(Meter(topo, window_ms, counters=_counters(counters)).program_listing())
+            return
         first_seq = 0
         if output is not None:
-            sink: Any = FileSink(output, fmt)
+            sink: Sink = FileSink(output, fmt)
         else:
-            sink = _StoreSink(Store(store_path))
-            first_seq = sink.store.next_seq(socket.gethostname())
+            sink = Store(store_path)
+            first_seq = sink.next_seq(socket.gethostname())
         meter = Meter(topo, window_ms, counters=_counters(counters), first_seq=first_seq)
         _warn_unavailable(meter, explicit=bool(counters))
 
@@ -204,20 +209,6 @@ def _warn_unavailable(meter: Any, *, explicit: bool) -> None:
         for field, why in meter.plan.unavailable.items():
             fallback = "estimated from cpu-clock" if field in meter.plan.estimated else "null in records"
             click.echo(f"meter: warning: {field} ({why}): {fallback}", err=True)
-
-
-class _StoreSink:
-    """The store behind the FileSink interface that `record` writes to."""
-
-    def __init__(self, store: Any) -> None:
-        self.store = store
-        self.count = 0
-
-    def write(self, batch: Any) -> None:
-        self.count += self.store.write(batch)
-
-    def close(self) -> None:
-        self.store.close()
 
 
 # -- bill, export, economics --------------------------------------------------------

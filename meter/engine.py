@@ -167,11 +167,8 @@ class Meter:
             return
         self.topology.require_cgroups()
         self._resolver = Resolver(self.topology)
-        # An idle CPU is nudged only at drains: one charge may span two intervals.
-        span = int(2 * self.drain_interval * 1e9 // self.window_ns) + 16
         ports, port_rows = self._ports()
-        sched = self._sources.cpu(CPUSpec(self.window_ns, list(self.plan.events.values()), self._map_entries,
-                                          min(span, MAX_SPAN_LIMIT), len(ports)))
+        sched = self._sources.cpu(self._cpu_spec(len(ports)))
         sched.open()
         self._sched = sched
         try:
@@ -196,6 +193,22 @@ class Meter:
         # _stop is not cleared here: a stop asked for while opening (SIGTERM
         # during start-up) must still stop the meter. close() clears it.
         self._flushed = False
+
+    def _cpu_spec(self, nports: int) -> CPUSpec:
+        # An idle CPU is nudged only at drains: one charge may span two intervals.
+        span = int(2 * self.drain_interval * 1e9 // self.window_ns) + 16
+        return CPUSpec(self.window_ns, list(self.plan.events.values()), self._map_entries,
+                       min(span, MAX_SPAN_LIMIT), nports)
+
+    def program_listing(self) -> str:
+        """The kernel program this meter would load, with its ``-D`` settings
+        (``meter record --print-bpf``); nothing is loaded."""
+        nports = sum(len(c.interfaces) for c in self.topology.compartments)
+        cpu = self._sources.cpu(self._cpu_spec(nports))
+        listing = getattr(cpu, "listing", None)
+        if listing is None:
+            raise MeterError("this meter's CPU source loads no kernel program")
+        return str(listing())
 
     def close(self) -> None:
         """Flush what was measured to callbacks, then detach everything."""

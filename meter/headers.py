@@ -22,6 +22,7 @@ import re
 import shutil
 from pathlib import Path
 
+from . import host
 from .errors import HeadersError
 from .paths import meter_path
 
@@ -78,9 +79,9 @@ def _distribution_pairs(src: Path) -> list[tuple[str, Path, Path]]:
     return pairs
 
 
-def find_headers(root: str | Path = "/") -> Headers:
+def find_headers(root: str | Path | None = None) -> Headers:
     """Say which headers bcc would use here, without preparing anything."""
-    root = Path(root)
+    root = host.root(root)
     release = platform.release()
     running = _running_headers(root, release)
     if running is not None:
@@ -110,7 +111,7 @@ def _link_tree(source: Path, dest: Path) -> None:
             link.symlink_to(Path(dirpath) / name)
 
 
-def prepare_headers(root: str | Path = "/") -> Headers:
+def prepare_headers(root: str | Path | None = None) -> Headers:
     """Return usable headers, building the merged fallback tree if needed.
 
     Idempotent: a complete tree (marked by a marker file) is reused.
@@ -128,7 +129,7 @@ def prepare_headers(root: str | Path = "/") -> Headers:
     assert found.path is not None
     if (found.path / _MARKER).exists():
         return found
-    pairs = _distribution_pairs(Path(root) / "usr/src")
+    pairs = _distribution_pairs(host.root(root) / "usr/src")
     _version, arch, common = pairs[0]
     tmp = found.path.with_name(found.path.name + f".tmp{os.getpid()}")
     try:

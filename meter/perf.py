@@ -19,6 +19,7 @@ import struct
 import time
 from pathlib import Path
 
+from . import host
 from .errors import ConfigError, PerfEventError
 
 __all__ = [
@@ -161,25 +162,22 @@ def open_error(event: PerfEvent, cpu: int = 0) -> str | None:
     return os.strerror(err)
 
 
-def cpu_hz(root: str | Path = "/") -> int | None:
+def cpu_hz(root: str | Path | None = None) -> int | None:
     """Nominal CPU frequency in Hz, for estimating cycles from cpu-clock.
 
     cpufreq's ``cpuinfo_max_freq`` when present, else the first ``cpu MHz``
     in /proc/cpuinfo; None when neither says.
     """
-    root = Path(root)
-    max_freq = root / "sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq"
-    try:
-        return int(max_freq.read_text().strip()) * 1000
-    except (OSError, ValueError):
-        pass
-    try:
-        for line in (root / "proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "cpu MHz":
+    khz = host.read_int(host.path("sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq", root))
+    if khz is not None:
+        return khz * 1000
+    for line in (host.read_text(host.path("proc/cpuinfo", root)) or "").splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "cpu MHz":
+            try:
                 return int(float(value) * 1_000_000)
-    except (OSError, ValueError):
-        pass
+            except ValueError:
+                return None
     return None
 
 

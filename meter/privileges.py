@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from . import host
 from .errors import PrivilegeError
 
 __all__ = ["CAPABILITIES", "missing_capabilities", "require_bpf"]
@@ -27,15 +28,15 @@ def _effective(root: Path) -> int:
     return 0
 
 
-def missing_capabilities(root: str | Path = "/", *, needed: tuple[str, ...] = tuple(CAPABILITIES)) -> list[str]:
+def missing_capabilities(root: str | Path | None = None, *, needed: tuple[str, ...] = tuple(CAPABILITIES)) -> list[str]:
     """Capabilities from ``needed`` this process lacks (none for root)."""
     if os.geteuid() == 0:
         return []
-    eff = _effective(Path(root))
+    eff = _effective(host.root(root))
     return [name for name in needed if not eff & (1 << CAPABILITIES[name])]
 
 
-def require_bpf(root: str | Path = "/") -> None:
+def require_bpf(root: str | Path | None = None) -> None:
     """Raise :class:`PrivilegeError` naming the first capability missing to load BPF."""
     missing = missing_capabilities(root, needed=("CAP_BPF", "CAP_PERFMON"))
     if missing:

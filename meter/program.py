@@ -52,21 +52,35 @@ def load(name: str | list[str], defines: dict[str, Any] | None = None) -> Any:
             program=name,
         ) from err
     src = bpf_source_dir()
-    cflags = [f"-I{src}", "-Wno-macro-redefined"]
-    for key, value in (defines or {}).items():
-        cflags.append(f"-D{key}={value}")
+    flags = cflags(defines)
     try:
         # bcc prints compiler diagnostics to stderr itself; keep ours to one line.
         if len(names) == 1:
-            return BPF(src_file=str(src / f"{names[0]}.bpf.c").encode(), cflags=cflags)
-        # One text, not #includes: bcc only takes programs from its main file.
-        text = "\n".join((src / f"{n}.bpf.c").read_text() for n in names)
-        return BPF(text=text.encode(), cflags=cflags)
+            return BPF(src_file=str(src / f"{names[0]}.bpf.c").encode(), cflags=flags)
+        return BPF(text=source_text(names).encode(), cflags=flags)
     except Exception as err:  # bcc raises bare Exception
         msg = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         if "Operation not permitted" in msg or "Permission denied" in msg:
             raise PrivilegeError(f"the kernel refused to load {name}.bpf.c ({msg}): run meter as root") from err
         raise BPFError(f"cannot load BPF program {name}.bpf.c: {msg}", program=name) from err
+
+
+def cflags(defines: dict[str, Any] | None = None) -> list[str]:
+    """The compiler flags a program is built with: meter.h's directory and the ``-D`` settings."""
+    return [f"-I{bpf_source_dir()}", "-Wno-macro-redefined", *(f"-D{k}={v}" for k, v in (defines or {}).items())]
+
+
+def source_text(names: list[str]) -> str:
+    """The program text of ``names`` compiled as one unit (one text, not #includes:
+    bcc only takes programs from its main file)."""
+    src = bpf_source_dir()
+    return "\n".join((src / f"{n}.bpf.c").read_text(encoding="utf-8") for n in names)
+
+
+def listing(names: list[str], defines: dict[str, Any] | None = None) -> str:
+    """What would be compiled, as bcc's tools print it with --ebpf: flags, then the text."""
+    head = "".join(f"// cflag: {f}\n" for f in cflags(defines))
+    return head + source_text(names)
 
 
 def map_fd(bpf: Any, table: bytes) -> int:

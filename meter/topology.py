@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import tomllib
 from pathlib import Path
 from typing import Any
 
 from . import cgroup as cgroupfs
 from .errors import CgroupError, ConfigError
+from .host import load_toml
 
 __all__ = [
     "HOST",
@@ -106,20 +106,7 @@ class Topology:
     def from_file(cls, path: str | Path, *, mount: str | Path | None = None) -> Topology:
         """Load a TOML topology; raises :class:`ConfigError` naming the problem."""
         path = Path(path)
-        try:
-            text = path.read_text()
-        except FileNotFoundError:
-            raise ConfigError("no such file", path=str(path)) from None
-        except OSError as err:
-            raise ConfigError(f"cannot read: {err.strerror}", path=str(path)) from err
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as err:
-            msg = str(err)
-            m = re.search(r"\(at line (\d+), column \d+\)", msg)
-            line = int(m.group(1)) if m else None
-            reason = re.sub(r"\s*\(at line \d+, column \d+\)", "", msg) or "invalid TOML"
-            raise ConfigError(f"invalid TOML: {reason}", path=str(path), line=line) from None
+        data, text = load_toml(path, "topology")
         mnt = Path(mount) if mount is not None else cgroupfs.find_mount()
         return _Parser(path, text, mnt).topology(data)
 

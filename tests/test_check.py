@@ -49,7 +49,6 @@ def test_verdict_names_the_failing_probe():
 
 
 def test_rapl_from_a_fake_powercap_tree(tmp_path, monkeypatch):
-    monkeypatch.delenv("METER_POWERCAP_ROOT", raising=False)
     zone = tmp_path / "sys/class/powercap/intel-rapl:0"
     zone.mkdir(parents=True)
     (zone / "name").write_text("package-0\n")
@@ -60,7 +59,6 @@ def test_rapl_from_a_fake_powercap_tree(tmp_path, monkeypatch):
 
 
 def test_no_rapl_means_model(tmp_path, monkeypatch):
-    monkeypatch.delenv("METER_POWERCAP_ROOT", raising=False)
     f = _rapl(tmp_path)
     assert f.status == "missing" and "model" in f.action
 

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -175,3 +176,14 @@ def test_sighup_reloads_the_topology_without_a_gap(meter_bin, tmp_path, cgroups,
     for r in rows:
         per_window[r["window_start_ns"]] = per_window.get(r["window_start_ns"], 0) + r["cpu_ns"]
     assert len(set(per_window.values())) == 1  # every window still adds up
+
+
+def test_print_bpf_shows_the_program_and_its_settings_without_loading_it(meter_bin, cgroup_mount):
+    res = run(meter_bin, "record", "--cgroup-root", str(cgroup_mount), "--window-ms", "5", "--print-bpf")
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert "// cflag: -DMETER_WINDOW_NS=5000000ULL" in out
+    assert "SEC(\"raw_tracepoint/sched_switch\")" in out or "meter_switch" in out
+    # The kernel fields the program reads come from this kernel's BTF.
+    if Path("/sys/kernel/btf/vmlinux").exists():
+        assert "// cflag: -DMETER_TASK_SUM_OFF=" in out

@@ -110,9 +110,11 @@ def test_bad_energy_table_in_a_topology_names_file_and_key(tmp_path):
 
 
 def test_pick_reader_prefers_powercap_over_model(powercap, tmp_path, monkeypatch):
-    monkeypatch.setenv("METER_POWERCAP_ROOT", str(powercap.root))
+    (tmp_path / "sys/class").mkdir(parents=True)
+    (tmp_path / "sys/class/powercap").symlink_to(powercap.root)
     assert pick_reader(EnergySettings(), root=tmp_path).source == "powercap"
-    monkeypatch.setenv("METER_POWERCAP_ROOT", str(tmp_path / "none"))
+    assert pick_reader(EnergySettings(powercap_root=str(powercap.root)), root="/nonexistent").source == "powercap"
+    (tmp_path / "sys/class/powercap").unlink()
     model = pick_reader(EnergySettings(), root=tmp_path)
     assert model.source == "model"
     with pytest.raises(ConfigError, match="not available"):
@@ -231,9 +233,9 @@ def test_meter_books_balance_with_a_fake_powercap(powercap, monkeypatch, cgroups
     from meter import Topology
     from meter.engine import Meter
 
-    monkeypatch.setenv("METER_POWERCAP_ROOT", str(powercap.root))
     cg = cgroups.make("e")
-    meter = Meter(Topology.discover(cgroups.root), drain_interval=0.1)
+    meter = Meter(Topology.discover(cgroups.root), drain_interval=0.1,
+                  energy=EnergySettings(powercap_root=str(powercap.root)))
     per_drain = []
     with meter:
         assert meter.energy_source == "powercap"
@@ -258,9 +260,8 @@ def test_meter_books_balance_with_a_fake_powercap(powercap, monkeypatch, cgroups
 
 @pytest.mark.bpf
 def test_record_without_rapl_flags_model(meter_bin, cgroups, monkeypatch, tmp_path):
-    monkeypatch.setenv("METER_POWERCAP_ROOT", str(tmp_path / "none"))
     cfg = tmp_path / "t.toml"
-    cfg.write_text("[energy]\nidle_watts = 10\nmax_watts = 50\nsockets = 1\n")
+    cfg.write_text(f'[energy]\nidle_watts = 10\nmax_watts = 50\nsockets = 1\npowercap_root = "{tmp_path / "none"}"\n')
     res = subprocess.run([*meter_bin, "record", "--config", str(cfg), "--duration", "0.5", "-o", "-"], capture_output=True,
                          text=True, timeout=60)
     assert res.returncode == 0, res.stderr

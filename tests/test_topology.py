@@ -106,7 +106,7 @@ def test_toml_syntax_error_names_the_line(tmp_path, mount):
 
 
 def test_missing_file(tmp_path, mount):
-    with pytest.raises(ConfigError, match="no such file"):
+    with pytest.raises(ConfigError, match="no such topology file"):
         Topology.from_file(tmp_path / "nope.toml", mount=mount)
 
 
@@ -133,3 +133,30 @@ def test_discovery_children_become_compartments(mount):
 def test_discovery_of_missing_root(mount):
     with pytest.raises(CgroupError, match="does not exist"):
         Topology.discover("nope", mount=mount)
+
+
+@pytest.mark.parametrize(("content", "says", "line"), [
+    (b'[[tenant]]\nname = "a\xff"\n', "not UTF-8 text", 2),
+    (b"\x00\x01binary\x9c", "not UTF-8 text", 1),
+    (b'[[tenant]]\nname = "a"\n[[tenant.compartment]]\nname = \n', "invalid TOML", 4),
+])
+def test_unreadable_config_is_one_config_error_with_its_line(tmp_path, mount, content, says, line):
+    path = tmp_path / "t.toml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=says) as info:
+        Topology.from_file(path, mount=mount)
+    assert info.value.line == line and info.value.path == str(path) and "\n" not in str(info.value)
+
+
+def test_a_directory_is_not_a_topology(tmp_path, mount):
+    with pytest.raises(ConfigError, match="is a directory"):
+        Topology.from_file(tmp_path, mount=mount)
+
+
+def test_utf8_config_reads_the_same_whatever_the_locale(tmp_path, mount, monkeypatch):
+    (mount / "ünï").mkdir()
+    path = tmp_path / "t.toml"
+    path.write_text('[[tenant]]\nname = "a"\n[[tenant.compartment]]\nname = "c"\ncgroup = "ünï"\n', encoding="utf-8")
+    monkeypatch.setenv("LC_ALL", "C")
+    monkeypatch.setenv("PYTHONIOENCODING", "ascii")
+    assert Topology.from_file(path, mount=mount).compartments[0].cgroup == mount / "ünï"

@@ -51,6 +51,8 @@ class Store:
     def __init__(self, path: str | Path | None = None, *, retention_s: int = DEFAULT_RETENTION_S,
                  must_exist: bool = False) -> None:
         self.path = Path(path) if path is not None else default_path()
+        #: Records this store object has newly stored (the Sink protocol).
+        self.count = 0
         self.retention_ns = int(retention_s) * 1_000_000_000
         if must_exist and not self.path.is_file():
             raise SinkError(f"no record store at {self.path}: run meter record first, or pass --store",
@@ -117,6 +119,7 @@ class Store:
                     self._rollup(new, cols)
                     self._expire(int(new["window_start_ns"].max()))
                 self.db.execute("COMMIT")
+                self.count += len(new)
             except BaseException:
                 self.db.execute("ROLLBACK")
                 raise

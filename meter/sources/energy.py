@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .. import host
 from ..errors import ConfigError
 from ..perf import PerfEvent, count_over
 
@@ -179,8 +180,8 @@ class PerfPowerReader:
 
     source = "rapl-perf"
 
-    def __init__(self, root: str | Path = "/") -> None:
-        self.pmu = Path(root) / "sys/bus/event_source/devices/power"
+    def __init__(self, root: str | Path | None = None) -> None:
+        self.pmu = host.path("sys/bus/event_source/devices/power", root)
         self._fds: list[tuple[int, str, float]] = []  # fd, domain, µJ per count
         self._last: dict[int, int] = {}
         self.events = self.parse_events(self.pmu)
@@ -285,10 +286,10 @@ class PyRAPLReader:
 # -- model --------------------------------------------------------------------------------------
 
 
-def count_sockets(root: str | Path = "/") -> int:
+def count_sockets(root: str | Path | None = None) -> int:
     """Packages on this machine, from each CPU's topology/physical_package_id."""
     ids = set()
-    for f in Path(root).glob("sys/devices/system/cpu/cpu[0-9]*/topology/physical_package_id"):
+    for f in host.root(root).glob("sys/devices/system/cpu/cpu[0-9]*/topology/physical_package_id"):
         try:
             ids.add(int(f.read_text()))
         except (OSError, ValueError):
@@ -320,10 +321,10 @@ class ModelReader:
         pass
 
 
-def pick_reader(settings: EnergySettings, *, root: str | Path = "/") -> Any:
+def pick_reader(settings: EnergySettings, *, root: str | Path | None = None) -> Any:
     """The best available reader for ``settings.backend`` (``auto``: best first)."""
     backend = settings.backend
-    pc_root = settings.powercap_root or os.environ.get("METER_POWERCAP_ROOT") or str(Path(root) / "sys/class/powercap")
+    pc_root = settings.powercap_root or str(host.path("sys/class/powercap", root))
     tried = []
     if backend in ("auto", "rapl-perf"):
         perf = PerfPowerReader(root)

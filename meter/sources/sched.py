@@ -49,10 +49,10 @@ def kernel_field_defines(btf_path: str | None = None) -> tuple[dict[str, int], s
     the defines are empty and ``reason`` says why (CPU time then comes from
     the clock alone, flagged in the records' ``cpu_source``).
     """
-    from ..btf import BTF_PATH, BTFError, kernel_btf  # noqa: PLC0415
+    from ..btf import BTFError, kernel_btf  # noqa: PLC0415
 
     try:
-        btf = kernel_btf(btf_path or BTF_PATH)
+        btf = kernel_btf(btf_path)
     except BTFError as err:
         return {}, str(err)
     out: dict[str, int] = {}
@@ -144,10 +144,8 @@ class SchedSource:
 
     # -- lifecycle -------------------------------------------------------------
 
-    def open(self) -> None:
-        """Load, open counters, attach, and start every CPU's clock."""
-        from bcc.utils import get_online_cpus  # noqa: PLC0415  (bcc is lazy)
-
+    def defines(self) -> tuple[list[str], dict[str, Any]]:
+        """The program files and ``-D`` settings this source compiles (kernel fields from BTF)."""
         defines: dict[str, Any] = {
             "METER_WINDOW_NS": f"{self.window_ns}ULL",
             "METER_NR_COUNTERS": len(self.counters),
@@ -162,7 +160,17 @@ class SchedSource:
             defines |= {"METER_NET": 1, "METER_NET_ENTRIES": self.net_entries,
                         "METER_MAX_PORTS": max(1, self.max_ports)}
             names.append("net")
-        self.bpf = program.load(names, defines)
+        return names, defines
+
+    def listing(self) -> str:
+        """The program as it would be compiled: ``-D`` settings, then the text."""
+        return program.listing(*self.defines())
+
+    def open(self) -> None:
+        """Load, open counters, attach, and start every CPU's clock."""
+        from bcc.utils import get_online_cpus  # noqa: PLC0415  (bcc is lazy)
+
+        self.bpf = program.load(*self.defines())
         try:
             for i, ev in enumerate(self.counters):
                 try:

@@ -23,6 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .. import host
+
 __all__ = ["VF_FIELDS", "VFCounters", "VFSource", "parse_vf_stats"]
 
 log = logging.getLogger("meter.sriov")
@@ -108,11 +110,11 @@ class VFSource:
         vfs: list[tuple[int, str, int]],
         *,
         get_links: Callable[[str], list[Any]] | None = None,
-        sysfs: str | Path = "/sys/class/net",
+        sysfs: str | Path | None = None,
     ) -> None:
         self.vfs = vfs
         self._get_links = get_links or self._live_links
-        self.sysfs = Path(sysfs)
+        self.sysfs = Path(sysfs) if sysfs is not None else host.path("sys/class/net")
         self._ipr: Any = None
         self._last: dict[tuple[str, int], tuple[int, int, int, int]] = {}
         self._missing: set[tuple[str, int]] = set()

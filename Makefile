@@ -56,8 +56,8 @@ bench:
 	$(SUDO) $(PY) benchmarks/run
 
 lint: setup
-	$(VENV)/bin/ruff check meter tests benchmarks
-	$(VENV)/bin/mypy meter
+	$(VENV)/bin/ruff check meter tests benchmarks examples
+	$(VENV)/bin/mypy meter examples
 
 clean:
 	rm -rf $(VENV) *.egg-info

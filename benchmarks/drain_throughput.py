@@ -26,9 +26,9 @@ import numpy as np
 from _common import Result, cgroup_tree, report
 
 from meter import program
+from meter.bpfabi import KEY_DTYPE, USAGE_DTYPE
 from meter.cgroup import cgroup_id
 from meter.engine import Meter
-from meter.bpfabi import KEY_DTYPE, USAGE_DTYPE
 from meter.topology import Topology
 
 

@@ -8,11 +8,32 @@ batches to sinks. See docs/architecture.md for the flow and the record model.
 
 from __future__ import annotations
 
-from .errors import MeterError
+from typing import TYPE_CHECKING
+
+from .errors import (
+    BPFError,
+    CgroupError,
+    ConfigError,
+    HeadersError,
+    MeterError,
+    PerfEventError,
+    PrivilegeError,
+    SinkError,
+)
 from .records import FIELDS, NULL, RECORD_DTYPE
 from .topology import Compartment, Topology
 
+if TYPE_CHECKING:  # the engine pulls in the BPF machinery: imported when asked for (below)
+    from .engine import Meter
+
 __all__ = [
+    "BPFError",
+    "CgroupError",
+    "ConfigError",
+    "HeadersError",
+    "PerfEventError",
+    "PrivilegeError",
+    "SinkError",
     "FIELDS",
     "NULL",
     "RECORD_DTYPE",

@@ -253,7 +253,7 @@ def usage_from_parquet(root: str | Path, start_ns: int, end_ns: int, period_ns: 
     """
     _whole_seconds(start_ns, end_ns, period_ns)
     try:
-        import duckdb  # noqa: PLC0415  (extra: pip install meter[fleet])
+        import duckdb
     except ImportError as err:
         raise MeterError("billing from Parquet needs DuckDB: pip install -e .[fleet]") from err
     files = [str(p) for p in Path(root).rglob("*.parquet")]
@@ -291,3 +291,27 @@ def merge_periods(by_period: dict[int, dict[str, dict[str, int | None]]]) -> dic
                 if v is not None:
                     t[f] = (t[f] or 0) + v
     return total
+
+
+def parse_time_ns(text: str) -> int:
+    """A billing time -> ns: ISO 8601 (UTC if no zone) or Unix seconds, whole seconds only.
+
+    Raises ValueError with a sentence saying what is wrong.
+    """
+    import datetime
+
+    try:
+        secs = Decimal(text)
+    except InvalidOperation:
+        try:
+            dt = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError(f"{text!r} is not a time (ISO 8601 like 2026-11-26T14:00:00Z, or Unix seconds)") from None
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=datetime.UTC)
+        if dt.microsecond:
+            raise ValueError("billing times are whole seconds") from None
+        return int(dt.timestamp()) * 1_000_000_000
+    if not secs.is_finite() or secs != secs.to_integral_value():
+        raise ValueError("billing times are whole seconds")
+    return int(secs) * 1_000_000_000

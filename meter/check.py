@@ -217,7 +217,7 @@ def _tc_clsact(bpf: _Bpf) -> Finding:
 
 def _btf() -> Finding:
     """Whether cpu_ns can be the kernel's own charge (task fields found in BTF)."""
-    from .sources.sched import kernel_field_defines  # noqa: PLC0415
+    from .sources.sched import kernel_field_defines
 
     fields, reason = kernel_field_defines()
     if "METER_TASK_SUM_OFF" in fields:

@@ -7,13 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import select
 import signal
 import sys
-import termios
-import time
-import tty
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -76,6 +71,13 @@ counters_option = click.option(
          "(default: hardware cycles, instructions, cache-misses; cycles estimated without a PMU).")
 
 
+def _console(width: int) -> Any:
+    """A rich console; not a terminal: a fixed width (rich would assume 80 columns)."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=width)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="meter")
 def main() -> None:
@@ -96,18 +98,9 @@ def check(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"ok": ok, "reason": reason, "checks": {f.key: f.as_dict() for f in findings}}, indent=2))
     else:
-        from rich.console import Console
-        from rich.table import Table
+        from . import report
 
-        style = {"ok": "green", "fallback": "yellow", "missing": "yellow", "fail": "red"}
-        table = Table(title="meter check", show_lines=False)
-        for col in ("", "what", "found", "meter will"):
-            table.add_column(col)
-        for f in findings:
-            table.add_row(f"[{style[f.status]}]{f.status}[/]", f.title, f.detail, f.action)
-        console = Console()
-        console.print(table)
-        console.print(f"[{'green' if ok else 'red'}]{reason}[/]")
+        report.findings_table(findings, ok, reason, _console(120))
     sys.exit(0 if ok else 1)
 
 
@@ -215,26 +208,13 @@ def _warn_unavailable(meter: Any, *, explicit: bool) -> None:
 
 
 def _time_ns(text: str, option: str) -> int:
-    """ISO 8601 (UTC if no zone) or Unix seconds -> ns; whole seconds only."""
-    import datetime
-    from decimal import Decimal, InvalidOperation
+    """A billing time option (ISO 8601 or Unix seconds) -> ns, or a usage error naming the option."""
+    from .bill import parse_time_ns
 
     try:
-        secs = Decimal(text)
-    except InvalidOperation:
-        try:
-            dt = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
-        except ValueError:
-            raise click.BadParameter(f"{text!r} is not a time (ISO 8601 like 2026-11-26T14:00:00Z, or Unix seconds)",
-                                     param_hint=option) from None
-        if dt.tzinfo is None:
-            dt = dt.replace(tzinfo=datetime.timezone.utc)
-        if dt.microsecond:
-            raise click.BadParameter("billing times are whole seconds", param_hint=option) from None
-        return int(dt.timestamp()) * 1_000_000_000
-    if secs != secs.to_integral_value():
-        raise click.BadParameter("billing times are whole seconds", param_hint=option)
-    return int(secs) * 1_000_000_000
+        return parse_time_ns(text)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint=option) from None
 
 
 @main.command()
@@ -251,16 +231,8 @@ def _time_ns(text: str, option: str) -> int:
 def bill(prices: str, start: str, end: str, tenant: str | None, fmt: str, store_path: str | None,
          parquet_dir: str | None, charge_period: int) -> None:
     """Invoices per tenant for [--from, --to): line items in decimal money."""
-    import csv
-
-    from .bill import (
-        PriceSheet,
-        invoices,
-        merge_periods,
-        usage_from_parquet,
-        usage_from_store,
-    )
-    from .focus import FOCUS_COLUMNS, focus_rows
+    from . import report
+    from .bill import PriceSheet, invoices, merge_periods, usage_from_parquet, usage_from_store
     from .sinks.store import Store
 
     with _errors():
@@ -278,36 +250,16 @@ def bill(prices: str, start: str, end: str, tenant: str | None, fmt: str, store_
         if fmt == "json":
             click.echo(json.dumps([i.as_dict() for i in invs], indent=2))
         elif fmt == "csv":
-            w = csv.writer(sys.stdout, lineterminator="\n")
-            w.writerow(["tenant", "meter", "quantity", "unit", "unit_price", "cost", "currency"])
-            for inv in invs:
-                for line in inv.lines:
-                    w.writerow([inv.tenant, line.meter, line.quantity, line.unit, line.unit_price, line.cost, inv.currency])
-                w.writerow([inv.tenant, "TOTAL", "", "", "", inv.total, inv.currency])
+            report.invoices_csv(invs, sys.stdout)
         elif fmt == "focus":
             periods = []
             for p, usage in by_period.items():
                 ps = start_ns + p * period
                 periods.append(invoices(usage, sheet, ps, min(ps + period, end_ns), tenant=tenant)
                                if tenant is None or tenant in usage else [])
-            fw = csv.DictWriter(sys.stdout, fieldnames=list(FOCUS_COLUMNS), lineterminator="\n")
-            fw.writeheader()
-            fw.writerows(focus_rows(periods, start_ns, end_ns, hosts=hosts))
+            report.focus_csv(periods, start_ns, end_ns, hosts, sys.stdout)
         else:
-            from rich.console import Console
-            from rich.table import Table
-
-            console = Console() if sys.stdout.isatty() else Console(width=120)
-            for inv in invs:
-                t = Table(title=f"{inv.tenant}: {start} – {end}", show_footer=True)
-                t.add_column("meter", footer="total")
-                t.add_column("quantity", justify="right")
-                t.add_column("unit")
-                t.add_column("unit price", justify="right")
-                t.add_column(f"cost ({inv.currency})", justify="right", footer=str(inv.total))
-                for line in inv.lines:
-                    t.add_row(line.meter, f"{line.quantity:.6f}", line.unit, str(line.unit_price), str(line.cost))
-                console.print(t)
+            report.invoices_tables(invs, f"{start} – {end}", _console(120))
 
 
 @main.command("export")
@@ -356,24 +308,9 @@ def economics(as_json: bool, overrides: tuple[str, ...]) -> None:
                                                for k, v in dataclasses.asdict(a).items()},
                                "options": [o.as_dict() for o in outcomes], "tenant_charges": charges}, indent=2))
         return
-    from rich.console import Console
-    from rich.table import Table
+    from . import report
 
-    t = Table(title="Operator, dollars per year")
-    for col in ("option", "income", "spend", "net revenue", "vs state of the art", "new servers", "capital"):
-        t.add_column(col, justify="left" if col == "option" else "right")
-    for o in outcomes:
-        t.add_row(o.option, f"{o.income:,.2f}", f"{o.spend:,.2f}", f"{o.net_revenue:,.2f}",
-                  f"{o.change_vs_state_of_the_art * 100:+.2f} %", str(o.new_servers), f"{o.capital_dollars:,.0f}")
-    c = Table(title="Tenant vswitch charges, dollars per year")
-    for col in ("vswitch usage", "state of the art", "option 1", "option 2 (cycles)", "option 3"):
-        c.add_column(col, justify="right")
-    for row in charges:
-        c.add_row(f"{Decimal(row['usage']) * 100:.0f} %", row["state_of_the_art"], row["option_1"], row["option_2"],
-                  row["option_3"])
-    console = Console() if sys.stdout.isatty() else Console(width=120)
-    console.print(t)
-    console.print(c)
+    report.economics_tables(outcomes, charges, _console(120))
 
 
 # -- demo --------------------------------------------------------------------------
@@ -461,116 +398,6 @@ def serve(config: str | None, cgroup_root: str | None, listen: str, allow_remote
 
 # -- top ---------------------------------------------------------------------------
 
-_SORT_KEYS = ["name", "cpu", "cycles", "ipc", "cache_misses", "watts", "rx_pps", "tx_pps", "rx_bps", "tx_bps", "softirq", "vf_pps"]
-#: CPU % at or above these turns the cell yellow / red.
-CPU_WARN_PCT = 50.0
-CPU_HOT_PCT = 90.0
-
-
-def _fmt_rate(v: float | None, unit: str = "") -> str:
-    if v is None:
-        return "–"
-    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(v) >= div:
-            return f"{v / div:.1f}{suffix}{unit}"
-    return f"{v:.0f}{unit}"
-
-
-def _row_cells(r: Any) -> dict[str, Any]:
-    rates = r.rates
-    pk = lambda a, b: None if rates.get(a) is None and rates.get(b) is None else (rates.get(a) or 0) + (rates.get(b) or 0)  # noqa: E731
-    return {
-        "name": r.compartment if r.compartment is not None else r.tenant,
-        "cpu": r.cpu_pct,
-        "cycles": rates.get("cycles"),
-        "ipc": r.ipc,
-        "cache_misses": rates.get("cache_misses"),
-        "watts": None if rates.get("energy_uj") is None else rates["energy_uj"] / 1e6,
-        "rx_pps": rates.get("rx_packets"),
-        "tx_pps": rates.get("tx_packets"),
-        "rx_bps": None if rates.get("rx_bytes") is None else rates["rx_bytes"] * 8,
-        "tx_bps": None if rates.get("tx_bytes") is None else rates["tx_bytes"] * 8,
-        "softirq": None if rates.get("softirq_ns") is None else rates["softirq_ns"] / 1e7,
-        "vf_pps": pk("vf_rx_packets", "vf_tx_packets"),
-    }
-
-
-def render_top(snap: Any, *, sort: str = "cpu", reverse: bool = True, expand: bool = False,
-               paused: bool = False, host: str = "") -> Any:
-    """The ``meter top`` screen as a rich renderable (used live and print-once)."""
-    from rich.console import Group
-    from rich.table import Table
-    from rich.text import Text
-
-    prov = snap.provenance
-    counters = prov.get("counters", "")
-    head = Text()
-    total_cpu = sum(r.cpu_pct for r in snap.tenants if r.tenant != "idle")
-    head.append(f"meter top  {host}  {snap.ncpu} CPUs  busy {total_cpu:.0f}% of {snap.ncpu * 100}%  ")
-    head.append(f"over {snap.seconds:.2f}s", style="dim")
-    if paused:
-        head.append("  [paused]", style="bold yellow")
-    head.append("\n")
-    if "estimate" in counters:
-        head.append("cycles: estimated (no PMU)  ", style="yellow")
-    elif counters:
-        head.append(f"counters: {counters}  ", style="dim")
-    head.append(f"energy: {prov.get('energy', 'unavailable')}  net: {prov.get('net', 'unavailable')}", style="dim")
-
-    cols = [("name", "TENANT/COMPARTMENT", "left"), ("cpu", "CPU%", "right"), ("cycles", "CYC/s", "right"),
-            ("ipc", "IPC", "right"), ("cache_misses", "MISS/s", "right"), ("watts", "W", "right"),
-            ("rx_pps", "RX pkt/s", "right"), ("tx_pps", "TX pkt/s", "right"), ("rx_bps", "RX b/s", "right"),
-            ("tx_bps", "TX b/s", "right"), ("softirq", "SIRQ%", "right"), ("vf_pps", "VF pkt/s", "right")]
-    table = Table(expand=True, box=None, header_style="bold reverse")
-    for key, title, just in cols:
-        mark = (" ▼" if reverse else " ▲") if key == sort else ""
-        table.add_column(title + mark, justify="left" if just == "left" else "right", no_wrap=True)
-
-    def sort_key(row: Any) -> Any:
-        v = _row_cells(row)[sort]
-        return (v is not None, v if v is not None else 0) if sort != "name" else v
-
-    for t in sorted(snap.tenants, key=sort_key, reverse=reverse):
-        _add(table, t, indent=False)
-        if expand:
-            comps = [c for c in snap.compartments if c.tenant == t.tenant and t.tenant not in ("host", "idle")]
-            for c in sorted(comps, key=sort_key, reverse=reverse):
-                _add(table, c, indent=True)
-    hints = Text("q quit  < > sort  r reverse  t compartments  space pause  ? help", style="dim")
-    return Group(head, table, hints)
-
-
-def _add(table: Any, row: Any, *, indent: bool) -> None:
-    c = _row_cells(row)
-    cpu = c["cpu"]
-    style = "red" if cpu >= CPU_HOT_PCT else "yellow" if cpu >= CPU_WARN_PCT else ""
-    table.add_row(
-        ("  └ " if indent else "") + c["name"],
-        f"[{style}]{cpu:.1f}[/]" if style else f"{cpu:.1f}",
-        _fmt_rate(c["cycles"]), "–" if c["ipc"] is None else f"{c['ipc']:.2f}", _fmt_rate(c["cache_misses"]),
-        "–" if c["watts"] is None else f"{c['watts']:.1f}", _fmt_rate(c["rx_pps"]), _fmt_rate(c["tx_pps"]),
-        _fmt_rate(c["rx_bps"]), _fmt_rate(c["tx_bps"]), "–" if c["softirq"] is None else f"{c['softirq']:.1f}",
-        _fmt_rate(c["vf_pps"]),
-    )
-
-
-@contextlib.contextmanager
-def _raw_keys() -> Iterator[Callable[[], str | None]]:
-    """Non-blocking single keys from a terminal stdin."""
-    fd = sys.stdin.fileno()
-    old = termios.tcgetattr(fd)
-    tty.setcbreak(fd)
-
-    def key() -> str | None:
-        if select.select([fd], [], [], 0)[0]:
-            return os.read(fd, 8).decode(errors="ignore")
-        return None
-
-    try:
-        yield key
-    finally:
-        termios.tcsetattr(fd, termios.TCSADRAIN, old)
-
 
 @main.command()
 @topology_options
@@ -582,15 +409,13 @@ def _raw_keys() -> Iterator[Callable[[], str | None]]:
 def top(config: str | None, cgroup_root: str | None, interval: float, once: bool, as_json: bool,
         window_ms: int | None, counters: str | None) -> None:
     """Live view of what each tenant and compartment consumes."""
-    from rich.console import Console
-    from rich.live import Live
-
+    from . import tui
     from .engine import Meter
     from .top import snapshot
 
     single = once or as_json or not sys.stdout.isatty() or not sys.stdin.isatty()
     # Not a terminal: rich would assume 80 columns; give the table room.
-    console = Console() if sys.stdout.isatty() else Console(width=160)
+    console = _console(160)
     with _errors():
         topo = _topology(config, cgroup_root)
         meter = Meter(topo, window_ms, counters=_counters(counters), drain_interval=min(0.1, interval / 4))
@@ -602,51 +427,10 @@ def top(config: str | None, cgroup_root: str | None, interval: float, once: bool
                 if as_json:
                     click.echo(json.dumps(snap.as_dict(), indent=2))
                 else:
-                    console.print(render_top(snap, expand=True, host=meter.host))
+                    console.print(tui.render_top(snap, expand=True, host=meter.host))
                 return
-            state = {"sort": "cpu", "reverse": True, "expand": False, "paused": False, "help": False}
-            parts: list[np.ndarray] = []
-            snap = snapshot(np.zeros(0), meter.ncpu)
-            last = time.monotonic()
-            with _raw_keys() as key, Live(console=console, auto_refresh=False, screen=False) as live:
-                live.update(render_top(snap, host=meter.host), refresh=True)
-                for batch in meter.batches():
-                    parts.append(batch)
-                    k = key()
-                    if k:
-                        if k in ("q", "\x1b"):
-                            break
-                        if k == " ":
-                            state["paused"] = not state["paused"]
-                        elif k == "r":
-                            state["reverse"] = not state["reverse"]
-                        elif k == "t":
-                            state["expand"] = not state["expand"]
-                        elif k in ("<", ">"):
-                            i = _SORT_KEYS.index(str(state["sort"])) + (1 if k == ">" else -1)
-                            state["sort"] = _SORT_KEYS[i % len(_SORT_KEYS)]
-                        elif k == "?":
-                            state["help"] = not state["help"]
-                    if time.monotonic() - last >= interval:
-                        if not state["paused"]:
-                            snap = snapshot(np.concatenate(parts), meter.ncpu)
-                        parts, last = [], time.monotonic()
-                    view = render_top(snap, sort=str(state["sort"]), reverse=bool(state["reverse"]),
-                                      expand=bool(state["expand"]), paused=bool(state["paused"]), host=meter.host)
-                    if state["help"]:
-                        from rich.console import Group
-                        from rich.text import Text
+            tui.live(meter, console, interval)
 
-                        view = Group(view, Text(_TOP_HELP))
-                    live.update(view, refresh=True)
-                meter.stop()
-
-
-_TOP_HELP = """
-q / Esc  quit            < >  sort by the previous / next column (marked ▼ ▲)
-r        reverse sort    t    show compartments under each tenant
-space    pause           ?    this help
-CPU% is of one core (100 = one core busy). – means unavailable here, not zero."""
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -10,7 +10,6 @@ callbacks (``on_batch``).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import socket
@@ -21,61 +20,29 @@ from typing import Any
 
 import numpy as np
 
-from . import build, records
-from .attribution import attribute_energy
+from . import build
+from .books import ENERGY_DOMAINS, Books, EnergyBooks
 from .errors import ConfigError, MeterError
 from .perf import CounterPlan, plan_counters
-from .bpfabi import KIND_RX
-from .resolver import IDLE_ROW, Resolver
+from .records import window_sums, window_totals
+from .resolver import Resolver
 from .sources.base import CPUSource, CPUSpec, KernelSources, PacketSource, SourceFactory, VFPoller
-from .sources.energy import EnergyReader, EnergySettings, ModelReader
+from .sources.energy import EnergyReader, EnergySettings
 from .sources.net import NetDrain, Port, parse_port
 from .sources.sched import SchedDrain
+from .stats import MeterStats
 from .topology import Topology
 
 __all__ = ["ENERGY_DOMAINS", "CounterPlan", "Meter", "MeterStats", "plan_counters", "window_sums", "window_totals"]
 
 log = logging.getLogger("meter")
 
-#: Energy domains apportioned to records (cores/uncore are parts of the package).
-ENERGY_DOMAINS = ("package", "dram")
 
 BatchCallback = Callable[[np.ndarray], None]
 
 #: The most windows one kernel charge may be split over; the verifier walks
 #: the split loop once per window, and rejects much longer loops.
 MAX_SPAN_LIMIT = 1024
-
-
-@dataclasses.dataclass
-class MeterStats:
-    """What the engine and its sources did, for self-metrics and reports."""
-
-    windows: int = 0
-    records: int = 0
-    drains: int = 0
-    drain_seconds: float = 0.0
-    late_ns: int = 0
-    dropped_ns: int = 0
-    dropped_updates: int = 0
-    counter_errors: int = 0
-    net_dropped_updates: int = 0  # packet updates not stored: net map full
-    softirq_unattributed_ns: int = 0  # NET softirq time left with the interrupted task
-    unplaced_ns: int = 0  # kernel/clock differences the kernel side had no room to carry
-    unsettled: int = 0  # slices whose start was not seen (followed from the scheduler's own mark)
-    warmup_windows_skipped: int = 0
-    conservation_violations: int = 0
-    unresolved_cgroups: int = 0
-    nudges: int = 0
-    energy_measured_uj: int = 0  # what the reader (or model) reported
-    energy_attributed_uj: int = 0  # what went into records (idle row included)
-    energy_pending_uj: int = 0  # measured, waiting for the next records
-    last_window_end_ns: int = 0  # wall clock end of the newest window emitted
-    first_window_start_ns: int = 0  # wall clock start of the first whole window
-    covered_ns: int = 0  # wall time from the first window to the last one closed
-
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 class Meter:
@@ -128,7 +95,6 @@ class Meter:
         self.energy = energy if energy is not None else EnergySettings.from_table(topology.energy, path=src)
         self._sources: SourceFactory = sources if sources is not None else KernelSources(vf_links)
         self._reader: EnergyReader | None = None
-        self._energy_carry = {"package": 0, "dram": 0}
         self.stats = MeterStats()
         self._seq = int(first_seq)
         self._callbacks: list[BatchCallback] = []
@@ -140,11 +106,8 @@ class Meter:
         self._net: PacketSource | None = None
         self._vf: VFPoller | None = None
         self._row_has_vfs = np.zeros(0, bool)
-        ncols = len(records.COUNTER_COLUMNS)
-        self._tot = np.zeros((0, ncols), np.int64)
-        self._avail = np.zeros((0, ncols), bool)
-        self._energy_tot = np.zeros((0, len(ENERGY_DOMAINS)), np.int64)
-        self._port_tot = np.zeros((0, 4), np.int64)
+        self._books = Books()
+        self._energy = EnergyBooks(None, self.plan, self.energy.policy)
         self._ports_list: list[Port] = []
         self._port_row = np.zeros(0, np.int64)
         self._row_has_ports = np.zeros(0, bool)
@@ -178,7 +141,7 @@ class Meter:
                 self._row_has_vfs[[row for row, _pf, _vf in vfs]] = True
                 self._vf = self._sources.vfs(vfs)
             self._ports_list = ports
-            self._port_tot = np.zeros((len(ports), 4), np.int64)
+            self._books = Books(len(ports))
             if ports:
                 self._port_row = np.asarray(port_rows, np.int64)
                 self._row_has_ports = np.zeros(self._resolver.nrows, bool)
@@ -186,6 +149,7 @@ class Meter:
                 self._net = self._sources.packets(sched, ports, self._map_entries)
                 self._net.attach()
             self._reader = self._sources.energy(self.energy)
+            self._energy = EnergyBooks(self._reader, self.plan, self.energy.policy)
         except Exception:
             self._close_sources()
             raise
@@ -292,7 +256,7 @@ class Meter:
             if self._resolver is None:
                 return
             self._resolver.update(topology)
-            self._grow_totals(self._resolver.nrows)
+            self._books.grow(self._resolver.nrows)
             before = {(c.tenant, c.name, i) for c in old.compartments for i in c.interfaces}
             after = {(c.tenant, c.name, i) for c in topology.compartments for i in c.interfaces}
             if before != after or {(c.tenant, c.name, v) for c in old.compartments for v in c.vfs} != {
@@ -340,38 +304,17 @@ class Meter:
         built = build.build(d, nd, vf, self._resolver, ctx)
         self.stats.warmup_windows_skipped += built.warmup_windows
         out = built.records
-        if len(out):
-            self._attribute_energy(out, built.window, built.row)
-            self._accumulate(out, built.row, nd)
-            self._seq += len(out)
+        domains = self._energy.apportion(out, built.window, built.row, self.ncpu, self.window_ns)
+        self._books.add(out, built.row, nd)
+        self._books.add_energy(built.row, domains)
+        self._seq += len(out)
+        st = self.stats
+        st.energy_measured_uj, st.energy_attributed_uj = self._energy.measured, self._energy.attributed
+        st.energy_pending_uj = self._energy.pending
         self.stats.unresolved_cgroups = self._resolver.unresolved
         return out
 
     # -- cumulative totals (for exporters and embedding agents) --------------------------
-
-    def _grow_totals(self, nrows: int) -> None:
-        if len(self._tot) < nrows:
-            extra = nrows - len(self._tot)
-            self._tot = np.vstack([self._tot, np.zeros((extra, len(records.COUNTER_COLUMNS)), np.int64)])
-            self._avail = np.vstack([self._avail, np.zeros((extra, len(records.COUNTER_COLUMNS)), bool)])
-            self._energy_tot = np.vstack([self._energy_tot, np.zeros((extra, len(ENERGY_DOMAINS)), np.int64)])
-
-    def _accumulate(self, out: np.ndarray, row: np.ndarray, nd: NetDrain | None) -> None:
-        """Add a batch to the per-row running totals (and per-port ones)."""
-        if len(out):
-            self._grow_totals(int(row.max()) + 1)
-            values = np.stack([out[name] for name in records.COUNTER_COLUMNS], axis=1)
-            order = np.argsort(row, kind="stable")
-            r = row[order]
-            starts = np.flatnonzero(np.r_[True, r[1:] != r[:-1]])
-            present = values[order] != records.NULL
-            rows = r[starts]
-            self._tot[rows] += np.add.reduceat(np.where(present, values[order], 0), starts, axis=0)
-            self._avail[rows] |= np.logical_or.reduceat(present, starts, axis=0)
-        if nd is not None and len(nd):
-            rx = nd.kind == KIND_RX
-            np.add.at(self._port_tot, (nd.port, np.where(rx, 0, 2)), nd.packets)
-            np.add.at(self._port_tot, (nd.port, np.where(rx, 1, 3)), nd.bytes)
 
     def totals(self) -> list[dict[str, Any]]:
         """Running totals since open, one dict per row (tenant, compartment, then
@@ -384,94 +327,19 @@ class Meter:
             res = self._resolver
             if res is None:
                 return []
-            tot, avail, energy = self._tot.copy(), self._avail.copy(), self._energy_tot.copy()
-            port_tot = self._port_tot.copy()
+            books = self._books.copy()
             ports = list(self._net.ports) if self._net is not None else list(self._ports_list)
             port_row = self._port_row.copy()
             names = list(zip(res.tenants, res.names))
-        out = []
-        for r, (tenant, name) in enumerate(names):
-            d: dict[str, Any] = {"tenant": tenant, "compartment": name}
-            for j, field in enumerate(records.COUNTER_COLUMNS):
-                d[field] = int(tot[r, j]) if r < len(tot) and avail[r, j] else None
-            d["energy_uj_by_domain"] = (
-                {dom: int(energy[r, i]) for i, dom in enumerate(ENERGY_DOMAINS) if energy[r, i]} if r < len(energy) else {}
-            )
-            d["ports"] = {
-                p.label: dict(zip(("rx_packets", "rx_bytes", "tx_packets", "tx_bytes"), map(int, port_tot[p.index])))
-                for p in ports if port_row[p.index] == r
-            }
-            out.append(d)
-        return out
-
-    def _attribute_energy(self, out: np.ndarray, window: np.ndarray, row: np.ndarray) -> None:
-        """Fill energy_uj: the energy measured since the last drain (or modelled per window), split exactly."""
-        reader = self._reader
-        if reader is None:
-            return
-        idle = row == IDLE_ROW
-        cycles_measured = "cycles" in self.plan.events and "cycles" not in self.plan.estimated
-        misses_measured = "cache_misses" in self.plan.events
-        if isinstance(reader, ModelReader):
-            # Per window: the model's energy for that window's utilisation.
-            uniq, groups = np.unique(window, return_inverse=True)
-            busy = np.bincount(groups, weights=np.where(idle, 0, out["cpu_ns"]), minlength=len(uniq))
-            package = reader.window_energy(busy, self.ncpu, self.window_ns)
-            dram = None
-        else:
-            # cores/uncore are parts of the package; psys stands in for a missing package.
-            measured = reader.read()
-            pkg, dram_uj = measured.get("package", measured.get("psys", 0)), measured.get("dram", 0)
-            carry = self._energy_carry
-            carry["package"] += pkg
-            carry["dram"] += dram_uj
-            self.stats.energy_measured_uj += pkg + dram_uj
-            if len(out) == 0:
-                self.stats.energy_pending_uj = carry["package"] + carry["dram"]
-                return
-            groups = np.zeros(len(out), np.int64)
-            package = np.array([carry["package"]], np.int64)
-            dram = np.array([carry["dram"]], np.int64)
-            carry["package"] = carry["dram"] = 0
-        if len(out) == 0:
-            return
-        domains: dict[str, np.ndarray] = {}
-        energy = attribute_energy(out, groups, package, dram, idle=idle, cycles_measured=cycles_measured,
-                                  misses_measured=misses_measured, policy=self.energy.policy, by_domain=domains)
-        for i, domain in enumerate(ENERGY_DOMAINS):
-            if domain in domains:
-                self._grow_totals(int(row.max()) + 1)
-                np.add.at(self._energy_tot[:, i], row, domains[domain])
-        if isinstance(reader, ModelReader):
-            self.stats.energy_measured_uj += int(package.sum())
-        out["energy_uj"] = energy
-        out["energy_source"] = reader.source
-        self.stats.energy_attributed_uj += int(energy.sum())
-        self.stats.energy_pending_uj = 0
+        return books.totals(names, ports, port_row)
 
     def _account(self, batch: np.ndarray) -> None:
         assert self._sched is not None
-        k = self._sched.stats()
-        self.stats.late_ns = k["late_ns"]
-        self.stats.dropped_ns = k["drop_ns"]
-        self.stats.dropped_updates = k["drop_updates"]
-        self.stats.counter_errors = k["counter_errors"]
-        self.stats.net_dropped_updates = k["net_drop_updates"]
-        self.stats.softirq_unattributed_ns = k["span_unattributed_ns"]
-        self.stats.unplaced_ns = k["unplaced_ns"]
-        self.stats.unsettled = k["unsettled"]
-        self.stats.nudges = self._sched.nudges
-        first = self._sched.first_window
-        self.stats.first_window_start_ns = first * self.window_ns + self._offset_ns
-        self.stats.covered_ns = max(0, self._sched.closed_window + 1 - first) * self.window_ns
-        self.stats.records += len(batch)
-        if len(batch):
-            # Every CPU-ns of a window is some row's cpu_ns, or softirq_ns given by another row.
-            starts, sums = window_totals(batch)
-            self.stats.windows += len(starts)
-            expected = self.ncpu * self.window_ns
-            self.stats.conservation_violations += int(np.count_nonzero(sums != expected))
-            self.stats.last_window_end_ns = int(starts[-1]) + self.window_ns
+        src = self._sched
+        self.stats.take_kernel(src.stats(), nudges=src.nudges)
+        self.stats.take_batch(batch, ncpu=self.ncpu, window_ns=self.window_ns)
+        self.stats.first_window_start_ns = src.first_window * self.window_ns + self._offset_ns
+        self.stats.covered_ns = max(0, src.closed_window + 1 - src.first_window) * self.window_ns
 
     def batches(self, duration: float | None = None) -> Iterator[np.ndarray]:
         """Yield record batches every drain interval until ``duration`` or :meth:`stop`.
@@ -508,7 +376,7 @@ class Meter:
         >>> async for batch in meter.abatches(10):   # doctest: +SKIP
         ...     await sink.write(batch)
         """
-        import asyncio  # noqa: PLC0415
+        import asyncio
 
         gen = self.batches(duration)
         done = object()
@@ -548,31 +416,6 @@ class Meter:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-
-
-def window_sums(batch: np.ndarray, field: str) -> tuple[np.ndarray, np.ndarray]:
-    """(window starts, Σ field) per window of a batch, windows ascending; NULL counts 0."""
-    starts = batch["window_start_ns"]
-    values = np.where(batch[field] == records.NULL, 0, batch[field])
-    if len(starts) > 1 and np.any(starts[1:] < starts[:-1]):
-        order = np.argsort(starts, kind="stable")
-        starts, values = starts[order], values[order]
-    if len(starts) == 0:
-        return starts, values
-    first = np.flatnonzero(np.r_[True, starts[1:] != starts[:-1]])
-    return starts[first], np.add.reduceat(values, first)
-
-
-def window_totals(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(window starts, the CPU time each window's records account for).
-
-    cpu_ns + softirq_ns - softirq_given_ns over every row of a window: with
-    every CPU metered, ncpu x W.
-    """
-    starts, cpu = window_sums(batch, "cpu_ns")
-    _, softirq = window_sums(batch, "softirq_ns")
-    _, given = window_sums(batch, "softirq_given_ns")
-    return starts, cpu + softirq - given
 
 
 def _realtime_offset_ns() -> int:

@@ -30,7 +30,7 @@ FOCUS_COLUMNS = (
 def _ts(ns: int) -> str:
     if ns % 1_000_000_000:
         raise ValueError("FOCUS charge periods are whole seconds")
-    return datetime.datetime.fromtimestamp(ns // 1_000_000_000, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.datetime.fromtimestamp(ns // 1_000_000_000, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def focus_rows(periods: list[list[Invoice]], billing_start_ns: int, billing_end_ns: int, *,

@@ -100,7 +100,7 @@ def find_headers(root: str | Path | None = None) -> Headers:
 
 def _link_tree(source: Path, dest: Path) -> None:
     """Mirror ``source`` into ``dest`` as symlinks, replacing links already there."""
-    for dirpath, dirnames, filenames in os.walk(source, followlinks=True):
+    for dirpath, _dirnames, filenames in os.walk(source, followlinks=True):
         rel = Path(dirpath).relative_to(source)
         target_dir = dest / rel
         target_dir.mkdir(parents=True, exist_ok=True)

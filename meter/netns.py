@@ -27,7 +27,7 @@ class NetnsError(MeterError):
 
 def iproute(name: str | None) -> Any:
     """A pyroute2 IPRoute in network namespace ``name`` (None: meter's own)."""
-    from pyroute2 import IPRoute  # noqa: PLC0415  (only the net source needs it)
+    from pyroute2 import IPRoute
 
     if name is None:
         return IPRoute()

@@ -52,6 +52,8 @@ __all__ = [
     "empty",
     "factorize",
     "to_dicts",
+    "window_sums",
+    "window_totals",
 ]
 
 #: The array value of an unavailable number.
@@ -162,3 +164,28 @@ def to_dicts(batch: np.ndarray) -> Iterator[dict[str, Any]]:
                 v = None
             row[name] = v
         yield row
+
+
+def window_sums(batch: np.ndarray, field: str) -> tuple[np.ndarray, np.ndarray]:
+    """(window starts, Σ field) per window of a batch, windows ascending; NULL counts 0."""
+    starts = batch["window_start_ns"]
+    values = np.where(batch[field] == NULL, 0, batch[field])
+    if len(starts) > 1 and np.any(starts[1:] < starts[:-1]):
+        order = np.argsort(starts, kind="stable")
+        starts, values = starts[order], values[order]
+    if len(starts) == 0:
+        return starts, values
+    first = np.flatnonzero(np.r_[True, starts[1:] != starts[:-1]])
+    return starts[first], np.add.reduceat(values, first)
+
+
+def window_totals(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(window starts, the CPU time each window's records account for).
+
+    cpu_ns + softirq_ns - softirq_given_ns over every row of a window: with
+    every CPU metered, ncpu x W.
+    """
+    starts, cpu = window_sums(batch, "cpu_ns")
+    _, softirq = window_sums(batch, "softirq_ns")
+    _, given = window_sums(batch, "softirq_given_ns")
+    return starts, cpu + softirq - given

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .bpfabi import IDLE_CGID, SCHED_CGID, STEAL_CGID
 from .cgroup import CgroupIndex, cgroup_id
 from .errors import CgroupError
-from .bpfabi import IDLE_CGID, SCHED_CGID, STEAL_CGID
 from .topology import HOST, IDLE, SCHED, STEAL, Compartment, Topology
 
 __all__ = ["HOST_ROW", "IDLE_ROW", "PSEUDO_ROWS", "Resolver", "SCHED_ROW", "STEAL_ROW"]

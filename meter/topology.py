@@ -221,7 +221,7 @@ class _Parser:
         energy = data.get("energy", {})
         if not isinstance(energy, dict):
             raise self.fail("energy", "must be a table")
-        from .sources.energy import EnergySettings  # noqa: PLC0415  (sources import topology's peers)
+        from .sources.energy import EnergySettings
 
         try:
             EnergySettings.from_table(energy, path=str(self.path))

@@ -18,7 +18,6 @@ from meter.cgroup import cpu_usage_usec
 from meter.engine import Meter, window_totals
 from meter.sinks.store import Store
 
-
 pytestmark = pytest.mark.bpf
 
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from meter.cli import render_top
 from meter.records import build
 from meter.top import snapshot
+from meter.tui import render_top
 
 
 def _records() -> np.ndarray:

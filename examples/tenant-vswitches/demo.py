@@ -139,7 +139,7 @@ def up(tenants: int = 3) -> Path:
         raise DemoError(f"setting up tenant t{len(made)} failed, everything made was removed: {err}") from None
     lines = []
     for t in made:
-        ifaces = ", ".join(f'"{i}"' for i in t["interfaces"])  # type: ignore[union-attr]
+        ifaces = ", ".join(f'"{i}"' for i in t["interfaces"])  # type: ignore[attr-defined]
         lines += ["[[tenant]]", f'name = "{t["tenant"]}"', "", "[[tenant.compartment]]", 'name = "vswitch"',
                   f'cgroup = "{t["cgroup"]}"', f"interfaces = [{ifaces}]", ""]
     topo = STATE / "topology.toml"

@@ -24,8 +24,8 @@ __all__ = ["write_parquet"]
 def write_parquet(batch: np.ndarray, root: str | Path) -> list[Path]:
     """Write a batch under ``root``; returns the files written (mode 0600)."""
     try:
-        import pyarrow as pa  # noqa: PLC0415  (extra: pip install meter[parquet])
-        import pyarrow.parquet as pq  # noqa: PLC0415
+        import pyarrow as pa
+        import pyarrow.parquet as pq
     except ImportError as err:
         raise MeterError("Parquet export needs pyarrow: pip install -e .[parquet]") from err
     root = Path(root)

@@ -102,7 +102,7 @@ class Exporter:
         exporter = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802  (http.server's name)
+            def do_GET(self) -> None:
                 if self.path.split("?")[0] not in ("/metrics", "/"):
                     self.send_error(404)
                     return
@@ -151,14 +151,14 @@ class Exporter:
 
     def render(self) -> str:
         """The exposition text (Prometheus text format 0.0.4)."""
-        from prometheus_client import CollectorRegistry, generate_latest  # noqa: PLC0415
+        from prometheus_client import CollectorRegistry, generate_latest
 
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Collector(self))
         return generate_latest(registry).decode()
 
     def families(self) -> Iterator[Any]:
-        from prometheus_client.core import (  # noqa: PLC0415
+        from prometheus_client.core import (
             CounterMetricFamily,
             GaugeMetricFamily,
             InfoMetricFamily,

@@ -266,7 +266,7 @@ class _Columns:
 
 def _encode(batch: np.ndarray, cols: _Columns) -> bytes:
     """A batch as bytes: JSON header, int64 columns, int32 string codes."""
-    import json  # noqa: PLC0415
+    import json
 
     tables = {name: cols.strings[name][0] for name in cols.str_names}
     header = json.dumps({"n": cols.n, "ints": cols.int_names, "strs": tables}).encode()
@@ -275,7 +275,7 @@ def _encode(batch: np.ndarray, cols: _Columns) -> bytes:
 
 
 def _decode(blob: bytes) -> np.ndarray:
-    import json  # noqa: PLC0415
+    import json
 
     if not blob.startswith(_MAGIC):
         raise SinkError("a chunk in the record store is not in meter's format")

@@ -14,10 +14,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from ..perf import PerfEvent
     from .energy import EnergyReader, EnergySettings
     from .net import NetDrain, Port
     from .sched import SchedDrain
-    from ..perf import PerfEvent
 
 __all__ = ["CPUSource", "CPUSpec", "KernelSources", "PacketSource", "SourceFactory", "VFPoller"]
 
@@ -112,7 +112,7 @@ class KernelSources:
         self.vf_links = vf_links
 
     def cpu(self, spec: CPUSpec) -> CPUSource:
-        from .sched import SchedSource  # noqa: PLC0415  (bcc is imported when used)
+        from .sched import SchedSource
 
         return SchedSource(
             spec.window_ns, spec.events, map_entries=spec.map_entries, max_span=spec.max_span,
@@ -120,17 +120,17 @@ class KernelSources:
         )
 
     def packets(self, cpu: CPUSource, ports: list[Port], map_entries: int) -> PacketSource:
-        from .net import NetSource  # noqa: PLC0415
+        from .net import NetSource
 
         # The tc programs share the sched program's maps (one compiled unit).
         return NetSource(cpu.bpf, ports, map_entries=map_entries)  # type: ignore[attr-defined]
 
     def vfs(self, vfs: list[tuple[int, str, int]]) -> VFPoller:
-        from .sriov import VFSource  # noqa: PLC0415
+        from .sriov import VFSource
 
         return VFSource(vfs, get_links=self.vf_links)
 
     def energy(self, settings: EnergySettings) -> EnergyReader:
-        from .energy import pick_reader  # noqa: PLC0415
+        from .energy import pick_reader
 
-        return pick_reader(settings)  # type: ignore[no-any-return]
+        return pick_reader(settings)

@@ -211,7 +211,7 @@ class PerfPowerReader:
 
     def open(self) -> None:
         """Open each event on one CPU per package (the PMU's cpumask)."""
-        from ..perf import _open  # noqa: PLC0415
+        from ..perf import _open
 
         try:
             cpus = _cpulist((self.pmu / "cpumask").read_text())
@@ -264,7 +264,7 @@ class PyRAPLReader:
     source = "pyrapl"
 
     def __init__(self) -> None:
-        import pyRAPL  # noqa: PLC0415  (optional extra)
+        import pyRAPL
 
         pyRAPL.setup()
         self._pyrapl = pyRAPL

@@ -259,5 +259,5 @@ class FakeSources:
         self.vf_source.vfs = list(vfs)
         return self.vf_source
 
-    def energy(self, settings: object) -> FakeEnergy | None:  # type: ignore[override]
+    def energy(self, settings: object) -> FakeEnergy | None:
         return self.energy_source

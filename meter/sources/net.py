@@ -103,7 +103,7 @@ class NetSource:
         key = (port.index, fn.decode())
         if key in self._prog_fds:
             return self._prog_fds[key]
-        from bcc import BPF, libbcc  # noqa: PLC0415
+        from bcc import BPF, libbcc
 
         code = bytearray(self.bpf.dump_func(fn))
         patched = 0
@@ -239,7 +239,7 @@ class NetSource:
                 log.info("meter: %s already gone at exit (%s)", port.label, err)
         for netns in list(self._ipr):
             self._forget_netns(netns)
-        import os  # noqa: PLC0415
+        import os
 
         for fd in self._prog_fds.values():
             os.close(fd)

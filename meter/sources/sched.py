@@ -49,7 +49,7 @@ def kernel_field_defines(btf_path: str | None = None) -> tuple[dict[str, int], s
     the defines are empty and ``reason`` says why (CPU time then comes from
     the clock alone, flagged in the records' ``cpu_source``).
     """
-    from ..btf import BTFError, kernel_btf  # noqa: PLC0415
+    from ..btf import BTFError, kernel_btf
 
     try:
         btf = kernel_btf(btf_path)
@@ -168,7 +168,7 @@ class SchedSource:
 
     def open(self) -> None:
         """Load, open counters, attach, and start every CPU's clock."""
-        from bcc.utils import get_online_cpus  # noqa: PLC0415  (bcc is lazy)
+        from bcc.utils import get_online_cpus
 
         self.bpf = program.load(*self.defines())
         try:

@@ -124,7 +124,7 @@ class VFSource:
 
     def _live_links(self, pf: str) -> list[Any]:
         if self._ipr is None:
-            from pyroute2 import IPRoute  # noqa: PLC0415
+            from pyroute2 import IPRoute
 
             self._ipr = IPRoute()
         found = self._ipr.link_lookup(ifname=pf)

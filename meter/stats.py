@@ -1,0 +1,69 @@
+"""MeterStats: what the engine and its sources did, for self-metrics and reports.
+
+Kernel-side counts (named as in :data:`meter.bpfabi.STATS`) are copied at
+every drain; per-batch figures (windows, records, conservation) are
+checked here. See docs/architecture.md, "Conservation".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from .records import window_totals
+
+__all__ = ["MeterStats"]
+
+#: MeterStats field for each kernel-side count.
+_KERNEL = {"late_ns": "late_ns", "drop_ns": "dropped_ns", "drop_updates": "dropped_updates",
+           "counter_errors": "counter_errors", "net_drop_updates": "net_dropped_updates",
+           "span_unattributed_ns": "softirq_unattributed_ns", "unplaced_ns": "unplaced_ns", "unsettled": "unsettled"}
+
+
+@dataclasses.dataclass
+class MeterStats:
+    """What the engine and its sources did, for self-metrics and reports."""
+
+    windows: int = 0
+    records: int = 0
+    drains: int = 0
+    drain_seconds: float = 0.0
+    late_ns: int = 0
+    dropped_ns: int = 0
+    dropped_updates: int = 0
+    counter_errors: int = 0
+    net_dropped_updates: int = 0  # packet updates not stored: net map full
+    softirq_unattributed_ns: int = 0  # NET softirq time left with the interrupted task
+    unplaced_ns: int = 0  # kernel/clock differences the kernel side had no room to carry
+    unsettled: int = 0  # slices whose start was not seen (followed from the scheduler's own mark)
+    warmup_windows_skipped: int = 0
+    conservation_violations: int = 0
+    unresolved_cgroups: int = 0
+    nudges: int = 0
+    energy_measured_uj: int = 0  # what the reader (or model) reported
+    energy_attributed_uj: int = 0  # what went into records (idle row included)
+    energy_pending_uj: int = 0  # measured, waiting for the next records
+    last_window_end_ns: int = 0  # wall clock end of the newest window emitted
+    first_window_start_ns: int = 0  # wall clock start of the first whole window
+    covered_ns: int = 0  # wall time from the first window to the last one closed
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def take_kernel(self, counts: dict[str, int], *, nudges: int) -> None:
+        """Copy the CPU source's kernel-side counts (cumulative since open)."""
+        for name, field in _KERNEL.items():
+            setattr(self, field, int(counts.get(name, 0)))
+        self.nudges = nudges
+
+    def take_batch(self, batch: np.ndarray, *, ncpu: int, window_ns: int) -> None:
+        """Count a batch's records and windows, and check each window adds up to ncpu x W."""
+        self.records += len(batch)
+        if len(batch):
+            # Every CPU-ns of a window is some row's cpu_ns, or softirq_ns given by another row.
+            starts, sums = window_totals(batch)
+            self.windows += len(starts)
+            self.conservation_violations += int(np.count_nonzero(sums != ncpu * window_ns))
+            self.last_window_end_ns = int(starts[-1]) + window_ns

@@ -50,7 +50,7 @@ COST_QUANTUM = Decimal("0.000001")
 
 
 @dataclasses.dataclass(frozen=True)
-class Meter:
+class PricedMeter:
     """A billable meter: which record fields, how they convert to the priced unit."""
 
     key: str
@@ -69,17 +69,17 @@ class Meter:
 
 #: The meters a price sheet can price, in invoice order.
 METERS = (
-    Meter("cpu_second", ("cpu_ns", "softirq_ns"), Decimal(10**9), "CPU-second",
+    PricedMeter("cpu_second", ("cpu_ns", "softirq_ns"), Decimal(10**9), "CPU-second",
           "CPU time of the compartment's tasks and of the kernel's packet processing for it", "Compute",
           minus=("softirq_given_ns",)),
-    Meter("gigacycle", ("cycles",), Decimal(10**9), "10^9 cycles", "CPU cycles", "Compute"),
-    Meter("million_cache_misses", ("cache_misses",), Decimal(10**6), "10^6 cache misses", "Last-level cache misses",
+    PricedMeter("gigacycle", ("cycles",), Decimal(10**9), "10^9 cycles", "CPU cycles", "Compute"),
+    PricedMeter("million_cache_misses", ("cache_misses",), Decimal(10**6), "10^6 cache misses", "Last-level cache misses",
           "Compute"),
-    Meter("kwh", ("energy_uj",), Decimal(3_600_000_000_000), "kWh", "Energy attributed to the compartment", "Compute"),
-    Meter("gb", ("rx_bytes", "tx_bytes"), Decimal(10**9), "GB", "Bytes through the compartment's ports", "Networking"),
-    Meter("million_packets", ("rx_packets", "tx_packets"), Decimal(10**6), "10^6 packets",
+    PricedMeter("kwh", ("energy_uj",), Decimal(3_600_000_000_000), "kWh", "Energy attributed to the compartment", "Compute"),
+    PricedMeter("gb", ("rx_bytes", "tx_bytes"), Decimal(10**9), "GB", "Bytes through the compartment's ports", "Networking"),
+    PricedMeter("million_packets", ("rx_packets", "tx_packets"), Decimal(10**6), "10^6 packets",
           "Packets through the compartment's ports", "Networking"),
-    Meter("vf_gb", ("vf_rx_bytes", "vf_tx_bytes"), Decimal(10**9), "GB", "Bytes through the compartment's SR-IOV VFs",
+    PricedMeter("vf_gb", ("vf_rx_bytes", "vf_tx_bytes"), Decimal(10**9), "GB", "Bytes through the compartment's SR-IOV VFs",
           "Networking"),
 )
 _BY_KEY = {m.key: m for m in METERS}

@@ -17,7 +17,6 @@ import numpy as np
 from . import records
 from .attribution import attribute_energy
 from .bpfabi import KIND_RX
-from .build import group_sums
 from .perf import CounterPlan
 from .resolver import IDLE_ROW
 from .sources.energy import EnergyReader, ModelReader
@@ -53,12 +52,9 @@ class Books:
         if len(out):
             self.grow(int(row.max()) + 1)
             values = np.stack([out[name] for name in records.COUNTER_COLUMNS], axis=1)
-            present = values != records.NULL
-            first, sums = group_sums(row, np.hstack([np.where(present, values, 0), present.astype(np.int64)]))
-            rows = row[first]
-            ncols = values.shape[1]
-            self.tot[rows] += sums[:, :ncols]
-            self.avail[rows] |= sums[:, ncols:] > 0
+            first, sums, seen = records.null_sums(row, values)
+            self.tot[row[first]] += sums
+            self.avail[row[first]] |= seen
         if nd is not None and len(nd):
             rx = nd.kind == KIND_RX
             np.add.at(self.ports, (nd.port, np.where(rx, 0, 2)), nd.packets)

@@ -21,7 +21,7 @@ from .sources.net import NetDrain
 from .sources.sched import SchedDrain
 from .sources.sriov import VF_FIELDS
 
-__all__ = ["SUMS", "Built", "Context", "Rows", "build", "group_sums"]
+__all__ = ["SUMS", "Built", "Context", "Rows", "build"]
 
 #: Columns summed per (window, row) before records are built, then the counters.
 SUMS = ("cpu_ns", "softirq_ns", "softirq_given_ns", "rx_packets", "rx_bytes", "tx_packets", "tx_bytes",
@@ -76,20 +76,6 @@ class Built:
     warmup_windows: int
 
 
-def group_sums(key: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(index of each group's first element, Σ values per group) of ``key``, sorted by key.
-
-    Stable sort once, then one ``reduceat``: exact integer sums, no Python
-    loop. The indices are into the *sorted* order: ``key[order][first]``
-    is each group's key, with ``order = np.argsort(key, kind="stable")``.
-    """
-    order = np.argsort(key, kind="stable")
-    k = key[order]
-    first = np.flatnonzero(np.r_[True, k[1:] != k[:-1]]) if len(k) else np.zeros(0, np.int64)
-    sums = np.add.reduceat(values[order], first, axis=0) if len(k) else values[:0]
-    return order[first], sums
-
-
 def build(d: SchedDrain, nd: NetDrain | None, vf: dict[int, tuple[int, int, int, int]] | None,
           rows: Rows, ctx: Context) -> Built:
     """Merge one drain of every source into records, sorted by (window, row)."""
@@ -138,7 +124,7 @@ def build(d: SchedDrain, nd: NetDrain | None, vf: dict[int, tuple[int, int, int,
     window = np.concatenate([p[0] for p in parts])
     row = np.concatenate([p[1] for p in parts])
     vals = np.concatenate([p[2] for p in parts])
-    first, g = group_sums((window - window.min()) * rows.nrows + row, vals)
+    first, g = records.group_sums((window - window.min()) * rows.nrows + row, vals)
     out = _records(window[first], row[first], g, rows, ctx)
     return Built(out, window[first], row[first], warmup)
 

@@ -23,6 +23,10 @@ from .topology import Topology
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+#: What the library's errors leave to the command line: the flag that fixes them.
+_FLAG_HINTS = {"allow_remote": " (--allow-remote)", "listen": " (--listen)", "store": " (--store)"}
+
+
 def _fail(message: str) -> None:
     click.echo(f"meter: error: {message}", err=True)
     sys.exit(1)
@@ -34,7 +38,7 @@ def _errors() -> Iterator[None]:
     try:
         yield
     except MeterError as err:
-        _fail(str(err))
+        _fail(str(err) + _FLAG_HINTS.get(err.setting or "", ""))
 
 
 def topology_options(fn: F) -> F:

@@ -24,6 +24,10 @@ __all__ = [
 class MeterError(Exception):
     """Base of every error meter raises on purpose."""
 
+    #: The library setting that would fix this (e.g. "allow_remote", "store"),
+    #: for front ends to name their own option for it; None when there is none.
+    setting: str | None = None
+
 
 class ConfigError(MeterError):
     """A topology or settings file (or value) is invalid.
@@ -39,7 +43,9 @@ class ConfigError(MeterError):
         path: str | None = None,
         line: int | None = None,
         key: str | None = None,
+        setting: str | None = None,
     ) -> None:
+        self.setting = setting
         self.path = path
         self.line = line
         self.key = key
@@ -94,6 +100,7 @@ class PerfEventError(MeterError):
 class SinkError(MeterError):
     """A sink (file, store, exporter) could not take records."""
 
-    def __init__(self, message: str, *, target: str | None = None) -> None:
+    def __init__(self, message: str, *, target: str | None = None, setting: str | None = None) -> None:
         self.target = target
+        self.setting = setting
         super().__init__(message)

@@ -51,6 +51,8 @@ __all__ = [
     "build",
     "empty",
     "factorize",
+    "group_sums",
+    "null_sums",
     "to_dicts",
     "window_sums",
     "window_totals",
@@ -166,17 +168,35 @@ def to_dicts(batch: np.ndarray) -> Iterator[dict[str, Any]]:
         yield row
 
 
+def group_sums(key: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(index of each group's first element, Σ values per group) of ``key``, groups by ascending key.
+
+    One stable sort, one ``reduceat``: exact integer sums, no Python loop.
+    The indices are into the original arrays (``key[first]`` is each
+    group's key), so any other column can be read per group with them.
+    """
+    order = np.argsort(key, kind="stable")
+    k = key[order]
+    if len(k) == 0:
+        return np.zeros(0, np.int64), values[:0]
+    first = np.flatnonzero(np.r_[True, k[1:] != k[:-1]])
+    return order[first], np.add.reduceat(values[order], first, axis=0)
+
+
+def null_sums(key: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`group_sums` of record columns where NULL means "not measured":
+    (first, sums with NULL as 0, whether each column was measured in the group)."""
+    present = values != NULL
+    first, s = group_sums(key, np.concatenate([np.where(present, values, 0), present.astype(np.int64)], axis=1))
+    n = values.shape[1]
+    return first, s[:, :n], s[:, n:] > 0
+
+
 def window_sums(batch: np.ndarray, field: str) -> tuple[np.ndarray, np.ndarray]:
     """(window starts, Σ field) per window of a batch, windows ascending; NULL counts 0."""
     starts = batch["window_start_ns"]
-    values = np.where(batch[field] == NULL, 0, batch[field])
-    if len(starts) > 1 and np.any(starts[1:] < starts[:-1]):
-        order = np.argsort(starts, kind="stable")
-        starts, values = starts[order], values[order]
-    if len(starts) == 0:
-        return starts, values
-    first = np.flatnonzero(np.r_[True, starts[1:] != starts[:-1]])
-    return starts[first], np.add.reduceat(values, first)
+    first, sums = group_sums(starts, np.where(batch[field] == NULL, 0, batch[field]))
+    return starts[first], sums
 
 
 def window_totals(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

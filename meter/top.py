@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .records import NULL, factorize
+from .records import factorize, null_sums
 
 __all__ = ["TopRow", "TopSnapshot", "snapshot"]
 
@@ -64,15 +64,11 @@ def _rows(batch: np.ndarray, keys: list[str], seconds: float) -> list[TopRow]:
     key = np.zeros(len(batch), np.int64)
     for table, code in zip(tables, codes):
         key = key * len(table) + code
-    order = np.argsort(key, kind="stable")
-    starts = np.flatnonzero(np.r_[True, key[order][1:] != key[order][:-1]])
     fields = ("cpu_ns", *_RATE_FIELDS)
-    values = np.stack([batch[f][order] for f in fields], axis=1)
-    sums = np.add.reduceat(np.where(values == NULL, 0, values), starts, axis=0)
-    seen = np.logical_or.reduceat(values != NULL, starts, axis=0)
+    first, sums, seen = null_sums(key, np.stack([batch[f] for f in fields], axis=1))
     out = []
-    for g, start in enumerate(starts.tolist()):
-        names = [str(table[code[order[start]]]) for table, code in zip(tables, codes)]
+    for g, start in enumerate(first.tolist()):
+        names = [str(table[code[start]]) for table, code in zip(tables, codes)]
         rates = {f: float(sums[g, j + 1]) / seconds if seen[g, j + 1] else None for j, f in enumerate(_RATE_FIELDS)}
         cpu_pct = float(sums[g, 0]) / (seconds * 1e9) * 100
         out.append(TopRow(names[0], names[1] if len(names) > 1 else None, cpu_pct, rates))

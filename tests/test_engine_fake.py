@@ -409,8 +409,16 @@ def test_build_of_nothing_is_an_empty_batch_of_the_record_dtype():
 def test_group_sums_are_exact_for_big_integers():
     key = np.array([3, 1, 3, 2, 1])
     vals = np.array([[2**62], [1], [2**61], [5], [2]], np.int64)
-    first, sums = build.group_sums(key, vals)
-    assert list(key[first]) == [1, 2, 3] and list(sums[:, 0]) == [3, 5, 2**62 + 2**61]
+    first, sums = records.group_sums(key, vals)
+    assert list(first) == [1, 3, 0] and list(key[first]) == [1, 2, 3]
+    assert list(sums[:, 0]) == [3, 5, 2**62 + 2**61]
+
+
+def test_null_sums_keep_not_measured_apart_from_zero():
+    key = np.array([0, 0, 1, 1])
+    vals = np.array([[NULL, 5], [NULL, 0], [2, NULL], [NULL, NULL]], np.int64)
+    first, sums, seen = records.null_sums(key, vals)
+    assert sums.tolist() == [[0, 5], [2, 0]] and seen.tolist() == [[False, True], [True, False]]
 
 
 # -- steady_load, the scale benchmark's generator -----------------------------------------

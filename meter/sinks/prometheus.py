@@ -68,15 +68,15 @@ def parse_listen(listen: str, *, allow_remote: bool = False) -> tuple[str, int]:
         if not sep or not 0 <= port <= 65535:
             raise ValueError
     except ValueError:
-        raise ConfigError(f"--listen {listen!r} is not HOST:PORT (e.g. {DEFAULT_LISTEN})") from None
+        raise ConfigError(f"listen address {listen!r} is not HOST:PORT (e.g. {DEFAULT_LISTEN})", setting="listen") from None
     try:
         loopback = ipaddress.ip_address(host or "0.0.0.0").is_loopback
     except ValueError:
         loopback = host == "localhost"
     if not loopback and not allow_remote:
         raise ConfigError(
-            f"--listen {listen!r} is not a loopback address: meter serves loopback only unless given --allow-remote"
-        )
+            f"listen address {listen!r} is not a loopback address: meter serves loopback only unless remote "
+            "access is allowed", setting="allow_remote")
     return host, port
 
 

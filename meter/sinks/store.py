@@ -32,7 +32,7 @@ import numpy as np
 
 from ..errors import SinkError
 from ..paths import meter_path
-from ..records import COUNTER_COLUMNS, FIELDS, NULL, RECORD_DTYPE, build, factorize
+from ..records import COUNTER_COLUMNS, FIELDS, RECORD_DTYPE, build, factorize, null_sums
 
 __all__ = ["ROLLUPS", "Store", "default_path"]
 
@@ -55,8 +55,8 @@ class Store:
         self.count = 0
         self.retention_ns = int(retention_s) * 1_000_000_000
         if must_exist and not self.path.is_file():
-            raise SinkError(f"no record store at {self.path}: run meter record first, or pass --store",
-                            target=str(self.path))
+            raise SinkError(f"no record store at {self.path}: run meter record first, or name the store",
+                            target=str(self.path), setting="store")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if not self.path.exists():
@@ -160,8 +160,6 @@ class Store:
         labels = [(hosts[u // (len(tenants) * len(comps))], tenants[u // len(comps) % len(tenants)], comps[u % len(comps)])
                   for u in uniq.tolist()]
         values = cols_.ints[[cols_.int_names.index(n) for n in COUNTER_COLUMNS]].T
-        present = values != NULL
-        values = np.where(present, values, 0)
         cols = ", ".join(COUNTER_COLUMNS)
         marks = ", ".join("?" * (5 + len(COUNTER_COLUMNS)))
         # NULL + n stays n; n + NULL stays n: a family measured anywhere in a period is summed.
@@ -171,14 +169,10 @@ class Store:
             pstart = batch["window_start_ns"] // period
             base = pstart.min()
             key = (pstart - base) * len(labels) + who
-            order = np.argsort(key, kind="stable")
-            k = key[order]
-            first = np.flatnonzero(np.r_[True, k[1:] != k[:-1]])
-            sums = np.add.reduceat(values[order], first, axis=0)
-            seen = np.logical_or.reduceat(present[order], first, axis=0)
-            counts = np.diff(np.r_[first, len(k)])
-            g_who = (k[first] % len(labels)).tolist()
-            g_start = ((k[first] // len(labels) + base) * period).tolist()
+            first, sums, seen = null_sums(key, values)
+            counts = np.bincount(np.searchsorted(key[first], key), minlength=len(first))
+            g_who = (key[first] % len(labels)).tolist()
+            g_start = ((key[first] // len(labels) + base) * period).tolist()
             sums_l, seen_l = sums.tolist(), seen.tolist()
             rows = [
                 (*labels[g_who[g]], g_start[g], int(counts[g]),

@@ -33,6 +33,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .. import host
+from ..attribution import POLICIES
 from ..errors import ConfigError
 from ..perf import PerfEvent, count_over
 
@@ -55,7 +56,6 @@ log = logging.getLogger("meter.energy")
 DEFAULT_IDLE_WATTS = 30.0
 DEFAULT_MAX_WATTS = 120.0
 
-_POLICIES = ("separate", "proportional")
 _BACKENDS = ("auto", "rapl-perf", "powercap", "pyrapl", "model")
 _ENERGY_KEYS = {"policy", "backend", "powercap_root", "idle_watts", "max_watts", "sockets"}
 
@@ -80,8 +80,8 @@ class EnergySettings:
             if key not in _ENERGY_KEYS:
                 raise bad(key, f"unknown key (expected one of: {', '.join(sorted(_ENERGY_KEYS))})")
         s = cls(**{k: v for k, v in table.items()})
-        if s.policy not in _POLICIES:
-            raise bad("policy", f"must be one of {', '.join(_POLICIES)}, not {s.policy!r}")
+        if s.policy not in POLICIES:
+            raise bad("policy", f"must be one of {', '.join(POLICIES)}, not {s.policy!r}")
         if s.backend not in _BACKENDS:
             raise bad("backend", f"must be one of {', '.join(_BACKENDS)}, not {s.backend!r}")
         for key in ("idle_watts", "max_watts"):

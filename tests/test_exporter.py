@@ -24,6 +24,7 @@ def test_listen_is_loopback_unless_allowed():
     assert parse_listen("localhost:80") == ("localhost", 80)
     with pytest.raises(ConfigError, match="not a loopback address") as err:
         parse_listen("0.0.0.0:9464")
+    assert err.value.setting == "allow_remote"  # the CLI names its flag for it
     assert parse_listen("0.0.0.0:9464", allow_remote=True) == ("0.0.0.0", 9464)
     with pytest.raises(ConfigError, match="HOST:PORT"):
         parse_listen("9464")

@@ -58,7 +58,7 @@ def main() -> list[Result]:
         cgids = np.array([cgroup_id(c.cgroup) for c in topo.compartments], np.uint64)
         # One drain interval long enough that every synthetic window is closed.
         with Meter(topo, map_entries=2 * n, drain_interval=0.5) as meter:
-            src = meter._sched
+            src = meter.cpu_source
             assert src is not None
             # Let enough whole windows pass and close for the synthetic entries.
             nwin = -(-n // len(cgids))
@@ -67,11 +67,11 @@ def main() -> list[Result]:
             meter.drain()
             first = src.first_window
             assert src.closed_window >= first + nwin
-            fd = src._fd
+            fd = src.map_fd
 
             fill(fd, cgids, first, n)
             t = time.perf_counter()
-            got = program.lookup_batch(fd, src._keys, src._vals)
+            got = program.lookup_batch(fd, src.keys, src.vals)
             syscall = time.perf_counter() - t
             t = time.perf_counter()
             drained = src.drain()

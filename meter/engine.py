@@ -231,6 +231,22 @@ class Meter:
         return self._sched is not None
 
     @property
+    def cpu_source(self) -> CPUSource | None:
+        """The open CPU source (None when closed)."""
+        return self._sched
+
+    @property
+    def packet_source(self) -> PacketSource | None:
+        """The open packet source (None when closed or without ports)."""
+        return self._net
+
+    @property
+    def row_names(self) -> list[tuple[str, str]]:
+        """(tenant, compartment) of every row so far, pseudo-rows first."""
+        res = self._resolver
+        return list(zip(res.tenants, res.names)) if res is not None else []
+
+    @property
     def energy_source(self) -> str:
         """The records' energy_source: the energy reader in use ("" before open)."""
         return self._reader.source if self._reader is not None else ""

@@ -214,6 +214,8 @@ class _Parser:
         return value
 
     def topology(self, data: dict[str, Any]) -> Topology:
+        # Over 60 lines on purpose: one pass down the file's structure, so that
+        # every check sits where its key is and each error names key and line.
         self._keys(data, _TOP_KEYS, "")
         window_ms = data.get("window_ms")
         if window_ms is not None and (not isinstance(window_ms, int) or isinstance(window_ms, bool) or window_ms < 1):

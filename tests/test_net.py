@@ -133,7 +133,7 @@ def test_interfaces_that_appear_vanish_and_namespaces_that_die(tmp_path, cgroups
     })
     meter = Meter(topo, drain_interval=0.1)
     with meter:
-        src = meter._net
+        src = meter.packet_source
         assert src is not None
         assert any(f"{late} does not exist" in e for e in src.events)
         before = net.counters(None, a0)["rx_packets"]

@@ -158,6 +158,8 @@ class Exporter:
         return generate_latest(registry).decode()
 
     def families(self) -> Iterator[Any]:
+        # Over 60 lines on purpose: one metric family after another, in
+        # exposition order, each a few lines; the list is the documentation.
         from prometheus_client.core import (
             CounterMetricFamily,
             GaugeMetricFamily,

@@ -207,9 +207,9 @@ class SchedSource:
             self.close()
             raise
         check_table(self.bpf[b"usage"], KEY_DTYPE, USAGE_DTYPE, "usage")
-        self._fd = program.map_fd(self.bpf, b"usage")
-        self._keys = np.zeros(self.map_entries, KEY_DTYPE)
-        self._vals = np.zeros(self.map_entries, USAGE_DTYPE)
+        self.map_fd = program.map_fd(self.bpf, b"usage")
+        self.keys = np.zeros(self.map_entries, KEY_DTYPE)
+        self.vals = np.zeros(self.map_entries, USAGE_DTYPE)
 
     def close(self) -> None:
         """Detach and unload everything this source attached."""
@@ -300,12 +300,12 @@ class SchedSource:
             time.sleep(0.001)  # programs that read the old watermark finish
         closable = self._published
         self.closed_window = max(self.closed_window, closable)
-        n = program.lookup_batch(self._fd, self._keys, self._vals)
-        keys = self._keys[:n]
+        n = program.lookup_batch(self.map_fd, self.keys, self.vals)
+        keys = self.keys[:n]
         done = np.flatnonzero(keys["window"] <= np.uint64(closable))
         taken_keys = keys[done]
-        vals = self._vals[done]
-        program.delete_batch(self._fd, taken_keys)
+        vals = self.vals[done]
+        program.delete_batch(self.map_fd, taken_keys)
         if not final:
             self._publish(max(self._closed_window(now_win), self._published))
         ncount = len(self.counters)

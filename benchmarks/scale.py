@@ -1,0 +1,136 @@
+#!/usr/bin/env python3
+"""Scale: meter's own cost per record on a simulated big host (no kernel, no root).
+
+A simulated CPU source (``meter.sources.fake.FakeCPU`` with
+``steady_load``: each CPU runs 4 compartments picked at random per window,
+80 % busy) drives the real engine at the rates a host of C CPUs and M
+compartments produces. For each size it times, per record, the stages
+after the kernel: build (resolve, group, records), energy (a measured
+reader's energy split exactly over the records), books (running totals),
+and the store (SQLite append with rollups); and projects the agent's CPU
+% of one core at 1 ms and 10 ms windows from records per second.
+
+The baseline, measured in the same run on the same entries, is one numpy
+stable sort of the drain's keys: the least any grouping must cost.
+
+    .venv/bin/python benchmarks/scale.py [--windows 50] [--sizes 16x100,128x1000]
+
+Goal (issue "Big hosts"): 1 ms records for 1,000 compartments on 128 CPUs
+at under 1 % of one core. The kernel-side drain is measured by
+drain_throughput.py; this benchmark is everything after it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from _common import Result, report
+
+from meter import build
+from meter.books import Books, EnergyBooks
+from meter.cgroup import cgroup_id
+from meter.engine import Meter
+from meter.perf import plan_counters
+from meter.resolver import Resolver
+from meter.sinks.store import Store
+from meter.sources.fake import FakeCPU, FakeEnergy, FakeSources, steady_load
+from meter.stats import MeterStats
+from meter.topology import Topology
+
+
+def _host(root: Path, ncomp: int) -> tuple[Topology, list[int]]:
+    for i in range(ncomp):
+        (root / f"c{i:04d}").mkdir(parents=True, exist_ok=True)
+    topo = Topology.discover(root, mount=root)
+    return topo, [cgroup_id(c.cgroup) for c in topo.compartments]
+
+
+def measure(ncpu: int, ncomp: int, windows: int, window_ms: int) -> dict[str, float]:
+    """Seconds per record of each stage, over ``windows`` windows per drain, 3 timed drains.
+
+    The stages are the engine's own modules called in its order (build,
+    energy, books, stats), then the store; ``engine`` is ``Meter.drain()``
+    end to end over the same load, as a check on their sum.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        topo, ids = _host(Path(tmp) / "cg", ncomp)
+        w = window_ms * 1_000_000
+        plan = plan_counters({})
+        times = dict.fromkeys(("build", "energy", "books", "store", "floor", "engine"), 0.0)
+        store = Store(Path(tmp) / "records.db")
+        cpu = FakeCPU(ncpu=ncpu, window_ns=w, load=steady_load(ids, ncpu, w, busy=0.8, per_cpu=4))
+        energy = FakeEnergy()
+        rows, books, ebooks, stats = Resolver(topo), Books(), EnergyBooks(energy, plan, "separate"), MeterStats()
+        n = seq = 0
+        for rep in range(4):  # the first drain (resolving every cgroup once) is not timed
+            cpu.advance(windows)
+            energy.add(package=10**9, dram=10**8)
+            d = cpu.drain()
+            t0 = time.perf_counter()
+            np.argsort(d.window * (ncomp + 4) + (d.cgid & np.uint64(0xFFFF)).astype(np.int64), kind="stable")
+            t1 = time.perf_counter()
+            ctx = build.Context(window_ns=w, host="bench", plan=plan, offset_ns=0, first_window=cpu.first_window,
+                                closed_window=cpu.closed_window, kernel_charge=True, first_seq=seq)
+            built = build.build(d, None, None, rows, ctx)
+            t2 = time.perf_counter()
+            domains = ebooks.apportion(built.records, built.window, built.row, ncpu, w)
+            t3 = time.perf_counter()
+            books.add(built.records, built.row, None)
+            books.add_energy(built.row, domains)
+            stats.take_batch(built.records, ncpu=ncpu, window_ns=w)
+            t4 = time.perf_counter()
+            store.write(built.records)
+            t5 = time.perf_counter()
+            seq += len(built.records)
+            if rep == 0:
+                continue
+            for k, dt in zip(("floor", "build", "energy", "books", "store"), (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+                times[k] += dt
+            n += len(built.records)
+        store.close()
+        assert stats.conservation_violations == 0
+        cpu = FakeCPU(ncpu=ncpu, window_ns=w, load=steady_load(ids, ncpu, w, busy=0.8, per_cpu=4))
+        with Meter(topo, window_ms, counters={}, sources=FakeSources(cpu, energy=FakeEnergy())) as meter:
+            for rep in range(4):
+                cpu.advance(windows)
+                t0 = time.perf_counter()
+                meter.drain()
+                if rep:
+                    times["engine"] += time.perf_counter() - t0
+    out = {k: v / n for k, v in times.items()}
+    out["records_per_window"] = n / (3 * windows)
+    return out
+
+
+def main() -> list[Result]:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--windows", type=int, default=50, help="windows per drain")
+    ap.add_argument("--sizes", default="16x100,64x500,128x1000,256x1000", help="CPUSxCOMPARTMENTS,...")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    results = []
+    for size in args.sizes.split(","):
+        ncpu, ncomp = (int(x) for x in size.split("x"))
+        m = measure(ncpu, ncomp, args.windows, 1)
+        per = m["build"] + m["energy"] + m["books"] + m["store"]
+        for window_ms in (1, 10):
+            # Records per second: distinct (window, row) pairs; wider windows hold
+            # more of each compartment's time but (nearly) the same rows.
+            rate = m["records_per_window"] * 1000 / window_ms
+            pct = rate * per * 100
+            goal = "< 1% of a core" if (ncpu, ncomp, window_ms) == (128, 1000, 1) else ""
+            results.append(Result(
+                f"agent CPU, {ncpu} CPUs x {ncomp} compartments, {window_ms} ms windows", pct, "% of a core",
+                m["floor"] * rate * 100, "one stable sort of the same entries", per / m["floor"], goal,
+                pct < 1.0 if goal else True,
+                {"records_per_s": rate, "ns_per_record": {k: round(m[k] * 1e9, 1) for k in
+                                                          ("build", "energy", "books", "store", "floor", "engine")}}))
+    return results
+
+
+if __name__ == "__main__":
+    report(main())

@@ -24,7 +24,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 #: What the library's errors leave to the command line: the flag that fixes them.
-_FLAG_HINTS = {"allow_remote": " (--allow-remote)", "listen": " (--listen)", "store": " (--store)"}
+_FLAG_HINTS = {"allow_remote": " (--allow-remote)", "listen": " (--listen)", "store": " (--store)",
+               "window_ms": " (--window-ms)"}
 
 
 def _fail(message: str) -> None:
@@ -113,7 +114,7 @@ def check(as_json: bool) -> None:
 
 @main.command()
 @topology_options
-@click.option("--window-ms", type=click.IntRange(min=1), default=None, help="Record width in ms (default: config, else 1).")
+@click.option("--window-ms", type=int, default=None, help="Record width in ms (default: config, else 1).")
 @click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=None, help="Stop after S seconds.")
 @click.option("--output", "-o", default=None, help="Write a file (or - for stdout) instead of the store.")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True,
@@ -369,7 +370,7 @@ def demo_down() -> None:
 @topology_options
 @click.option("--listen", default="127.0.0.1:9464", show_default=True, help="HOST:PORT to serve /metrics on.")
 @click.option("--allow-remote", is_flag=True, help="Allow a non-loopback --listen address.")
-@click.option("--window-ms", type=click.IntRange(min=1), default=None, help="Record width in ms.")
+@click.option("--window-ms", type=int, default=None, help="Record width in ms.")
 @counters_option
 def serve(config: str | None, cgroup_root: str | None, listen: str, allow_remote: bool, window_ms: int | None,
           counters: str | None) -> None:
@@ -408,7 +409,7 @@ def serve(config: str | None, cgroup_root: str | None, listen: str, allow_remote
 @click.option("--interval", type=click.FloatRange(min=0.25), default=1.0, show_default=True, help="Refresh period in seconds.")
 @click.option("--once", is_flag=True, help="Print one snapshot and exit.")
 @click.option("--json", "as_json", is_flag=True, help="Print one snapshot as JSON and exit.")
-@click.option("--window-ms", type=click.IntRange(min=1), default=None, help="Record width in ms.")
+@click.option("--window-ms", type=int, default=None, help="Record width in ms.")
 @counters_option
 def top(config: str | None, cgroup_root: str | None, interval: float, once: bool, as_json: bool,
         window_ms: int | None, counters: str | None) -> None:

@@ -31,7 +31,7 @@ from .sources.energy import EnergyReader, EnergySettings
 from .sources.net import NetDrain, Port, parse_port
 from .sources.sched import SchedDrain
 from .stats import MeterStats
-from .topology import Topology
+from .topology import Topology, window_ms_problem
 
 __all__ = ["ENERGY_DOMAINS", "CounterPlan", "Meter", "MeterStats", "plan_counters", "window_sums", "window_totals"]
 
@@ -76,8 +76,8 @@ class Meter:
         sources: SourceFactory | None = None,
     ) -> None:
         window_ms = window_ms if window_ms is not None else (topology.window_ms or 1)
-        if not isinstance(window_ms, int) or window_ms < 1:
-            raise ConfigError(f"window_ms must be a whole number of milliseconds >= 1, not {window_ms!r}")
+        if problem := window_ms_problem(window_ms):
+            raise ConfigError(f"window_ms {problem}", setting="window_ms")
         if drain_interval <= 0:
             raise ConfigError(f"drain_interval must be positive, not {drain_interval!r}")
         if 2 * drain_interval * 1000 / window_ms + 16 > MAX_SPAN_LIMIT:

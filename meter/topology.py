@@ -26,7 +26,10 @@ wrong. A compartment owns its cgroup's whole subtree: a task in
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import logging
 import re
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +38,7 @@ from .errors import CgroupError, ConfigError
 from .host import load_toml
 
 __all__ = [
+    "discovered_name",
     "HOST",
     "IDLE",
     "RESERVED",
@@ -61,6 +65,45 @@ NAME_MAX = 64
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:@+-]+$")
 _TOP_KEYS = {"window_ms", "tenant", "energy"}
+log = logging.getLogger("meter")
+
+#: Supported record widths, in ms (README, "Records"): 1 ms to one minute.
+WINDOW_MS_MIN, WINDOW_MS_MAX = 1, 60_000
+
+
+#: Discovered cgroups already warned about (a refresh re-reads the root).
+_RENAMED: set[Path] = set()
+
+
+def discovered_name(dirname: str, taken: Collection[str] = ()) -> str:
+    """The compartment (and tenant) name of a discovered cgroup directory.
+
+    A valid name is kept. Otherwise every byte outside ``[A-Za-z0-9_.:@+-]``
+    becomes ``_xHH`` (its UTF-8 byte in hex, as systemd escapes unit names),
+    a reserved name gets a ``cg_`` prefix, a name longer than NAME_MAX keeps
+    its first 54 characters and a hash of the whole, and a name already
+    ``taken`` gets the hash too: every directory gets a name, and only one.
+    """
+    name = dirname
+    if not _NAME_RE.match(name):
+        name = "".join(ch if _NAME_RE.match(ch) else "".join(f"_x{b:02x}" for b in ch.encode("utf-8", "surrogateescape"))
+                       for ch in name) or "_x"
+    if name in RESERVED:
+        name = "cg_" + name
+    if len(name) > NAME_MAX or name in taken:
+        digest = hashlib.sha1(dirname.encode("utf-8", "surrogateescape")).hexdigest()[:9]
+        name = f"{name[:NAME_MAX - 10]}-{digest}"
+    return name
+
+
+def window_ms_problem(value: object) -> str | None:
+    """Why ``value`` is not a supported window width (None: it is)."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        return f"must be a whole number of milliseconds, not {value!r}"
+    if not WINDOW_MS_MIN <= value <= WINDOW_MS_MAX:
+        return f"must be between {WINDOW_MS_MIN} and {WINDOW_MS_MAX} ms (one minute), not {value}"
+    return None
+
 _TENANT_KEYS = {"name", "compartment"}
 _COMPARTMENT_KEYS = {"name", "cgroup", "interfaces", "vfs"}
 _VF_KEYS = {"pf", "vf"}
@@ -116,12 +159,19 @@ class Topology:
         mnt = Path(mount) if mount is not None else cgroupfs.find_mount()
         base = _under_mount(mnt, root if root is not None else mnt)
         if not base.is_dir():
-            raise CgroupError(f"cgroup root {base} does not exist: create it or pass another --cgroup-root", path=str(base))
+            raise CgroupError(f"cgroup root {base} does not exist: create it or choose another cgroup root",
+                              path=str(base))
         comps = []
-        for child in sorted(p for p in base.iterdir() if p.is_dir()):
-            name = child.name
-            if name in RESERVED or not _NAME_RE.match(name) or len(name) > NAME_MAX:
-                continue  # cannot be named in records; its usage counts as host
+        children = sorted(p for p in base.iterdir() if p.is_dir())
+        # Valid names are kept; escaped ones give way to them.
+        taken = {c.name for c in children if discovered_name(c.name) == c.name}
+        for child in children:
+            name = child.name if child.name in taken else discovered_name(child.name, taken)
+            taken.add(name)
+            if name != child.name and child not in _RENAMED:
+                _RENAMED.add(child)
+                log.warning("meter: cgroup %s is compartment %r in records (its directory name is not a valid "
+                            "compartment name)", child, name)
             comps.append(Compartment(tenant=name, name=name, cgroup=child))
         return cls(tuple(comps), mnt, cgroup_root=base)
 
@@ -218,8 +268,8 @@ class _Parser:
         # every check sits where its key is and each error names key and line.
         self._keys(data, _TOP_KEYS, "")
         window_ms = data.get("window_ms")
-        if window_ms is not None and (not isinstance(window_ms, int) or isinstance(window_ms, bool) or window_ms < 1):
-            raise self.fail("window_ms", f"must be a whole number of milliseconds >= 1, not {window_ms!r}")
+        if window_ms is not None and (problem := window_ms_problem(window_ms)):
+            raise self.fail("window_ms", problem)
         energy = data.get("energy", {})
         if not isinstance(energy, dict):
             raise self.fail("energy", "must be a table")

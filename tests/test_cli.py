@@ -187,3 +187,27 @@ def test_print_bpf_shows_the_program_and_its_settings_without_loading_it(meter_b
     # The kernel fields the program reads come from this kernel's BTF.
     if Path("/sys/kernel/btf/vmlinux").exists():
         assert "// cflag: -DMETER_TASK_SUM_OFF=" in out
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "60001", str(10**12)])
+def test_unsupported_window_ms_is_one_line_and_exit_1(meter_bin, cgroup_mount, value):
+    res = run(meter_bin, "record", "--cgroup-root", str(cgroup_mount), "--window-ms", value, "-o", "-")
+    assert res.returncode == 1 and res.stdout == ""
+    assert res.stderr.count("\n") == 1 and "between 1 and 60000 ms" in res.stderr and "--window-ms" in res.stderr
+
+
+@pytest.mark.bpf
+def test_windows_longer_than_two_seconds_are_metered(meter_bin, cgroups):
+    """2148 ms is past 2^31 ns, where the tick period used to wrap."""
+    cgroups.make("w")
+    res = run(meter_bin, "record", "--cgroup-root", str(cgroups.root), "--window-ms", "2148", "--duration", "5",
+              "-o", "-")
+    assert res.returncode == 0, res.stderr
+    rows = [json.loads(line) for line in res.stdout.splitlines()]
+    starts = sorted({r["window_start_ns"] for r in rows})
+    assert starts and all(r["window_ms"] == 2148 for r in rows)
+    assert all(b - a == 2_148_000_000 for a, b in zip(starts, starts[1:]))
+    ncpu = os.cpu_count() or 1
+    for s in starts:
+        assert sum(r["cpu_ns"] + (r["softirq_ns"] or 0) - (r["softirq_given_ns"] or 0)
+                   for r in rows if r["window_start_ns"] == s) == ncpu * 2_148_000_000

@@ -446,3 +446,29 @@ def test_records_become_json_ready_dicts_with_null_as_none(tree):
     rows = json.loads(json.dumps(list(records.to_dicts(meter.drain()))))
     acme = next(r for r in rows if r["tenant"] == "acme")
     assert acme["cpu_ns"] == 1 and acme["instructions"] is None and acme["host"] == meter.host
+
+
+def test_a_discovered_cgroup_with_an_odd_name_is_billed_to_it_not_to_host(tmp_path):
+    root = tmp_path / "cg"
+    (root / "bad name").mkdir(parents=True)
+    meter, src = _open(Topology.discover(root, mount=root))
+    src.cpu_source.charge(src.cpu_source.now, cgroup_id(root / "bad name"), 123)
+    src.cpu_source.advance(1)
+    batch = meter.drain()
+    assert int(_rows(batch, "bad_x20name")["cpu_ns"].sum()) == 123 and len(_rows(batch, "host")) == 0
+
+
+@pytest.mark.parametrize("window_ms", [0, -1, 60_001, 10**12, 1.5])
+def test_unsupported_window_sizes_are_refused_in_one_line(tree, window_ms):
+    with pytest.raises(ConfigError, match="window_ms must be") as err:
+        Meter(_topology(tree), window_ms=window_ms, sources=FakeSources(FakeCPU()))
+    assert "\n" not in str(err.value) and err.value.setting == "window_ms"
+
+
+@pytest.mark.parametrize("window_ms", [2148, 60_000])
+def test_long_windows_are_supported(tree, window_ms):
+    cpu = FakeCPU(window_ns=window_ms * 1_000_000)
+    meter, _ = _open(_topology(tree), cpu, window_ms=window_ms)
+    cpu.advance(2)
+    batch = meter.drain()
+    assert set(batch["window_ms"]) == {window_ms} and set(batch["cpu_ns"]) == {2 * window_ms * 1_000_000}

@@ -67,7 +67,8 @@ def test_owner_deepest_compartment_wins(tmp_path, mount):
 @pytest.mark.parametrize(
     ("text", "line", "key", "words"),
     [
-        ("window_ms = 0\n", 1, "window_ms", "whole number"),
+        ("window_ms = 0\n", 1, "window_ms", "between 1 and 60000 ms"),
+        ("window_ms = 60001\n", 1, "window_ms", "between 1 and 60000 ms"),
         ('window_ms = "1"\n', 1, "window_ms", "whole number"),
         ("colour = 1\n", 1, "colour", "unknown key"),
         ('[[tenant]]\nname = "a"\n[[tenant.compartment]]\nname = "x"\n', None, "tenant[0].compartment[0].cgroup", "missing"),
@@ -125,9 +126,10 @@ def test_discovery_children_become_compartments(mount):
         (mount / "pool" / name).mkdir(parents=True)
     (mount / "pool" / "cpu.stat").write_text("usage_usec 0\n")
     topo = Topology.discover("pool", mount=mount)
-    assert [(c.tenant, c.name) for c in topo.compartments] == [("a", "a"), ("b", "b")]
+    # "host" is a reserved row name: its directory is still a compartment, renamed.
+    assert [(c.tenant, c.name) for c in topo.compartments] == [("a", "a"), ("b", "b"), ("cg_host", "cg_host")]
     (mount / "pool" / "c").mkdir()
-    assert [c.name for c in topo.refresh().compartments] == ["a", "b", "c"]
+    assert [c.name for c in topo.refresh().compartments] == ["a", "b", "c", "cg_host"]
 
 
 def test_discovery_of_missing_root(mount):
@@ -160,3 +162,32 @@ def test_utf8_config_reads_the_same_whatever_the_locale(tmp_path, mount, monkeyp
     monkeypatch.setenv("LC_ALL", "C")
     monkeypatch.setenv("PYTHONIOENCODING", "ascii")
     assert Topology.from_file(path, mount=mount).compartments[0].cgroup == mount / "ünï"
+
+
+def test_discovery_names_every_directory_and_warns_about_renames(mount, caplog):
+    for name in ("plain", "bad name", "ünï", "x" * 70, "idle", "bad_x20name"):
+        (mount / name).mkdir()
+    with caplog.at_level("WARNING", logger="meter"):
+        topo = Topology.discover(mount, mount=mount)
+    by_dir = {c.cgroup.name: c.name for c in topo.compartments}
+    assert len(by_dir) == 6 and len(set(by_dir.values())) == 6  # every directory, each its own name
+    # A directory whose name is valid keeps it; an escaped name that collides gets a hash.
+    assert by_dir["plain"] == "plain" and by_dir["bad_x20name"] == "bad_x20name"
+    assert by_dir["bad name"] == "bad_x20name-" + by_dir["bad name"][-9:]
+    assert by_dir["ünï"] == "_xc3_xbcn_xc3_xaf" and by_dir["idle"] == "cg_idle"
+    assert len(by_dir["x" * 70]) <= 64
+    warned = [r.getMessage() for r in caplog.records]
+    assert sum("bad name" in m for m in warned) == 1 and len(warned) == 4  # bad name, ünï, x*70, idle
+    caplog.clear()
+    topo.refresh()  # the same directories again: no second warning
+    assert not caplog.records
+
+
+def test_discovered_names_are_valid_topology_names(mount):
+    from meter.topology import NAME_MAX, discovered_name
+
+    for raw in ("a b", "\u00e9" * 40, "host", "x" * 200, "", "/"):
+        name = discovered_name(raw)
+        cfg = mount.parent / "t.toml"
+        cfg.write_text(f'[[tenant]]\nname = "{name}"\n[[tenant.compartment]]\nname = "c"\ncgroup = "."\n')
+        assert Topology.from_file(cfg, mount=mount).compartments[0].tenant == name and len(name) <= NAME_MAX

@@ -77,6 +77,8 @@ def kernel_field_defines(btf_path: str | None = None) -> tuple[dict[str, int], s
     return out, None
 _NEVER = 2**63 - 1
 
+#: The longest period of the window tick (sched.bpf.c charges any span).
+TICK_MAX_NS = 1_000_000_000
 PERF_TYPE_SOFTWARE = 1
 PERF_COUNT_SW_CPU_CLOCK = 0
 
@@ -195,7 +197,9 @@ class SchedSource:
                 ev_type=PERF_TYPE_SOFTWARE,
                 ev_config=PERF_COUNT_SW_CPU_CLOCK,
                 fn_name=b"meter_tick",
-                sample_period=self.window_ns,
+                # At most 1 s between ticks: a long window is closed by the
+                # tick after its end, and perf periods above 2^31 ns misbehave.
+                sample_period=min(self.window_ns, TICK_MAX_NS),
                 cpu=-1,
             )
             self._nudge(self._cpus)

@@ -9,6 +9,7 @@ import contextlib
 import json
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -152,11 +153,13 @@ def record(config: str | None, cgroup_root: str | None, window_ms: int | None, d
         meter = Meter(topo, window_ms, counters=_counters(counters), first_seq=first_seq)
         _warn_unavailable(meter, explicit=bool(counters))
 
+        said = _LossReporter(meter)
         with _daemon_signals(meter.stop) as reload_wanted:
             try:
                 with meter:
                     for batch in meter.batches(duration):
                         sink.write(batch)
+                        said.now()
                         if reload_wanted.is_set():
                             reload_wanted.clear()
                             _reload(meter, config, cgroup_root)
@@ -164,10 +167,26 @@ def record(config: str | None, cgroup_root: str | None, window_ms: int | None, d
                 sink.close()
         st = meter.stats
         summary = f"meter: {sink.count} records, {st.windows} windows of {meter.window_ms} ms"
-        if st.dropped_updates or st.late_ns or st.unplaced_ns:
-            summary += (f"; LOST {st.dropped_ns} ns in {st.dropped_updates} dropped updates, {st.late_ns} ns late, "
-                        f"{st.unplaced_ns} ns the kernel side could not carry")
+        if st.unresolved_cgroups:
+            summary += f"; {st.unresolved_cgroups} cgroups gone before they could be named, billed to host"
+        if st.loss_line():
+            click.echo(f"{summary}; {st.loss_line()}", err=True)
+            sys.exit(3)
         click.echo(summary, err=True)
+
+
+class _LossReporter:
+    """Says on stderr, as it happens and at most every ``every`` seconds, what was lost."""
+
+    def __init__(self, meter: Any, every: float = 10.0) -> None:
+        self.meter, self.every = meter, every
+        self.last_line, self.last_at = "", 0.0
+
+    def now(self) -> None:
+        line = self.meter.stats.loss_line()
+        if line and line != self.last_line and time.monotonic() - self.last_at >= self.every:
+            click.echo(f"meter: warning: {line}", err=True)
+            self.last_line, self.last_at = line, time.monotonic()
 
 
 @contextlib.contextmanager
@@ -432,7 +451,7 @@ def top(config: str | None, cgroup_root: str | None, interval: float, once: bool
                 if as_json:
                     click.echo(json.dumps(snap.as_dict(), indent=2))
                 else:
-                    console.print(tui.render_top(snap, expand=True, host=meter.host))
+                    console.print(tui.render_top(snap, expand=True, host=meter.host, lost=meter.stats.loss_line()))
                 return
             tui.live(meter, console, interval)
 

@@ -290,6 +290,7 @@ class Meter:
             raise MeterError("the meter is not open: use it as a context manager or call open()")
         t0 = time.perf_counter()
         with self._lock:
+            closed_before = self._sched.closed_window
             drained = self._sched.drain(final=final)
             net = None
             if self._net is not None:
@@ -298,7 +299,7 @@ class Meter:
             vf = self._vf.poll() if self._vf is not None else None
             self._flushed = self._flushed or final
             batch = self._build(drained, net, vf)
-            self._account(batch)
+            self._account(batch, closed_before)
         self.stats.drains += 1
         self.stats.drain_seconds += time.perf_counter() - t0
         return batch
@@ -349,11 +350,13 @@ class Meter:
             names = list(zip(res.tenants, res.names))
         return books.totals(names, ports, port_row)
 
-    def _account(self, batch: np.ndarray) -> None:
+    def _account(self, batch: np.ndarray, closed_before: int) -> None:
         assert self._sched is not None
         src = self._sched
         self.stats.take_kernel(src.stats(), nudges=src.nudges)
-        self.stats.take_batch(batch, ncpu=self.ncpu, window_ns=self.window_ns)
+        # Every window closed since the last drain must have records.
+        expected = max(0, src.closed_window - max(closed_before, src.first_window - 1))
+        self.stats.take_batch(batch, ncpu=self.ncpu, window_ns=self.window_ns, expected_windows=expected)
         self.stats.first_window_start_ns = src.first_window * self.window_ns + self._offset_ns
         self.stats.covered_ns = max(0, src.closed_window + 1 - src.first_window) * self.window_ns
 

@@ -48,6 +48,7 @@ class MeterStats:
     last_window_end_ns: int = 0  # wall clock end of the newest window emitted
     first_window_start_ns: int = 0  # wall clock start of the first whole window
     covered_ns: int = 0  # wall time from the first window to the last one closed
+    missing_windows: int = 0  # closed windows with no record at all (each also a conservation violation)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -58,12 +59,36 @@ class MeterStats:
             setattr(self, field, int(counts.get(name, 0)))
         self.nudges = nudges
 
-    def take_batch(self, batch: np.ndarray, *, ncpu: int, window_ns: int) -> None:
-        """Count a batch's records and windows, and check each window adds up to ncpu x W."""
+    def take_batch(self, batch: np.ndarray, *, ncpu: int, window_ns: int, expected_windows: int | None = None) -> None:
+        """Count a batch's records and windows, and check each window adds up to ncpu x W.
+
+        ``expected_windows``: how many windows the drain closed; each one
+        without any record is a violation too (and a missing window).
+        """
         self.records += len(batch)
+        starts = np.zeros(0, np.int64)
         if len(batch):
             # Every CPU-ns of a window is some row's cpu_ns, or softirq_ns given by another row.
             starts, sums = window_totals(batch)
             self.windows += len(starts)
             self.conservation_violations += int(np.count_nonzero(sums != ncpu * window_ns))
             self.last_window_end_ns = int(starts[-1]) + window_ns
+        if expected_windows is not None and expected_windows > len(starts):
+            missing = expected_windows - len(starts)
+            self.missing_windows += missing
+            self.conservation_violations += missing
+
+    def losses(self) -> dict[str, int]:
+        """What did not reach the records, by reason (ns of CPU time; counts for the rest).
+
+        Any non-zero value means a bill from these records is short:
+        ``meter record`` says so and exits non-zero.
+        """
+        return {"dropped_ns": self.dropped_ns, "late_ns": self.late_ns, "unplaced_ns": self.unplaced_ns,
+                "net_dropped_updates": self.net_dropped_updates, "missing_windows": self.missing_windows,
+                "conservation_violations": self.conservation_violations}
+
+    def loss_line(self) -> str:
+        """One sentence naming every loss so far ("" when there is none)."""
+        parts = [f"{v} {k.replace('_ns', ' ns').replace('_', ' ')}" for k, v in self.losses().items() if v]
+        return "LOST: " + ", ".join(parts) if parts else ""

@@ -58,7 +58,7 @@ def _row_cells(r: Any) -> dict[str, Any]:
 
 
 def render_top(snap: Any, *, sort: str = "cpu", reverse: bool = True, expand: bool = False,
-               paused: bool = False, host: str = "") -> Any:
+               paused: bool = False, host: str = "", lost: str = "") -> Any:
     """The ``meter top`` screen as a rich renderable (used live and print-once)."""
     from rich.console import Group
     from rich.table import Table
@@ -72,6 +72,8 @@ def render_top(snap: Any, *, sort: str = "cpu", reverse: bool = True, expand: bo
     head.append(f"over {snap.seconds:.2f}s", style="dim")
     if paused:
         head.append("  [paused]", style="bold yellow")
+    if lost:
+        head.append(f"  {lost}", style="bold red")
     head.append("\n")
     if "estimate" in counters:
         head.append("cycles: estimated (no PMU)  ", style="yellow")
@@ -172,7 +174,8 @@ def live(meter: Any, console: Any, interval: float) -> None:
                     snap = snapshot(np.concatenate(parts), meter.ncpu)
                 parts, last = [], time.monotonic()
             view = render_top(snap, sort=str(state["sort"]), reverse=bool(state["reverse"]),
-                              expand=bool(state["expand"]), paused=bool(state["paused"]), host=meter.host)
+                              expand=bool(state["expand"]), paused=bool(state["paused"]), host=meter.host,
+                              lost=meter.stats.loss_line())
             if state["help"]:
                 from rich.console import Group
                 from rich.text import Text

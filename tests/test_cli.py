@@ -211,3 +211,24 @@ def test_windows_longer_than_two_seconds_are_metered(meter_bin, cgroups):
     for s in starts:
         assert sum(r["cpu_ns"] + (r["softirq_ns"] or 0) - (r["softirq_given_ns"] or 0)
                    for r in rows if r["window_start_ns"] == s) == ncpu * 2_148_000_000
+
+
+def test_losses_are_said_as_they_happen_at_most_every_interval(capsys, monkeypatch):
+    from types import SimpleNamespace
+
+    from meter import cli
+    from meter.stats import MeterStats
+
+    meter = SimpleNamespace(stats=MeterStats())
+    said = cli._LossReporter(meter, every=60)
+    said.now()
+    assert capsys.readouterr().err == ""  # nothing lost: nothing said
+    meter.stats.late_ns = 7
+    said.now()
+    assert capsys.readouterr().err == "meter: warning: LOST: 7 late ns\n"
+    meter.stats.late_ns = 9
+    said.now()  # within the interval: quiet
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(said, "last_at", said.last_at - 61)
+    said.now()
+    assert capsys.readouterr().err == "meter: warning: LOST: 9 late ns\n"

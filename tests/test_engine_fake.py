@@ -472,3 +472,36 @@ def test_long_windows_are_supported(tree, window_ms):
     cpu.advance(2)
     batch = meter.drain()
     assert set(batch["window_ms"]) == {window_ms} and set(batch["cpu_ns"]) == {2 * window_ms * 1_000_000}
+
+
+def test_a_closed_window_with_no_record_at_all_is_missing_and_a_violation(tree):
+    cpu = FakeCPU(fill_idle=False)
+    meter, _ = _open(_topology(tree), cpu)
+    cpu.charge(cpu.now, _id(tree, "acme/vswitch"), 2 * W)
+    cpu.charge(cpu.now + 2, _id(tree, "acme/vswitch"), 2 * W)  # the window between: nothing
+    cpu.advance(3)
+    meter.drain()
+    st = meter.stats
+    assert (st.windows, st.missing_windows, st.conservation_violations) == (2, 1, 1)
+    assert st.loss_line() == "LOST: 1 missing windows, 1 conservation violations"
+
+
+def test_no_loss_means_an_empty_loss_line(tree):
+    meter, src = _open(_topology(tree))
+    src.cpu_source.advance(5)
+    meter.drain()
+    assert meter.stats.loss_line() == "" and not any(meter.stats.losses().values())
+
+
+def test_losses_are_exported_by_reason(tree):
+    from meter.sinks.prometheus import Exporter
+
+    cpu = FakeCPU()
+    meter, _ = _open(_topology(tree), cpu)
+    cpu.kernel_stats.update(late_ns=2_000_000_000, drop_ns=500_000_000)
+    cpu.advance(1)
+    meter.drain()
+    text = Exporter(meter, "127.0.0.1:0").render()
+    assert 'meter_lost_seconds_total{reason="late"} 2.0' in text
+    assert 'meter_lost_seconds_total{reason="dropped"} 0.5' in text
+    assert "meter_missing_windows_total 0.0" in text

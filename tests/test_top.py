@@ -116,3 +116,9 @@ def test_top_in_a_real_terminal(cgroups, meter_bin):
             raise AssertionError("meter top did not quit on q")
     finally:
         subprocess.run([tmux, "kill-session", "-t", session], capture_output=True)
+
+
+def test_the_header_shows_losses_in_words():
+    snap = snapshot(build(0), 2)
+    assert "LOST: 5 late ns" in _text(render_top(snap, lost="LOST: 5 late ns"))
+    assert "LOST" not in _text(render_top(snap))

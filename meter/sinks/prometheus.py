@@ -209,6 +209,18 @@ class Exporter:
             fam = CounterMetricFamily(name, doc)
             fam.add_metric([], value)
             yield fam
+        lost = CounterMetricFamily("meter_lost_seconds", "CPU time that did not reach any record, by reason.",
+                                   labels=["reason"])
+        for reason, ns in (("dropped", st.dropped_ns), ("late", st.late_ns), ("unplaced", st.unplaced_ns)):
+            lost.add_metric([reason], ns / 1e9)
+        yield lost
+        for name, value, doc in (
+            ("meter_missing_windows", st.missing_windows, "Closed windows with no record at all."),
+            ("meter_unresolved_cgroups", st.unresolved_cgroups, "Cgroups gone before they could be named (billed to host)."),
+        ):
+            fam = CounterMetricFamily(name, doc)
+            fam.add_metric([], value)
+            yield fam
         fam = CounterMetricFamily("meter_dropped_updates", "Kernel map updates dropped (map full).", labels=["map"])
         fam.add_metric(["usage"], st.dropped_updates)
         fam.add_metric(["net_usage"], st.net_dropped_updates)

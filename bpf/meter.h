@@ -38,6 +38,12 @@
 #ifndef METER_MAX_SPAN
 #define METER_MAX_SPAN 512
 #endif
+/* Compartments resolved in the kernel (user space lists their cgroup ids),
+ * and the deepest cgroup level one may sit at (the root cgroup is level 0). */
+#ifndef METER_MAX_COMPARTMENTS
+#define METER_MAX_COMPARTMENTS 4096
+#endif
+#define METER_MAX_LEVEL 16
 
 #define METER_MAX_COUNTERS 4
 
@@ -127,6 +133,11 @@ struct meter_cpu {
 	 * nudges CPUs whose net window is stale). */
 	__u64 net_window;
 	__u64 net_window_end;
+	/* The last leaf cgroup resolved on this CPU, what it resolved to, and
+	 * the compartments map's generation then. */
+	__u64 res_leaf;
+	__u64 res_id;
+	__u64 res_gen;
 	__u32 net_ndirty;
 	__u32 net_dirty[METER_NET_DIRTY];
 };
@@ -190,6 +201,10 @@ enum meter_control {
 	METER_CTL_WATERMARK = 0,
 	/* First window metered: earlier charges are start-up, discarded. */
 	METER_CTL_FIRST,
+	/* Bit l set: some compartment's cgroup is at level l (0: resolve nothing). */
+	METER_CTL_LEVELS,
+	/* Bumped by user space whenever the compartments map changes. */
+	METER_CTL_GEN,
 	METER_NR_CONTROLS,
 };
 

@@ -51,6 +51,8 @@ BPF_HASH(usage, struct meter_key, struct meter_usage, METER_USAGE_ENTRIES);
 BPF_PERCPU_ARRAY(cpu_state, struct meter_cpu, 1);
 BPF_PERCPU_ARRAY(stats, u64, METER_NR_STATS);
 BPF_ARRAY(control, u64, METER_NR_CONTROLS);
+/* Compartment cgroup ids (value unused), written by user space. */
+BPF_HASH(compartments, u64, u64, METER_MAX_COMPARTMENTS);
 
 
 static __always_inline void stat_add(int idx, u64 n)
@@ -134,17 +136,53 @@ static __always_inline void store(u64 cgid, u64 window, u64 ns, u64 *delta)
 		__sync_fetch_and_add(&u->count[i], delta[i]);
 }
 
-/* The cgroup to charge for `current`; the idle task (pid 0) is METER_IDLE_CGID. */
-static __always_inline u64 current_cgid(void)
-{
-	return (u32)bpf_get_current_pid_tgid() ? bpf_get_current_cgroup_id() : METER_IDLE_CGID;
-}
-
 static __always_inline u64 control_get(int idx)
 {
 	u64 *v = control.lookup(&idx);
 
 	return v ? *v : 0;
+}
+
+/*
+ * The cgroup to charge for `current`: the deepest compartment among its
+ * cgroup and that cgroup's ancestors, decided now (so usage in a child
+ * cgroup that is gone by the next drain is still its compartment's), else
+ * its own cgroup (user space names it later: host, or a compartment
+ * discovered since). The idle task (pid 0) is METER_IDLE_CGID. The last
+ * answer is kept per CPU until the leaf or the compartments change.
+ */
+static __always_inline u64 current_cgid(struct meter_cpu *st)
+{
+	u64 leaf, levels, gen, id;
+
+	if (!(u32)bpf_get_current_pid_tgid())
+		return METER_IDLE_CGID;
+	leaf = bpf_get_current_cgroup_id();
+	levels = control_get(METER_CTL_LEVELS);
+	if (!levels)
+		return leaf;
+	gen = control_get(METER_CTL_GEN);
+	if (st && st->res_leaf == leaf && st->res_gen == gen)
+		return st->res_id;
+	id = leaf;
+#pragma unroll
+	for (int l = METER_MAX_LEVEL - 1; l >= 0; l--) {
+		u64 a;
+
+		if (!(levels & (1ULL << l)))
+			continue;
+		a = bpf_get_current_ancestor_cgroup_id(l);
+		if (a && compartments.lookup(&a)) {
+			id = a;
+			break;
+		}
+	}
+	if (st) {
+		st->res_leaf = leaf;
+		st->res_id = id;
+		st->res_gen = gen;
+	}
+	return id;
 }
 
 /*
@@ -730,7 +768,7 @@ static __always_inline void charge_span(struct meter_cpu *st)
 		used += ns;
 	}
 	if (used)
-		accumulate(st, METER_GIVEN_BIT | current_cgid(), used, zero);
+		accumulate(st, METER_GIVEN_BIT | current_cgid(st), used, zero);
 	if (st->span_other)
 		stat_add(METER_STAT_SPAN_UNATTRIBUTED_NS, span * st->span_other / total);
 }
@@ -767,7 +805,7 @@ int meter_switch(struct bpf_raw_tracepoint_args *ctx)
 	if (st->net_ndirty && now >= st->net_window_end)
 		net_flush(st);
 #endif
-	cgid = current_cgid();
+	cgid = current_cgid(st);
 #if METER_KERNEL_CHARGE
 	{
 		u64 prev = ctx->args[1], next = ctx->args[2];
@@ -798,9 +836,11 @@ int meter_switch(struct bpf_raw_tracepoint_args *ctx)
 int meter_tick(struct bpf_perf_event_data *ctx)
 {
 	struct meter_cpu *st = charging_state(0);
+	u64 cgid;
 
 	if (!st)
 		return 0;
+	cgid = current_cgid(st);
 #if METER_STEAL
 	/* Steal first: after a pause of the VM the clock's whole gap is no task's. */
 	look_steal(st, 0, 0);
@@ -809,10 +849,10 @@ int meter_tick(struct bpf_perf_event_data *ctx)
 	{
 		u64 task = bpf_get_current_task();
 
-		if (current_cgid() != METER_IDLE_CGID && task != st->task)
+		if (cgid != METER_IDLE_CGID && task != st->task)
 			follow(st, task);
 	}
 #endif
-	charge_until(st, bpf_ktime_get_ns(), current_cgid(), 0, 0);
+	charge_until(st, bpf_ktime_get_ns(), cgid, 0, 0);
 	return 0;
 }

@@ -29,9 +29,10 @@ import numpy as np
 from .errors import BPFError
 
 __all__ = [
-    "CTL_FIRST", "CTL_WATERMARK", "GIVEN_BIT", "IDLE_CGID", "KEY_DTYPE", "KIND_RX", "KIND_SOFTIRQ",
-    "KIND_TX", "MAX_COUNTERS", "NET_KEY_DTYPE", "NET_USAGE_DTYPE", "PORT_CGID_BIT", "PORT_PLACEHOLDER",
-    "SCHED_CGID", "STATS", "STEAL_CGID", "USAGE_DTYPE", "check_table", "dtype_layout", "header_constants", "header_path", "header_structs",
+    "CTL_FIRST", "CTL_GEN", "CTL_LEVELS", "CTL_WATERMARK", "GIVEN_BIT", "IDLE_CGID", "KEY_DTYPE", "KIND_RX",
+    "KIND_SOFTIRQ", "KIND_TX", "MAX_COMPARTMENTS", "MAX_COUNTERS", "MAX_LEVEL", "NET_KEY_DTYPE", "NET_USAGE_DTYPE",
+    "PORT_CGID_BIT", "PORT_PLACEHOLDER", "SCHED_CGID", "STATS", "STEAL_CGID", "USAGE_DTYPE", "check_table",
+    "dtype_layout", "header_constants", "header_path", "header_structs",
 ]
 
 def header_path() -> Path:
@@ -65,7 +66,10 @@ PORT_PLACEHOLDER = 0x4D455452
 #: enum meter_net_kind.
 KIND_RX, KIND_TX, KIND_SOFTIRQ = 0, 1, 2
 #: enum meter_control.
-CTL_WATERMARK, CTL_FIRST = 0, 1
+CTL_WATERMARK, CTL_FIRST, CTL_LEVELS, CTL_GEN = 0, 1, 2, 3
+#: METER_MAX_COMPARTMENTS, METER_MAX_LEVEL: compartments the kernel resolves, deepest cgroup level.
+MAX_COMPARTMENTS = 4096
+MAX_LEVEL = 16
 #: enum meter_stat, in order (lower case, without METER_STAT_).
 STATS = ("late_ns", "drop_ns", "drop_updates", "counter_errors", "net_drop_updates", "span_unattributed_ns",
          "unplaced_ns", "unsettled")

@@ -22,6 +22,7 @@ import numpy as np
 
 from . import build
 from .books import ENERGY_DOMAINS, Books, EnergyBooks
+from .bpfabi import MAX_COMPARTMENTS
 from .errors import ConfigError, MeterError
 from .perf import CounterPlan, plan_counters
 from .records import window_sums, window_totals
@@ -78,6 +79,9 @@ class Meter:
         window_ms = window_ms if window_ms is not None else (topology.window_ms or 1)
         if problem := window_ms_problem(window_ms):
             raise ConfigError(f"window_ms {problem}", setting="window_ms")
+        if len(topology.compartments) > MAX_COMPARTMENTS:
+            raise ConfigError(f"{len(topology.compartments)} compartments: meter resolves at most {MAX_COMPARTMENTS} "
+                              "in the kernel; split the host's tenants over fewer compartments")
         if drain_interval <= 0:
             raise ConfigError(f"drain_interval must be positive, not {drain_interval!r}")
         if 2 * drain_interval * 1000 / window_ms + 16 > MAX_SPAN_LIMIT:
@@ -112,6 +116,7 @@ class Meter:
         self._port_row = np.zeros(0, np.int64)
         self._row_has_ports = np.zeros(0, bool)
         self._resolver: Resolver | None = None
+        self._pushed_generation = -1
         self._offset_ns = 0
         self._flushed = False
 
@@ -132,6 +137,8 @@ class Meter:
         self._resolver = Resolver(self.topology)
         ports, port_rows = self._ports()
         sched = self._sources.cpu(self._cpu_spec(len(ports)))
+        sched.set_compartments(self._resolver.kernel_compartments())
+        self._pushed_generation = self._resolver.generation
         sched.open()
         self._sched = sched
         try:
@@ -157,6 +164,13 @@ class Meter:
         # _stop is not cleared here: a stop asked for while opening (SIGTERM
         # during start-up) must still stop the meter. close() clears it.
         self._flushed = False
+
+    def _push_compartments(self) -> None:
+        """Tell the CPU source the compartments again if they changed (reload, discovery)."""
+        res = self._resolver
+        if self._sched is not None and res is not None and res.generation != self._pushed_generation:
+            self._sched.set_compartments(res.kernel_compartments())
+            self._pushed_generation = res.generation
 
     def _cpu_spec(self, nports: int) -> CPUSpec:
         # An idle CPU is nudged only at drains: one charge may span two intervals.
@@ -272,6 +286,7 @@ class Meter:
             if self._resolver is None:
                 return
             self._resolver.update(topology)
+            self._push_compartments()
             self._books.grow(self._resolver.nrows)
             before = {(c.tenant, c.name, i) for c in old.compartments for i in c.interfaces}
             after = {(c.tenant, c.name, i) for c in topology.compartments for i in c.interfaces}
@@ -319,6 +334,7 @@ class Meter:
             vf_source=self._vf.source if self._vf is not None else "",
         )
         built = build.build(d, nd, vf, self._resolver, ctx)
+        self._push_compartments()
         self.stats.warmup_windows_skipped += built.warmup_windows
         out = built.records
         domains = self._energy.apportion(out, built.window, built.row, self.ncpu, self.window_ns)

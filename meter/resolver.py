@@ -43,6 +43,8 @@ class Resolver:
         self.compartments: list[Compartment | None] = [None] * PSEUDO_ROWS
         self._rows: dict[int, int] = dict(_PSEUDO)
         self.unresolved = 0  # ids no scan could name (charged to host)
+        #: Bumped whenever the compartments (and so their cgroup ids) change.
+        self.generation = 0
         self._add(topology.compartments)
 
     def row_of(self, tenant: str, name: str) -> int | None:
@@ -80,6 +82,27 @@ class Resolver:
                        if c is not None and (i, str(c.cgroup).rstrip("/") + "/") not in owners]
         # Deepest first: a nested compartment owns its subtree.
         self._owners = sorted(owners, key=lambda item: len(item[1]), reverse=True)
+        # A compartment's own cgroup id is its row (the kernel charges
+        # compartments by that id), even once the directory is gone.
+        for row, _prefix in owners:
+            if self.cgroup_ids[row]:
+                self._rows[self.cgroup_ids[row]] = row
+        self.generation += 1
+
+    def kernel_compartments(self) -> dict[int, int]:
+        """{cgroup id: cgroup level} of every compartment the kernel should resolve to
+        (the current topology's, and under discovery every one found so far)."""
+        mount = self.topology.mount
+        out = {}
+        for row, prefix in self._owners:
+            cgid = self.cgroup_ids[row]
+            try:
+                level = len(Path(prefix).relative_to(mount).parts)
+            except ValueError:
+                continue
+            if cgid:
+                out[cgid] = level
+        return out
 
     @property
     def nrows(self) -> int:

@@ -23,7 +23,9 @@ def test_every_constant_matches_the_header():
     assert c["METER_PORT_PLACEHOLDER"] == bpfabi.PORT_PLACEHOLDER
     assert (c["METER_NET_RX"], c["METER_NET_TX"], c["METER_NET_SOFTIRQ"]) == (
         bpfabi.KIND_RX, bpfabi.KIND_TX, bpfabi.KIND_SOFTIRQ)
-    assert (c["METER_CTL_WATERMARK"], c["METER_CTL_FIRST"]) == (bpfabi.CTL_WATERMARK, bpfabi.CTL_FIRST)
+    assert (c["METER_CTL_WATERMARK"], c["METER_CTL_FIRST"], c["METER_CTL_LEVELS"], c["METER_CTL_GEN"]) == (
+        bpfabi.CTL_WATERMARK, bpfabi.CTL_FIRST, bpfabi.CTL_LEVELS, bpfabi.CTL_GEN)
+    assert (c["METER_MAX_COMPARTMENTS"], c["METER_MAX_LEVEL"]) == (bpfabi.MAX_COMPARTMENTS, bpfabi.MAX_LEVEL)
     # The port pseudo-cgroup is a macro with an argument: its bit, from the text.
     text = bpfabi.header_path().read_text()
     assert re.search(r"#define METER_PORT_CGID\(port\) \(\(1ULL << (\d+)\)", text).group(1) == str(

@@ -228,3 +228,29 @@ def test_callbacks_and_background_thread(cgroups):
     meter.close()
     assert sum(seen) > 0
     assert meter.stats.records == sum(seen)
+
+
+def test_short_lived_child_cgroups_are_billed_to_their_compartment(tmp_path, cgroups, cgroup_mount):
+    """Container runtimes create and remove child cgroups all the time: usage in a
+    child that is gone before the next drain is its compartment's (resolved in
+    the kernel when it happens), never host's."""
+    comp = cgroups.make("tenant")
+    topo = _topology(tmp_path, cgroup_mount, {"tenant": comp})
+    batches = []
+    with Meter(topo) as meter:
+        time.sleep(0.02)
+        for i in range(150):
+            child = cgroups.make(f"tenant/run{i}")
+            cgroups.burner(child, 1.0, 0.02 + 0.01 * (i % 4)).wait()
+            cgroups.remove(child)
+            if i % 10 == 9:
+                batches.append(meter.drain())
+        batches += list(meter.batches(0.2))
+        kernel_ns = cpu_usage_usec(comp) * 1000  # its children's usage stays in it once they are removed
+    batch = np.concatenate(batches)
+    billed = _usage(batch, "tenant")
+    # The compartment was empty before: its whole life is in both. The billing
+    # target, 0.2 %, and cpu.stat's 1 us unit.
+    assert kernel_ns > 1e9 and abs(billed - kernel_ns) <= 0.002 * kernel_ns + 1_000, (billed, kernel_ns)
+    assert meter.stats.unresolved_cgroups == 0
+    assert meter.stats.loss_line() == ""

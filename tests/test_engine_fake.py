@@ -505,3 +505,20 @@ def test_losses_are_exported_by_reason(tree):
     assert 'meter_lost_seconds_total{reason="late"} 2.0' in text
     assert 'meter_lost_seconds_total{reason="dropped"} 0.5' in text
     assert "meter_missing_windows_total 0.0" in text
+
+
+def test_the_kernel_is_told_every_compartment_and_its_level(tree):
+    meter, src = _open(_topology(tree))
+    assert src.cpu_source.compartments == {_id(tree, "acme/vswitch"): 2, _id(tree, "globex/vswitch"): 2}
+    meter.set_topology(_topology(tree, names=("globex",)))
+    assert src.cpu_source.compartments == {_id(tree, "globex/vswitch"): 2}
+
+
+def test_a_compartment_charged_by_its_own_id_keeps_it_after_its_cgroup_is_gone(tree):
+    meter, src = _open(_topology(tree))
+    acme = _id(tree, "acme/vswitch")
+    (tree / "acme/vswitch/pmd").rmdir()
+    (tree / "acme/vswitch").rmdir()
+    src.cpu_source.charge(src.cpu_source.now, acme, 55)
+    src.cpu_source.advance(1)
+    assert int(_rows(meter.drain(), "acme")["cpu_ns"].sum()) == 55 and meter.stats.unresolved_cgroups == 0

@@ -49,6 +49,11 @@ class CPUSource(Protocol):
         """Kernel-side counts named as in :data:`meter.bpfabi.STATS`."""
         ...
 
+    def set_compartments(self, compartments: dict[int, int]) -> None:
+        """Charge usage to these compartments' cgroup ids ({id: cgroup level}) at
+        charge time, whatever cgroup below them it ran in."""
+        ...
+
 
 class PacketSource(Protocol):
     """Packets, bytes and softirq time per (port, kind, window)."""

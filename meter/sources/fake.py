@@ -55,6 +55,7 @@ class FakeCPU:
         self.ncounters = 0
         self.is_open = False
         self.spec: CPUSpec | None = None
+        self.compartments: dict[int, int] = {}
         #: Kernel-side counts, as the real source's stats() names them.
         self.kernel_stats = {name: 0 for name in STATS}
         self._cgid: list[np.ndarray] = []
@@ -132,6 +133,10 @@ class FakeCPU:
 
     def stats(self) -> dict[str, int]:
         return dict(self.kernel_stats)
+
+    def set_compartments(self, compartments: dict[int, int]) -> None:
+        """Recorded only: scripted charges name their cgroup ids themselves."""
+        self.compartments = dict(compartments)
 
 
 def steady_load(cgids: list[int] | np.ndarray, ncpu: int, window_ns: int, *, busy: float = 0.8,

@@ -16,6 +16,7 @@ published before, which no program can touch any more.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 from typing import Any
@@ -23,11 +24,25 @@ from typing import Any
 import numpy as np
 
 from .. import program
-from ..bpfabi import CTL_FIRST, CTL_WATERMARK, KEY_DTYPE, MAX_COUNTERS, STATS, USAGE_DTYPE, check_table
+from ..bpfabi import (
+    CTL_FIRST,
+    CTL_GEN,
+    CTL_LEVELS,
+    CTL_WATERMARK,
+    KEY_DTYPE,
+    MAX_COMPARTMENTS,
+    MAX_COUNTERS,
+    MAX_LEVEL,
+    STATS,
+    USAGE_DTYPE,
+    check_table,
+)
 from ..errors import BPFError, PerfEventError
 from ..perf import PerfEvent
 
 __all__ = ["SchedDrain", "SchedSource"]
+
+log = logging.getLogger("meter")
 
 #: Kernel fields the program reads, as (-D setting, BTF path). The first
 #: makes CPU time the kernel's own charge; the rest find steal time.
@@ -143,6 +158,8 @@ class SchedSource:
         self._first_window = 0
         #: Every window up to this one has been taken by a drain.
         self.closed_window = 0
+        self._compartments: dict[int, int] = {}
+        self._gen = 0
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -174,6 +191,7 @@ class SchedSource:
 
         self.bpf = program.load(*self.defines())
         try:
+            self._push_compartments()
             for i, ev in enumerate(self.counters):
                 try:
                     self.bpf[f"counter{i}".encode()].open_perf_event(ev.type, ev.config)
@@ -214,6 +232,42 @@ class SchedSource:
         self.map_fd = program.map_fd(self.bpf, b"usage")
         self.keys = np.zeros(self.map_entries, KEY_DTYPE)
         self.vals = np.zeros(self.map_entries, USAGE_DTYPE)
+
+    def set_compartments(self, compartments: dict[int, int]) -> None:
+        """Have the kernel charge compartments, not leaf cgroups: ``{cgroup id: level}``.
+
+        Usage in any cgroup below a listed one is then charged to the deepest
+        listed ancestor when it happens (a child cgroup removed before the
+        next drain is still billed to its compartment). Takes effect at
+        open, or at once when open; compartments past the kernel's limits
+        (MAX_COMPARTMENTS, level MAX_LEVEL) are left to user space.
+        """
+        wanted = {cgid: lvl for cgid, lvl in compartments.items() if lvl < MAX_LEVEL}
+        if len(wanted) < len(compartments):
+            log.warning("meter: %d compartments are deeper than cgroup level %d: their child cgroups are "
+                        "resolved in user space (usage in children removed before a drain counts as host)",
+                        len(compartments) - len(wanted), MAX_LEVEL - 1)
+        if len(wanted) > MAX_COMPARTMENTS:
+            log.warning("meter: %d compartments, the kernel resolves %d: the rest are resolved in user space",
+                        len(wanted), MAX_COMPARTMENTS)
+            wanted = dict(sorted(wanted.items(), key=lambda kv: -kv[1])[:MAX_COMPARTMENTS])
+        self._compartments = wanted
+        if self.bpf is not None:
+            self._push_compartments()
+
+    def _push_compartments(self) -> None:
+        table = self.bpf[b"compartments"]
+        have = {int(k.value) for k in table.keys()}
+        for cgid in have - set(self._compartments):
+            del table[table.Key(cgid)]
+        for cgid in set(self._compartments) - have:
+            table[table.Key(cgid)] = table.Leaf(1)
+        levels = 0
+        for lvl in self._compartments.values():
+            levels |= 1 << lvl
+        self._control(CTL_LEVELS, levels)
+        self._gen += 1
+        self._control(CTL_GEN, self._gen)
 
     def close(self) -> None:
         """Detach and unload everything this source attached."""

@@ -100,13 +100,15 @@ def test_sigkill_then_restart_cleans_stale_attachments(tmp_path, cgroups, cgroup
             time.sleep(0.1)
         time.sleep(0.5)
         assert _meter_filters(dev) == 1  # the stale one was recognised by name and replaced, not doubled
-        assert _meter_filter_ids(dev) != stale
+        ours = _meter_filter_ids(dev)
+        assert ours != stale
     finally:
         err = _stop(p, 30)
     assert p.returncode == 0, err
     assert _meter_filters(dev) == 0
+    # Both meters' tc programs are gone (only these ids: other meters may run on the host).
     progs = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True).stdout
-    assert not [x for x in json.loads(progs) if x.get("name", "").startswith("meter_tc")]
+    assert not {x["id"] for x in json.loads(progs)} & set(stale + ours)
 
 
 @pytest.mark.bpf

@@ -57,7 +57,7 @@ def main() -> list[Result]:
         topo = Topology.discover(root)
         cgids = np.array([cgroup_id(c.cgroup) for c in topo.compartments], np.uint64)
         # One drain interval long enough that every synthetic window is closed.
-        with Meter(topo, map_entries=2 * n, drain_interval=0.5) as meter:
+        with Meter(topo, map_entries=2 * n, drain_interval=0.25) as meter:
             src = meter.cpu_source
             assert src is not None
             # Let enough whole windows pass and close for the synthetic entries.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -65,3 +66,34 @@ def test_without_privileges_is_one_clear_error(monkeypatch, tmp_path):
     status.write_text(f"CapEff:\t{(1 << 39) | (1 << 38):016x}\n")
     privileges.require_bpf(tmp_path)
     assert privileges.missing_capabilities(tmp_path) == ["CAP_NET_ADMIN"]
+
+
+@pytest.mark.bpf
+def test_the_longest_allowed_charge_split_passes_the_verifier():
+    """The engine lets a drain interval need MAX_SPAN_LIMIT windows per charge:
+    the program must load with that, with every counter and with ports."""
+    from bcc import BPF
+
+    from meter.bpfabi import MAX_COUNTERS
+    from meter.engine import MAX_SPAN_LIMIT
+    from meter.perf import parse_event
+    from meter.sources.sched import SchedSource
+
+    src = SchedSource(1_000_000, [parse_event("sw:cpu-clock")] * MAX_COUNTERS, max_span=MAX_SPAN_LIMIT,
+                      net_entries=1024, max_ports=4)
+    bpf = program.load(*src.defines())
+    try:
+        for fn, kind in ((b"meter_switch", BPF.RAW_TRACEPOINT), (b"meter_tick", BPF.PERF_EVENT),
+                         (b"meter_softirq_exit", BPF.RAW_TRACEPOINT)):
+            bpf.load_func(fn, kind)
+    finally:
+        bpf.cleanup()
+
+
+def test_a_drain_interval_beyond_the_split_limit_is_refused():
+    from meter import Topology
+    from meter.engine import Meter
+    from meter.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="too long for 1 ms windows"):
+        Meter(Topology((), Path("/")), drain_interval=0.5)

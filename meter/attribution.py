@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .records import NULL
+from .records import zeroed
 
 __all__ = ["POLICIES", "apportion", "attribute_energy"]
 
@@ -83,8 +83,8 @@ def apportion(groups: np.ndarray, totals: np.ndarray, weights: np.ndarray) -> np
 def _weights(batch: np.ndarray, measured_field: str, measured: bool) -> np.ndarray:
     if measured:
         col = batch[measured_field]
-        return np.where(col == NULL, 0, col)
-    return np.where(batch["cpu_ns"] == NULL, 0, batch["cpu_ns"])
+        return zeroed(col)
+    return zeroed(batch["cpu_ns"])
 
 
 def attribute_energy(

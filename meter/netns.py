@@ -7,14 +7,14 @@ namespace, and never creates a namespace that is not there.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
+from . import host
 from .errors import MeterError
 
 __all__ = ["NETNS_DIR", "NetnsError", "iproute"]
 
-NETNS_DIR = Path("/run/netns")
+NETNS_DIR = host.path("run/netns")  # where `ip netns` keeps named namespaces
 
 
 class NetnsError(MeterError):

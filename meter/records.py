@@ -55,6 +55,7 @@ __all__ = [
     "null_sums",
     "to_dicts",
     "window_sums",
+    "zeroed",
     "window_totals",
 ]
 
@@ -192,10 +193,15 @@ def null_sums(key: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return first, s[:, :n], s[:, n:] > 0
 
 
+def zeroed(col: np.ndarray) -> np.ndarray:
+    """A record column with NULL (not measured) as 0, for sums."""
+    return np.where(col == NULL, 0, col)
+
+
 def window_sums(batch: np.ndarray, field: str) -> tuple[np.ndarray, np.ndarray]:
     """(window starts, Σ field) per window of a batch, windows ascending; NULL counts 0."""
     starts = batch["window_start_ns"]
-    first, sums = group_sums(starts, np.where(batch[field] == NULL, 0, batch[field]))
+    first, sums = group_sums(starts, zeroed(batch[field]))
     return starts[first], sums
 
 

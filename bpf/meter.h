@@ -203,7 +203,7 @@ enum meter_control {
 	METER_CTL_FIRST,
 	/* Bit l set: some compartment's cgroup is at level l (0: resolve nothing). */
 	METER_CTL_LEVELS,
-	/* Bumped by user space whenever the compartments map changes. */
+	/* Bumped by user space whenever the compartments map changes; 0: none listed. */
 	METER_CTL_GEN,
 	METER_NR_CONTROLS,
 };

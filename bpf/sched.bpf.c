@@ -158,12 +158,13 @@ static __always_inline u64 current_cgid(struct meter_cpu *st)
 	if (!(u32)bpf_get_current_pid_tgid())
 		return METER_IDLE_CGID;
 	leaf = bpf_get_current_cgroup_id();
-	levels = control_get(METER_CTL_LEVELS);
-	if (!levels)
-		return leaf;
+	/* Generation 0: nothing listed. A hit costs this one lookup. */
 	gen = control_get(METER_CTL_GEN);
+	if (!gen)
+		return leaf;
 	if (st && st->res_leaf == leaf && st->res_gen == gen)
 		return st->res_id;
+	levels = control_get(METER_CTL_LEVELS);
 	id = leaf;
 #pragma unroll
 	for (int l = METER_MAX_LEVEL - 1; l >= 0; l--) {

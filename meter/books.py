@@ -122,9 +122,10 @@ class EnergyBooks:
         else:
             # cores/uncore are parts of the package; psys stands in for a missing package.
             got = reader.read()
-            self.carry["package"] += got.get("package", got.get("psys", 0))
-            self.carry["dram"] += got.get("dram", 0)
-            self.measured += got.get("package", got.get("psys", 0)) + got.get("dram", 0)
+            pkg, dram_uj = got.get("package", got.get("psys", 0)), got.get("dram", 0)
+            self.carry["package"] += pkg
+            self.carry["dram"] += dram_uj
+            self.measured += pkg + dram_uj
             if len(out) == 0:
                 self.pending = self.carry["package"] + self.carry["dram"]
                 return {}

@@ -266,8 +266,9 @@ class SchedSource:
         for lvl in self._compartments.values():
             levels |= 1 << lvl
         self._control(CTL_LEVELS, levels)
+        # Generation 0 tells the kernel nothing is listed (one lookup per charge).
         self._gen += 1
-        self._control(CTL_GEN, self._gen)
+        self._control(CTL_GEN, self._gen if levels else 0)
 
     def close(self) -> None:
         """Detach and unload everything this source attached."""

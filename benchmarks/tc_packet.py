@@ -31,7 +31,7 @@ def _round(seconds: float, meter_first: bool) -> tuple[float, float, int]:
             idx = ipr.link_lookup(ifname="vb")[0]
             ipr.tc("add", "clsact", idx)
             fd = floor.load_func(b"floor_tc", floor.SCHED_CLS).fd
-            mfd = src._prog_fd(src.ports[0], b"meter_tc_ingress")
+            mfd = src.program_fd(src.ports[0], b"meter_tc_ingress")
             for prio, f in ((1, mfd), (2, fd)) if meter_first else ((1, fd), (2, mfd)):
                 ipr.tc("add-filter", "bpf", idx, ":1", fd=f, name="bench", parent="ffff:fff2", classid=1,
                        direct_action=True, prio=prio)

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import signal
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,7 +15,7 @@ from typing import Any, TypeVar
 import click
 import numpy as np
 
-from . import __version__
+from . import __version__, daemon
 from .errors import MeterError
 from .topology import Topology
 
@@ -151,18 +149,16 @@ def record(config: str | None, cgroup_root: str | None, window_ms: int | None, d
             sink = Store(store_path)
             first_seq = sink.next_seq(socket.gethostname())
         meter = Meter(topo, window_ms, counters=_counters(counters), first_seq=first_seq)
-        _warn_unavailable(meter, explicit=bool(counters))
+        daemon.warn_unavailable(meter, explicit=bool(counters))
 
-        said = _LossReporter(meter)
-        with _daemon_signals(meter.stop) as reload_wanted:
+        said = daemon.LossReporter(meter)
+        with daemon.signals(meter.stop) as reload_wanted:
             try:
                 with meter:
                     for batch in meter.batches(duration):
                         sink.write(batch)
                         said.now()
-                        if reload_wanted.is_set():
-                            reload_wanted.clear()
-                            _reload(meter, config, cgroup_root)
+                        daemon.reload_if_asked(meter, reload_wanted, lambda: _topology(config, cgroup_root))
             finally:
                 sink.close()
         st = meter.stats
@@ -173,59 +169,6 @@ def record(config: str | None, cgroup_root: str | None, window_ms: int | None, d
             click.echo(f"{summary}; {st.loss_line()}", err=True)
             sys.exit(3)
         click.echo(summary, err=True)
-
-
-class _LossReporter:
-    """Says on stderr, as it happens and at most every ``every`` seconds, what was lost."""
-
-    def __init__(self, meter: Any, every: float = 10.0) -> None:
-        self.meter, self.every = meter, every
-        self.last_line, self.last_at = "", 0.0
-
-    def now(self) -> None:
-        line = self.meter.stats.loss_line()
-        if line and line != self.last_line and time.monotonic() - self.last_at >= self.every:
-            click.echo(f"meter: warning: {line}", err=True)
-            self.last_line, self.last_at = line, time.monotonic()
-
-
-@contextlib.contextmanager
-def _daemon_signals(on_stop: Callable[[], None]) -> Iterator[Any]:
-    """SIGINT/SIGTERM: call ``on_stop``; SIGHUP: ask for a topology reload (an Event)."""
-    import threading
-
-    reload_wanted = threading.Event()
-
-    def stop(signum: int, frame: object) -> None:
-        on_stop()
-
-    def hup(signum: int, frame: object) -> None:
-        reload_wanted.set()
-
-    old = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    old[signal.SIGHUP] = signal.signal(signal.SIGHUP, hup)
-    try:
-        yield reload_wanted
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-
-
-def _reload(meter: Any, config: str | None, cgroup_root: str | None) -> None:
-    """Re-read the topology; a bad file keeps the old one and says why."""
-    try:
-        meter.set_topology(_topology(config, cgroup_root))
-        click.echo(f"meter: topology reloaded: {len(meter.topology.compartments)} compartments", err=True)
-    except MeterError as err:
-        click.echo(f"meter: reload failed, keeping the previous topology: {err}", err=True)
-
-
-def _warn_unavailable(meter: Any, *, explicit: bool) -> None:
-    """Say on stderr which counters the user asked for and cannot have."""
-    if explicit:
-        for field, why in meter.plan.unavailable.items():
-            fallback = "estimated from cpu-clock" if field in meter.plan.estimated else "null in records"
-            click.echo(f"meter: warning: {field} ({why}): {fallback}", err=True)
 
 
 # -- bill, export, economics --------------------------------------------------------
@@ -405,17 +348,15 @@ def serve(config: str | None, cgroup_root: str | None, listen: str, allow_remote
     with _errors():
         topo = _topology(config, cgroup_root)
         meter = Meter(topo, window_ms, counters=_counters(counters))
-        _warn_unavailable(meter, explicit=bool(counters))
+        daemon.warn_unavailable(meter, explicit=bool(counters))
         exporter = Exporter(meter, listen, allow_remote=allow_remote)
         done = threading.Event()
-        with _daemon_signals(done.set) as reload_wanted:
+        with daemon.signals(done.set) as reload_wanted:
             exporter.start()
             click.echo(f"meter: serving http://{exporter.host}:{exporter.port}/metrics", err=True)
             try:
                 while not done.wait(0.2):
-                    if reload_wanted.is_set():
-                        reload_wanted.clear()
-                        _reload(meter, config, cgroup_root)
+                    daemon.reload_if_asked(meter, reload_wanted, lambda: _topology(config, cgroup_root))
             finally:
                 exporter.stop()
 
@@ -443,7 +384,7 @@ def top(config: str | None, cgroup_root: str | None, interval: float, once: bool
     with _errors():
         topo = _topology(config, cgroup_root)
         meter = Meter(topo, window_ms, counters=_counters(counters), drain_interval=min(0.1, interval / 4))
-        _warn_unavailable(meter, explicit=bool(counters))
+        daemon.warn_unavailable(meter, explicit=bool(counters))
         with meter:
             if single:
                 batch = np.concatenate(list(meter.batches(interval)) or [np.zeros(0)])

@@ -15,7 +15,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -24,6 +24,8 @@ from . import build
 from .books import ENERGY_DOMAINS, Books, EnergyBooks
 from .bpfabi import MAX_COMPARTMENTS
 from .errors import ConfigError, MeterError
+from .host import realtime_offset_ns
+from .loop import DrainLoop
 from .perf import CounterPlan, plan_counters
 from .records import window_sums, window_totals
 from .resolver import Resolver
@@ -39,8 +41,6 @@ __all__ = ["ENERGY_DOMAINS", "CounterPlan", "Meter", "MeterStats", "plan_counter
 log = logging.getLogger("meter")
 
 
-BatchCallback = Callable[[np.ndarray], None]
-
 #: The most windows one kernel charge may be split over. The verifier walks
 #: the split loop once per window: with 4 counters and ports meter_switch
 #: loaded at 600 and was refused at 640 here (tests/test_program.py loads
@@ -48,7 +48,7 @@ BatchCallback = Callable[[np.ndarray], None]
 MAX_SPAN_LIMIT = 560
 
 
-class Meter:
+class Meter(DrainLoop):
     """Meter a topology's compartments; a context manager.
 
     >>> with Meter(Topology.discover()) as m:        # doctest: +SKIP
@@ -103,10 +103,8 @@ class Meter:
         self._reader: EnergyReader | None = None
         self.stats = MeterStats()
         self._seq = int(first_seq)
-        self._callbacks: list[BatchCallback] = []
+        DrainLoop.__init__(self)
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._map_entries = map_entries
         self._sched: CPUSource | None = None
         self._net: PacketSource | None = None
@@ -137,14 +135,15 @@ class Meter:
             return
         self.topology.require_cgroups()
         self._resolver = Resolver(self.topology)
-        ports, port_rows = self._ports()
+        owned = self._resolver.owned_interfaces()
+        ports = [parse_port(i, spec) for i, (_row, spec) in enumerate(owned)]
         sched = self._sources.cpu(self._cpu_spec(len(ports)))
         sched.set_compartments(self._resolver.kernel_compartments())
         self._pushed_generation = self._resolver.generation
         sched.open()
         self._sched = sched
         try:
-            vfs = self._vfs()
+            vfs = self._resolver.owned_vfs()
             if vfs:
                 self._row_has_vfs = np.zeros(self._resolver.nrows, bool)
                 self._row_has_vfs[[row for row, _pf, _vf in vfs]] = True
@@ -152,7 +151,7 @@ class Meter:
             self._ports_list = ports
             self._books = Books(len(ports))
             if ports:
-                self._port_row = np.asarray(port_rows, np.int64)
+                self._port_row = np.asarray([row for row, _spec in owned], np.int64)
                 self._row_has_ports = np.zeros(self._resolver.nrows, bool)
                 self._row_has_ports[self._port_row] = True
                 self._net = self._sources.packets(sched, ports, self._map_entries)
@@ -162,7 +161,7 @@ class Meter:
         except Exception:
             self._close_sources()
             raise
-        self._offset_ns = _realtime_offset_ns()
+        self._offset_ns = realtime_offset_ns()
         # _stop is not cleared here: a stop asked for while opening (SIGTERM
         # during start-up) must still stop the meter. close() clears it.
         self._flushed = False
@@ -218,29 +217,6 @@ class Meter:
                 self._reader.close()
                 self._reader = None
 
-    def _vfs(self) -> list[tuple[int, str, int]]:
-        """(row, pf, vf) for every VF a compartment owns."""
-        assert self._resolver is not None
-        rows = {(c.tenant, c.name): i for i, c in enumerate(self._resolver.compartments) if c is not None}
-        return [(rows[(c.tenant, c.name)], v.pf, v.vf) for c in self.topology.compartments for v in c.vfs]
-
-    def _ports(self) -> tuple[list[Port], list[int]]:
-        """Every interface a compartment owns, numbered, with its compartment's row."""
-        assert self._resolver is not None
-        rows = {(c.tenant, c.name): i for i, c in enumerate(self._resolver.compartments) if c is not None}
-        ports: list[Port] = []
-        port_rows: list[int] = []
-        for c in self.topology.compartments:
-            for spec in c.interfaces:
-                ports.append(parse_port(len(ports), spec))
-                port_rows.append(rows[(c.tenant, c.name)])
-        return ports, port_rows
-
-    @property
-    def running(self) -> bool:
-        """Whether the background drain thread (:meth:`start`) runs."""
-        return self._thread is not None
-
     @property
     def is_open(self) -> bool:
         """Whether the sources are open (between :meth:`open` and :meth:`close`)."""
@@ -266,6 +242,11 @@ class Meter:
     def energy_source(self) -> str:
         """The records' energy_source: the energy reader in use ("" before open)."""
         return self._reader.source if self._reader is not None else ""
+
+    @property
+    def offset_ns(self) -> int:
+        """CLOCK_REALTIME - CLOCK_MONOTONIC at open: record times are kernel times plus this."""
+        return self._offset_ns
 
     @property
     def ncpu(self) -> int:
@@ -377,92 +358,3 @@ class Meter:
         self.stats.take_batch(batch, ncpu=self.ncpu, window_ns=self.window_ns, expected_windows=expected)
         self.stats.first_window_start_ns = src.first_window * self.window_ns + self._offset_ns
         self.stats.covered_ns = max(0, src.closed_window + 1 - src.first_window) * self.window_ns
-
-    def batches(self, duration: float | None = None) -> Iterator[np.ndarray]:
-        """Yield record batches every drain interval until ``duration`` or :meth:`stop`.
-
-        The last batch is a final flush up to the last complete window.
-        Empty batches are not yielded.
-        """
-        if self._sched is None:
-            self.open()
-        deadline = None if duration is None else time.monotonic() + duration
-        next_at = time.monotonic() + self.drain_interval
-        while not self._stop.is_set():
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
-                break
-            wake = next_at if deadline is None else min(next_at, deadline)
-            if self._stop.wait(max(0.0, wake - now)):
-                break
-            if deadline is not None and time.monotonic() >= deadline:
-                break
-            next_at += self.drain_interval
-            batch = self._drain(final=False)
-            if len(batch):
-                self._dispatch(batch)
-                yield batch
-        batch = self._drain(final=True)
-        if len(batch):
-            self._dispatch(batch)
-            yield batch
-
-    async def abatches(self, duration: float | None = None) -> AsyncIterator[np.ndarray]:
-        """``batches()`` for asyncio: each drain runs in a worker thread, the loop stays free.
-
-        >>> async for batch in meter.abatches(10):   # doctest: +SKIP
-        ...     await sink.write(batch)
-        """
-        import asyncio
-
-        gen = self.batches(duration)
-        done = object()
-        while True:
-            batch = await asyncio.to_thread(next, gen, done)
-            if batch is done:
-                return
-            yield batch  # type: ignore[misc]
-
-    # -- embedding ------------------------------------------------------------------
-
-    def on_batch(self, fn: BatchCallback) -> BatchCallback:
-        """Call ``fn(batch)`` for every batch produced; usable as a decorator."""
-        self._callbacks.append(fn)
-        return fn
-
-    def _dispatch(self, batch: np.ndarray) -> None:
-        for fn in list(self._callbacks):
-            fn(batch)
-
-    def start(self) -> None:
-        """Run the drain loop in a background thread, feeding callbacks."""
-        self.open()
-        if self._thread is not None:
-            return
-
-        def run() -> None:
-            for _ in self.batches():
-                pass
-
-        self._thread = threading.Thread(target=run, name="meter-drain", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Make :meth:`batches` (or the background thread) flush and finish."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-
-
-def _realtime_offset_ns() -> int:
-    """CLOCK_REALTIME - CLOCK_MONOTONIC, read as tightly as Python allows."""
-    best = None
-    for _ in range(5):
-        m0 = time.monotonic_ns()
-        r = time.time_ns()
-        m1 = time.monotonic_ns()
-        if best is None or m1 - m0 < best[0]:
-            best = (m1 - m0, r - (m0 + m1) // 2)
-    assert best is not None
-    return best[1]

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import os
 import re
+import time
 import tomllib
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["ROOT_ENV", "load_toml", "path", "read_int", "read_text", "root"]
+__all__ = ["ROOT_ENV", "load_toml", "path", "read_int", "read_text", "realtime_offset_ns", "root"]
 
 #: The environment variable naming the host's root directory.
 ROOT_ENV = "METER_HOST_ROOT"
@@ -80,3 +81,17 @@ def load_toml(p: str | Path, what: str = "file") -> tuple[dict[str, Any], str]:
         m = re.search(r"\(at line (\d+), column \d+\)", msg)
         reason = re.sub(r"\s*\(at line \d+, column \d+\)", "", msg) or "invalid TOML"
         raise ConfigError(f"invalid TOML: {reason}", path=str(p), line=int(m.group(1)) if m else None) from None
+
+
+def realtime_offset_ns() -> int:
+    """CLOCK_REALTIME - CLOCK_MONOTONIC, read as tightly as Python allows
+    (the kernel stamps windows in monotonic time; records carry wall time)."""
+    best = None
+    for _ in range(5):
+        m0 = time.monotonic_ns()
+        r = time.time_ns()
+        m1 = time.monotonic_ns()
+        if best is None or m1 - m0 < best[0]:
+            best = (m1 - m0, r - (m0 + m1) // 2)
+    assert best is not None
+    return best[1]

@@ -54,6 +54,19 @@ class Resolver:
                 return i
         return None
 
+    def owned_interfaces(self) -> list[tuple[int, str]]:
+        """(row, interface spec) of every interface a compartment owns, in topology order."""
+        rows = self._compartment_rows()
+        return [(rows[(c.tenant, c.name)], spec) for c in self.topology.compartments for spec in c.interfaces]
+
+    def owned_vfs(self) -> list[tuple[int, str, int]]:
+        """(row, pf, vf) of every VF a compartment owns."""
+        rows = self._compartment_rows()
+        return [(rows[(c.tenant, c.name)], v.pf, v.vf) for c in self.topology.compartments for v in c.vfs]
+
+    def _compartment_rows(self) -> dict[tuple[str, str], int]:
+        return {(c.tenant, c.name): i for i, c in enumerate(self.compartments) if c is not None}
+
     def update(self, topology: Topology) -> None:
         """Follow a new topology: rows of kept compartments stay, new ones are
         appended, removed ones keep their row but receive nothing more."""

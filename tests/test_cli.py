@@ -216,11 +216,11 @@ def test_windows_longer_than_two_seconds_are_metered(meter_bin, cgroups):
 def test_losses_are_said_as_they_happen_at_most_every_interval(capsys, monkeypatch):
     from types import SimpleNamespace
 
-    from meter import cli
+    from meter import daemon
     from meter.stats import MeterStats
 
     meter = SimpleNamespace(stats=MeterStats())
-    said = cli._LossReporter(meter, every=60)
+    said = daemon.LossReporter(meter, every=60)
     said.now()
     assert capsys.readouterr().err == ""  # nothing lost: nothing said
     meter.stats.late_ns = 7

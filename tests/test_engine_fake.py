@@ -122,7 +122,7 @@ def test_start_up_windows_are_skipped_and_counted(tree):
     cpu.charge(49, _id(tree, "acme/vswitch"), 1)
     cpu.advance(1)
     batch = meter.drain()
-    assert np.all(batch["window_start_ns"] >= 50 * W + meter._offset_ns) and len(_rows(batch, "acme")) == 0
+    assert np.all(batch["window_start_ns"] >= 50 * W + meter.offset_ns) and len(_rows(batch, "acme")) == 0
     assert meter.stats.warmup_windows_skipped == 2
 
 
@@ -142,7 +142,7 @@ def test_window_starts_are_wall_clock_and_windows_can_be_wider(tree):
     meter, _ = _open(_topology(tree), cpu, window_ms=5)
     cpu.advance(3)
     batch = meter.drain()
-    assert list(batch["window_start_ns"] - meter._offset_ns) == [50 * W, 55 * W, 60 * W]
+    assert list(batch["window_start_ns"] - meter.offset_ns) == [50 * W, 55 * W, 60 * W]
     assert set(batch["window_ms"]) == {5} and set(batch["cpu_ns"]) == {2 * 5 * W}
 
 

@@ -98,7 +98,7 @@ class NetSource:
 
     # -- programs -------------------------------------------------------------------
 
-    def _prog_fd(self, port: Port, fn: bytes) -> int:
+    def program_fd(self, port: Port, fn: bytes) -> int:
         """A copy of ``fn`` with this port's number patched in; loaded once per port."""
         key = (port.index, fn.decode())
         if key in self._prog_fds:
@@ -190,7 +190,7 @@ class NetSource:
         self._remove_filters(ipr, ifindex)
         try:
             for parent, fn in ((_INGRESS, b"meter_tc_ingress"), (_EGRESS, b"meter_tc_egress")):
-                ipr.tc("add-filter", "bpf", ifindex, ":1", fd=self._prog_fd(port, fn), name=FILTER_NAME,
+                ipr.tc("add-filter", "bpf", ifindex, ":1", fd=self.program_fd(port, fn), name=FILTER_NAME,
                        parent=parent, classid=1, direct_action=True, prio=PRIORITY)
         except Exception as err:  # noqa: BLE001  (pyroute2 NetlinkError)
             self._remove_filters(ipr, ifindex)

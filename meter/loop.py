@@ -1,0 +1,121 @@
+"""The drain loop: when a meter drains and who is handed the batches.
+
+:class:`DrainLoop` is the half of :class:`meter.engine.Meter` that is about
+time and delivery, not about what a drain is: ``batches()`` drains every
+``drain_interval`` seconds until a duration or :meth:`stop`, then once more
+with ``final=True`` (the flush up to the last complete window, see
+docs/architecture.md, "Closing windows"); ``abatches()`` does the same for
+asyncio; ``start()`` runs it in a thread feeding ``on_batch`` callbacks.
+A subclass provides ``open()``, ``_drain(final=...)`` and ``drain_interval``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+
+import numpy as np
+
+__all__ = ["BatchCallback", "DrainLoop"]
+
+BatchCallback = Callable[[np.ndarray], None]
+
+
+class DrainLoop:
+    """Drain on a period; hand batches to the caller and to callbacks."""
+
+    drain_interval: float
+
+    def __init__(self) -> None:
+        self._callbacks: list[BatchCallback] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def open(self) -> None:
+        """Open the sources; must be a no-op when they are open."""
+        raise NotImplementedError
+
+    def _drain(self, *, final: bool) -> np.ndarray:
+        raise NotImplementedError
+
+    @property
+    def running(self) -> bool:
+        """Whether the background drain thread (:meth:`start`) runs."""
+        return self._thread is not None
+
+    def batches(self, duration: float | None = None) -> Iterator[np.ndarray]:
+        """Yield record batches every drain interval until ``duration`` or :meth:`stop`.
+
+        The last batch is a final flush up to the last complete window.
+        Empty batches are not yielded.
+        """
+        self.open()  # a no-op when open
+        deadline = None if duration is None else time.monotonic() + duration
+        next_at = time.monotonic() + self.drain_interval
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                break
+            wake = next_at if deadline is None else min(next_at, deadline)
+            if self._stop.wait(max(0.0, wake - now)):
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            next_at += self.drain_interval
+            batch = self._drain(final=False)
+            if len(batch):
+                self._dispatch(batch)
+                yield batch
+        batch = self._drain(final=True)
+        if len(batch):
+            self._dispatch(batch)
+            yield batch
+
+    async def abatches(self, duration: float | None = None) -> AsyncIterator[np.ndarray]:
+        """``batches()`` for asyncio: each drain runs in a worker thread, the loop stays free.
+
+        >>> async for batch in meter.abatches(10):   # doctest: +SKIP
+        ...     await sink.write(batch)
+        """
+        import asyncio
+
+        gen = self.batches(duration)
+        done = object()
+        while True:
+            batch = await asyncio.to_thread(next, gen, done)
+            if batch is done:
+                return
+            yield batch  # type: ignore[misc]
+
+    # -- embedding ------------------------------------------------------------------
+
+    def on_batch(self, fn: BatchCallback) -> BatchCallback:
+        """Call ``fn(batch)`` for every batch produced; usable as a decorator."""
+        self._callbacks.append(fn)
+        return fn
+
+    def _dispatch(self, batch: np.ndarray) -> None:
+        for fn in list(self._callbacks):
+            fn(batch)
+
+    def start(self) -> None:
+        """Run the drain loop in a background thread, feeding callbacks."""
+        self.open()
+        if self._thread is not None:
+            return
+
+        def run() -> None:
+            for _ in self.batches():
+                pass
+
+        self._thread = threading.Thread(target=run, name="meter-drain", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Make :meth:`batches` (or the background thread) flush and finish."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+

@@ -23,6 +23,7 @@ from _common import Result, bpf_stats, cgroup_tree, prog_stats, report, switch_l
 from meter import program
 from meter.cgroup import cgroup_id, find_mount
 from meter.perf import parse_event
+from meter.sources.base import KernelCompartments
 from meter.sources.sched import SchedSource
 
 
@@ -54,7 +55,7 @@ def _round(seconds: float, counters: list, floor_first: bool, resolve: bool) -> 
 def _round_in(seconds: float, counters: list, floor_first: bool, compartments: dict) -> tuple[float, float, int, str]:
     floor = program.load("floor", {"METER_NR_COUNTERS": len(counters)})
     src = SchedSource(1_000_000, counters)
-    src.set_compartments(compartments)
+    src.set_compartments(KernelCompartments(compartments))
     try:
         for i, ev in enumerate(counters):
             floor[f"counter{i}".encode()].open_perf_event(ev.type, ev.config)

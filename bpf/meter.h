@@ -205,6 +205,14 @@ enum meter_control {
 	METER_CTL_LEVELS,
 	/* Bumped by user space whenever the compartments map changes; 0: none listed. */
 	METER_CTL_GEN,
+	/* The cgroup id charged for a task below no compartment (the host's);
+	 * 0: its own cgroup id, for user space to name. */
+	METER_CTL_OTHER,
+	/* Under discovery, 1 + the discovery root's level (0: no discovery),
+	 * and the root's cgroup id: a task below the root is charged to its
+	 * ancestor just below the root, a compartment found or yet to be found. */
+	METER_CTL_DISCOVER_LEVEL,
+	METER_CTL_DISCOVER_ROOT,
 	METER_NR_CONTROLS,
 };
 

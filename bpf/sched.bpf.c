@@ -146,14 +146,16 @@ static __always_inline u64 control_get(int idx)
 /*
  * The cgroup to charge for `current`: the deepest compartment among its
  * cgroup and that cgroup's ancestors, decided now (so usage in a child
- * cgroup that is gone by the next drain is still its compartment's), else
- * its own cgroup (user space names it later: host, or a compartment
- * discovered since). The idle task (pid 0) is METER_IDLE_CGID. The last
- * answer is kept per CPU until the leaf or the compartments change.
+ * cgroup that is gone by the next drain is still its compartment's); else,
+ * under discovery, its ancestor just below the discovery root (a
+ * compartment user space names at the next drain); else METER_CTL_OTHER
+ * (the host), or its own cgroup when that is 0 (user space names it). The
+ * idle task (pid 0) is METER_IDLE_CGID. The last answer is kept per CPU
+ * until the leaf or the compartments change.
  */
 static __always_inline u64 current_cgid(struct meter_cpu *st)
 {
-	u64 leaf, levels, gen, id;
+	u64 leaf, levels, gen, id, d;
 
 	if (!(u32)bpf_get_current_pid_tgid())
 		return METER_IDLE_CGID;
@@ -165,7 +167,7 @@ static __always_inline u64 current_cgid(struct meter_cpu *st)
 	if (st && st->res_leaf == leaf && st->res_gen == gen)
 		return st->res_id;
 	levels = control_get(METER_CTL_LEVELS);
-	id = leaf;
+	id = 0;
 #pragma unroll
 	for (int l = METER_MAX_LEVEL - 1; l >= 0; l--) {
 		u64 a;
@@ -178,12 +180,23 @@ static __always_inline u64 current_cgid(struct meter_cpu *st)
 			break;
 		}
 	}
-	if (st) {
-		st->res_leaf = leaf;
-		st->res_id = id;
-		st->res_gen = gen;
+	if (!id) {
+		d = control_get(METER_CTL_DISCOVER_LEVEL);
+		if (d && bpf_get_current_ancestor_cgroup_id(d - 1) == control_get(METER_CTL_DISCOVER_ROOT))
+			id = bpf_get_current_ancestor_cgroup_id(d);
 	}
-	return id;
+	if (!id)
+		id = control_get(METER_CTL_OTHER);
+	if (!id)
+		id = leaf;
+	if (!st)
+		return id;
+	st->res_leaf = leaf;
+	st->res_id = id;
+	st->res_gen = gen;
+	/* Read back: every path above leaves the same unknown value here, so the
+	 * verifier walks the charge-split loop after it once, not once per path. */
+	return *(volatile u64 *)&st->res_id;
 }
 
 /*
@@ -480,15 +493,17 @@ static __always_inline void fill_sched(struct meter_cpu *st, u64 ns)
  * left it (a switch): the task gets what the kernel charged it since the
  * last settle. Else (a tick, task 0) it gets the clock's time,
  * provisionally, less what it was given beyond the
- * kernel before.
+ * kernel before, and less steal the tick saw (`tick`: a constant, so
+ * that the switch program carries none of that code).
  *
  * (Inlined: bcc loads each program's section alone, so no BPF-to-BPF calls.)
  */
 static __always_inline void charge_until(struct meter_cpu *st, u64 now, u64 cgid,
-					 u64 task, u64 sum)
+					 u64 task, u64 sum, int tick)
 {
 	u64 delta[METER_MAX_COUNTERS] = {};
 	u64 last = st->last_ns, span, cap, gap, g, placed, tail = 0;
+	int cut = 0;
 	s64 want;
 
 	read_counters(st, delta);
@@ -553,15 +568,39 @@ static __always_inline void charge_until(struct meter_cpu *st, u64 now, u64 cgid
 		 * the kernel before. Steal is not cut here: the kernel may charge
 		 * some of it after all, and owed time would then land windows
 		 * later; the switch settles it, and its gap holds the steal. */
-		u64 credit = (u64)-adj_take(st, cgid, 1), c;
+		u64 credit = (u64)-adj_take(st, cgid, 1), c, rest, s, lead;
 
 		st->ahead += span;
 		c = credit < cap ? credit : cap;
 		fill_sched(st, c);
 		if (credit > c)
 			adj_add(st, cgid, -(s64)(credit - c));
+#if METER_STEAL
+		/* A pause of the VM, seen as steal at this tick, is no task's, and
+		 * the kernel will not charge it: when the owner's part of the span
+		 * fits in its window, it gets that, first, and the steal the rest,
+		 * over as many windows as it lasted. Given to the owner instead, it
+		 * would be a debt taken back windows later, from other windows'
+		 * bills (docs/architecture.md, "CPU time"). */
+		rest = now - st->last_ns;
+		s = st->steal < rest ? st->steal : rest;
+		lead = rest - s;
+		if (tick && s && lead <= st->window_end - st->last_ns) {
+			accumulate(st, cgid, lead, delta);
+			st->last_ns += lead;
+			st->steal -= s;
+			st->ahead -= s;
+			cut = 1;
+		}
+#endif
 	}
 #endif
+	if (tick && cut) {
+		u64 zero[METER_MAX_COUNTERS] = {};
+
+		advance(st, METER_STEAL_CGID, now, zero);
+		return;
+	}
 	/* One advance only: each copy of its window loop costs the verifier dearly. */
 	advance(st, cgid, now - tail, delta);
 	if (tail) {
@@ -822,13 +861,13 @@ int meter_switch(struct bpf_raw_tracepoint_args *ctx)
 		if (cgid != METER_IDLE_CGID && prev != st->task)
 			follow(st, prev);
 #endif
-		charge_until(st, now, cgid, prev, cgid == METER_IDLE_CGID ? 0 : kread(prev + METER_TASK_SUM_OFF));
+		charge_until(st, now, cgid, prev, cgid == METER_IDLE_CGID ? 0 : kread(prev + METER_TASK_SUM_OFF), 0);
 		st->task = next;
 		st->sum = kread(next + METER_TASK_SUM_OFF);
 		st->ahead = 0;
 	}
 #else
-	charge_until(st, now, cgid, 0, 0);
+	charge_until(st, now, cgid, 0, 0, 0);
 #endif
 	return 0;
 }
@@ -854,6 +893,6 @@ int meter_tick(struct bpf_perf_event_data *ctx)
 			follow(st, task);
 	}
 #endif
-	charge_until(st, bpf_ktime_get_ns(), cgid, 0, 0);
+	charge_until(st, bpf_ktime_get_ns(), cgid, 0, 0, 1);
 	return 0;
 }

@@ -29,7 +29,7 @@ import numpy as np
 from .errors import BPFError
 
 __all__ = [
-    "CTL_FIRST", "CTL_GEN", "CTL_LEVELS", "CTL_WATERMARK", "GIVEN_BIT", "IDLE_CGID", "KEY_DTYPE", "KIND_RX",
+    "CTL_DISCOVER_LEVEL", "CTL_DISCOVER_ROOT", "CTL_FIRST", "CTL_GEN", "CTL_OTHER", "CTL_LEVELS", "CTL_WATERMARK", "GIVEN_BIT", "IDLE_CGID", "KEY_DTYPE", "KIND_RX",
     "KIND_SOFTIRQ", "KIND_TX", "MAX_COMPARTMENTS", "MAX_COUNTERS", "MAX_LEVEL", "NET_KEY_DTYPE", "NET_USAGE_DTYPE",
     "PORT_CGID_BIT", "PORT_PLACEHOLDER", "SCHED_CGID", "STATS", "STEAL_CGID", "USAGE_DTYPE", "check_table",
     "dtype_layout", "header_constants", "header_path", "header_structs",
@@ -66,7 +66,7 @@ PORT_PLACEHOLDER = 0x4D455452
 #: enum meter_net_kind.
 KIND_RX, KIND_TX, KIND_SOFTIRQ = 0, 1, 2
 #: enum meter_control.
-CTL_WATERMARK, CTL_FIRST, CTL_LEVELS, CTL_GEN = 0, 1, 2, 3
+CTL_WATERMARK, CTL_FIRST, CTL_LEVELS, CTL_GEN, CTL_OTHER, CTL_DISCOVER_LEVEL, CTL_DISCOVER_ROOT = range(7)
 #: METER_MAX_COMPARTMENTS, METER_MAX_LEVEL: compartments the kernel resolves, deepest cgroup level.
 MAX_COMPARTMENTS = 4096
 MAX_LEVEL = 16

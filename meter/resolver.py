@@ -18,6 +18,7 @@ import numpy as np
 from .bpfabi import IDLE_CGID, SCHED_CGID, STEAL_CGID
 from .cgroup import CgroupIndex, cgroup_id
 from .errors import CgroupError
+from .sources.base import KernelCompartments
 from .topology import HOST, IDLE, SCHED, STEAL, Compartment, Topology
 
 __all__ = ["HOST_ROW", "IDLE_ROW", "PSEUDO_ROWS", "Resolver", "SCHED_ROW", "STEAL_ROW"]
@@ -100,22 +101,33 @@ class Resolver:
         for row, _prefix in owners:
             if self.cgroup_ids[row]:
                 self._rows[self.cgroup_ids[row]] = row
+        # What the kernel charges tasks below no compartment to (kernel_compartments).
+        self._rows.setdefault(self.cgroup_ids[HOST_ROW], HOST_ROW)
         self.generation += 1
 
-    def kernel_compartments(self) -> dict[int, int]:
-        """{cgroup id: cgroup level} of every compartment the kernel should resolve to
-        (the current topology's, and under discovery every one found so far)."""
+    def kernel_compartments(self) -> KernelCompartments:
+        """What the kernel should charge usage to: every compartment (the current
+        topology's, and under discovery every one found so far) by cgroup level,
+        under discovery the root's children, else the host."""
         mount = self.topology.mount
-        out = {}
+        levels = {}
+        complete = True
         for row, prefix in self._owners:
             cgid = self.cgroup_ids[row]
             try:
-                level = len(Path(prefix).relative_to(mount).parts)
+                levels[cgid] = len(Path(prefix).relative_to(mount).parts)
             except ValueError:
-                continue
-            if cgid:
-                out[cgid] = level
-        return out
+                complete = False  # outside the mount: only user space can name it
+        levels.pop(0, None)
+        root = self.topology.cgroup_root
+        if root is None:
+            return KernelCompartments(levels, other=self.cgroup_ids[HOST_ROW] if complete else 0)
+        try:
+            root_id, root_level = cgroup_id(root), len(Path(root).relative_to(mount).parts)
+        except (CgroupError, ValueError):
+            return KernelCompartments(levels)
+        return KernelCompartments(levels, other=self.cgroup_ids[HOST_ROW] if complete else 0,
+                                  discover_root=root_id, discover_level=root_level)
 
     @property
     def nrows(self) -> int:

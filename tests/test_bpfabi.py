@@ -23,8 +23,8 @@ def test_every_constant_matches_the_header():
     assert c["METER_PORT_PLACEHOLDER"] == bpfabi.PORT_PLACEHOLDER
     assert (c["METER_NET_RX"], c["METER_NET_TX"], c["METER_NET_SOFTIRQ"]) == (
         bpfabi.KIND_RX, bpfabi.KIND_TX, bpfabi.KIND_SOFTIRQ)
-    assert (c["METER_CTL_WATERMARK"], c["METER_CTL_FIRST"], c["METER_CTL_LEVELS"], c["METER_CTL_GEN"]) == (
-        bpfabi.CTL_WATERMARK, bpfabi.CTL_FIRST, bpfabi.CTL_LEVELS, bpfabi.CTL_GEN)
+    names = ("WATERMARK", "FIRST", "LEVELS", "GEN", "OTHER", "DISCOVER_LEVEL", "DISCOVER_ROOT")
+    assert [c[f"METER_CTL_{n}"] for n in names] == [getattr(bpfabi, f"CTL_{n}") for n in names]
     assert (c["METER_MAX_COMPARTMENTS"], c["METER_MAX_LEVEL"]) == (bpfabi.MAX_COMPARTMENTS, bpfabi.MAX_LEVEL)
     # The port pseudo-cgroup is a macro with an argument: its bit, from the text.
     text = bpfabi.header_path().read_text()

@@ -94,7 +94,9 @@ def test_tenant_vswitches_metered_and_billed(tmp_path, meter_bin):
                                                               meter.stats.unplaced_ns, meter.stats.late_ns)
             assert 0 < sirq < 0.5 * kernel_ns, c.tenant
             for key in ("rx_packets", "tx_packets", "rx_bytes", "tx_bytes"):
-                assert int(mine[key].sum()) == after_net[c.tenant][key] - before_net[c.tenant][key], (c.tenant, key)
+                counted = after_net[c.tenant][key] - before_net[c.tenant][key]
+                assert int(mine[key].sum()) == counted, (c.tenant, key, int(mine[key].sum()), counted,
+                                                          int(batch[batch["tenant"] == c.tenant][key].sum()))
         # Per window, every CPU-ns is accounted once: cpu + softirq - given = CPUs x W.
         _, total = window_totals(batch)
         assert np.all(total == meter.ncpu * 1_000_000)

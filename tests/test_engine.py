@@ -166,6 +166,25 @@ def test_cgroup_created_after_start_is_picked_up(cgroups):
     assert _usage(batch, "late") == pytest.approx(used, rel=0.01)
 
 
+def test_a_discovered_compartments_short_lived_children_are_its_own(cgroups):
+    """Under discovery a compartment that appears while metering runs its work in
+    children that are gone before the next drain: the kernel charges them to
+    their ancestor just below the root, which discovery then names."""
+    topo = Topology.discover(cgroups.root)
+    with Meter(topo) as meter:
+        time.sleep(0.02)
+        late = cgroups.make("late")
+        for i in range(20):
+            child = cgroups.make(f"late/run{i}")
+            cgroups.burner(child, 1.0, 0.02).wait()
+            cgroups.remove(child)
+        used = cpu_usage_usec(late) * 1000  # the children's usage stays in it
+        batch = _run(meter, 0.1)
+    # The billing target, 0.2 %, and cpu.stat's 1 us unit.
+    assert abs(_usage(batch, "late") - used) <= 0.002 * used + 1_000, (_usage(batch, "late"), used)
+    assert meter.stats.unresolved_cgroups == 0
+
+
 def test_perf_counter_plumbing_with_a_software_event(tmp_path, cgroups, cgroup_mount):
     """cpu-clock read per schedule through the per-CPU perf arrays tracks cpu_ns."""
     cg = cgroups.make("c")
@@ -254,3 +273,27 @@ def test_short_lived_child_cgroups_are_billed_to_their_compartment(tmp_path, cgr
     assert kernel_ns > 1e9 and abs(billed - kernel_ns) <= 0.002 * kernel_ns + 1_000, (billed, kernel_ns)
     assert meter.stats.unresolved_cgroups == 0
     assert meter.stats.loss_line() == ""
+
+
+def test_other_tools_short_lived_cgroups_are_the_hosts_and_never_unresolved(tmp_path, cgroups, cgroup_mount):
+    """systemd scopes and other tools' cgroups outside every compartment come and go
+    between drains: the kernel charges them to the host at once, so none is left
+    for user space to name after it is gone (unresolved_cgroups stays 0)."""
+    comp = cgroups.make("tenant")
+    topo = _topology(tmp_path, cgroup_mount, {"tenant": comp})
+    batches, theirs_ns = [], 0
+    with Meter(topo) as meter:
+        for i in range(40):
+            other = cgroups.make(f"other{i}")
+            cgroups.burner(other, 1.0, 0.02).wait()
+            theirs_ns += cpu_usage_usec(other) * 1000
+            cgroups.remove(other)
+            if i % 10 == 9:
+                batches.append(meter.drain())
+        batches += list(meter.batches(0.2))
+    batch = np.concatenate(batches)
+    assert meter.stats.unresolved_cgroups == 0
+    # The host row holds their usage and the rest of the host's: at least theirs,
+    # less the 0.2 % billing target and cpu.stat's 1 us unit per cgroup.
+    assert _usage(batch, "host") >= theirs_ns * 0.998 - 40_000, (_usage(batch, "host"), theirs_ns)
+    assert _usage(batch, "tenant") == 0

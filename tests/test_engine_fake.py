@@ -509,9 +509,29 @@ def test_losses_are_exported_by_reason(tree):
 
 def test_the_kernel_is_told_every_compartment_and_its_level(tree):
     meter, src = _open(_topology(tree))
-    assert src.cpu_source.compartments == {_id(tree, "acme/vswitch"): 2, _id(tree, "globex/vswitch"): 2}
+    told = src.cpu_source.compartments
+    assert told.levels == {_id(tree, "acme/vswitch"): 2, _id(tree, "globex/vswitch"): 2}
+    # A task below no compartment is the host's: the kernel says so itself, so a
+    # cgroup of another tool that comes and goes between drains is never unresolved.
+    assert (told.other, told.discover_root) == (_id(tree, "."), 0)
     meter.set_topology(_topology(tree, names=("globex",)))
-    assert src.cpu_source.compartments == {_id(tree, "globex/vswitch"): 2}
+    assert src.cpu_source.compartments.levels == {_id(tree, "globex/vswitch"): 2}
+
+
+def test_under_discovery_the_kernel_charges_the_roots_children(tree):
+    (tree / "tenants/a").mkdir(parents=True)
+    meter, src = _open(Topology.discover(tree / "tenants", mount=tree))
+    told = src.cpu_source.compartments
+    assert told.levels == {_id(tree, "tenants/a"): 2}
+    assert (told.discover_root, told.discover_level, told.other) == (_id(tree, "tenants"), 1, _id(tree, "."))
+
+
+def test_the_host_id_the_kernel_charges_is_the_host_row(tree):
+    meter, src = _open(_topology(tree))
+    src.cpu_source.charge(src.cpu_source.now, _id(tree, "."), 77)
+    src.cpu_source.advance(1)
+    batch = meter.drain()
+    assert int(_rows(batch, "host")["cpu_ns"].sum()) == 77 and meter.stats.unresolved_cgroups == 0
 
 
 def test_a_compartment_charged_by_its_own_id_keeps_it_after_its_cgroup_is_gone(tree):

@@ -79,8 +79,10 @@ def _tenant_up(k: int, mount: Path, rate: int) -> dict[str, object]:
     for ns in (sw, a, b):
         _run("ip", "netns", "add", ns)
         _run("ip", "-n", ns, "link", "set", "lo", "up")
-        subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"],
-                       capture_output=True)
+        # No IPv6 chatter (router solicitations, MLD, DAD) on ports made later:
+        # `all` covers the interfaces there are, `default` the ones to come.
+        subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
+                        "net.ipv6.conf.default.disable_ipv6=1"], capture_output=True)
     for vm, port, ip in ((a, "pa", f"10.90.{k}.1/24"), (b, "pb", f"10.90.{k}.2/24")):
         _run("ip", "-n", sw, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", vm)
         _run("ip", "-n", sw, "link", "set", port, "up")

@@ -19,7 +19,22 @@ if TYPE_CHECKING:
     from .net import NetDrain, Port
     from .sched import SchedDrain
 
-__all__ = ["CPUSource", "CPUSpec", "KernelSources", "PacketSource", "SourceFactory", "VFPoller"]
+__all__ = ["CPUSource", "CPUSpec", "KernelCompartments", "KernelSources", "PacketSource", "SourceFactory", "VFPoller"]
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelCompartments:
+    """What the kernel charges a task's usage to, decided at charge time
+    (docs/architecture.md, "Compartments in the kernel")."""
+
+    #: {cgroup id: cgroup level} of every compartment: a task below one is charged to the deepest.
+    levels: dict[int, int] = dataclasses.field(default_factory=dict)
+    #: The cgroup id charged for a task below no compartment (the host's); 0: its own id.
+    other: int = 0
+    #: Under discovery: the root's cgroup id and level (a task below the root
+    #: is charged to its ancestor just below it); 0, 0 without discovery.
+    discover_root: int = 0
+    discover_level: int = 0
 
 
 class CPUSource(Protocol):
@@ -49,9 +64,9 @@ class CPUSource(Protocol):
         """Kernel-side counts named as in :data:`meter.bpfabi.STATS`."""
         ...
 
-    def set_compartments(self, compartments: dict[int, int]) -> None:
-        """Charge usage to these compartments' cgroup ids ({id: cgroup level}) at
-        charge time, whatever cgroup below them it ran in."""
+    def set_compartments(self, compartments: KernelCompartments) -> None:
+        """Charge usage to compartments' cgroup ids at charge time, whatever
+        cgroup below them it ran in."""
         ...
 
 

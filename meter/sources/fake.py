@@ -21,7 +21,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ..bpfabi import GIVEN_BIT, IDLE_CGID, MAX_COUNTERS, STATS
-from .base import CPUSpec
+from .base import CPUSpec, KernelCompartments
 from .net import NetDrain, Port
 from .sched import SchedDrain
 
@@ -55,7 +55,7 @@ class FakeCPU:
         self.ncounters = 0
         self.is_open = False
         self.spec: CPUSpec | None = None
-        self.compartments: dict[int, int] = {}
+        self.compartments = KernelCompartments()
         #: Kernel-side counts, as the real source's stats() names them.
         self.kernel_stats = {name: 0 for name in STATS}
         self._cgid: list[np.ndarray] = []
@@ -134,9 +134,9 @@ class FakeCPU:
     def stats(self) -> dict[str, int]:
         return dict(self.kernel_stats)
 
-    def set_compartments(self, compartments: dict[int, int]) -> None:
+    def set_compartments(self, compartments: KernelCompartments) -> None:
         """Recorded only: scripted charges name their cgroup ids themselves."""
-        self.compartments = dict(compartments)
+        self.compartments = compartments
 
 
 def steady_load(cgids: list[int] | np.ndarray, ncpu: int, window_ns: int, *, busy: float = 0.8,

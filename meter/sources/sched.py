@@ -25,9 +25,12 @@ import numpy as np
 
 from .. import program
 from ..bpfabi import (
+    CTL_DISCOVER_LEVEL,
+    CTL_DISCOVER_ROOT,
     CTL_FIRST,
     CTL_GEN,
     CTL_LEVELS,
+    CTL_OTHER,
     CTL_WATERMARK,
     KEY_DTYPE,
     MAX_COMPARTMENTS,
@@ -39,6 +42,7 @@ from ..bpfabi import (
 )
 from ..errors import BPFError, PerfEventError
 from ..perf import PerfEvent
+from .base import KernelCompartments
 
 __all__ = ["SchedDrain", "SchedSource"]
 
@@ -158,7 +162,7 @@ class SchedSource:
         self._first_window = 0
         #: Every window up to this one has been taken by a drain.
         self.closed_window = 0
-        self._compartments: dict[int, int] = {}
+        self._compartments = KernelCompartments()
         self._gen = 0
 
     # -- lifecycle -------------------------------------------------------------
@@ -233,42 +237,49 @@ class SchedSource:
         self.keys = np.zeros(self.map_entries, KEY_DTYPE)
         self.vals = np.zeros(self.map_entries, USAGE_DTYPE)
 
-    def set_compartments(self, compartments: dict[int, int]) -> None:
-        """Have the kernel charge compartments, not leaf cgroups: ``{cgroup id: level}``.
+    def set_compartments(self, compartments: KernelCompartments) -> None:
+        """Have the kernel charge compartments, not leaf cgroups.
 
         Usage in any cgroup below a listed one is then charged to the deepest
         listed ancestor when it happens (a child cgroup removed before the
         next drain is still billed to its compartment). Takes effect at
         open, or at once when open; compartments past the kernel's limits
-        (MAX_COMPARTMENTS, level MAX_LEVEL) are left to user space.
+        (MAX_COMPARTMENTS, level MAX_LEVEL) are left to user space, and then
+        every task below no listed compartment is charged by its own id.
         """
-        wanted = {cgid: lvl for cgid, lvl in compartments.items() if lvl < MAX_LEVEL}
-        if len(wanted) < len(compartments):
+        given = compartments.levels
+        wanted = {cgid: lvl for cgid, lvl in given.items() if lvl < MAX_LEVEL}
+        if len(wanted) < len(given):
             log.warning("meter: %d compartments are deeper than cgroup level %d: their child cgroups are "
                         "resolved in user space (usage in children removed before a drain counts as host)",
-                        len(compartments) - len(wanted), MAX_LEVEL - 1)
+                        len(given) - len(wanted), MAX_LEVEL - 1)
         if len(wanted) > MAX_COMPARTMENTS:
             log.warning("meter: %d compartments, the kernel resolves %d: the rest are resolved in user space",
                         len(wanted), MAX_COMPARTMENTS)
             wanted = dict(sorted(wanted.items(), key=lambda kv: -kv[1])[:MAX_COMPARTMENTS])
-        self._compartments = wanted
+        other = compartments.other if len(wanted) == len(given) else 0
+        self._compartments = dataclasses.replace(compartments, levels=wanted, other=other)
         if self.bpf is not None:
             self._push_compartments()
 
     def _push_compartments(self) -> None:
+        kc = self._compartments
         table = self.bpf[b"compartments"]
         have = {int(k.value) for k in table.keys()}
-        for cgid in have - set(self._compartments):
+        for cgid in have - set(kc.levels):
             del table[table.Key(cgid)]
-        for cgid in set(self._compartments) - have:
+        for cgid in set(kc.levels) - have:
             table[table.Key(cgid)] = table.Leaf(1)
         levels = 0
-        for lvl in self._compartments.values():
+        for lvl in kc.levels.values():
             levels |= 1 << lvl
         self._control(CTL_LEVELS, levels)
-        # Generation 0 tells the kernel nothing is listed (one lookup per charge).
+        self._control(CTL_OTHER, kc.other)
+        self._control(CTL_DISCOVER_ROOT, kc.discover_root)
+        self._control(CTL_DISCOVER_LEVEL, kc.discover_level + 1 if kc.discover_root else 0)
+        # Generation 0 tells the kernel nothing is to be resolved (one lookup per charge).
         self._gen += 1
-        self._control(CTL_GEN, self._gen if levels else 0)
+        self._control(CTL_GEN, self._gen if levels or kc.other or kc.discover_root else 0)
 
     def close(self) -> None:
         """Detach and unload everything this source attached."""

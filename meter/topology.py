@@ -233,6 +233,11 @@ class _Parser:
         """A ConfigError for dotted ``key``, with the line where ``key = value`` stands."""
         return ConfigError(message, path=str(self.path), line=self._line(key, value, last), key=key)
 
+    def fail_at(self, key: str, text: str, message: str) -> ConfigError:
+        """A ConfigError for ``key`` at the last line (comments aside) holding ``text``."""
+        hits = [i + 1 for i, line in enumerate(self.lines) if text in line.split("#", 1)[0]]
+        return ConfigError(message, path=str(self.path), line=hits[-1] if hits else None, key=key)
+
     def _line(self, key: str, value: Any, last: bool) -> int | None:
         name = re.sub(r"\[\d+\]$", "", key.rsplit(".", 1)[-1])
         pattern = rf"(^|[\s{{,]){re.escape(name)}\s*="
@@ -287,6 +292,7 @@ class _Parser:
         comps: list[Compartment] = []
         seen_tenants: set[str] = set()
         seen_cgroups: dict[Path, str] = {}
+        seen_ports: dict[tuple[str, str], str] = {}  # (netns, ifname) or ("vf:PF", "N") -> its owner
         for ti, tenant in enumerate(tenants):
             tkey = f"tenant[{ti}]"
             if not isinstance(tenant, dict):
@@ -323,6 +329,13 @@ class _Parser:
                 ifaces = comp.get("interfaces", [])
                 if not isinstance(ifaces, list) or not all(isinstance(i, str) and i for i in ifaces):
                     raise self.fail(f"{ckey}.interfaces", 'must be a list of interface names ("IFNAME" or "NETNS:IFNAME")')
+                for spec in ifaces:
+                    # One interface, one owner: a second tc filter would take every packet from the first.
+                    where = spec.rpartition(":")
+                    owner = seen_ports.setdefault((where[0], where[2]), f"{tname}/{cname}")
+                    if owner != f"{tname}/{cname}" or ifaces.count(spec) > 1:
+                        raise self.fail_at(f"{ckey}.interfaces", f'"{spec}"',
+                                           f"interface {spec!r} is already compartment {owner}'s")
                 vfs = []
                 raw_vfs = comp.get("vfs", [])
                 if not isinstance(raw_vfs, list):
@@ -337,6 +350,10 @@ class _Parser:
                         raise self.fail(f"{vkey}.pf", "must be the physical function's interface name", pf)
                     if not isinstance(num, int) or isinstance(num, bool) or num < 0:
                         raise self.fail(f"{vkey}.vf", "must be a VF number >= 0", num)
+                    vf_owner = seen_ports.setdefault((f"vf:{pf}", str(num)), f"{tname}/{cname}")
+                    if vf_owner != f"{tname}/{cname}" or VirtualFunction(pf, num) in vfs:
+                        raise self.fail(f"{vkey}.vf", f"VF {num} of {pf!r} is already compartment {vf_owner}'s", num,
+                                        last=True)
                     vfs.append(VirtualFunction(pf, num))
                 comps.append(Compartment(tname, cname, cpath, tuple(ifaces), tuple(vfs)))
         return Topology(tuple(comps), self.mount, window_ms, self.path, None, dict(energy))

@@ -83,6 +83,15 @@ def test_owner_deepest_compartment_wins(tmp_path, mount):
          "tenant[0].compartment[0].vfs[0].vf", ">= 0"),
         ('[[tenant]]\nname = "a"\n[[tenant.compartment]]\nname = "x"\ncgroup = "c"\ninterfaces = "eth0"\n', 6,
          "tenant[0].compartment[0].interfaces", "list"),
+        # One interface in two compartments: the second tc filter would take the first's packets.
+        ('[[tenant]]\nname = "a"\n[[tenant.compartment]]\nname = "x"\ncgroup = "c"\ninterfaces = ["ns:eth0"]\n'
+         '[[tenant]]\nname = "b"\n[[tenant.compartment]]\nname = "y"\ncgroup = "d"\ninterfaces = ["p0", "ns:eth0"]\n',
+         12, "tenant[1].compartment[0].interfaces", "already compartment a/x's"),
+        ('[[tenant]]\nname = "a"\n[[tenant.compartment]]\nname = "x"\ncgroup = "c"\ninterfaces = ["p0", "p0"]\n', 6,
+         "tenant[0].compartment[0].interfaces", "already"),
+        ('[[tenant]]\nname = "a"\n[[tenant.compartment]]\nname = "x"\ncgroup = "c"\nvfs = [{ pf = "p", vf = 1 }]\n'
+         '[[tenant.compartment]]\nname = "y"\ncgroup = "d"\nvfs = [{ pf = "p", vf = 1 }]\n', 10,
+         "tenant[0].compartment[1].vfs[0].vf", "VF 1 of 'p' is already compartment a/x's"),
     ],
 )
 def test_bad_files_name_line_key_and_reason(tmp_path, mount, text, line, key, words):

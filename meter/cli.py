@@ -147,7 +147,7 @@ def record(config: str | None, cgroup_root: str | None, window_ms: int | None, d
             sink: Sink = FileSink(output, fmt)
         else:
             sink = Store(store_path)
-            first_seq = sink.next_seq(socket.gethostname())
+            first_seq = sink.claim(socket.gethostname())
         meter = Meter(topo, window_ms, counters=_counters(counters), first_seq=first_seq)
         daemon.warn_unavailable(meter, explicit=bool(counters))
 

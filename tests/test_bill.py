@@ -25,13 +25,15 @@ from meter.bill import (
     usage_from_store,
 )
 from meter.economics import Assumptions, model, tenant_charges
-from meter.errors import ConfigError, MeterError
+from meter.errors import ConfigError, MeterError, SinkError
 from meter.focus import FOCUS_COLUMNS, focus_rows
 from meter.records import NULL, build
 from meter.sinks.parquet import write_parquet
 from meter.sinks.store import Store
 
-T0 = 1_795_000_000 * 10**9  # a whole second
+# A whole second 400 s into an hour two hours ago: inside the store's retention
+# (counted from the clock), and 3 s of records stay in one 1 h rollup.
+T0 = (int(time.time()) // 3600 - 2) * 3600 * 10**9 + 400 * 10**9
 
 
 def records(host: str, n_windows: int = 3000, seq0: int = 0, t0: int = T0) -> np.ndarray:
@@ -92,11 +94,43 @@ def test_store_is_idempotent_rolls_up_exactly_and_continues_seq(tmp_path):
 
 
 def test_retention_keeps_rollups(tmp_path):
-    with Store(tmp_path / "r.db", retention_s=1) as s:
-        s.write(records("h", 1000))
+    now = [T0 + 15 * 10**8]
+    with Store(tmp_path / "r.db", retention_s=1, clock=lambda: now[0]) as s:
+        s.write(records("h", 1000))  # [T0, T0 + 1 s): inside retention at T0 + 1.5 s
+        assert len(s.records()) == 4000
+        now[0] = T0 + 6 * 10**9
         s.write(records("h", 1000, seq0=4000, t0=T0 + 5 * 10**9))
         assert len(s.records()) == 4000  # the first chunk is past retention
         assert sum(r["records"] for r in s.rollup("rollup_1s")) == 8000
+
+
+def test_retention_counts_from_the_clock_not_from_a_future_dated_batch(tmp_path, caplog):
+    """A clock that jumped ahead wrote one batch ten years on: the store keeps
+    every record of today's (it used to keep 1 of 14,000), and says so."""
+    with Store(tmp_path / "r.db") as s:  # 7 days' retention; the records are 2 h old
+        s.write(records("h", 3500))
+        s.write(records("h", 1, seq0=14_000, t0=T0 + 10 * 365 * 86400 * 10**9))
+        assert len(s.records()) == 14_004
+    assert "ahead of this host's clock" in caplog.text
+
+
+def test_one_writer_per_store_the_second_is_told_the_firsts_pid(tmp_path):
+    """Two writers would read the same next seq; the second's records would all be
+    taken for duplicates and dropped. So the second is refused, naming the first."""
+    path = tmp_path / "r.db"
+    with Store(path) as first:
+        assert first.claim("h") == 0
+        first.write(records("h", 10))
+        second = Store(path)
+        with pytest.raises(SinkError, match=rf"being written by another meter \(pid {os.getpid()}\)"):
+            second.claim("h")
+        with pytest.raises(SinkError):
+            second.write(records("h", 10, seq0=40))  # a write claims it too
+        second.close()
+        assert len(first.records()) == 40
+    with Store(path) as third:  # the first has gone: the store is free
+        assert third.claim("h") == 40
+    assert os.stat(path.with_name("r.db.lock")).st_mode & 0o777 == 0o600
 
 
 def test_invoices_lines_totals_and_overrides(tmp_path, sheet):

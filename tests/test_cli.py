@@ -232,3 +232,19 @@ def test_losses_are_said_as_they_happen_at_most_every_interval(capsys, monkeypat
     monkeypatch.setattr(said, "last_at", said.last_at - 61)
     said.now()
     assert capsys.readouterr().err == "meter: warning: LOST: 9 late ns\n"
+
+
+def test_a_second_record_on_one_store_refuses_at_start_naming_the_first(meter_bin, tmp_path, cgroup_mount):
+    """Before any program is loaded: one line, exit 1, the first writer's records intact."""
+    from meter.sinks.store import Store
+
+    from .test_bill import records
+
+    path = tmp_path / "r.db"
+    with Store(path) as first:
+        first.write(records("h", 10))
+        res = run(meter_bin, "record", "--store", str(path), "--cgroup-root", str(cgroup_mount), "--duration", "1")
+        assert res.returncode == 1
+        assert res.stderr == (f"meter: error: the record store {path} is being written by another meter "
+                              f"(pid {os.getpid()}): stop it, or give this one its own store (--store)\n")
+        assert len(first.records()) == 40

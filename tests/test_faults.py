@@ -14,7 +14,7 @@ import pytest
 from meter.errors import SinkError
 from meter.sinks.store import Store
 
-from .test_bill import records
+from .test_bill import T0, records
 
 pytestmark = pytest.mark.bpf
 
@@ -28,7 +28,7 @@ def test_disk_full_is_a_clear_error_and_corrupts_nothing(tmp_path):
             stored = 0
             with pytest.raises(SinkError) as info:
                 for i in range(1000):
-                    stored += s.write(records("h", 1000, seq0=i * 4000, t0=1_795_000_000 * 10**9 + i * 10**9))
+                    stored += s.write(records("h", 1000, seq0=i * 4000, t0=T0 + i * 10**9))
             assert "nothing of this batch was stored" in str(info.value) and str(mnt) in str(info.value)
             assert stored > 0
             assert s.next_seq("h") == stored  # the failed batch left no trace

@@ -18,13 +18,22 @@ compact binary: integer columns as little-endian int64, strings as a
 table plus int32 codes; no pickle), which appends at millions of records
 per second; rollups are ordinary SQL tables.
 
-The file is created mode 0600: it holds billing data.
+The file is created mode 0600: it holds billing data. One process writes
+a store at a time (:meth:`Store.claim`, an advisory lock on
+``<store>.lock``): a second writer would read the same next seq and have
+every one of its records taken for a duplicate. Retention counts from the
+current time, never from a batch's own dates (a clock that jumped ahead
+must not expire the store).
 """
 
 from __future__ import annotations
 
+import fcntl
+import logging
 import os
 import sqlite3
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +48,10 @@ __all__ = ["ROLLUPS", "Store", "default_path"]
 #: Rollup tables and their period in ns.
 ROLLUPS = {"rollup_1s": 1_000_000_000, "rollup_1h": 3_600_000_000_000}
 DEFAULT_RETENTION_S = 7 * 24 * 3600
+#: A batch dated further ahead of the clock than this is stored, and said.
+FUTURE_SLACK_NS = 3600 * 1_000_000_000
+
+log = logging.getLogger("meter")
 
 def default_path() -> Path:
     """Where ``meter record`` stores records unless told otherwise."""
@@ -49,8 +62,10 @@ class Store:
     """Append record batches; read them back; roll them up exactly."""
 
     def __init__(self, path: str | Path | None = None, *, retention_s: int = DEFAULT_RETENTION_S,
-                 must_exist: bool = False) -> None:
+                 must_exist: bool = False, clock: Callable[[], int] = time.time_ns) -> None:
         self.path = Path(path) if path is not None else default_path()
+        self._clock = clock
+        self._lock_fd: int | None = None
         #: Records this store object has newly stored (the Sink protocol).
         self.count = 0
         self.retention_ns = int(retention_s) * 1_000_000_000
@@ -91,6 +106,35 @@ class Store:
 
     def close(self) -> None:
         self.db.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the writer's lock
+            self._lock_fd = None
+
+    def claim(self, host: str) -> int:
+        """Become this store's one writer and return ``host``'s next seq.
+
+        Raises SinkError naming the other writer's pid if one holds the store.
+        :meth:`write` claims it too; call this first to fail before metering.
+        """
+        if self._lock_fd is None:
+            lock = self.path.with_name(self.path.name + ".lock")
+            try:
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            except OSError as err:
+                raise SinkError(f"cannot open the store's lock {lock}: {err.strerror}", target=str(lock),
+                                setting="store") from err
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise SinkError(f"the record store {self.path} is being written by another meter (pid {other}): "
+                                "stop it, or give this one its own store", target=str(self.path),
+                                setting="store") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            self._lock_fd = fd
+        return self.next_seq(host)
 
     def __enter__(self) -> Store:
         return self
@@ -109,6 +153,8 @@ class Store:
         """Append a batch in one transaction; returns records newly stored."""
         if len(batch) == 0:
             return 0
+        if self._lock_fd is None:
+            self.claim(str(batch["host"][0]))
         try:
             self.db.execute("BEGIN IMMEDIATE")
             try:
@@ -187,8 +233,12 @@ class Store:
             )
 
     def _expire(self, newest_ns: int) -> None:
+        now = self._clock()
+        if newest_ns > now + FUTURE_SLACK_NS:
+            log.warning("meter: stored records dated %.0f s ahead of this host's clock (a clock jump?); "
+                        "retention counts from the clock, not from them", (newest_ns - now) / 1e9)
         if self.retention_ns > 0:
-            self.db.execute("DELETE FROM chunks WHERE end_ns <= ?", (newest_ns - self.retention_ns,))
+            self.db.execute("DELETE FROM chunks WHERE end_ns <= ?", (now - self.retention_ns,))
 
     # -- reading -----------------------------------------------------------------------------------
 

@@ -493,13 +493,14 @@ static __always_inline void fill_sched(struct meter_cpu *st, u64 ns)
  * left it (a switch): the task gets what the kernel charged it since the
  * last settle. Else (a tick, task 0) it gets the clock's time,
  * provisionally, less what it was given beyond the
- * kernel before, and less steal the tick saw (`tick`: a constant, so
- * that the switch program carries none of that code).
+ * kernel before, and less the steal this tick's look found
+ * (`fresh_steal`; a constant 0 at switches, so that the switch program
+ * carries none of that code).
  *
  * (Inlined: bcc loads each program's section alone, so no BPF-to-BPF calls.)
  */
 static __always_inline void charge_until(struct meter_cpu *st, u64 now, u64 cgid,
-					 u64 task, u64 sum, int tick)
+					 u64 task, u64 sum, u64 fresh_steal)
 {
 	u64 delta[METER_MAX_COUNTERS] = {};
 	u64 last = st->last_ns, span, cap, gap, g, placed, tail = 0;
@@ -583,9 +584,10 @@ static __always_inline void charge_until(struct meter_cpu *st, u64 now, u64 cgid
 		 * would be a debt taken back windows later, from other windows'
 		 * bills (docs/architecture.md, "CPU time"). */
 		rest = now - st->last_ns;
-		s = st->steal < rest ? st->steal : rest;
+		s = fresh_steal < st->steal ? fresh_steal : st->steal;
+		s = s < rest ? s : rest;
 		lead = rest - s;
-		if (tick && s && lead <= st->window_end - st->last_ns) {
+		if (s && lead <= st->window_end - st->last_ns) {
 			accumulate(st, cgid, lead, delta);
 			st->last_ns += lead;
 			st->steal -= s;
@@ -595,7 +597,7 @@ static __always_inline void charge_until(struct meter_cpu *st, u64 now, u64 cgid
 #endif
 	}
 #endif
-	if (tick && cut) {
+	if (fresh_steal && cut) {
 		u64 zero[METER_MAX_COUNTERS] = {};
 
 		advance(st, METER_STEAL_CGID, now, zero);
@@ -876,14 +878,16 @@ int meter_switch(struct bpf_raw_tracepoint_args *ctx)
 int meter_tick(struct bpf_perf_event_data *ctx)
 {
 	struct meter_cpu *st = charging_state(0);
-	u64 cgid;
+	u64 cgid, fresh = 0;
 
 	if (!st)
 		return 0;
 	cgid = current_cgid(st);
 #if METER_STEAL
 	/* Steal first: after a pause of the VM the clock's whole gap is no task's. */
+	fresh = st->steal;
 	look_steal(st, 0, 0);
+	fresh = st->steal - fresh;
 #endif
 #if METER_KERNEL_CHARGE
 	{
@@ -893,6 +897,6 @@ int meter_tick(struct bpf_perf_event_data *ctx)
 			follow(st, task);
 	}
 #endif
-	charge_until(st, bpf_ktime_get_ns(), cgid, 0, 0, 1);
+	charge_until(st, bpf_ktime_get_ns(), cgid, 0, 0, fresh);
 	return 0;
 }

@@ -144,6 +144,19 @@ class PriceSheet:
             overrides[name] = table(raw, f"tenant.{name}")
         return cls(currency, prices, overrides, source)
 
+    def unused_overrides(self, tenants: list[str]) -> list[str]:
+        """One sentence per ``[tenant.NAME]`` override naming none of ``tenants``
+        (a typo bills that tenant at list price), with the closest name."""
+        import difflib
+
+        out = []
+        for name in sorted(set(self.overrides) - set(tenants)):
+            close = difflib.get_close_matches(name, tenants, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            out.append(f"{self.source or 'the price sheet'}: [tenant.{name}] names no tenant billed in this "
+                       f"period{hint}; its prices were not used")
+        return out
+
     def price(self, tenant: str, meter: str) -> Decimal | None:
         return self.overrides.get(tenant, {}).get(meter, self.prices.get(meter))
 

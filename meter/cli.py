@@ -214,6 +214,9 @@ def bill(prices: str, start: str, end: str, tenant: str | None, fmt: str, store_
                 by_period = usage_from_store(store, start_ns, end_ns, period)
             hosts = ""
         invs = invoices(merge_periods(by_period), sheet, start_ns, end_ns, tenant=tenant)
+        if tenant is None:
+            for line in sheet.unused_overrides([i.tenant for i in invs]):
+                click.echo(f"meter: warning: {line}", err=True)
         if fmt == "json":
             click.echo(json.dumps([i.as_dict() for i in invs], indent=2))
         elif fmt == "csv":

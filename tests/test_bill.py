@@ -254,6 +254,14 @@ def test_bill_cli_formats_and_errors(tmp_path, meter_bin):
     res = subprocess.run([*base, "--format", "json"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert [i["tenant"] for i in json.loads(res.stdout)] == ["acme", "globex"]
+    assert res.stderr == ""
+    # A typo in an override's tenant would bill that tenant at list price without a word.
+    prices.write_text(PRICES.replace("[tenant.globex]", "[tenant.globexx]"))
+    res = subprocess.run([*base, "--format", "json"], capture_output=True, text=True)
+    assert res.returncode == 0 and json.loads(res.stdout)
+    assert res.stderr == (f"meter: warning: {prices}: [tenant.globexx] names no tenant billed in this period "
+                          "(did you mean 'globex'?); its prices were not used\n")
+    prices.write_text(PRICES)
     res = subprocess.run([*base, "--format", "focus", "--charge-period", "1"], capture_output=True, text=True)
     rows = list(csv.DictReader(io.StringIO(res.stdout)))
     assert list(rows[0]) == list(FOCUS_COLUMNS) and len({r["ChargePeriodStart"] for r in rows}) == 3

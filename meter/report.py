@@ -8,13 +8,29 @@ and ``meter economics``.
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Sequence
 from decimal import Decimal
 from typing import IO, Any
 
 from .focus import FOCUS_COLUMNS, focus_rows
 
-__all__ = ["economics_tables", "findings_table", "focus_csv", "invoices_csv", "invoices_tables"]
+__all__ = ["csv_cells", "economics_tables", "findings_table", "focus_csv", "invoices_csv", "invoices_tables"]
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+
+
+def csv_cells(values: Iterable[Any]) -> list[Any]:
+    """Cells safe to open in a spreadsheet (OWASP, CSV injection): text that a
+    spreadsheet would run as a formula (=, +, -, @, tab, CR first) gets a
+    leading ``'``; numbers, also negative ones, are left as they are."""
+    out = []
+    for v in values:
+        if isinstance(v, str) and v.startswith(_FORMULA_START) and not _NUMBER.fullmatch(v):
+            v = "'" + v
+        out.append(v)
+    return out
 
 
 def invoices_csv(invs: Sequence[Any], out: IO[str]) -> None:
@@ -23,15 +39,17 @@ def invoices_csv(invs: Sequence[Any], out: IO[str]) -> None:
     w.writerow(["tenant", "meter", "quantity", "unit", "unit_price", "cost", "currency"])
     for inv in invs:
         for line in inv.lines:
-            w.writerow([inv.tenant, line.meter, line.quantity, line.unit, line.unit_price, line.cost, inv.currency])
-        w.writerow([inv.tenant, "TOTAL", "", "", "", inv.total, inv.currency])
+            w.writerow(csv_cells([inv.tenant, line.meter, line.quantity, line.unit, line.unit_price, line.cost,
+                                  inv.currency]))
+        w.writerow(csv_cells([inv.tenant, "TOTAL", "", "", "", inv.total, inv.currency]))
 
 
 def focus_csv(periods: list[Any], start_ns: int, end_ns: int, hosts: str, out: IO[str]) -> None:
     """FOCUS rows of every charge period's invoices."""
     fw = csv.DictWriter(out, fieldnames=list(FOCUS_COLUMNS), lineterminator="\n")
     fw.writeheader()
-    fw.writerows(focus_rows(periods, start_ns, end_ns, hosts=hosts))
+    for row in focus_rows(periods, start_ns, end_ns, hosts=hosts):
+        fw.writerow(dict(zip(row, csv_cells(row.values()))))
 
 
 def invoices_tables(invs: Sequence[Any], span: str, console: Any) -> None:

@@ -38,3 +38,40 @@ def test_unavailable_is_null_not_zero():
     assert list(row) == list(FIELDS)
     json.dumps(row)
     assert np.all(empty(3)["rx_packets"] == NULL)
+
+
+def test_csv_cells_a_spreadsheet_would_run_are_quoted_numbers_are_not():
+    from meter.report import csv_cells
+
+    assert csv_cells(["@evil", "-1+1", "+x", "=1", "\tx", "acme", "-5", "-0.25", "1e-3", 7, None]) == [
+        "'@evil", "'-1+1", "'+x", "'=1", "'\tx", "acme", "-5", "-0.25", "1e-3", 7, None]
+
+
+def test_csv_records_and_bills_never_hold_a_formula(tmp_path):
+    """Tenant names may start with @, + or - (the name rule allows them)."""
+    import csv
+    import io
+    from decimal import Decimal
+
+    from meter.bill import PriceSheet, invoices
+    from meter.report import invoices_csv
+    from meter.sinks.files import FileSink
+
+    from .test_bill import T0, records
+
+    batch = records("h", 2)
+    batch["tenant"] = np.where(batch["tenant"] == "acme", "@SUM", batch["tenant"])
+    out = tmp_path / "r.csv"
+    sink = FileSink(str(out), "csv")
+    sink.write(batch)
+    sink.close()
+    rows = list(csv.DictReader(out.open()))
+    assert {r["tenant"] for r in rows} == {"'@SUM", "globex", "host", "idle"}
+    prices = tmp_path / "p.toml"
+    prices.write_text('currency = "EUR"\n[prices]\ncpu_second = "1"\ngigacycle = "1"\nkwh = "1"\ngb = "1"\n'
+                      'million_packets = "1"\n')
+    invs = invoices({"-1+1": {"cpu_ns": 10**9}}, PriceSheet.from_file(prices), T0, T0 + 10**9)
+    text = io.StringIO()
+    invoices_csv(invs, text)
+    assert all(r["tenant"] == "'-1+1" for r in csv.DictReader(io.StringIO(text.getvalue())))
+    assert invs[0].total == Decimal(1)

@@ -19,6 +19,7 @@ import numpy as np
 
 from ..errors import SinkError
 from ..records import FIELDS, to_dicts
+from ..report import csv_cells
 
 __all__ = ["FORMATS", "FileSink"]
 
@@ -55,7 +56,7 @@ class FileSink:
         try:
             if self._csv is not None:
                 for row in to_dicts(batch):
-                    self._csv.writerow(["" if v is None else v for v in row.values()])
+                    self._csv.writerow(csv_cells("" if v is None else v for v in row.values()))
             else:
                 buf = io.StringIO()
                 for row in to_dicts(batch):

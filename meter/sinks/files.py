@@ -18,6 +18,7 @@ from typing import IO
 import numpy as np
 
 from ..errors import SinkError
+from ..paths import open_private
 from ..records import FIELDS, to_dicts
 from ..report import csv_cells
 
@@ -37,12 +38,8 @@ class FileSink:
         self.count = 0
         self._own = path != "-"
         if self._own:
-            try:
-                flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
-                fd = os.open(path, flags, 0o600)
-                self._out: IO[str] = os.fdopen(fd, "w", newline="")
-            except OSError as err:
-                raise SinkError(f"cannot write records to {path}: {err.strerror}", target=path) from err
+            fd = open_private(path, os.O_WRONLY | (os.O_APPEND if append else os.O_TRUNC), what="records")
+            self._out: IO[str] = os.fdopen(fd, "w", newline="")
         else:
             self._out = sys.stdout
         self._csv = None

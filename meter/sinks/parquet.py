@@ -9,6 +9,7 @@ that reads hive-partitioned Parquet.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MeterError
+from ..paths import open_private, private_dir
 from ..records import COUNTER_COLUMNS, FIELDS, NULL, RECORD_DTYPE
 
 __all__ = ["write_parquet"]
@@ -48,10 +50,22 @@ def write_parquet(batch: np.ndarray, root: str | Path) -> list[Path]:
                     cols[name] = pa.array([v if v else None for v in col.tolist()], type=pa.string())
                 else:
                     cols[name] = pa.array(col)
-            directory = root / f"host={host}" / f"date={date.isoformat()}"
-            directory.mkdir(parents=True, exist_ok=True)
+            directory = private_dir(root / f"host={host}" / f"date={date.isoformat()}")
             path = directory / f"part-{int(part['seq'].min()):012d}.parquet"
-            pq.write_table(pa.table(cols), path)
-            os.chmod(path, 0o600)
+            # Written whole under a hidden name, then renamed over the final one:
+            # a kill leaves no truncated part for a bill to read, and a link
+            # planted at the final name is replaced, never followed.
+            tmp = directory / f".{path.name}.{os.getpid()}.tmp"
+            fd = open_private(tmp, os.O_WRONLY | os.O_TRUNC, what="export")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    pq.write_table(pa.table(cols), f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.rename(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
             written.append(path)
     return written

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import SinkError
-from ..paths import meter_path
+from ..paths import meter_path, open_private, private_dir
 from ..records import COUNTER_COLUMNS, FIELDS, RECORD_DTYPE, build, factorize, null_sums
 
 __all__ = ["ROLLUPS", "Store", "default_path"]
@@ -72,10 +72,10 @@ class Store:
         if must_exist and not self.path.is_file():
             raise SinkError(f"no record store at {self.path}: run meter record first, or name the store",
                             target=str(self.path), setting="store")
+        if not must_exist:  # a writer: its own private file (readers only read)
+            private_dir(self.path.parent)
+            os.close(open_private(self.path, os.O_WRONLY, what="record store"))
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            if not self.path.exists():
-                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
             self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
@@ -118,11 +118,7 @@ class Store:
         """
         if self._lock_fd is None:
             lock = self.path.with_name(self.path.name + ".lock")
-            try:
-                fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            except OSError as err:
-                raise SinkError(f"cannot open the store's lock {lock}: {err.strerror}", target=str(lock),
-                                setting="store") from err
+            fd = open_private(lock, os.O_RDWR, what="store's lock")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:

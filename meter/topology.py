@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import os
 import re
 from collections.abc import Collection
 from pathlib import Path
@@ -158,6 +159,9 @@ class Topology:
         """Each child cgroup of ``root`` (default: the mount) is a compartment."""
         mnt = Path(mount) if mount is not None else cgroupfs.find_mount()
         base = _under_mount(mnt, root if root is not None else mnt)
+        if not _below(mnt, base):
+            raise CgroupError(f"cgroup root {root} is not below the cgroup v2 mount {mnt}: choose a cgroup there",
+                              path=str(base))
         if not base.is_dir():
             raise CgroupError(f"cgroup root {base} does not exist: create it or choose another cgroup root",
                               path=str(base))
@@ -217,8 +221,28 @@ class Topology:
 
 
 def _under_mount(mount: Path, value: str | Path) -> Path:
+    """``value`` (relative to the mount, or absolute) with every ``..`` applied:
+    what the below-the-mount checks see is where the path really leads."""
     p = Path(value)
-    return p if p.is_absolute() else mount / p
+    return Path(os.path.normpath(p if p.is_absolute() else mount / p))
+
+
+def _below(mount: Path, path: Path) -> bool:
+    return path == mount or mount in path.parents
+
+
+#: A Linux interface name: 1-15 bytes, no '/', ':' or white space (dev_valid_name).
+_IFNAME_RE = re.compile(r"[^/:\s]{1,15}")
+
+
+def interface_problem(spec: str) -> str | None:
+    """Why ``spec`` ("IFNAME" or "NETNS:IFNAME") names no interface (None: it may)."""
+    netns, _, ifname = spec.rpartition(":")
+    if not _IFNAME_RE.fullmatch(ifname) or ifname in (".", ".."):
+        return f"{ifname!r} is not an interface name (1-15 characters, no '/', ':' or spaces)"
+    if netns and ("/" in netns or netns in (".", "..") or "\0" in netns):
+        return f"{netns!r} is not a network namespace name (a file name under /run/netns)"
+    return None
 
 
 class _Parser:
@@ -321,7 +345,7 @@ class _Parser:
                 if not isinstance(cg, str) or not cg:
                     raise self.fail(f"{ckey}.cgroup", "must be a non-empty path string")
                 cpath = _under_mount(self.mount, cg)
-                if self.mount != cpath and self.mount not in cpath.parents:
+                if not _below(self.mount, cpath):
                     raise self.fail(f"{ckey}.cgroup", f"{cg!r} is not below the cgroup v2 mount {self.mount}", cg)
                 if cpath in seen_cgroups:
                     raise self.fail(f"{ckey}.cgroup", f"{cg!r} is already compartment {seen_cgroups[cpath]}", cg, last=True)
@@ -330,6 +354,8 @@ class _Parser:
                 if not isinstance(ifaces, list) or not all(isinstance(i, str) and i for i in ifaces):
                     raise self.fail(f"{ckey}.interfaces", 'must be a list of interface names ("IFNAME" or "NETNS:IFNAME")')
                 for spec in ifaces:
+                    if problem := interface_problem(spec):
+                        raise self.fail_at(f"{ckey}.interfaces", f'"{spec}"', problem)
                     # One interface, one owner: a second tc filter would take every packet from the first.
                     where = spec.rpartition(":")
                     owner = seen_ports.setdefault((where[0], where[2]), f"{tname}/{cname}")

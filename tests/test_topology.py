@@ -83,6 +83,15 @@ def test_owner_deepest_compartment_wins(tmp_path, mount):
          "tenant[0].compartment[0].vfs[0].vf", ">= 0"),
         ('[[tenant]]\nname = "a"\n[[tenant.compartment]]\nname = "x"\ncgroup = "c"\ninterfaces = "eth0"\n', 6,
          "tenant[0].compartment[0].interfaces", "list"),
+        # Paths lead where their '..' take them; interface and netns names are names.
+        ('[[tenant]]\nname = "a"\n[[tenant.compartment]]\nname = "x"\ncgroup = "a/../../../../etc"\n', 5,
+         "tenant[0].compartment[0].cgroup", "not below"),
+        ('[[tenant]]\nname = "a"\n[[tenant.compartment]]\nname = "x"\ncgroup = "c"\n'
+         'interfaces = ["../../proc/1/ns/net:lo"]\n', 6, "tenant[0].compartment[0].interfaces", "namespace name"),
+        ('[[tenant]]\nname = "a"\n[[tenant.compartment]]\nname = "x"\ncgroup = "c"\ninterfaces = ["ns:a/b"]\n', 6,
+         "tenant[0].compartment[0].interfaces", "not an interface name"),
+        ('[[tenant]]\nname = "a"\n[[tenant.compartment]]\nname = "x"\ncgroup = "c"\n'
+         'interfaces = ["a-name-of-16-chr"]\n', 6, "tenant[0].compartment[0].interfaces", "1-15 characters"),
         # One interface in two compartments: the second tc filter would take the first's packets.
         ('[[tenant]]\nname = "a"\n[[tenant.compartment]]\nname = "x"\ncgroup = "c"\ninterfaces = ["ns:eth0"]\n'
          '[[tenant]]\nname = "b"\n[[tenant.compartment]]\nname = "y"\ncgroup = "d"\ninterfaces = ["p0", "ns:eth0"]\n',
@@ -200,3 +209,10 @@ def test_discovered_names_are_valid_topology_names(mount):
         cfg = mount.parent / "t.toml"
         cfg.write_text(f'[[tenant]]\nname = "{name}"\n[[tenant.compartment]]\nname = "c"\ncgroup = "."\n')
         assert Topology.from_file(cfg, mount=mount).compartments[0].tenant == name and len(name) <= NAME_MAX
+
+
+def test_a_discovery_root_outside_the_mount_is_refused(tmp_path, mount):
+    (tmp_path / "etc").mkdir()
+    for root in (tmp_path / "etc", mount / ".." / "etc"):
+        with pytest.raises(CgroupError, match="not below the cgroup v2 mount"):
+            Topology.discover(root, mount=mount)

@@ -359,6 +359,8 @@ def serve(config: str | None, cgroup_root: str | None, listen: str, allow_remote
             click.echo(f"meter: serving http://{exporter.host}:{exporter.port}/metrics", err=True)
             try:
                 while not done.wait(0.2):
+                    if meter.error is not None:
+                        raise MeterError(f"metering stopped, so /metrics would no longer move: {meter.error}")
                     daemon.reload_if_asked(meter, reload_wanted, lambda: _topology(config, cgroup_root))
             finally:
                 exporter.stop()

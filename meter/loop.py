@@ -11,6 +11,7 @@ A subclass provides ``open()``, ``_drain(final=...)`` and ``drain_interval``.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -20,6 +21,8 @@ import numpy as np
 __all__ = ["BatchCallback", "DrainLoop"]
 
 BatchCallback = Callable[[np.ndarray], None]
+
+log = logging.getLogger("meter")
 
 
 class DrainLoop:
@@ -31,6 +34,8 @@ class DrainLoop:
         self._callbacks: list[BatchCallback] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        #: Why the background drain thread stopped, if a drain failed (None: it did not).
+        self.error: BaseException | None = None
 
     def open(self) -> None:
         """Open the sources; must be a no-op when they are open."""
@@ -42,7 +47,7 @@ class DrainLoop:
     @property
     def running(self) -> bool:
         """Whether the background drain thread (:meth:`start`) runs."""
-        return self._thread is not None
+        return self._thread is not None and self._thread.is_alive()
 
     def batches(self, duration: float | None = None) -> Iterator[np.ndarray]:
         """Yield record batches every drain interval until ``duration`` or :meth:`stop`.
@@ -100,14 +105,24 @@ class DrainLoop:
             fn(batch)
 
     def start(self) -> None:
-        """Run the drain loop in a background thread, feeding callbacks."""
+        """Run the drain loop in a background thread, feeding callbacks.
+
+        If a drain fails, the thread stops, :attr:`running` turns False and
+        :attr:`error` says why: an embedding agent (and ``meter serve``) must
+        check it rather than serve totals that no longer move.
+        """
         self.open()
-        if self._thread is not None:
+        if self._thread is not None and self._thread.is_alive():
             return
+        self.error = None
 
         def run() -> None:
-            for _ in self.batches():
-                pass
+            try:
+                for _ in self.batches():
+                    pass
+            except Exception as err:  # noqa: BLE001 - kept for the owner to see, and logged
+                self.error = err
+                log.error("meter: metering stopped: %s", err)
 
         self._thread = threading.Thread(target=run, name="meter-drain", daemon=True)
         self._thread.start()

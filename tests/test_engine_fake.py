@@ -542,3 +542,36 @@ def test_a_compartment_charged_by_its_own_id_keeps_it_after_its_cgroup_is_gone(t
     src.cpu_source.charge(src.cpu_source.now, acme, 55)
     src.cpu_source.advance(1)
     assert int(_rows(meter.drain(), "acme")["cpu_ns"].sum()) == 55 and meter.stats.unresolved_cgroups == 0
+
+
+def test_a_failing_drain_thread_stops_and_the_exporter_says_so(tree):
+    """A drain that raises in the background thread used to end it silently while
+    /metrics kept serving totals that no longer moved."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    from meter.sinks.prometheus import Exporter
+
+    cpu = FakeCPU(ncpu=2)
+    meter = Meter(_topology(tree), sources=FakeSources(cpu), drain_interval=0.01)
+    real = cpu.drain
+
+    def failing(**kw):
+        if meter.stats.drains >= 2:
+            raise OSError("the usage map vanished")
+        return real(**kw)
+
+    cpu.drain = failing
+    exporter = Exporter(meter, "127.0.0.1:0")
+    exporter.start()
+    try:
+        deadline = time.monotonic() + 10
+        while meter.running and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not meter.running and "the usage map vanished" in str(meter.error)
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(f"http://127.0.0.1:{exporter.port}/metrics", timeout=5)
+        assert info.value.code == 503
+    finally:
+        exporter.stop()

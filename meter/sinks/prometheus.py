@@ -106,6 +106,10 @@ class Exporter:
                 if self.path.split("?")[0] not in ("/metrics", "/"):
                     self.send_error(404)
                     return
+                if exporter.meter.error is not None:
+                    # Totals that stopped moving must not pass for current ones.
+                    self.send_error(503, f"metering stopped: {exporter.meter.error}")
+                    return
                 body = exporter.render().encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")

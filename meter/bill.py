@@ -273,12 +273,18 @@ def usage_from_parquet(root: str | Path, start_ns: int, end_ns: int, period_ns: 
     if not files:
         raise MeterError(f"no Parquet files under {root}")
     sums = ", ".join(f"sum({f}) AS {f}" for f in _SUM_FIELDS)
-    sql = (f"SELECT (window_start_ns - $start) // $period AS p, tenant, {sums} "
+    # A record is (host, seq): exports that overlap hold some records twice,
+    # and DISTINCT bills each once (the copies are the same record, byte for byte).
+    sql = (f"SELECT (window_start_ns - $start) // $period AS p, tenant, {sums} FROM ("
+           f"SELECT DISTINCT host, seq, window_start_ns, tenant, {', '.join(_SUM_FIELDS)} "
            f"FROM read_parquet($files, hive_partitioning = true) "
-           f"WHERE window_start_ns >= $start AND window_start_ns < $end GROUP BY p, tenant ORDER BY p, tenant")
+           f"WHERE window_start_ns >= $start AND window_start_ns < $end) GROUP BY p, tenant ORDER BY p, tenant")
     con = duckdb.connect()
     try:
         result = con.execute(sql, {"start": start_ns, "end": end_ns, "period": period_ns, "files": files}).fetchall()
+    except duckdb.Error as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise MeterError(f"cannot bill from the Parquet files under {root}: {first}") from err
     finally:
         con.close()
     out: dict[int, dict[str, dict[str, int | None]]] = {}

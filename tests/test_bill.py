@@ -303,3 +303,32 @@ def test_kill_9_loses_at_most_the_batch_in_flight_and_restart_continues(tmp_path
     assert len(np.unique(seqs)) == len(seqs)  # no duplicated record
     assert seqs.min() == 0 and np.array_equal(np.sort(seqs), np.arange(len(seqs)))  # the sequence continued
     assert sys.executable  # (the killed run's last batch in flight is the only possible loss)
+
+
+def test_overlapping_exports_bill_each_record_once(tmp_path):
+    """Two exports over overlapping ranges hold the overlap twice; a bill sums it once."""
+    pytest.importorskip("duckdb")
+    from meter.sinks.parquet import write_parquet
+
+    b = records("h", 3000)
+    once = tmp_path / "once"
+    write_parquet(b, once)
+    twice = tmp_path / "twice"
+    write_parquet(b[: 2000 * 4], twice)
+    write_parquet(b[1000 * 4 :], twice)  # another first seq: another file, the middle third again
+    assert len(list(twice.rglob("*.parquet"))) == 2
+    args = (T0, T0 + 3 * 10**9, 3 * 10**9)
+    assert usage_from_parquet(twice, *args) == usage_from_parquet(once, *args)
+    assert usage_from_parquet(twice, *args)[0]["acme"]["cpu_ns"] == 3000 * 700_000
+
+
+def test_a_damaged_parquet_file_is_one_error_naming_it(tmp_path):
+    pytest.importorskip("duckdb")
+    from meter.errors import MeterError
+    from meter.sinks.parquet import write_parquet
+
+    (part,) = write_parquet(records("h", 10), tmp_path / "x")
+    part.write_bytes(part.read_bytes()[:100])  # what a kill during a plain write left
+    with pytest.raises(MeterError) as info:
+        usage_from_parquet(tmp_path / "x", T0, T0 + 10**9, 10**9)
+    assert str(part) in str(info.value) and "\n" not in str(info.value)

@@ -86,6 +86,10 @@ _BY_KEY = {m.key: m for m in METERS}
 NOT_BILLED = ("host", "idle", "sched", "steal")
 
 
+#: Prices per unit are below this (a bill's costs then fit the decimal context's 28 digits).
+MAX_PRICE = 10**9
+
+
 def _decimal(value: Any, *, path: str, key: str) -> Decimal:
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise ConfigError("must be a decimal number (a string like \"0.00002\")", path=path, key=key)
@@ -97,7 +101,10 @@ def _decimal(value: Any, *, path: str, key: str) -> Decimal:
         raise ConfigError(f"{value!r} is not a finite price", path=path, key=key)
     if d < 0:
         raise ConfigError(f"a price cannot be negative ({value})", path=path, key=key)
-    return d
+    if d >= MAX_PRICE:
+        # Costs are exact to 28 digits, 6 of them decimals: a bill must not overflow them.
+        raise ConfigError(f"a price must be below {MAX_PRICE:,} per unit, not {str(value)[:40]}", path=path, key=key)
+    return abs(d)  # "-0" is 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,6 +319,10 @@ def merge_periods(by_period: dict[int, dict[str, dict[str, int | None]]]) -> dic
     return total
 
 
+#: The last whole second of int64 nanoseconds (2262-04-11T23:47:16Z).
+_LAST_SECOND = (2**63 - 1) // 1_000_000_000
+
+
 def parse_time_ns(text: str) -> int:
     """A billing time -> ns: ISO 8601 (UTC if no zone) or Unix seconds, whole seconds only.
 
@@ -320,8 +331,10 @@ def parse_time_ns(text: str) -> int:
     import datetime
 
     try:
-        secs = Decimal(text)
+        secs: Decimal | None = Decimal(text)
     except InvalidOperation:
+        secs = None
+    if secs is None:
         try:
             dt = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
         except ValueError:
@@ -330,7 +343,9 @@ def parse_time_ns(text: str) -> int:
             dt = dt.replace(tzinfo=datetime.UTC)
         if dt.microsecond:
             raise ValueError("billing times are whole seconds") from None
-        return int(dt.timestamp()) * 1_000_000_000
-    if not secs.is_finite() or secs != secs.to_integral_value():
+        secs = Decimal(int(dt.timestamp()))
+    if not secs.is_finite() or not 0 <= secs <= _LAST_SECOND:
+        raise ValueError(f"{text!r} is outside the times records can hold (1970-01-01 to 2262-04-11)")
+    if secs != secs.to_integral_value():
         raise ValueError("billing times are whole seconds")
     return int(secs) * 1_000_000_000

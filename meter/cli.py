@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -82,7 +83,43 @@ def _console(width: int) -> Any:
     return Console() if sys.stdout.isatty() else Console(width=width)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Seconds(click.ParamType):
+    """A positive, finite number of seconds (click's FloatRange lets nan through)."""
+
+    name = "seconds"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> float:
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        if not math.isfinite(v) or v <= 0:
+            self.fail(f"{value!r} is not a positive, finite number of seconds", param, ctx)
+        return v
+
+
+_SECONDS = _Seconds()
+
+
+class _Meter(click.Group):
+    """The command group, with click's usage errors in meter's one-line form, exit 1."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        try:
+            rv = super().main(*args, **kwargs)
+        except click.UsageError as err:
+            path = err.ctx.command_path if err.ctx else "meter"
+            _fail(f"{err.format_message()} (see {path} --help)".replace("\n", " "))
+        except click.ClickException as err:
+            _fail(err.format_message().replace("\n", " "))
+        except click.Abort:
+            click.echo("meter: aborted", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=_Meter, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="meter")
 def main() -> None:
     """Meter tenant compartments with eBPF and bill them by the millisecond."""
@@ -114,7 +151,7 @@ def check(as_json: bool) -> None:
 @main.command()
 @topology_options
 @click.option("--window-ms", type=int, default=None, help="Record width in ms (default: config, else 1).")
-@click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=None, help="Stop after S seconds.")
+@click.option("--duration", type=_SECONDS, default=None, help="Stop after S seconds.")
 @click.option("--output", "-o", default=None, help="Write a file (or - for stdout) instead of the store.")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True,
               help="Format of --output.")
@@ -142,13 +179,12 @@ def record(config: str | None, cgroup_root: str | None, window_ms: int | None, d
         if print_bpf:
             click.echo(Meter(topo, window_ms, counters=_counters(counters)).program_listing())
             return
-        first_seq = 0
+        meter = Meter(topo, window_ms, counters=_counters(counters))  # every setting checked; nothing loaded
         if output is not None:
             sink: Sink = FileSink(output, fmt)
         else:
             sink = Store(store_path)
-            first_seq = sink.claim(socket.gethostname())
-        meter = Meter(topo, window_ms, counters=_counters(counters), first_seq=first_seq)
+            meter.next_seq = sink.claim(socket.gethostname())
         daemon.warn_unavailable(meter, explicit=bool(counters))
 
         said = daemon.LossReporter(meter)
@@ -205,6 +241,9 @@ def bill(prices: str, start: str, end: str, tenant: str | None, fmt: str, store_
     with _errors():
         sheet = PriceSheet.from_file(prices)
         start_ns, end_ns = _time_ns(start, "--from"), _time_ns(end, "--to")
+        if end_ns <= start_ns:  # before any file is opened
+            raise click.BadParameter("the billing period is empty or reversed: --to must be after --from",
+                                     param_hint="--to")
         period = charge_period * 1_000_000_000 if fmt == "focus" else max(end_ns - start_ns, 1)
         if parquet_dir:
             by_period = usage_from_parquet(parquet_dir, start_ns, end_ns, period)
@@ -242,9 +281,14 @@ def export_cmd(parquet_dir: str, store_path: str | None, start: str | None, end:
     from .sinks.parquet import write_parquet
     from .sinks.store import Store
 
+    start_ns = _time_ns(start, "--from") if start else None
+    end_ns = _time_ns(end, "--to") if end else None
+    if start_ns is not None and end_ns is not None and end_ns <= start_ns:
+        raise click.BadParameter("the export period is empty or reversed: --to must be after --from",
+                                 param_hint="--to")
     with _errors():
         with Store(store_path, must_exist=True) as store:
-            batch = store.records(_time_ns(start, "--from") if start else None, _time_ns(end, "--to") if end else None)
+            batch = store.records(start_ns, end_ns)
         files = write_parquet(batch, parquet_dir)
         click.echo(f"meter: {len(batch)} records in {len(files)} files under {parquet_dir}", err=True)
 
@@ -268,9 +312,14 @@ def economics(as_json: bool, overrides: tuple[str, ...]) -> None:
             raise click.BadParameter(f"{item!r}: use NAME=VALUE with NAME one of "
                                      f"{', '.join(n for n in fields if n != 'vswitch_usage')}", param_hint="--set")
         try:
-            values[name] = int(value) if fields[name].type in ("int", int) else Decimal(value)
+            number = int(value) if fields[name].type in ("int", int) else Decimal(value)
         except (ValueError, InvalidOperation):
             raise click.BadParameter(f"{item!r}: {value!r} is not a number", param_hint="--set") from None
+        # Counts and prices are positive; the utilisation is a share of one core.
+        top = 1 if name == "vswitch_utilisation" else 10**12
+        if not (isinstance(number, int) or number.is_finite()) or not 0 < number <= top:
+            raise click.BadParameter(f"{item!r}: {name} must be above 0 and at most {top}", param_hint="--set")
+        values[name] = number
     a = Assumptions(**values)
     outcomes, charges = model(a), tenant_charges(a)
     if as_json:

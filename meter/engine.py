@@ -244,6 +244,17 @@ class Meter(DrainLoop):
         return self._reader.source if self._reader is not None else ""
 
     @property
+    def next_seq(self) -> int:
+        """The seq of the next record (``first_seq`` until the first one)."""
+        return self._seq
+
+    @next_seq.setter
+    def next_seq(self, value: int) -> None:
+        if self.is_open:
+            raise MeterError("next_seq is set before the meter opens")
+        self._seq = int(value)
+
+    @property
     def offset_ns(self) -> int:
         """CLOCK_REALTIME - CLOCK_MONOTONIC at open: record times are kernel times plus this."""
         return self._offset_ns

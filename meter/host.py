@@ -76,6 +76,8 @@ def load_toml(p: str | Path, what: str = "file") -> tuple[dict[str, Any], str]:
         raise ConfigError(f"this {what} is not UTF-8 text (byte {err.start})", path=str(p), line=line) from None
     try:
         return tomllib.loads(text), text
+    except RecursionError:
+        raise ConfigError(f"invalid TOML: this {what} is nested too deeply", path=str(p)) from None
     except tomllib.TOMLDecodeError as err:
         msg = str(err)
         m = re.search(r"\(at line (\d+), column \d+\)", msg)

@@ -329,7 +329,10 @@ class _Parser:
                 raise self.fail(f"{tkey}.name", f"tenant {tname!r} is defined twice", tname, last=True)
             seen_tenants.add(tname)
             seen_comps: set[str] = set()
-            for ci, comp in enumerate(tenant.get("compartment", [])):
+            comps_raw = tenant.get("compartment", [])
+            if not isinstance(comps_raw, list):
+                raise self.fail(f"{tkey}.compartment", "must be [[tenant.compartment]] tables")
+            for ci, comp in enumerate(comps_raw):
                 ckey = f"{tkey}.compartment[{ci}]"
                 if not isinstance(comp, dict):
                     raise self.fail(ckey, "must be a table")

@@ -39,7 +39,8 @@ def test_missing_cgroup_root_is_one_line(meter_bin):
 
 def test_config_and_root_together_is_a_usage_error(meter_bin, tmp_path):
     res = run(meter_bin, "record", "--config", "x.toml", "--cgroup-root", "/")
-    assert res.returncode == 2 and "not both" in res.stderr
+    assert res.returncode == 1 and res.stderr.startswith("meter: error: ") and "not both" in res.stderr
+    assert res.stderr.count("\n") == 1  # one line, as every error
 
 
 @pytest.mark.bpf

@@ -5,121 +5,19 @@ Errors are one line on stderr (``meter: error: ...``) with exit status 1.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import sys
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 import numpy as np
 
-from . import __version__, daemon
+from . import __version__, daemon, shell
 from .errors import MeterError
-from .topology import Topology
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 
-#: What the library's errors leave to the command line: the flag that fixes them.
-_FLAG_HINTS = {"allow_remote": " (--allow-remote)", "listen": " (--listen)", "store": " (--store)",
-               "window_ms": " (--window-ms)"}
-
-
-def _fail(message: str) -> None:
-    click.echo(f"meter: error: {message}", err=True)
-    sys.exit(1)
-
-
-@contextlib.contextmanager
-def _errors() -> Iterator[None]:
-    """Turn meter's errors into one line and exit 1; Ctrl-C is not an error."""
-    try:
-        yield
-    except MeterError as err:
-        _fail(str(err) + _FLAG_HINTS.get(err.setting or "", ""))
-
-
-def topology_options(fn: F) -> F:
-    fn = click.option("--cgroup-root", type=click.Path(), default=None,
-                      help="Each child cgroup of PATH is a compartment (default: the cgroup v2 mount).")(fn)
-    fn = click.option("--config", "config", type=click.Path(), default=None,
-                      help="Topology TOML file (tenants, compartments, cgroups, interfaces).")(fn)
-    return fn
-
-
-def _topology(config: str | None, cgroup_root: str | None) -> Topology:
-    if config and cgroup_root:
-        raise click.UsageError("give --config or --cgroup-root, not both")
-    if config:
-        return Topology.from_file(config)
-    return Topology.discover(cgroup_root)
-
-
-def _counters(spec: str | None) -> dict[str, str] | None:
-    if not spec:
-        return None
-    out = {}
-    for item in spec.split(","):
-        field, sep, event = item.partition("=")
-        if not sep:
-            raise click.BadParameter(f"{item!r} is not FIELD=EVENT (e.g. cycles=sw:cpu-clock)", param_hint="--counters")
-        out[field.strip()] = event.strip()
-    return out
-
-
-counters_option = click.option(
-    "--counters", default=None, metavar="FIELD=EVENT,...",
-    help="Perf events per record field, e.g. cycles=hw:cycles,cache_misses=hw:cache-misses "
-         "(default: hardware cycles, instructions, cache-misses; cycles estimated without a PMU).")
-
-
-def _console(width: int) -> Any:
-    """A rich console; not a terminal: a fixed width (rich would assume 80 columns)."""
-    from rich.console import Console
-
-    return Console() if sys.stdout.isatty() else Console(width=width)
-
-
-class _Seconds(click.ParamType):
-    """A positive, finite number of seconds (click's FloatRange lets nan through)."""
-
-    name = "seconds"
-
-    def convert(self, value: Any, param: Any, ctx: Any) -> float:
-        try:
-            v = float(value)
-        except (TypeError, ValueError):
-            self.fail(f"{value!r} is not a number of seconds", param, ctx)
-        if not math.isfinite(v) or v <= 0:
-            self.fail(f"{value!r} is not a positive, finite number of seconds", param, ctx)
-        return v
-
-
-_SECONDS = _Seconds()
-
-
-class _Meter(click.Group):
-    """The command group, with click's usage errors in meter's one-line form, exit 1."""
-
-    def main(self, *args: Any, **kwargs: Any) -> Any:
-        kwargs["standalone_mode"] = False
-        try:
-            rv = super().main(*args, **kwargs)
-        except click.UsageError as err:
-            path = err.ctx.command_path if err.ctx else "meter"
-            _fail(f"{err.format_message()} (see {path} --help)".replace("\n", " "))
-        except click.ClickException as err:
-            _fail(err.format_message().replace("\n", " "))
-        except click.Abort:
-            click.echo("meter: aborted", err=True)
-            sys.exit(1)
-        sys.exit(rv if isinstance(rv, int) else 0)
-
-
-@click.group(cls=_Meter, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=shell.MeterGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="meter")
 def main() -> None:
     """Meter tenant compartments with eBPF and bill them by the millisecond."""
@@ -141,7 +39,7 @@ def check(as_json: bool) -> None:
     else:
         from . import report
 
-        report.findings_table(findings, ok, reason, _console(120))
+        report.findings_table(findings, ok, reason, shell.console(120))
     sys.exit(0 if ok else 1)
 
 
@@ -149,15 +47,15 @@ def check(as_json: bool) -> None:
 
 
 @main.command()
-@topology_options
+@shell.topology_options
 @click.option("--window-ms", type=int, default=None, help="Record width in ms (default: config, else 1).")
-@click.option("--duration", type=_SECONDS, default=None, help="Stop after S seconds.")
+@click.option("--duration", type=shell.SECONDS, default=None, help="Stop after S seconds.")
 @click.option("--output", "-o", default=None, help="Write a file (or - for stdout) instead of the store.")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True,
               help="Format of --output.")
 @click.option("--store", "store_path", type=click.Path(), default=None,
               help="Record store (default: /var/lib/meter/records.db as root, or $METER_STORE).")
-@counters_option
+@shell.counters_option
 @click.option("--print-bpf", is_flag=True, help="Print the kernel program and its -D settings, then exit.")
 def record(config: str | None, cgroup_root: str | None, window_ms: int | None, duration: float | None,
            output: str | None, fmt: str, store_path: str | None, counters: str | None, print_bpf: bool) -> None:
@@ -174,12 +72,12 @@ def record(config: str | None, cgroup_root: str | None, window_ms: int | None, d
     from .sinks.files import FileSink
     from .sinks.store import Store
 
-    with _errors():
-        topo = _topology(config, cgroup_root)
+    with shell.errors():
+        topo = shell.load_topology(config, cgroup_root)
         if print_bpf:
-            click.echo(Meter(topo, window_ms, counters=_counters(counters)).program_listing())
+            click.echo(Meter(topo, window_ms, counters=shell.counters(counters)).program_listing())
             return
-        meter = Meter(topo, window_ms, counters=_counters(counters))  # every setting checked; nothing loaded
+        meter = Meter(topo, window_ms, counters=shell.counters(counters))  # every setting checked; nothing loaded
         if output is not None:
             sink: Sink = FileSink(output, fmt)
         else:
@@ -194,7 +92,7 @@ def record(config: str | None, cgroup_root: str | None, window_ms: int | None, d
                     for batch in meter.batches(duration):
                         sink.write(batch)
                         said.now()
-                        daemon.reload_if_asked(meter, reload_wanted, lambda: _topology(config, cgroup_root))
+                        daemon.reload_if_asked(meter, reload_wanted, lambda: shell.load_topology(config, cgroup_root))
             finally:
                 sink.close()
         st = meter.stats
@@ -238,7 +136,7 @@ def bill(prices: str, start: str, end: str, tenant: str | None, fmt: str, store_
     from .bill import PriceSheet, invoices, merge_periods, usage_from_parquet, usage_from_store
     from .sinks.store import Store
 
-    with _errors():
+    with shell.errors():
         sheet = PriceSheet.from_file(prices)
         start_ns, end_ns = _time_ns(start, "--from"), _time_ns(end, "--to")
         if end_ns <= start_ns:  # before any file is opened
@@ -268,7 +166,7 @@ def bill(prices: str, start: str, end: str, tenant: str | None, fmt: str, store_
                                if tenant is None or tenant in usage else [])
             report.focus_csv(periods, start_ns, end_ns, hosts, sys.stdout)
         else:
-            report.invoices_tables(invs, f"{start} – {end}", _console(120))
+            report.invoices_tables(invs, f"{start} – {end}", shell.console(120))
 
 
 @main.command("export")
@@ -286,7 +184,7 @@ def export_cmd(parquet_dir: str, store_path: str | None, start: str | None, end:
     if start_ns is not None and end_ns is not None and end_ns <= start_ns:
         raise click.BadParameter("the export period is empty or reversed: --to must be after --from",
                                  param_hint="--to")
-    with _errors():
+    with shell.errors():
         with Store(store_path, must_exist=True) as store:
             batch = store.records(start_ns, end_ns)
         files = write_parquet(batch, parquet_dir)
@@ -329,7 +227,7 @@ def economics(as_json: bool, overrides: tuple[str, ...]) -> None:
         return
     from . import report
 
-    report.economics_tables(outcomes, charges, _console(120))
+    report.economics_tables(outcomes, charges, shell.console(120))
 
 
 # -- demo --------------------------------------------------------------------------
@@ -358,12 +256,12 @@ def demo() -> None:
 @click.option("--tenants", type=click.IntRange(min=1, max=200), default=3, show_default=True)
 def demo_up(tenants: int) -> None:
     """Start N tenants, each with its own OVS in its own compartment and namespace, and traffic."""
-    with _errors():
+    with shell.errors():
         mod = _demo_module()
         try:
             topo = mod.up(tenants)
         except mod.DemoError as err:
-            _fail(str(err))
+            shell.fail(str(err))
         click.echo(f"meter: {tenants} tenant vswitches up; topology {topo}", err=True)
         click.echo(f"  sudo .venv/bin/meter top --config {topo}", err=True)
 
@@ -371,7 +269,7 @@ def demo_up(tenants: int) -> None:
 @demo.command("down")
 def demo_down() -> None:
     """Remove every process, namespace, veth, cgroup and file the demo made."""
-    with _errors():
+    with shell.errors():
         mod = _demo_module()
         removed = mod.down()
         click.echo(f"meter: demo down ({len(removed)} things removed)", err=True)
@@ -381,11 +279,11 @@ def demo_down() -> None:
 
 
 @main.command()
-@topology_options
+@shell.topology_options
 @click.option("--listen", default="127.0.0.1:9464", show_default=True, help="HOST:PORT to serve /metrics on.")
 @click.option("--allow-remote", is_flag=True, help="Allow a non-loopback --listen address.")
 @click.option("--window-ms", type=int, default=None, help="Record width in ms.")
-@counters_option
+@shell.counters_option
 def serve(config: str | None, cgroup_root: str | None, listen: str, allow_remote: bool, window_ms: int | None,
           counters: str | None) -> None:
     """Serve Prometheus metrics (counters per tenant and compartment) until stopped.
@@ -397,9 +295,9 @@ def serve(config: str | None, cgroup_root: str | None, listen: str, allow_remote
     from .engine import Meter
     from .sinks.prometheus import Exporter
 
-    with _errors():
-        topo = _topology(config, cgroup_root)
-        meter = Meter(topo, window_ms, counters=_counters(counters))
+    with shell.errors():
+        topo = shell.load_topology(config, cgroup_root)
+        meter = Meter(topo, window_ms, counters=shell.counters(counters))
         daemon.warn_unavailable(meter, explicit=bool(counters))
         exporter = Exporter(meter, listen, allow_remote=allow_remote)
         done = threading.Event()
@@ -410,7 +308,7 @@ def serve(config: str | None, cgroup_root: str | None, listen: str, allow_remote
                 while not done.wait(0.2):
                     if meter.error is not None:
                         raise MeterError(f"metering stopped, so /metrics would no longer move: {meter.error}")
-                    daemon.reload_if_asked(meter, reload_wanted, lambda: _topology(config, cgroup_root))
+                    daemon.reload_if_asked(meter, reload_wanted, lambda: shell.load_topology(config, cgroup_root))
             finally:
                 exporter.stop()
 
@@ -419,12 +317,12 @@ def serve(config: str | None, cgroup_root: str | None, listen: str, allow_remote
 
 
 @main.command()
-@topology_options
+@shell.topology_options
 @click.option("--interval", type=click.FloatRange(min=0.25), default=1.0, show_default=True, help="Refresh period in seconds.")
 @click.option("--once", is_flag=True, help="Print one snapshot and exit.")
 @click.option("--json", "as_json", is_flag=True, help="Print one snapshot as JSON and exit.")
 @click.option("--window-ms", type=int, default=None, help="Record width in ms.")
-@counters_option
+@shell.counters_option
 def top(config: str | None, cgroup_root: str | None, interval: float, once: bool, as_json: bool,
         window_ms: int | None, counters: str | None) -> None:
     """Live view of what each tenant and compartment consumes."""
@@ -434,10 +332,10 @@ def top(config: str | None, cgroup_root: str | None, interval: float, once: bool
 
     single = once or as_json or not sys.stdout.isatty() or not sys.stdin.isatty()
     # Not a terminal: rich would assume 80 columns; give the table room.
-    console = _console(160)
-    with _errors():
-        topo = _topology(config, cgroup_root)
-        meter = Meter(topo, window_ms, counters=_counters(counters), drain_interval=min(0.1, interval / 4))
+    console = shell.console(160)
+    with shell.errors():
+        topo = shell.load_topology(config, cgroup_root)
+        meter = Meter(topo, window_ms, counters=shell.counters(counters), drain_interval=min(0.1, interval / 4))
         daemon.warn_unavailable(meter, explicit=bool(counters))
         with meter:
             if single:

@@ -306,3 +306,27 @@ def test_other_tools_short_lived_cgroups_are_the_hosts_and_never_unresolved(tmp_
     # less the 0.2 % billing target and cpu.stat's 1 us unit per cgroup.
     assert _usage(batch, "host") >= theirs_ns * 0.998 - 40_000, (_usage(batch, "host"), theirs_ns)
     assert _usage(batch, "tenant") == 0
+
+
+def test_a_start_held_up_past_its_first_window_loses_no_window(cgroups, monkeypatch):
+    """The kernel discards windows as start-up until it is told the first one;
+    a meter held up between choosing it and saying so (a busy or paused host)
+    lost whole windows: records of none of them, seen as missing windows."""
+    from meter.bpfabi import CTL_FIRST
+    from meter.sources.sched import SchedSource
+
+    real = SchedSource._control
+    held = []
+
+    def slow(self, index, value):
+        if index == CTL_FIRST and value < 2**62 and not held:
+            held.append(value)
+            time.sleep(0.02)  # 20 windows of 1 ms
+        real(self, index, value)
+
+    monkeypatch.setattr(SchedSource, "_control", slow)
+    cgroups.make("x")
+    with Meter(Topology.discover(cgroups.root)) as meter:
+        batch = _run(meter, 0.3)
+    assert held and meter.stats.missing_windows == 0 and meter.stats.conservation_violations == 0
+    assert meter.stats.windows > 200 and len(batch)

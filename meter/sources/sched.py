@@ -225,10 +225,7 @@ class SchedSource:
                 cpu=-1,
             )
             self._nudge(self._cpus)
-            # Every CPU's clock runs now; the next window is the first whole one.
-            self._first_window = time.monotonic_ns() // self.window_ns + 1
-            self._publish(self._first_window - 1)
-            self._control(CTL_FIRST, self._first_window)
+            self._start_windows()
         except Exception:
             self.close()
             raise
@@ -295,6 +292,22 @@ class SchedSource:
         return self._first_window
 
     # -- closing windows ---------------------------------------------------------
+
+    def _start_windows(self) -> None:
+        """Every CPU's clock runs now: the next window is the first whole one.
+
+        Until the kernel is told so, it discards every window as start-up. A
+        window is stored once a CPU's clock passes its end, so if this thread
+        was held up past the end of the window it chose (a busy or paused
+        host), that window may have gone: choose again (the windows between
+        are start-up; the build skips them as such).
+        """
+        while True:
+            self._first_window = time.monotonic_ns() // self.window_ns + 1
+            self._publish(self._first_window - 1)
+            self._control(CTL_FIRST, self._first_window)
+            if time.monotonic_ns() < (self._first_window + 1) * self.window_ns:
+                return
 
     def _control(self, index: int, value: int) -> None:
         ctl = self.bpf[b"control"]

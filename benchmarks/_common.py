@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -77,11 +78,15 @@ def switch_load(seconds: float) -> str:
     """Generate context switches for ``seconds``: perf bench sched pipe, else a Python pipe ping-pong."""
     perf = shutil.which("perf")
     if perf:
+        # Its own process group: perf forks a worker, and killing perf alone
+        # left that worker running for hours.
         proc = subprocess.Popen([perf, "bench", "sched", "pipe", "-l", "100000000"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(seconds)
-        proc.kill()
-        proc.wait()
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            time.sleep(seconds)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
         return "perf bench sched pipe"
     r1, w1 = os.pipe()
     r2, w2 = os.pipe()

@@ -83,11 +83,18 @@ def _tenant_up(k: int, mount: Path, rate: int) -> dict[str, object]:
         # `all` covers the interfaces there are, `default` the ones to come.
         subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
                         "net.ipv6.conf.default.disable_ipv6=1"], capture_output=True)
+    macs = {a: f"02:00:5a:00:{k:02x}:01", b: f"02:00:5a:00:{k:02x}:02"}
     for vm, port, ip in ((a, "pa", f"10.90.{k}.1/24"), (b, "pb", f"10.90.{k}.2/24")):
         _run("ip", "-n", sw, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", vm)
         _run("ip", "-n", sw, "link", "set", port, "up")
+        _run("ip", "-n", vm, "link", "set", "eth0", "address", macs[vm])
         _run("ip", "-n", vm, "addr", "add", ip, "dev", "eth0")
         _run("ip", "-n", vm, "link", "set", "eth0", "up")
+    # Static neighbours: the kernel's own ARP probes (sent when an entry goes
+    # stale, at random times, frozen vswitch or not) would be packets no
+    # tenant sent; the only traffic on the ports is the generator's.
+    for vm, peer, ip in ((a, b, f"10.90.{k}.2"), (b, a, f"10.90.{k}.1")):
+        _run("ip", "-n", vm, "neigh", "replace", ip, "lladdr", macs[peer], "dev", "eth0", "nud", "permanent")
     env = _ovs_env(rundir)
     db, sock = rundir / "conf.db", rundir / "db.sock"
     _run("ovsdb-tool", "create", str(db), str(SCHEMA), env=env)

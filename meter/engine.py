@@ -328,6 +328,7 @@ class Meter(DrainLoop):
             vf_source=self._vf.source if self._vf is not None else "",
         )
         built = build.build(d, nd, vf, self._resolver, ctx)
+        self._resolver.refresh_ids()
         self._push_compartments()
         self.stats.warmup_windows_skipped += built.warmup_windows
         out = built.records

@@ -76,7 +76,7 @@ class Resolver:
         self._add(topology.compartments)
 
     def _add(self, compartments: tuple[Compartment, ...]) -> None:
-        rows = {(c.tenant, c.name): i for i, c in enumerate(self.compartments) if c is not None}
+        rows = self._compartment_rows()
         owners = []
         for c in compartments:
             row = rows.get((c.tenant, c.name))
@@ -104,6 +104,28 @@ class Resolver:
         # What the kernel charges tasks below no compartment to (kernel_compartments).
         self._rows.setdefault(self.cgroup_ids[HOST_ROW], HOST_ROW)
         self.generation += 1
+
+    def refresh_ids(self) -> None:
+        """Follow compartments whose cgroup was removed and made again under the
+        same path (a restarted systemd service or container): a new id. The
+        kernel charges a task below no listed id to the host, so a stale id
+        would bill the compartment's new cgroup to the host without a word.
+        The old id keeps its row (usage charged to it is still the
+        compartment's)."""
+        rows = self._compartment_rows()
+        changed = False
+        for c in self.topology.compartments:
+            row = rows[(c.tenant, c.name)]
+            try:
+                cgid = cgroup_id(c.cgroup)
+            except CgroupError:
+                continue  # gone for now: its old id keeps its row
+            if cgid != self.cgroup_ids[row]:
+                self.cgroup_ids[row] = cgid
+                self._rows[cgid] = row
+                changed = True
+        if changed:
+            self.generation += 1
 
     def kernel_compartments(self) -> KernelCompartments:
         """What the kernel should charge usage to: every compartment (the current

@@ -575,3 +575,22 @@ def test_a_failing_drain_thread_stops_and_the_exporter_says_so(tree):
         assert info.value.code == 503
     finally:
         exporter.stop()
+
+
+def test_a_compartment_cgroup_made_again_under_its_path_is_followed(tree):
+    """A restarted service gets a new cgroup (a new id) at the same path: the kernel
+    must be told the new id, or it would charge the compartment's tasks to the host."""
+    meter, src = _open(_topology(tree))
+    old = _id(tree, "globex/vswitch")
+    (tree / "globex/vswitch").rmdir()
+    (tree / "keep-the-inode").mkdir()  # tmpfs would give the freed inode number back
+    (tree / "globex/vswitch").mkdir()
+    new = _id(tree, "globex/vswitch")
+    assert new != old
+    src.cpu_source.charge(src.cpu_source.now, old, 11)  # before the restart: still globex's
+    src.cpu_source.advance(1)
+    meter.drain()
+    assert new in src.cpu_source.compartments.levels and old not in src.cpu_source.compartments.levels
+    src.cpu_source.charge(src.cpu_source.now, new, 22)
+    src.cpu_source.advance(1)
+    assert int(_rows(meter.drain(), "globex")["cpu_ns"].sum()) == 22 and meter.stats.unresolved_cgroups == 0

@@ -13,33 +13,22 @@ what was found (``detail``) and what meter does about it (``action``).
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import os
-import platform
 import shutil
-import struct
 import subprocess
 from pathlib import Path
 from typing import Any
 
 from . import cgroup as cgroupfs
 from . import host
+from .bpfsys import PROG_RAW_TRACEPOINT, PROG_SCHED_CLS, PROG_SOCKET_FILTER, Bpf
 from .errors import CgroupError
 from .headers import find_headers
 from .perf import DEFAULT_COUNTERS, cpu_hz, open_error, parse_event
 from .privileges import missing_capabilities
 
 __all__ = ["Finding", "run_checks", "verdict"]
-
-_NR_BPF = {"x86_64": 321, "aarch64": 280}
-_BPF_PROG_LOAD = 5
-_BPF_RAW_TRACEPOINT_OPEN = 17
-_PROG_SOCKET_FILTER = 1
-_PROG_SCHED_CLS = 3
-_PROG_RAW_TRACEPOINT = 17
-# r0 = 0; exit
-_INSNS = bytes.fromhex("b700000000000000" "9500000000000000")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,46 +44,6 @@ class Finding:
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-class _Bpf:
-    """The bpf(2) syscall through ctypes: just enough to probe."""
-
-    def __init__(self) -> None:
-        self.nr = _NR_BPF.get(platform.machine())
-        self.libc = ctypes.CDLL(None, use_errno=True)
-        self._keep: list[Any] = []
-
-    def call(self, cmd: int, attr: bytes) -> tuple[int, int]:
-        if self.nr is None:
-            return -1, 38  # ENOSYS
-        buf = ctypes.create_string_buffer(attr, 128)
-        fd = self.libc.syscall(self.nr, cmd, buf, 128)
-        return fd, ctypes.get_errno() if fd < 0 else 0
-
-    def load(self, prog_type: int) -> tuple[int, int]:
-        insns = ctypes.create_string_buffer(_INSNS, len(_INSNS))
-        lic = ctypes.create_string_buffer(b"GPL")
-        self._keep += [insns, lic]
-        attr = struct.pack(
-            "=IIQQIIQII16s",
-            prog_type,
-            len(_INSNS) // 8,
-            ctypes.addressof(insns),
-            ctypes.addressof(lic),
-            0,
-            0,
-            0,
-            0,
-            0,
-            b"meter_check",
-        )
-        return self.call(_BPF_PROG_LOAD, attr)
-
-    def raw_tracepoint(self, name: str, prog_fd: int) -> tuple[int, int]:
-        cname = ctypes.create_string_buffer(name.encode())
-        self._keep.append(cname)
-        return self.call(_BPF_RAW_TRACEPOINT_OPEN, struct.pack("=QI", ctypes.addressof(cname), prog_fd))
 
 
 def _privileges() -> Finding:
@@ -120,9 +69,9 @@ def run_checks() -> list[Finding]:
     they are shown; splitting it would only scatter that order.)
     """
     out = [_privileges()]
-    bpf = _Bpf()
+    bpf = Bpf()
 
-    fd, err = bpf.load(_PROG_SOCKET_FILTER)
+    fd, err = bpf.load(PROG_SOCKET_FILTER)
     if fd >= 0:
         os.close(fd)
         out.append(Finding("bpf", "BPF syscall", "ok", "loaded a test program", "kernel programs can load", True))
@@ -149,7 +98,7 @@ def run_checks() -> list[Finding]:
         out.append(Finding("bcc", "bcc", "fail", "cannot import bcc",
                            "install python3-bpfcc and use a venv with --system-site-packages (make setup)", True))
 
-    prog, perr = bpf.load(_PROG_RAW_TRACEPOINT)
+    prog, perr = bpf.load(PROG_RAW_TRACEPOINT)
     for tp, key, action, without in (
         ("sched_switch", "raw_tp_sched_switch", "CPU time and counters charged per schedule",
          "meter cannot charge CPU per schedule here"),
@@ -201,8 +150,8 @@ def run_checks() -> list[Finding]:
     return out
 
 
-def _tc_clsact(bpf: _Bpf) -> Finding:
-    fd, err = bpf.load(_PROG_SCHED_CLS)
+def _tc_clsact(bpf: Bpf) -> Finding:
+    fd, err = bpf.load(PROG_SCHED_CLS)
     if fd < 0:
         return Finding("tc_clsact", "tc clsact", "fail", f"cannot load a tc program: {_strerror(err)}",
                        "packets unavailable: null in records")

@@ -232,6 +232,14 @@ class Meter(DrainLoop):
         """The open packet source (None when closed or without ports)."""
         return self._net
 
+    def program_fds(self) -> dict[str, list[int]]:
+        """This meter's loaded kernel programs, {name: [fd, ...]} ({} when closed)."""
+        out: dict[str, list[int]] = {}
+        for src in (self._sched, self._net):
+            for name, fds in (src.program_fds() if src is not None else {}).items():
+                out.setdefault(name, []).extend(fds)
+        return out
+
     @property
     def row_names(self) -> list[tuple[str, str]]:
         """(tenant, compartment) of every row so far, pseudo-rows first."""

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import select
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import urllib.parse
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -123,3 +127,180 @@ def test_serve_cli_refuses_remote_and_stops_on_sigterm(meter_bin, cgroups):
         p.terminate()
         _, err = p.communicate(timeout=30)
     assert p.returncode == 0, err
+
+
+# -- a bounded server: local users cannot exhaust it ------------------------------------------------
+
+def _fake_exporter(tmp_path, **kw):
+    from meter.engine import Meter
+    from meter.sources.fake import FakeCPU, FakeSources
+
+    (tmp_path / "cg" / "a").mkdir(parents=True)
+    cfg = tmp_path / "topology.toml"
+    cfg.write_text('[[tenant]]\nname = "a"\n[[tenant.compartment]]\nname = "a"\ncgroup = "a"\n')
+    meter = Meter(Topology.from_file(cfg, mount=tmp_path / "cg"), sources=FakeSources(FakeCPU()), drain_interval=0.05)
+    return Exporter(meter, "127.0.0.1:0", **kw)
+
+
+def _eof_times(socks: list[tuple[socket.socket, float]], limit: float) -> list[float]:
+    """Seconds from each socket's connect until the server closed it (inf: not within ``limit``)."""
+    ended = [float("inf")] * len(socks)
+    left = {s.fileno(): i for i, (s, _) in enumerate(socks)}
+    end = time.monotonic() + limit
+    while left and time.monotonic() < end:
+        ready, _, _ = select.select(list(left), [], [], 0.5)
+        for fd in ready:
+            i = left[fd]
+            sock, started = socks[i]
+            try:
+                data = sock.recv(4096)
+            except ConnectionError:
+                data = b""
+            if not data:
+                ended[i] = time.monotonic() - started
+                del left[fd]
+    return ended
+
+
+def test_exporter_bounds_idle_connections_in_number_and_time(tmp_path):
+    timeout = 3.0
+    exporter = _fake_exporter(tmp_path, max_connections=4, timeout=timeout)
+    exporter.start()
+    try:
+        threads = threading.active_count()
+        socks = []
+        for _ in range(50):
+            s = socket.create_connection(("127.0.0.1", exporter.port))
+            socks.append((s, time.monotonic()))
+        # While all 50 sit idle, at most 4 handler threads exist (one per served connection).
+        time.sleep(0.5)
+        assert threading.active_count() <= threads + 4
+        # Every connection ends: 46 refused at once, the served ones at their deadline.
+        ended = _eof_times(socks, timeout + 30)
+        for s, _ in socks:
+            s.close()
+        assert max(ended) < float("inf")
+        out = exporter.connections
+        # A stalled test only makes a close look later, so this cannot fail spuriously:
+        # no served connection was closed before its deadline.
+        assert len([e for e in ended if e < timeout]) <= out["rejected"], (sorted(ended), out)
+        assert out["rejected"] + out["timed_out"] == 50 and out["served"] == 0, out
+        assert out["rejected"] >= 46 and exporter._server.peak <= 4, (out, exporter._server.peak)
+        # With the idle ones gone, a scrape is served and counts them.
+        text = _get(f"http://127.0.0.1:{exporter.port}/metrics")
+        assert _value(text, "meter_exporter_connections_total", outcome="rejected") == out["rejected"]
+        assert _value(text, "meter_exporter_connections_total", outcome="timed_out") == out["timed_out"]
+    finally:
+        exporter.stop()
+
+
+def test_exporter_ends_a_connection_that_trickles_at_its_deadline(tmp_path):
+    timeout = 1.0
+    exporter = _fake_exporter(tmp_path, max_connections=2, timeout=timeout)
+    exporter.start()
+    try:
+        s = socket.create_connection(("127.0.0.1", exporter.port))
+        started = time.monotonic()
+        s.sendall(b"GET /metrics HTTP/1.0\r\n")
+        # A header line every 0.1 s: no single read waits the timeout, only the deadline ends it.
+        closed = None
+        while time.monotonic() - started < timeout + 30:
+            try:
+                s.sendall(b"X-Slow: 1\r\n")
+            except OSError:
+                closed = time.monotonic() - started
+                break
+            s.settimeout(0.1)
+            try:
+                if s.recv(4096) == b"":
+                    closed = time.monotonic() - started
+                    break
+            except TimeoutError:
+                pass
+        s.close()
+        assert closed is not None and closed >= timeout, closed
+        assert exporter.connections["timed_out"] == 1
+    finally:
+        exporter.stop()
+
+
+def test_exporter_counts_a_vanished_client_without_a_traceback(tmp_path, capfd, caplog):
+    exporter = _fake_exporter(tmp_path)
+    exporter.start()
+    try:
+        server = exporter._server
+        try:
+            raise BrokenPipeError(32, "Broken pipe")
+        except BrokenPipeError:
+            server.handle_error(None, ("127.0.0.1", 1))
+        assert exporter.connections["aborted"] == 1
+        assert "Traceback" not in capfd.readouterr().err and not caplog.records
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            server.handle_error(None, ("127.0.0.1", 1))
+        assert "Traceback" not in capfd.readouterr().err
+        assert [r.getMessage() for r in caplog.records] == [
+            "meter: exporter: request from 127.0.0.1 failed: ValueError: boom"]
+    finally:
+        exporter.stop()
+
+
+def test_exporter_settings_are_checked(tmp_path):
+    with pytest.raises(ConfigError, match="max_connections"):
+        _fake_exporter(tmp_path, max_connections=0)
+
+
+# -- BPF program statistics: this meter's programs only ------------------------------------------
+
+def _bpftool_runs(prog_id: int) -> int:
+    out = json.loads(subprocess.run(["bpftool", "-j", "prog", "show", "id", str(prog_id)],
+                                    capture_output=True, text=True, check=True).stdout)
+    return out.get("run_cnt", 0)
+
+
+@pytest.mark.bpf
+def test_bpf_stats_cover_this_meters_programs_only(cgroups):
+    from meter.bpfsys import PROG_RAW_TRACEPOINT, Bpf
+    from meter.engine import Meter
+
+    stats = Path("/proc/sys/kernel/bpf_stats_enabled")
+    old = stats.read_text().strip()
+    cgroups.make("a")
+    meter = Meter(Topology.discover(cgroups.root), drain_interval=0.1)
+    exporter = Exporter(meter, "127.0.0.1:0")
+    bpf = Bpf()
+    stats.write_text("0")
+    exporter.start()
+    fds = []
+    try:
+        text = _get(f"http://127.0.0.1:{exporter.port}/metrics")
+        # Stats off since the meter loaded: its programs never ran measured, so no series.
+        assert _value(text, "meter_bpf_runs_total", program="meter_switch") is None
+        # Another program on the host with meter's name, and one with meter's prefix,
+        # both on the same tracepoint: the old bpftool sum counted them as meter's.
+        for name in (b"meter_switch", b"meter_foreign"):
+            fd, err = bpf.load(PROG_RAW_TRACEPOINT, name)
+            assert fd >= 0, err
+            link, err = bpf.raw_tracepoint("sched_switch", fd)
+            assert link >= 0, err
+            fds += [fd, link]
+        stats.write_text("1")
+        ours = bpf.prog_info(meter.program_fds()["meter_switch"][0])
+        foreign = bpf.prog_info(fds[0])
+        assert ours.id != foreign.id and foreign.name == "meter_switch"
+        time.sleep(1.5)  # both run on every switch; the cache (1 s) has expired
+        before = _bpftool_runs(ours.id)
+        text = _get(f"http://127.0.0.1:{exporter.port}/metrics")
+        after = _bpftool_runs(ours.id)
+        runs = _value(text, "meter_bpf_runs_total", program="meter_switch")
+        # Read between two readings of meter's own program; the foreign one's
+        # runs over 1.5 s (all switches, like meter's) would lift it past `after`.
+        assert runs is not None and before <= runs <= after, (before, runs, after, _bpftool_runs(foreign.id))
+        assert _value(text, "meter_bpf_runs_total", program="meter_tick") > 0
+        assert 'program="meter_foreign"' not in text
+    finally:
+        stats.write_text(old)
+        for fd in fds:
+            os.close(fd)
+        exporter.stop()

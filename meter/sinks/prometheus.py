@@ -19,22 +19,28 @@ meter_build_info                    {version, window_ms, counters, energy}
 ==================================  ===========================================
 
 and self-metrics: ``meter_bpf_run_seconds_total{program}`` and
-``meter_bpf_runs_total{program}`` (kernel bpf_stats, when
+``meter_bpf_runs_total{program}`` (kernel bpf_stats of this meter's own
+programs, read by fd and cached for a second; present once
 ``kernel.bpf_stats_enabled`` is 1), ``meter_dropped_updates_total{map}``,
 ``meter_late_seconds_total``, ``meter_records_total``,
 ``meter_conservation_violations_total`` and the gauge
 ``meter_drain_lag_seconds`` (now minus the end of the newest record).
 A series that was never measured is absent, not 0.
 
-The HTTP server binds loopback unless ``allow_remote`` is given.
+The HTTP server binds loopback unless ``allow_remote`` is given. It is
+bounded, since any local user can connect: at most ``max_connections``
+connections are served at once (more are closed at once), each for at most
+``timeout`` seconds, one request each; ``meter_exporter_connections_total
+{outcome}`` counts them (served, rejected, timed_out, aborted). A client
+that goes away mid-response is counted, not logged.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import json
-import shutil
-import subprocess
+import logging
+import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -42,11 +48,20 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from .. import __version__
+from ..bpfsys import Bpf
 from ..errors import ConfigError, SinkError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_LISTEN", "Exporter", "parse_listen"]
 
 DEFAULT_LISTEN = "127.0.0.1:9464"
+#: Connections served at once: a scrape or two, with room for a person's curl.
+DEFAULT_MAX_CONNECTIONS = 8
+#: Seconds one connection may take, request to response (Prometheus' default scrape timeout is 10 s).
+DEFAULT_TIMEOUT = 10.0
+#: Seconds the kernel's BPF program statistics are reused across scrapes.
+BPF_STATS_TTL = 1.0
 
 _SIMPLE = (
     ("meter_cpu_seconds_total", "cpu_ns", 1e-9, "CPU time of the compartment's tasks."),
@@ -80,15 +95,100 @@ def parse_listen(listen: str, *, allow_remote: bool = False) -> tuple[str, int]:
     return host, port
 
 
+class _Server(ThreadingHTTPServer):
+    """A threading HTTP server with a bound on connections and on their time.
+
+    The deadline is enforced by ``serve_forever``'s own loop
+    (:meth:`service_actions`, every ``poll_interval``): no thread per timer.
+    """
+
+    daemon_threads = True
+    request_queue_size = 128  # connections beyond the bound are refused by us, not left in SYN retries
+
+    def __init__(self, address: tuple[str, int], handler: type, *, max_connections: int, timeout: float) -> None:
+        self.timeout_s = timeout
+        self.outcomes = {"served": 0, "rejected": 0, "timed_out": 0, "aborted": 0}
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._deadlines: dict[socket.socket, float] = {}
+        self._lock = threading.Lock()
+        #: The most connections served at once so far.
+        self.peak = 0
+        super().__init__(address, handler)
+
+    def count(self, outcome: str) -> None:
+        with self._lock:
+            self.outcomes[outcome] += 1
+
+    def timed_out(self, request: Any) -> None:
+        """Count a connection's time-out once, whether its own read or the deadline ended it."""
+        with self._lock:
+            if self._deadlines.pop(request, None) is not None:
+                self.outcomes["timed_out"] += 1
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.count("rejected")
+            self.shutdown_request(request)
+            return
+        with self._lock:
+            self._deadlines[request] = time.monotonic() + self.timeout_s
+            self.peak = max(self.peak, len(self._deadlines))
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._release(request)
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release(request)
+
+    def _release(self, request: Any) -> None:
+        with self._lock:
+            self._deadlines.pop(request, None)
+        self._slots.release()
+
+    def service_actions(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            late = [s for s, t in self._deadlines.items() if t <= now]
+            for s in late:
+                del self._deadlines[s]  # counted once; the handler's exit releases the slot
+                self.outcomes["timed_out"] += 1
+        for s in late:
+            try:
+                s.shutdown(socket.SHUT_RDWR)  # the handler's read or write returns at once
+            except OSError:
+                pass
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        err = sys.exc_info()[1]
+        if isinstance(err, (ConnectionError, TimeoutError)):
+            self.count("aborted")  # the client went away or stalled: theirs, not meter's
+            return
+        log.warning("meter: exporter: request from %s failed: %s: %s", client_address[0], type(err).__name__, err)
+
+
 class Exporter:
     """Serves ``/metrics`` for a Meter; ``start()``/``stop()`` as often as you like."""
 
-    def __init__(self, meter: Any, listen: str = DEFAULT_LISTEN, *, allow_remote: bool = False) -> None:
+    def __init__(self, meter: Any, listen: str = DEFAULT_LISTEN, *, allow_remote: bool = False,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS, timeout: float = DEFAULT_TIMEOUT) -> None:
+        if max_connections < 1 or not timeout > 0:
+            raise ConfigError(f"exporter needs max_connections >= 1 and timeout > 0 (got {max_connections}, {timeout})",
+                              setting="exporter")
         self.meter = meter
         self.host, self.port = parse_listen(listen, allow_remote=allow_remote)
-        self._server: ThreadingHTTPServer | None = None
+        self.max_connections = max_connections
+        self.timeout = timeout
+        self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._own_meter = False
+        self._bpf = Bpf()
+        self._bpf_stats: tuple[float, dict[str, tuple[int, int]]] = (-BPF_STATS_TTL, {})
+        self._bpf_lock = threading.Lock()
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -102,6 +202,8 @@ class Exporter:
         exporter = self
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = exporter.timeout  # per read and write; the server bounds the whole connection
+
             def do_GET(self) -> None:
                 if self.path.split("?")[0] not in ("/metrics", "/"):
                     self.send_error(404)
@@ -116,16 +218,22 @@ class Exporter:
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
+                self.wfile.flush()
+                exporter.count("served")
+
+            def log_error(self, format: str, *args: Any) -> None:
+                if format.startswith("Request timed out"):
+                    exporter._server_timed_out(self.request)
 
             def log_message(self, *args: Any) -> None:
                 pass
 
         try:
-            self._server = ThreadingHTTPServer((self.host, self.port), Handler)
+            self._server = _Server((self.host, self.port), Handler, max_connections=self.max_connections,
+                                   timeout=self.timeout)
         except OSError as err:
             self.stop()
             raise SinkError(f"cannot listen on {self.host}:{self.port}: {err.strerror}", target=f"{self.host}:{self.port}") from err
-        self._server.daemon_threads = True
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, name="meter-exporter", daemon=True)
         self._thread.start()
@@ -143,6 +251,45 @@ class Exporter:
             self.meter.stop()
             self.meter.close()
             self._own_meter = False
+
+    def count(self, outcome: str) -> None:
+        if self._server is not None:
+            self._server.count(outcome)
+
+    def _server_timed_out(self, request: Any) -> None:
+        if self._server is not None:
+            self._server.timed_out(request)
+
+    @property
+    def connections(self) -> dict[str, int]:
+        """Connections so far by outcome: served, rejected, timed_out, aborted."""
+        return dict(self._server.outcomes) if self._server is not None else {}
+
+    def bpf_program_stats(self) -> dict[str, tuple[int, int]]:
+        """(run_time_ns, run_cnt) per program name, of this meter's programs only.
+
+        Read from the meter's own program fds (BPF_OBJ_GET_INFO_BY_FD), so
+        another meter's programs, or any program named ``meter_*``, never
+        count, and names are meter's own, not the kernel's 15-character cut.
+        Reused for :data:`BPF_STATS_TTL` seconds. A program that never ran
+        with stats on is absent.
+        """
+        with self._bpf_lock:
+            taken, stats = self._bpf_stats
+            if time.monotonic() - taken < BPF_STATS_TTL:
+                return stats
+            stats = {}
+            for name, fds in self.meter.program_fds().items():
+                for fd in fds:
+                    try:
+                        info = self._bpf.prog_info(fd)
+                    except OSError:
+                        continue  # closed by a stopping meter meanwhile
+                    ns, cnt = stats.get(name, (0, 0))
+                    stats[name] = (ns + info.run_time_ns, cnt + info.run_cnt)
+            stats = {name: v for name, v in stats.items() if v[1]}
+            self._bpf_stats = (time.monotonic(), stats)
+            return stats
 
     def __enter__(self) -> Exporter:
         self.start()
@@ -235,11 +382,16 @@ class Exporter:
         yield lag
         run_s = CounterMetricFamily("meter_bpf_run_seconds", "Time in meter's BPF programs (bpf_stats).", labels=["program"])
         runs = CounterMetricFamily("meter_bpf_runs", "Runs of meter's BPF programs (bpf_stats).", labels=["program"])
-        for prog, (ns, cnt) in bpf_program_stats().items():
+        for prog, (ns, cnt) in sorted(self.bpf_program_stats().items()):
             run_s.add_metric([prog], ns / 1e9)
             runs.add_metric([prog], cnt)
         yield run_s
         yield runs
+        conns = CounterMetricFamily("meter_exporter_connections", "Connections to this exporter, by outcome.",
+                                    labels=["outcome"])
+        for outcome, n in self.connections.items():
+            conns.add_metric([outcome], n)
+        yield conns
 
 
 class _Collector:
@@ -249,19 +401,3 @@ class _Collector:
     def collect(self) -> Iterator[Any]:
         return self.exporter.families()
 
-
-def bpf_program_stats() -> dict[str, tuple[int, int]]:
-    """(run_time_ns, run_cnt) summed per meter_* program name, from bpftool; {} without it."""
-    bpftool = shutil.which("bpftool") or "/usr/sbin/bpftool"
-    try:
-        out = subprocess.run([bpftool, "-j", "prog", "show"], capture_output=True, text=True, timeout=5).stdout
-        progs = json.loads(out or "[]")
-    except (OSError, ValueError, subprocess.TimeoutExpired):
-        return {}
-    totals: dict[str, tuple[int, int]] = {}
-    for p in progs:
-        name = p.get("name", "")
-        if name.startswith("meter_") and "run_cnt" in p:
-            ns, cnt = totals.get(name, (0, 0))
-            totals[name] = (ns + p.get("run_time_ns", 0), cnt + p["run_cnt"])
-    return totals

@@ -69,6 +69,10 @@ class CPUSource(Protocol):
         cgroup below them it ran in."""
         ...
 
+    def program_fds(self) -> dict[str, list[int]]:
+        """This source's loaded kernel programs: {program name: [fd, ...]}."""
+        ...
+
 
 class PacketSource(Protocol):
     """Packets, bytes and softirq time per (port, kind, window)."""
@@ -82,6 +86,10 @@ class PacketSource(Protocol):
         ...
 
     def drain(self, closable: int) -> NetDrain: ...
+
+    def program_fds(self) -> dict[str, list[int]]:
+        """This source's loaded kernel programs: {program name: [fd, ...]} (one per port)."""
+        ...
 
     def close(self) -> None: ...
 

@@ -138,6 +138,9 @@ class FakeCPU:
         """Recorded only: scripted charges name their cgroup ids themselves."""
         self.compartments = compartments
 
+    def program_fds(self) -> dict[str, list[int]]:
+        return {}
+
 
 def steady_load(cgids: list[int] | np.ndarray, ncpu: int, window_ns: int, *, busy: float = 0.8,
                 per_cpu: int = 4, seed: int = 0) -> Load:
@@ -188,6 +191,9 @@ class FakePackets:
         self._rows = [r for r in self._rows if r[2] > closable]
         a = np.array(done, np.int64).reshape(-1, 5)
         return NetDrain(port=a[:, 0], kind=a[:, 1], window=a[:, 2], packets=a[:, 3], bytes=a[:, 4])
+
+    def program_fds(self) -> dict[str, list[int]]:
+        return {}
 
     def close(self) -> None:
         self.attached = False

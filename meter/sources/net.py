@@ -223,6 +223,13 @@ class NetSource:
         """Follow interfaces that appeared, vanished or were recreated."""
         self.attach()
 
+    def program_fds(self) -> dict[str, list[int]]:
+        """The per-port copies of the tc programs, by program name."""
+        out: dict[str, list[int]] = {}
+        for (_, fn), fd in self._prog_fds.items():
+            out.setdefault(fn, []).append(fd)
+        return out
+
     def close(self) -> None:
         """Remove exactly what meter added: its filters, and the qdiscs it created."""
         for port in self.ports:

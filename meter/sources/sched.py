@@ -278,6 +278,12 @@ class SchedSource:
         self._gen += 1
         self._control(CTL_GEN, self._gen if levels or kc.other or kc.discover_root else 0)
 
+    def program_fds(self) -> dict[str, list[int]]:
+        """The programs bcc loaded for this source (the tc copies are the packet source's)."""
+        if self.bpf is None:
+            return {}
+        return {name.decode(): [fn.fd] for name, fn in self.bpf.funcs.items()}
+
     def close(self) -> None:
         """Detach and unload everything this source attached."""
         if self.bpf is not None:

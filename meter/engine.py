@@ -312,6 +312,7 @@ class Meter(DrainLoop):
             net = None
             if self._net is not None:
                 self._net.refresh()
+                self.stats.filter_reattachments = self._net.reattachments
                 net = self._net.drain(self._sched.closed_window)
             vf = self._vf.poll() if self._vf is not None else None
             self._flushed = self._flushed or final

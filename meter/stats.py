@@ -49,6 +49,7 @@ class MeterStats:
     first_window_start_ns: int = 0  # wall clock start of the first whole window
     covered_ns: int = 0  # wall time from the first window to the last one closed
     missing_windows: int = 0  # closed windows with no record at all (each also a conservation violation)
+    filter_reattachments: int = 0  # meter's tc filters found removed by someone else, attached again
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -184,6 +186,228 @@ def test_only_meters_filters_are_removed(tmp_path, cgroups, cgroup_mount, net):
     assert "clsact" in subprocess.run(["tc", "qdisc", "show", "dev", b0], capture_output=True, text=True).stdout
     # On a0 meter added the qdisc itself, so it is gone again.
     assert "clsact" not in subprocess.run(["tc", "qdisc", "show", "dev", a0], capture_output=True, text=True).stdout
+
+
+def _mac(ns, dev):
+    pre = ["ip", "netns", "exec", ns] if ns else []
+    return subprocess.run([*pre, "cat", f"/sys/class/net/{dev}/address"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def _quiet_link_a(net, a, a0):
+    """Permanent neighbours on a's link: no ARP ever crosses a0, so its counters
+    move only with the test's own packets (and meter's counts can be exact over
+    any span that has no traffic at its ends)."""
+    net.ip(a, "neigh", "replace", "10.77.1.1", "lladdr", _mac(None, a0), "dev", "eth0", "nud", "permanent")
+    net.ip(None, "neigh", "replace", "10.77.1.2", "lladdr", _mac(a, "eth0"), "dev", a0, "nud", "permanent")
+
+
+_RECEIVER = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, 33, 1 << 26)  # SO_RCVBUFFORCE: no drop while the test is slow to read
+s.bind((sys.argv[1], 9999))
+print("ready", flush=True)
+while True:
+    d = s.recv(65536)
+    if d.startswith(b"END"):
+        print(d.decode(), flush=True)
+"""
+
+
+class _Receiver:
+    """A UDP socket at the far end of the test's packets (ns b, 10.77.2.2:9999).
+
+    The test's senders all run on CPU 0, so their packets pass one backlog in
+    order: once a marker sent after them reaches this socket, every earlier
+    packet has crossed the ports on its way. Reading the interface counters
+    then needs no settling sleep. An open port also means no ICMP replies.
+    """
+
+    def __init__(self, net, ns, a):
+        self.net, self.a, self.n = net, a, 0
+        self.proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-S", "-c", _RECEIVER, "10.77.2.2"],
+                                     stdout=subprocess.PIPE, bufsize=0)
+        self.fd = self.proc.stdout.fileno()  # read unbuffered: select() then sees every line
+        self.seen = ""
+        while "ready\n" not in self.seen:
+            self.seen += os.read(self.fd, 4096).decode()
+
+    def send(self, count, size=100, marker=b""):
+        code = (f"import socket\ns=socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                f"for i in range({count}): s.sendto(b'x'*{size}, ('10.77.2.2', 9999))\n"
+                f"if {marker!r}: s.sendto({marker!r}, ('10.77.2.2', 9999))\n")
+        subprocess.run(["taskset", "-c", "0", "ip", "netns", "exec", self.a, sys.executable, "-S", "-c", code],
+                       check=True)
+
+    def settle(self):
+        """Return once every packet sent so far has crossed the ports (markers count as packets)."""
+        while True:
+            # A fresh marker each time: the one waited for is always the last one sent.
+            self.n += 1
+            want = f"END{self.n}"
+            self.send(0, marker=want.encode())
+            deadline = time.monotonic() + 1.0
+            while (left := deadline - time.monotonic()) > 0 and select.select([self.fd], [], [], left)[0]:
+                self.seen += os.read(self.fd, 4096).decode()
+                if f"{want}\n" in self.seen:
+                    return
+
+    def close(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+def _tc_filters(dev, hook="ingress"):
+    return subprocess.run(["tc", "filter", "show", "dev", dev, hook], capture_output=True, text=True, check=True).stdout
+
+
+def _meter_filters(dev):
+    return sum(_tc_filters(dev, hook).count(" meter direct-action") for hook in ("ingress", "egress"))
+
+
+def _meter_prog_ids():
+    import json
+
+    out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True).stdout
+    return {p["id"] for p in json.loads(out) if p.get("name", "").startswith("meter_")}
+
+
+def _wait(cond, what, seconds=60.0):
+    deadline = time.monotonic() + seconds
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _packets(counters_after, counters_before):
+    return {k: counters_after[k] - counters_before[k] for k in counters_after}
+
+
+def test_a_filter_someone_removes_is_reported_and_attached_again(tmp_path, cgroups, cgroup_mount, net):
+    from meter.sinks.prometheus import Exporter
+
+    a, b, a0, b0 = _routed_pair(net)
+    _quiet_link_a(net, a, a0)
+    topo = _topology(tmp_path, cgroup_mount, {"t": (cgroups.make("t"), [a0])})
+    rx = _Receiver(net, b, a)
+    c0 = net.counters(None, a0)
+    meter = Meter(topo)
+    with meter:
+        rx.send(200)
+        rx.settle()
+        first = meter.drain()
+        # Another tool deletes meter's ingress filter (no traffic while it is gone).
+        subprocess.run(["tc", "filter", "del", "dev", a0, "ingress", "pref", "1"], check=True)
+        assert _meter_filters(a0) == 1
+        second = meter.drain()  # one drain later: said, counted, attached again
+        src = meter.packet_source
+        assert any(f"filter on {a0} (ingress) was removed by someone else" in e for e in src.events), src.events
+        assert meter.stats.filter_reattachments == 1 and _meter_filters(a0) == 2
+        assert "meter_filter_reattachments_total 1.0" in Exporter(meter).render()
+        rx.send(300)
+        rx.settle()
+        c1 = net.counters(None, a0)
+        rest = list(meter.batches(0.2))
+    rx.close()
+    batch = np.concatenate([first, second, *rest])
+    delta = _packets(c1, c0)
+    assert delta["rx_packets"] >= 500
+    for field in ("rx_packets", "tx_packets", "rx_bytes", "tx_bytes"):
+        assert _sum(batch, "t", field) == delta[field], field
+    assert _meter_filters(a0) == 0
+
+
+def test_a_qdisc_meter_made_stays_while_another_tool_uses_it(tmp_path, cgroups, cgroup_mount, net):
+    a, b, a0, b0 = _routed_pair(net)
+    topo = _topology(tmp_path, cgroup_mount, {"t": (cgroups.make("t"), [a0, b0])})
+    with Meter(topo, drain_interval=0.1) as meter:
+        # meter made a0's qdisc; another tool adds its filter to it meanwhile.
+        subprocess.run(["tc", "filter", "add", "dev", a0, "ingress", "pref", "100", "bpf", "bytecode",
+                        "1,6 0 0 4294967295,", "classid", "1"], check=True)
+        # b0 is recreated with someone else's clsact on it before meter sees it:
+        # EEXIST on the new interface is not meter's qdisc.
+        subprocess.run(["ip", "link", "del", b0], check=True)
+        net.links.remove(b0)
+        net.veth(b0, "eth0", b_ns=b)
+        subprocess.run(["tc", "qdisc", "add", "dev", b0, "clsact"], check=True)
+        meter.drain()
+        assert _meter_filters(b0) == 2
+    assert "pref 100" in _tc_filters(a0) and _meter_filters(a0) == 0
+    assert "clsact" in subprocess.run(["tc", "qdisc", "show", "dev", a0], capture_output=True, text=True).stdout
+    assert "clsact" in subprocess.run(["tc", "qdisc", "show", "dev", b0], capture_output=True, text=True).stdout
+    assert _meter_filters(b0) == 0
+
+
+def _record_rx(path, tenant):
+    import json
+
+    out = {"rx_packets": 0, "tx_packets": 0, "rx_bytes": 0, "tx_bytes": 0}
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        if r["tenant"] == tenant:
+            for k in out:
+                out[k] += r[k]
+    return out
+
+
+def test_two_meters_on_one_interface_both_count_every_packet(tmp_path, cgroups, cgroup_mount, net, meter_bin):
+    """Acceptance (issue 15, item 1): two `meter record` on one topology for 20 s with traffic."""
+    a, b, a0, b0 = _routed_pair(net)
+    _quiet_link_a(net, a, a0)
+    cfg = _topology(tmp_path, cgroup_mount, {"t": (cgroups.make("t"), [a0])}).source
+    ids_before = _meter_prog_ids()
+
+    def record(name):
+        return subprocess.Popen([*meter_bin, "record", "--config", str(cfg), "--window-ms", "10",
+                                 "-o", str(tmp_path / f"{name}.jsonl")], stderr=subprocess.PIPE, text=True)
+
+    rx = _Receiver(net, b, a)
+    c0 = net.counters(None, a0)
+    first = record("first")
+    procs = [first]
+    try:
+        _wait(lambda: _meter_filters(a0) == 2, "the first meter's filters")
+        second = record("second")
+        procs.append(second)
+        _wait(lambda: _meter_filters(a0) == 4, "the second meter's filters")
+        # Another tool's filter on the qdisc the first meter made.
+        subprocess.run(["tc", "filter", "add", "dev", a0, "ingress", "pref", "100", "bpf", "bytecode",
+                        "1,6 0 0 4294967295,", "classid", "1"], check=True)
+        c1 = net.counters(None, a0)
+        end = time.monotonic() + 20
+        while time.monotonic() < end:
+            rx.send(500)
+            time.sleep(0.2)
+        rx.settle()
+        c2 = net.counters(None, a0)
+        second.send_signal(signal.SIGTERM)
+        _, err2 = second.communicate(timeout=60)
+        assert second.returncode == 0, err2
+        # The first meter still counts: its filters were never touched.
+        assert _meter_filters(a0) == 2
+        rx.send(1000)
+        rx.settle()
+        first.send_signal(signal.SIGTERM)
+        _, err1 = first.communicate(timeout=60)
+        assert first.returncode == 0, err1
+        c3 = net.counters(None, a0)
+    finally:
+        rx.close()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    both, alone = _packets(c2, c1), _packets(c3, c2)
+    assert both["rx_packets"] >= 20_000 and alone["rx_packets"] >= 1000
+    # No packet crosses a0 but the test's (permanent neighbours, an open port),
+    # and each span ends settled, so each meter's counts equal the interface's
+    # own over the span it was attached.
+    assert _record_rx(tmp_path / "first.jsonl", "t") == _packets(c3, c0)
+    assert _record_rx(tmp_path / "second.jsonl", "t") == both
+    # Nothing of meter's is left; the other tool's filter and the qdisc it sits on stay.
+    assert _meter_filters(a0) == 0 and "pref 100" in _tc_filters(a0)
+    assert _meter_prog_ids() <= ids_before
 
 
 def test_port_specs():

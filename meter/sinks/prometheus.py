@@ -368,6 +368,8 @@ class Exporter:
         for name, value, doc in (
             ("meter_missing_windows", st.missing_windows, "Closed windows with no record at all."),
             ("meter_unresolved_cgroups", st.unresolved_cgroups, "Cgroups gone before they could be named (billed to host)."),
+            ("meter_filter_reattachments", st.filter_reattachments,
+             "Times meter's tc filter was found removed by someone else (packets meanwhile uncounted) and attached again."),
         ):
             fam = CounterMetricFamily(name, doc)
             fam.add_metric([], value)

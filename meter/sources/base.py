@@ -78,6 +78,8 @@ class PacketSource(Protocol):
     """Packets, bytes and softirq time per (port, kind, window)."""
 
     ports: list[Port]
+    #: Times one of its filters was found removed by someone else and attached again.
+    reattachments: int
 
     def attach(self) -> None: ...
 

@@ -174,6 +174,7 @@ class FakePackets:
         self.ports: list[Port] = []
         self.attached = False
         self.refreshes = 0
+        self.reattachments = 0
         self._rows: list[tuple[int, int, int, int, int]] = []
 
     def attach(self) -> None:

@@ -10,8 +10,16 @@ configuration keeps working.
 Attachment follows the topology at run time: :meth:`NetSource.refresh`
 reattaches a port whose interface came back (or was recreated), and one
 that vanished (deleted, renamed, namespace gone) is logged once and counts
-nothing until it returns; what it counted stays. :meth:`NetSource.close`
-removes exactly the filters, and the clsact qdiscs, meter added.
+nothing until it returns; what it counted stays. A filter someone removed
+from a port is noted, counted (``reattachments``) and attached again at
+the next refresh.
+
+meter finds its own filters by program id (each port's copies are this
+meter's alone), never by name, so meters share an interface: each attaches
+under a free handle at :data:`PRIORITY` and, its programs giving no
+verdict, every filter sees every packet. :meth:`NetSource.close` removes
+exactly this meter's filters, and a clsact qdisc only when this meter
+created it on that very interface and no other filter is left on it.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import numpy as np
 
 from .. import program
 from ..bpfabi import NET_KEY_DTYPE, NET_USAGE_DTYPE, PORT_PLACEHOLDER, check_table
+from ..bpfsys import Bpf
 from ..errors import BPFError
 from ..netns import NETNS_DIR, NetnsError, iproute
 
@@ -34,9 +43,14 @@ __all__ = ["NetDrain", "NetSource", "Port", "parse_port"]
 log = logging.getLogger("meter.net")
 
 _INGRESS, _EGRESS = "ffff:fff2", "ffff:fff3"
+_HOOKS = ((_INGRESS, b"meter_tc_ingress", "ingress"), (_EGRESS, b"meter_tc_egress", "egress"))
 #: tc filter priority meter uses: ahead of most hand-made filters.
 PRIORITY = 1
+#: The filters' name, for people reading `tc filter show`; meter finds its own by program id.
 FILTER_NAME = "meter"
+_MAX_HANDLE_TRIES = 64
+#: The kernel's TCA_BPF_ID (the attached program's id), which pyroute2 does not decode.
+_TCA_BPF_ID = 11
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +89,23 @@ class NetDrain:
 @dataclasses.dataclass
 class _Attachment:
     ifindex: int
+    #: meter created the clsact qdisc (on this very interface), so it may delete it.
     added_qdisc: bool
+
+
+def _bpf_prog_id(f: Any) -> int | None:
+    """The program id of a cls_bpf filter in a netlink dump (None: not a BPF filter)."""
+    opts = f.get_attr("TCA_OPTIONS") if f.get_attr("TCA_KIND") == "bpf" else None
+    if opts is None:
+        return None
+    named = opts.get_attr("TCA_BPF_ID")  # a pyroute2 that decodes it
+    if named is not None:
+        return int(named)
+    for attr in opts["attrs"]:
+        nla = attr.value
+        if attr.name == "UNKNOWN" and nla["header"]["type"] == _TCA_BPF_ID:
+            return int.from_bytes(nla.data[nla.offset + 4 : nla.offset + 8], "little")
+    return None
 
 
 class NetSource:
@@ -88,8 +118,10 @@ class NetSource:
         self._ipr: dict[str | None, Any] = {}
         self._attached: dict[int, _Attachment] = {}
         self._missing_logged: set[int] = set()
-        self._added_qdisc: dict[int, bool] = {}
         self._prog_fds: dict[tuple[int, str], int] = {}
+        self._prog_ids: dict[tuple[int, str], int] = {}
+        #: Times a filter of this meter was found removed by someone else and attached again.
+        self.reattachments = 0
         check_table(bpf[b"net_usage"], NET_KEY_DTYPE, NET_USAGE_DTYPE, "net_usage")
         self._fd = program.map_fd(bpf, b"net_usage")
         self._keys = np.zeros(map_entries, NET_KEY_DTYPE)
@@ -120,6 +152,7 @@ class NetSource:
         if fd < 0:
             raise BPFError(f"cannot load {fn.decode()} for port {port.label}: {ctypes.get_errno()}", program="net")
         self._prog_fds[key] = fd
+        self._prog_ids[key] = Bpf().prog_info(fd).id
         return fd
 
     # -- attachment -----------------------------------------------------------------
@@ -157,7 +190,11 @@ class NetSource:
         log.warning("%s", line)
 
     def attach(self) -> None:
-        """Attach every port whose interface exists now; note the others once."""
+        """Attach every port whose interface exists now; note the others once.
+
+        An attached port whose filter someone removed is noted, counted in
+        :attr:`reattachments` and attached again.
+        """
         for port in self.ports:
             self._attach_port(port)
 
@@ -165,6 +202,7 @@ class NetSource:
         ifindex = self._ifindex(port)
         current = self._attached.get(port.index)
         if current is not None and current.ifindex == ifindex:
+            self._check_filters(port, current)
             return
         if current is not None:  # the interface went away, or was recreated
             self._attached.pop(port.index)
@@ -178,44 +216,101 @@ class NetSource:
                 self._missing_logged.add(port.index)
             return
         ipr = self._iproute(port.netns)
-        added = self._added_qdisc.get(port.index, False)
+        added = self._add_qdisc(ipr, ifindex, port)
+        if added is None:
+            return
+        # Renamed away and back, the interface still carries this meter's filters.
+        self._remove_filters(ipr, ifindex, port)
         try:
-            ipr.tc("add", "clsact", ifindex)
-            added = True
+            for parent, fn, _ in _HOOKS:
+                self._add_filter(ipr, ifindex, port, parent, fn)
         except Exception as err:  # noqa: BLE001  (pyroute2 NetlinkError)
-            if getattr(err, "code", None) != errno.EEXIST:
-                self._note(f"meter: cannot add a clsact qdisc on {port.label}: {err}")
-                return
-        # Renamed away and back, the interface still carries meter's filters.
-        self._remove_filters(ipr, ifindex)
-        try:
-            for parent, fn in ((_INGRESS, b"meter_tc_ingress"), (_EGRESS, b"meter_tc_egress")):
-                ipr.tc("add-filter", "bpf", ifindex, ":1", fd=self.program_fd(port, fn), name=FILTER_NAME,
-                       parent=parent, classid=1, direct_action=True, prio=PRIORITY)
-        except Exception as err:  # noqa: BLE001  (pyroute2 NetlinkError)
-            self._remove_filters(ipr, ifindex)
+            self._remove_filters(ipr, ifindex, port)
             self._note(f"meter: cannot attach to {port.label}: {err}")
             return
-        self._added_qdisc[port.index] = added
         self._attached[port.index] = _Attachment(ifindex, added)
         if port.index in self._missing_logged:
             self._note(f"meter: interface {port.label} appeared; metering it")
             self._missing_logged.discard(port.index)
 
+    def _add_qdisc(self, ipr: Any, ifindex: int, port: Port) -> bool | None:
+        """Add a clsact qdisc: True if meter made it, False if one was there (not meter's), None: failed."""
+        try:
+            ipr.tc("add", "clsact", ifindex)
+            return True
+        except Exception as err:  # noqa: BLE001  (pyroute2 NetlinkError)
+            if getattr(err, "code", None) == errno.EEXIST:
+                return False
+            self._note(f"meter: cannot add a clsact qdisc on {port.label}: {err}")
+            return None
+
+    def _check_filters(self, port: Port, att: _Attachment) -> None:
+        """Attach again what someone removed from an attached port (filters, or the qdisc with them)."""
+        ipr = self._iproute(port.netns)
+        try:
+            ours = self._ours(ipr, att.ifindex, port)
+        except Exception:  # noqa: BLE001  (the namespace is dying: the next refresh sees it gone)
+            return
+        missing = [(parent, fn, hook) for parent, fn, hook in _HOOKS if not ours[parent]]
+        if not missing:
+            return
+        self.reattachments += 1
+        self._note(f"meter: meter's tc filter on {port.label} ({', '.join(m[2] for m in missing)}) was removed "
+                   "by someone else; packets meanwhile were not counted; attaching it again")
+        added = self._add_qdisc(ipr, att.ifindex, port)
+        if added:  # the qdisc was deleted too, and meter made the new one
+            att.added_qdisc = True
+        try:
+            for parent, fn, _ in missing:
+                self._add_filter(ipr, att.ifindex, port, parent, fn)
+        except Exception as err:  # noqa: BLE001  (pyroute2 NetlinkError)
+            self._note(f"meter: cannot attach to {port.label} again: {err}")
+
     @staticmethod
-    def _remove_filters(ipr: Any, ifindex: int) -> None:
-        """Delete the tc filters meter put on an interface (named FILTER_NAME), and no others."""
-        for parent in (_INGRESS, _EGRESS):
+    def _filters(ipr: Any, ifindex: int, parent: str) -> list[tuple[int, int, int | None]]:
+        """(handle, priority, BPF program id or None) of every filter on a clsact hook."""
+        try:
+            dump = list(ipr.get_filters(ifindex, parent=parent))
+        except Exception:  # noqa: BLE001  (no clsact qdisc: no filters)
+            return []
+        # Entries with handle 0 are a priority's own, not filters.
+        return [(f["handle"], f["info"] >> 16, _bpf_prog_id(f)) for f in dump if f["handle"]]
+
+    def _ours(self, ipr: Any, ifindex: int, port: Port) -> dict[str, list[tuple[int, int]]]:
+        """{hook parent: [(handle, priority)]} of this meter's filters for ``port``.
+
+        Identified by program id, which no other meter's filter can have, never by name.
+        """
+        out: dict[str, list[tuple[int, int]]] = {}
+        for parent, fn, _ in _HOOKS:
+            pid = self._prog_ids.get((port.index, fn.decode()))
+            out[parent] = [(h, prio) for h, prio, i in self._filters(ipr, ifindex, parent) if pid is not None and i == pid]
+        return out
+
+    def _add_filter(self, ipr: Any, ifindex: int, port: Port, parent: str, fn: bytes) -> None:
+        """Attach ``fn`` at meter's priority under the first handle free there (another meter may hold some)."""
+        fd = self.program_fd(port, fn)
+        used = {h for h, prio, _ in self._filters(ipr, ifindex, parent) if prio == PRIORITY}
+        handle = 1
+        for _ in range(_MAX_HANDLE_TRIES):
+            while handle in used:
+                handle += 1
             try:
-                filters = list(ipr.get_filters(ifindex, parent=parent))
-            except Exception:  # noqa: BLE001  (no clsact qdisc: nothing of ours)
-                continue
-            for f in filters:
-                opts = f.get_attr("TCA_OPTIONS")
-                if f.get_attr("TCA_KIND") != "bpf" or opts is None or opts.get_attr("TCA_BPF_NAME") != FILTER_NAME:
-                    continue
+                ipr.tc("add-filter", "bpf", ifindex, handle, fd=fd, name=FILTER_NAME, parent=parent, classid=1,
+                       direct_action=True, prio=PRIORITY)
+                return
+            except Exception as err:
+                if getattr(err, "code", None) != errno.EEXIST:
+                    raise
+                used.add(handle)  # taken since the dump, by another meter starting too
+        raise BPFError(f"no free tc filter handle at priority {PRIORITY} on {port.label}", program="net")
+
+    def _remove_filters(self, ipr: Any, ifindex: int, port: Port) -> None:
+        """Delete this meter's tc filters for ``port`` and no others (another meter's stay)."""
+        for parent, found in self._ours(ipr, ifindex, port).items():
+            for handle, prio in found:
                 try:
-                    ipr.tc("del-filter", "bpf", ifindex, f["handle"], parent=parent, prio=f["info"] >> 16)
+                    ipr.tc("del-filter", "bpf", ifindex, handle, parent=parent, prio=prio)
                 except Exception:  # noqa: BLE001  (deleted already, with its chain)
                     pass
 
@@ -231,17 +326,19 @@ class NetSource:
         return out
 
     def close(self) -> None:
-        """Remove exactly what meter added: its filters, and the qdiscs it created."""
+        """Remove exactly what meter added: its filters, and a qdisc it created once nothing else is on it."""
         for port in self.ports:
             att = self._attached.pop(port.index, None)
             if att is None:
                 continue
             try:
                 ipr = self._iproute(port.netns)
+                self._remove_filters(ipr, att.ifindex, port)
                 if att.added_qdisc:
-                    ipr.tc("del", "clsact", att.ifindex)
-                else:
-                    self._remove_filters(ipr, att.ifindex)
+                    if any(self._filters(ipr, att.ifindex, parent) for parent, _, _ in _HOOKS):
+                        log.info("meter: kept the clsact qdisc on %s: other filters are on it", port.label)
+                    else:
+                        ipr.tc("del", "clsact", att.ifindex)
             except Exception as err:  # noqa: BLE001  (interface or namespace already gone)
                 log.info("meter: %s already gone at exit (%s)", port.label, err)
         for netns in list(self._ipr):

@@ -18,7 +18,7 @@ import platform
 import struct
 from typing import Any
 
-__all__ = ["PROG_RAW_TRACEPOINT", "PROG_SCHED_CLS", "PROG_SOCKET_FILTER", "Bpf", "ProgInfo"]
+__all__ = ["PROG_RAW_TRACEPOINT", "PROG_SCHED_CLS", "PROG_SOCKET_FILTER", "Bpf", "ProgInfo", "held_prog_ids"]
 
 _NR_BPF = {"x86_64": 321, "aarch64": 280}
 _PROG_LOAD = 5
@@ -37,6 +37,33 @@ _INFO_ID = 4
 _INFO_NAME = 64  # char name[BPF_OBJ_NAME_LEN = 16]
 _INFO_RUN_TIME_NS = 192
 _INFO_RUN_CNT = 200
+
+
+def held_prog_ids(proc: str = "/proc") -> set[int]:
+    """Ids of every BPF program some process in this pid namespace holds an fd of.
+
+    A program attached by netlink (a tc filter) and held by no fd outlived
+    the process that loaded it (killed with SIGKILL, say). Read from each
+    fd's ``/proc/PID/fdinfo`` (``prog_id:``, Linux 4.13+), as bpftool's
+    ``pids`` column does; processes that exit while being read are skipped.
+    """
+    out: set[int] = set()
+    for pid in os.listdir(proc):
+        if not pid.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"{proc}/{pid}/fd")
+        except OSError:  # exited, or a kernel thread's
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"{proc}/{pid}/fd/{fd}") != "anon_inode:bpf-prog":
+                    continue
+                with open(f"{proc}/{pid}/fdinfo/{fd}") as f:
+                    out.update(int(line.split()[1]) for line in f if line.startswith("prog_id:"))
+            except (OSError, ValueError, IndexError):
+                continue
+    return out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,6 +7,7 @@ import os
 import signal
 import sqlite3
 import subprocess
+import sys
 import time
 
 import pytest
@@ -74,6 +75,29 @@ def _meter_filters(dev: str) -> int:
     return sum(1 for f in json.loads(out or "[]") if "meter" in json.dumps(f))
 
 
+_HOLD = """
+import os, sys, time
+from meter.bpfsys import PROG_SOCKET_FILTER, Bpf
+b = Bpf()
+fd, err = b.load(PROG_SOCKET_FILTER, b"meter_held")
+print(b.prog_info(fd).id, flush=True)
+time.sleep(600)
+"""
+
+
+def test_held_prog_ids_sees_other_processes_programs_until_they_exit():
+    from meter.bpfsys import held_prog_ids
+
+    p = subprocess.Popen([sys.executable, "-c", _HOLD], stdout=subprocess.PIPE, text=True)
+    try:
+        prog_id = int(p.stdout.readline())
+        assert prog_id in held_prog_ids()
+    finally:
+        p.kill()
+        p.wait()
+    assert prog_id not in held_prog_ids()
+
+
 def test_sigkill_then_restart_cleans_stale_attachments(tmp_path, cgroups, cgroup_mount, net, meter_bin):
     dev = net.name("k0")
     net.veth(dev, net.name("k1"))
@@ -99,12 +123,14 @@ def test_sigkill_then_restart_cleans_stale_attachments(tmp_path, cgroups, cgroup
         while time.monotonic() < deadline and _meter_filter_ids(dev) in ([], stale):
             time.sleep(0.1)
         time.sleep(0.5)
-        assert _meter_filters(dev) == 1  # the stale one was recognised by name and replaced, not doubled
+        # The stale one (a meter filter whose program no process holds) was removed, not doubled.
+        assert _meter_filters(dev) == 1
         ours = _meter_filter_ids(dev)
         assert ours != stale
     finally:
         err = _stop(p, 30)
     assert p.returncode == 0, err
+    assert f"removed a meter filter on {dev} (ingress) that no running process holds" in err, err
     assert _meter_filters(dev) == 0
     # Both meters' tc programs are gone (only these ids: other meters may run on the host).
     progs = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True).stdout

@@ -34,7 +34,7 @@ import numpy as np
 
 from .. import program
 from ..bpfabi import NET_KEY_DTYPE, NET_USAGE_DTYPE, PORT_PLACEHOLDER, check_table
-from ..bpfsys import Bpf
+from ..bpfsys import Bpf, held_prog_ids
 from ..errors import BPFError
 from ..netns import NETNS_DIR, NetnsError, iproute
 
@@ -93,19 +93,33 @@ class _Attachment:
     added_qdisc: bool
 
 
-def _bpf_prog_id(f: Any) -> int | None:
-    """The program id of a cls_bpf filter in a netlink dump (None: not a BPF filter)."""
+@dataclasses.dataclass(frozen=True)
+class _Filter:
+    """One filter on a clsact hook, as a netlink dump shows it."""
+
+    handle: int
+    prio: int
+    #: The attached BPF program's id; None: not a BPF filter.
+    prog_id: int | None
+    #: The BPF filter's name (TCA_BPF_NAME): meter's are :data:`FILTER_NAME`.
+    name: str | None
+
+
+def _bpf_filter(f: Any) -> _Filter:
+    """A filter of a netlink dump, with the program id and name of a cls_bpf one."""
+    handle, prio = f["handle"], f["info"] >> 16
     opts = f.get_attr("TCA_OPTIONS") if f.get_attr("TCA_KIND") == "bpf" else None
     if opts is None:
-        return None
+        return _Filter(handle, prio, None, None)
+    name = opts.get_attr("TCA_BPF_NAME")
     named = opts.get_attr("TCA_BPF_ID")  # a pyroute2 that decodes it
     if named is not None:
-        return int(named)
+        return _Filter(handle, prio, int(named), name)
     for attr in opts["attrs"]:
         nla = attr.value
         if attr.name == "UNKNOWN" and nla["header"]["type"] == _TCA_BPF_ID:
-            return int.from_bytes(nla.data[nla.offset + 4 : nla.offset + 8], "little")
-    return None
+            return _Filter(handle, prio, int.from_bytes(nla.data[nla.offset + 4 : nla.offset + 8], "little"), name)
+    return _Filter(handle, prio, None, name)
 
 
 class NetSource:
@@ -221,6 +235,7 @@ class NetSource:
             return
         # Renamed away and back, the interface still carries this meter's filters.
         self._remove_filters(ipr, ifindex, port)
+        self._remove_orphans(ipr, ifindex, port)
         try:
             for parent, fn, _ in _HOOKS:
                 self._add_filter(ipr, ifindex, port, parent, fn)
@@ -267,14 +282,14 @@ class NetSource:
             self._note(f"meter: cannot attach to {port.label} again: {err}")
 
     @staticmethod
-    def _filters(ipr: Any, ifindex: int, parent: str) -> list[tuple[int, int, int | None]]:
-        """(handle, priority, BPF program id or None) of every filter on a clsact hook."""
+    def _filters(ipr: Any, ifindex: int, parent: str) -> list[_Filter]:
+        """Every filter on a clsact hook."""
         try:
             dump = list(ipr.get_filters(ifindex, parent=parent))
         except Exception:  # noqa: BLE001  (no clsact qdisc: no filters)
             return []
         # Entries with handle 0 are a priority's own, not filters.
-        return [(f["handle"], f["info"] >> 16, _bpf_prog_id(f)) for f in dump if f["handle"]]
+        return [_bpf_filter(f) for f in dump if f["handle"]]
 
     def _ours(self, ipr: Any, ifindex: int, port: Port) -> dict[str, list[tuple[int, int]]]:
         """{hook parent: [(handle, priority)]} of this meter's filters for ``port``.
@@ -284,13 +299,36 @@ class NetSource:
         out: dict[str, list[tuple[int, int]]] = {}
         for parent, fn, _ in _HOOKS:
             pid = self._prog_ids.get((port.index, fn.decode()))
-            out[parent] = [(h, prio) for h, prio, i in self._filters(ipr, ifindex, parent) if pid is not None and i == pid]
+            out[parent] = [(f.handle, f.prio) for f in self._filters(ipr, ifindex, parent)
+                           if pid is not None and f.prog_id == pid]
         return out
+
+    def _remove_orphans(self, ipr: Any, ifindex: int, port: Port) -> None:
+        """Delete meter filters whose program no process holds: left by a meter killed with SIGKILL.
+
+        A running meter holds an fd of each program it attached, from load to
+        exit, so its filters are never taken for orphans; the processes read
+        are this pid namespace's (see docs/architecture.md, "Sharing an interface").
+        """
+        found = [(parent, hook, f) for parent, _, hook in _HOOKS for f in self._filters(ipr, ifindex, parent)
+                 if f.name == FILTER_NAME and f.prog_id is not None]
+        if not found:
+            return
+        held = held_prog_ids()
+        for parent, hook, f in found:
+            if f.prog_id in held:
+                continue
+            try:
+                ipr.tc("del-filter", "bpf", ifindex, f.handle, parent=parent, prio=f.prio)
+            except Exception:  # noqa: BLE001  (deleted meanwhile)
+                continue
+            self._note(f"meter: removed a meter filter on {port.label} ({hook}) that no running process holds "
+                       f"(program id {f.prog_id}): left by a meter that was killed")
 
     def _add_filter(self, ipr: Any, ifindex: int, port: Port, parent: str, fn: bytes) -> None:
         """Attach ``fn`` at meter's priority under the first handle free there (another meter may hold some)."""
         fd = self.program_fd(port, fn)
-        used = {h for h, prio, _ in self._filters(ipr, ifindex, parent) if prio == PRIORITY}
+        used = {f.handle for f in self._filters(ipr, ifindex, parent) if f.prio == PRIORITY}
         handle = 1
         for _ in range(_MAX_HANDLE_TRIES):
             while handle in used:

@@ -339,6 +339,44 @@ def test_a_qdisc_meter_made_stays_while_another_tool_uses_it(tmp_path, cgroups, 
     assert _meter_filters(b0) == 0
 
 
+def test_the_window_a_stop_falls_in_is_billed_whole(tmp_path, cgroups, cgroup_mount, net):
+    """At stop, the window that just ended is taken whole: an idle CPU's last packets too.
+
+    The packets go through CPU 0's slots, and CPU 0 then idles (this test
+    runs on another CPU), so they are stored only when meter nudges it.
+    Before, a final drain nudged CPUs two windows behind only, and packets
+    sent in the window the stop fell in were never billed.
+    """
+    a, b, a0, b0 = _routed_pair(net)
+    _quiet_link_a(net, a, a0)
+    topo = _topology(tmp_path, cgroup_mount, {"t": (cgroups.make("t"), [a0])})
+    rx = _Receiver(net, b, a)
+    cpus = os.sched_getaffinity(0)
+    window_ns = 1_000_000_000  # the sends and the stop fit in one such window on any host
+    c0 = net.counters(None, a0)
+    try:
+        os.sched_setaffinity(0, {max(cpus)})
+        with Meter(topo, window_ms=1000) as meter:
+            taken = [meter.drain()]
+            while time.monotonic_ns() % window_ns > window_ns // 10:
+                time.sleep(0.01)  # just after a window's start
+            sent_in = time.monotonic_ns() // window_ns
+            rx.send(100)
+            rx.settle()
+            c1 = net.counters(None, a0)
+            stopped_in = time.monotonic_ns() // window_ns
+            taken.append(meter.drain(final=True))
+    finally:
+        os.sched_setaffinity(0, cpus)
+        rx.close()
+    assert stopped_in == sent_in  # what this test is about: the stop's own window
+    batch = np.concatenate(taken)
+    delta = _packets(c1, c0)
+    assert delta["rx_packets"] >= 100
+    for field in ("rx_packets", "tx_packets", "rx_bytes", "tx_bytes"):
+        assert _sum(batch, "t", field) == delta[field], field
+
+
 def _record_rx(path, tenant):
     import json
 

@@ -357,14 +357,17 @@ class SchedSource:
         finally:
             os.sched_setaffinity(0, original)
 
-    def _closed_window(self, now_win: int) -> int:
+    def _closed_window(self, now_win: int, *, lag: int = 1) -> int:
         """Newest window that every CPU has charged past (nudging stale CPUs).
 
         A CPU's current window still sits in its per-CPU slots, so the
-        closed window is one before the oldest current window.
+        closed window is one before the oldest current window. CPUs more
+        than ``lag`` windows behind ``now_win`` are nudged: at stop (lag 0)
+        every CPU is, so an idle CPU's last packets and idle time, still in
+        its slots in the window that just ended, are stored and taken.
         """
         windows = self._cpu_windows()
-        stale = [c for c, w in zip(self._cpus, windows) if w < now_win - 1]
+        stale = [c for c, w in zip(self._cpus, windows) if w < now_win - lag]
         if stale:
             self._nudge(stale)
             windows = self._cpu_windows()
@@ -385,7 +388,7 @@ class SchedSource:
         if final:
             while (wait := (now_win + 1) * self.window_ns - time.monotonic_ns()) > 0:
                 time.sleep(wait / 1e9)  # let the current window end
-            self._publish(max(self._closed_window(now_win + 1), self._published))
+            self._publish(max(self._closed_window(now_win + 1, lag=0), self._published))
             time.sleep(0.001)  # programs that read the old watermark finish
         closable = self._published
         self.closed_window = max(self.closed_window, closable)

@@ -104,6 +104,12 @@ def test_bridge_softirq_is_charged_to_the_bridge_owner(tmp_path, cgroups, cgroup
         p.wait()
         batch = np.concatenate(list(meter.batches(0.2)))
         used = cpu_usage_usec(sender) * 1000  # read late: a reaped task may still be finishing its exit
+        kernel = meter._sched.stats()
+        t = meter._sched.bpf[b"cpu_state"]
+        pending = [(c, int(st.adj_cgid[i]), int(st.adj_ns[i])) for c, st in enumerate(t[t.Key(0)])
+                   for i in range(len(st.adj_cgid)) if st.adj_ns[i]]
+        diag = (kernel, pending, os.stat(sender).st_ino,
+                {r: _sum(batch, r, "cpu_ns") for r in set(batch["tenant"])})
     softirq = _sum(batch, "tenant", "softirq_ns")
     sender_cpu = _sum(batch, "sender", "cpu_ns")
     given = _sum(batch, "sender", "softirq_given_ns")
@@ -113,7 +119,7 @@ def test_bridge_softirq_is_charged_to_the_bridge_owner(tmp_path, cgroups, cgroup
     # cpu_ns; the sender gives it to the bridge's owner in its own field. The
     # sender's whole life is in both (its cgroup was empty before), so
     # the two must agree to the kernel's 1 us resolution.
-    assert abs(sender_cpu - used) <= 1_000, (sender_cpu, used)
+    assert abs(sender_cpu - used) <= 1_000, (sender_cpu, used, diag)
     assert given > 0.9 * softirq
     # Softirq time received equals softirq time given, over every row.
     assert int(batch["softirq_ns"][batch["softirq_ns"] > 0].sum()) == int(

@@ -64,6 +64,9 @@
 /* Kernel charges not yet placed in a window (or clock time placed beyond
  * the kernel's charge), per CPU, per cgroup. */
 #define METER_ADJ 4
+/* How many windows before its current one a CPU looks back through, while
+ * they are not closed, to settle its adjustments (sched.bpf.c). */
+#define METER_SETTLE_WINDOWS 64
 
 /* Usage is accumulated per (cgroup, window) in a hash shared by all CPUs. */
 struct meter_key {
@@ -111,6 +114,8 @@ struct meter_cpu {
 	 * clock gave it that much more (taken back from its next time). */
 	__u64 adj_cgid[METER_ADJ];
 	__s64 adj_ns[METER_ADJ];
+	/* The window of this CPU's last settle walk (sched.bpf.c, settle_past()). */
+	__u64 settled_window;
 	/* This CPU's struct rq (0 until found), rq->clock - rq->clock_task at
 	 * the last look, and steal seen but not placed yet. */
 	__u64 rq;

@@ -874,6 +874,87 @@ int meter_switch(struct bpf_raw_tracepoint_args *ctx)
 	return 0;
 }
 
+#if METER_KERNEL_CHARGE
+/*
+ * Settle this CPU's adjustments in the windows they came from, as long as
+ * user space has not closed them: a debt (the clock gave a cgroup more than
+ * the kernel charged it, and its time in the window of the switch could not
+ * cover that) is taken back from the cgroup's time in earlier windows and
+ * given to `sched`; an owed charge (the kernel charged more than the clock
+ * gave) is given to the cgroup out of `idle`'s, `sched`'s or `steal`'s time
+ * in earlier windows. Each window still adds up. Left to the cgroup's next
+ * time on this CPU (or the next idle time), an adjustment of a compartment
+ * whose tasks never run here again (the last one exited) would stay on or
+ * off its bill for good. At most one walk per window per CPU.
+ *
+ * Its own program on sched_switch, attached after meter_switch: inside
+ * meter_switch the verifier would walk it once per path of the charge.
+ */
+static __always_inline u64 take_from(u64 cgid, u64 window, u64 ns)
+{
+	struct meter_key key = { .cgid = cgid, .window = window };
+	struct meter_usage *u = usage.lookup(&key);
+	u64 have, t;
+
+	if (!u)
+		return 0;
+	have = u->ns;
+	/* Keep 1 ns, as move() does. Another CPU may add to it or settle
+	 * from it meanwhile: a lost race takes nothing (the next walk will). */
+	if (have <= 1)
+		return 0;
+	t = ns < have - 1 ? ns : have - 1;
+	if (__sync_val_compare_and_swap(&u->ns, have, have - t) != have)
+		return 0;
+	return t;
+}
+
+int meter_settle(struct bpf_raw_tracepoint_args *ctx)
+{
+	u64 zero[METER_MAX_COUNTERS] = {};
+	int k = 0;
+	struct meter_cpu *st = cpu_state.lookup(&k);
+	u64 watermark, w, t, any = 0;
+
+	if (!st || !st->last_ns || st->settled_window == st->window)
+		return 0;
+#pragma unroll
+	for (int a = 0; a < METER_ADJ; a++)
+		any |= st->adj_ns[a];
+	if (!any)
+		return 0;
+	st->settled_window = st->window;
+	watermark = control_get(METER_CTL_WATERMARK);
+	for (int i = 1; i <= METER_SETTLE_WINDOWS; i++) {
+		w = st->window - i;
+		if (w <= watermark)
+			break;
+#pragma unroll
+		for (int a = 0; a < METER_ADJ; a++) {
+			s64 v = st->adj_ns[a];
+			u64 cgid = st->adj_cgid[a];
+
+			if (v < 0) {
+				t = take_from(cgid, w, (u64)-v);
+				if (t) {
+					store(METER_SCHED_CGID, w, t, zero);
+					st->adj_ns[a] = v + (s64)t;
+				}
+			} else if (v > 0) {
+				t = take_from(METER_IDLE_CGID, w, (u64)v);
+				if (t < (u64)v)
+					t += take_from(METER_SCHED_CGID, w, (u64)v - t);
+				if (t) {
+					store(cgid, w, t, zero);
+					st->adj_ns[a] = v - (s64)t;
+				}
+			}
+		}
+	}
+	return 0;
+}
+#endif
+
 /* The window tick: closes a long-running slice at least once per window. */
 int meter_tick(struct bpf_perf_event_data *ctx)
 {

@@ -83,7 +83,7 @@ def test_the_longest_allowed_charge_split_passes_the_verifier():
                       net_entries=1024, max_ports=4)
     bpf = program.load(*src.defines())
     try:
-        for fn, kind in ((b"meter_switch", BPF.RAW_TRACEPOINT), (b"meter_tick", BPF.PERF_EVENT),
+        for fn, kind in ((b"meter_switch", BPF.RAW_TRACEPOINT), (b"meter_settle", BPF.RAW_TRACEPOINT), (b"meter_tick", BPF.PERF_EVENT),
                          (b"meter_softirq_exit", BPF.RAW_TRACEPOINT)):
             bpf.load_func(fn, kind)
     finally:

@@ -40,6 +40,7 @@ from ..bpfabi import (
     USAGE_DTYPE,
     check_table,
 )
+from ..bpfsys import Bpf
 from ..errors import BPFError, PerfEventError
 from ..perf import PerfEvent
 from .base import KernelCompartments
@@ -154,6 +155,7 @@ class SchedSource:
         #: True when cpu time is the kernel's own charge (se.sum_exec_runtime
         #: from BTF offsets); False: the clock between switches (fallback).
         self.kernel_charge = False
+        self._settle_link: int | None = None
         #: Why kernel_charge is False (None when it is True, or not open).
         self.kernel_charge_reason: str | None = None
         self.ncpu = 0
@@ -215,6 +217,8 @@ class SchedSource:
                     self.bpf.attach_raw_tracepoint(tp=tp, fn_name=fn)
                 except Exception as err:  # bcc raises bare Exception (the verifier log went to stderr)
                     raise BPFError(f"the kernel rejected {fn.decode()} on {tp.decode()}: {err}", program="sched") from err
+            if self.kernel_charge:
+                self._attach_settle()
             self.bpf.attach_perf_event(
                 ev_type=PERF_TYPE_SOFTWARE,
                 ev_config=PERF_COUNT_SW_CPU_CLOCK,
@@ -284,8 +288,29 @@ class SchedSource:
             return {}
         return {name.decode(): [fn.fd] for name, fn in self.bpf.funcs.items()}
 
+    def _attach_settle(self) -> None:
+        """meter_settle on sched_switch, after meter_switch (probes run in the order attached).
+
+        It settles, in windows not closed yet, what that switch found owed
+        either way (see bpf/sched.bpf.c, meter_settle()). bcc attaches one program per
+        raw tracepoint, so this one goes through bpf(2) itself.
+        """
+        from bcc import BPF
+
+        try:
+            fd = self.bpf.load_func(b"meter_settle", BPF.RAW_TRACEPOINT).fd
+        except Exception as err:  # bcc raises bare Exception
+            raise BPFError(f"the kernel rejected meter_settle: {err}", program="sched") from err
+        link, err_no = Bpf().raw_tracepoint("sched_switch", fd)
+        if link < 0:
+            raise BPFError(f"cannot attach meter_settle to sched_switch: {os.strerror(err_no)}", program="sched")
+        self._settle_link = link
+
     def close(self) -> None:
         """Detach and unload everything this source attached."""
+        if self._settle_link is not None:
+            os.close(self._settle_link)
+            self._settle_link = None
         if self.bpf is not None:
             try:
                 self.bpf.cleanup()

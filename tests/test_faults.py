@@ -51,6 +51,13 @@ def test_unprivileged_run_names_the_missing_capability(meter_bin, tmp_path):
     assert "CAP_BPF" in res.stderr and "sudo" in res.stderr
 
 
+def _catches(pid: int, sig: int) -> bool:
+    """Whether process ``pid`` has a handler for ``sig`` (SigCgt in /proc/PID/status)."""
+    with open(f"/proc/{pid}/status") as f:
+        mask = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+    return bool(mask >> (sig - 1) & 1)
+
+
 def _stop(p: subprocess.Popen[str], timeout: float) -> str:
     """SIGTERM, wait up to ``timeout`` s for the exit and return stderr; never leave it running."""
     try:
@@ -143,6 +150,13 @@ def test_sigterm_during_start_up_stops_the_meter(tmp_path, cgroups, meter_bin):
     cgroups.make("s")
     p = subprocess.Popen([*meter_bin, "record", "--cgroup-root", str(cgroups.root), "-o", str(tmp_path / "r.jsonl")],
                          stderr=subprocess.PIPE, text=True)
-    time.sleep(0.5)  # bcc is still compiling: seconds on any host
+    # meter installs its SIGTERM handler just before it loads the programs (bcc
+    # compiles for seconds on any host): signal as soon as it is there. A fixed
+    # sleep was sometimes shorter than Python's start-up on a loaded host, and
+    # the default action killed it (-15).
+    deadline = time.monotonic() + 60
+    while not _catches(p.pid, signal.SIGTERM):
+        assert time.monotonic() < deadline and p.poll() is None, "meter never installed its SIGTERM handler"
+        time.sleep(0.005)
     err = _stop(p, 60)
     assert p.returncode == 0, err

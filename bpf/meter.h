@@ -114,7 +114,7 @@ struct meter_cpu {
 	 * clock gave it that much more (taken back from its next time). */
 	__u64 adj_cgid[METER_ADJ];
 	__s64 adj_ns[METER_ADJ];
-	/* The window of this CPU's last settle walk (sched.bpf.c, settle_past()). */
+	/* The window of this CPU's last settle walk (sched.bpf.c, meter_settle()). */
 	__u64 settled_window;
 	/* This CPU's struct rq (0 until found), rq->clock - rq->clock_task at
 	 * the last look, and steal seen but not placed yet. */

@@ -881,11 +881,14 @@ int meter_switch(struct bpf_raw_tracepoint_args *ctx)
  * the kernel charged it, and its time in the window of the switch could not
  * cover that) is taken back from the cgroup's time in earlier windows and
  * given to `sched`; an owed charge (the kernel charged more than the clock
- * gave) is given to the cgroup out of `idle`'s, `sched`'s or `steal`'s time
- * in earlier windows. Each window still adds up. Left to the cgroup's next
+ * gave) is given to the cgroup out of `idle`'s, else `sched`'s, time in
+ * earlier windows. Each window still adds up. Left to the cgroup's next
  * time on this CPU (or the next idle time), an adjustment of a compartment
  * whose tasks never run here again (the last one exited) would stay on or
- * off its bill for good. At most one walk per window per CPU.
+ * off its bill for good. At most one walk per window per CPU, so what a
+ * later switch in the same window adds waits for the next window's walk;
+ * what lies more than METER_SETTLE_WINDOWS back (a CPU idle that long
+ * since) is not reached and waits for the cgroup's next time here.
  *
  * Its own program on sched_switch, attached after meter_switch: inside
  * meter_switch the verifier would walk it once per path of the charge.

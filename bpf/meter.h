@@ -19,8 +19,17 @@
 #ifndef METER_MAX_CPUS
 #define METER_MAX_CPUS 1024
 #endif
-#ifndef METER_USAGE_ENTRIES
-#define METER_USAGE_ENTRIES 65536
+/* Usage is kept per row (a cgroup or pseudo-cgroup that was charged) in a
+ * ring of METER_RING windows: fixed memory, METER_MAX_ROWS x METER_RING
+ * cells, sized by user space from the compartments and the drain interval,
+ * so it cannot fill. A charge whose cell is not open (its window already
+ * closed, or the ring still holds undrained windows there: a stalled
+ * drain) is added to the row's late total instead, never thrown away. */
+#ifndef METER_MAX_ROWS
+#define METER_MAX_ROWS 64
+#endif
+#ifndef METER_RING
+#define METER_RING 600
 #endif
 /* The most windows one charge is split over. An idle CPU gets no tick, so
  * its next charge can span everything since user space last nudged it (one
@@ -57,6 +66,10 @@
  * something else: rq->clock - rq->clock_task). */
 #define METER_SCHED_CGID ((1ULL << 61) | 1)
 #define METER_STEAL_CGID ((1ULL << 61) | 2)
+/* Usage of a cgroup that found no free row (more cgroups charged than
+ * METER_MAX_ROWS): kept, and named, in this row, always row 0. */
+#define METER_UNATTRIBUTED_CGID ((1ULL << 61) | 3)
+#define METER_UNATTRIBUTED_ROW 0
 /* NET softirq time run inside cgid's time for other compartments' ports
  * (given away: the ports' owners are charged it as softirq_ns). */
 #define METER_GIVEN_BIT (1ULL << 62)
@@ -68,14 +81,14 @@
  * they are not closed, to settle its adjustments (sched.bpf.c). */
 #define METER_SETTLE_WINDOWS 64
 
-/* Usage is accumulated per (cgroup, window) in a hash shared by all CPUs. */
-struct meter_key {
-	__u64 cgid;
-	__u64 window;
-};
-
+/* CPU time and counter deltas: a per-CPU slot's, or a row's late total. */
 struct meter_usage {
 	__u64 ns;
+	__u64 count[METER_MAX_COUNTERS];
+};
+
+/* Counter deltas of one ring cell (the ns are in a ring of their own). */
+struct meter_counts {
 	__u64 count[METER_MAX_COUNTERS];
 };
 
@@ -187,9 +200,7 @@ struct meter_net_usage {
 
 /* Indexes into the per-CPU stats array. */
 enum meter_stat {
-	METER_STAT_LATE_NS = 0,       /* ns for windows already drained */
-	METER_STAT_DROP_NS,         /* ns not stored: usage map full */
-	METER_STAT_DROP_UPDATES,    /* charges not stored: usage map full */
+	METER_STAT_LATE_NS = 0,     /* ns whose window's cell was not open: in the rows' late totals */
 	METER_STAT_COUNTER_ERRORS,  /* failed counter reads */
 	METER_STAT_NET_DROP_UPDATES, /* packet/softirq updates not stored: map full */
 	METER_STAT_SPAN_UNATTRIBUTED_NS, /* softirq ns of packets beyond the span list */
@@ -218,6 +229,13 @@ enum meter_control {
 	 * ancestor just below the root, a compartment found or yet to be found. */
 	METER_CTL_DISCOVER_LEVEL,
 	METER_CTL_DISCOVER_ROOT,
+	/* Every window up to this one has been read out of the ring and its
+	 * cells zeroed by user space: cells of windows up to it + METER_RING
+	 * are open. */
+	METER_CTL_TAKEN,
+	/* The next free row (rows below it are taken; kernel and user space
+	 * take rows by atomic add). */
+	METER_CTL_NEXT_ROW,
 	METER_NR_CONTROLS,
 };
 

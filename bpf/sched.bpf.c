@@ -21,7 +21,8 @@
  * the switch settles it. See docs/architecture.md, "CPU time".
  *
  * Charges accumulate in per-CPU slots for the CPU's current window, then
- * in a hash per (cgroup, window); user space drains closed windows in bulk.
+ * in a fixed ring of windows per row (cgroup); user space drains closed
+ * windows in bulk.
  * Nothing is sent per event.
  *
  * Kernel structs are never dereferenced through the (maybe fallback)
@@ -46,8 +47,17 @@
 
 /* Shared by all CPUs: written only when a CPU's slots are flushed or
  * evicted (about once per cgroup per window per CPU), with atomic adds, so
- * memory and the user-space copy do not grow with the number of CPUs. */
-BPF_HASH(usage, struct meter_key, struct meter_usage, METER_USAGE_ENTRIES);
+ * memory does not grow with the number of CPUs. The ring is cell
+ * row * METER_RING + window % METER_RING; user space maps it (mmap), reads
+ * the cells of closed windows and zeroes them (see METER_CTL_TAKEN). */
+BPF_F_TABLE("array", u32, u64, ring, METER_MAX_ROWS * METER_RING, BPF_F_MMAPABLE);
+#if METER_NR_COUNTERS > 0
+BPF_F_TABLE("array", u32, struct meter_counts, ring_counts, METER_MAX_ROWS * METER_RING, BPF_F_MMAPABLE);
+#endif
+/* Per row, cumulative: what came for a cell that was not open. */
+BPF_F_TABLE("array", u32, struct meter_usage, late, METER_MAX_ROWS, BPF_F_MMAPABLE);
+/* The row of each cgroup (or pseudo-cgroup) charged so far. */
+BPF_HASH(rows, u64, u32, METER_MAX_ROWS);
 BPF_PERCPU_ARRAY(cpu_state, struct meter_cpu, 1);
 BPF_PERCPU_ARRAY(stats, u64, METER_NR_STATS);
 BPF_ARRAY(control, u64, METER_NR_CONTROLS);
@@ -114,26 +124,77 @@ static __always_inline void read_counters(struct meter_cpu *st, u64 *delta)
 #endif
 }
 
-/* Add ns and counter deltas to (cgid, window); a full map is a counted drop. */
-static __always_inline void store(u64 cgid, u64 window, u64 ns, u64 *delta)
+/*
+ * The ring row of cgid: its own, taken on its first charge (an atomic add
+ * on METER_CTL_NEXT_ROW, then an insert that another CPU may have won, in
+ * which case its row is used and the one taken stays empty); with every
+ * row taken, METER_UNATTRIBUTED_ROW.
+ */
+static __always_inline u32 row_of(u64 cgid)
 {
-	struct meter_key key = { .cgid = cgid, .window = window };
-	struct meter_usage zero = {};
-	struct meter_usage *u;
+	int k = METER_CTL_NEXT_ROW;
+	u32 *r = rows.lookup(&cgid);
+	u64 *next;
+	u32 row;
 
-	u = usage.lookup(&key);
-	if (!u) {
-		u = usage.lookup_or_try_init(&key, &zero);
-		if (!u) {
-			stat_add(METER_STAT_DROP_NS, ns);
-			stat_add(METER_STAT_DROP_UPDATES, 1);
-			return;
-		}
-	}
-	__sync_fetch_and_add(&u->ns, ns);
+	if (r)
+		return *r;
+	next = control.lookup(&k);
+	if (!next)
+		return METER_UNATTRIBUTED_ROW;
+	row = __sync_fetch_and_add(next, 1);
+	if (row >= METER_MAX_ROWS)
+		return METER_UNATTRIBUTED_ROW;
+	rows.insert(&cgid, &row);
+	r = rows.lookup(&cgid);
+	return r ? *r : METER_UNATTRIBUTED_ROW;
+}
+
+/* Add to row's late total: ns (and counter deltas) whose cell was not open. */
+static __always_inline void late_add(u32 row, u64 ns, u64 *delta)
+{
+	struct meter_usage *l = late.lookup(&row);
+
+	stat_add(METER_STAT_LATE_NS, ns);
+	if (!l)
+		return;
+	__sync_fetch_and_add(&l->ns, ns);
 #pragma unroll
 	for (int i = 0; i < METER_NR_COUNTERS; i++)
-		__sync_fetch_and_add(&u->count[i], delta[i]);
+		__sync_fetch_and_add(&l->count[i], delta[i]);
+}
+
+/*
+ * Add ns and counter deltas to (row, window). Open cells are those of
+ * windows after the watermark (not closed) and at most METER_RING after
+ * the last window user space took (their cell was zeroed for them); the
+ * rest is late.
+ */
+static __always_inline void store_row(u32 row, u64 window, u64 ns, u64 *delta, u64 watermark, u64 taken)
+{
+	u32 i;
+	u64 *c;
+
+	if (window <= watermark || window > taken + METER_RING) {
+		late_add(row, ns, delta);
+		return;
+	}
+	i = row * METER_RING + (u32)(window % METER_RING);
+	c = ring.lookup(&i);
+	if (!c)
+		return;   /* not reached: row < METER_MAX_ROWS */
+	__sync_fetch_and_add(c, ns);
+#if METER_NR_COUNTERS > 0
+	{
+		struct meter_counts *cc = ring_counts.lookup(&i);
+
+		if (cc) {
+#pragma unroll
+			for (int j = 0; j < METER_NR_COUNTERS; j++)
+				__sync_fetch_and_add(&cc->count[j], delta[j]);
+		}
+	}
+#endif
 }
 
 static __always_inline u64 control_get(int idx)
@@ -201,19 +262,15 @@ static __always_inline u64 current_cgid(struct meter_cpu *st)
 
 /*
  * Store a charge for a window that is not this CPU's current one:
- * windows before the first metered one are start-up (discarded), windows
- * user space has closed count as late.
+ * windows before the first metered one are start-up (discarded); the
+ * rest goes to the ring, or to the row's late total (store_row()).
  */
 static __always_inline void put(u64 cgid, u64 window, u64 ns, u64 *delta,
 				u64 watermark, u64 first)
 {
 	if (window < first)
 		return;
-	if (window <= watermark) {
-		stat_add(METER_STAT_LATE_NS, ns);
-		return;
-	}
-	store(cgid, window, ns, delta);
+	store_row(row_of(cgid), window, ns, delta, watermark, control_get(METER_CTL_TAKEN));
 }
 
 static __always_inline u32 slot_of(u64 cgid)
@@ -264,21 +321,26 @@ static __always_inline void cross(struct meter_cpu *st, u64 cgid, u64 last, u64 
 {
 	u64 watermark = control_get(METER_CTL_WATERMARK);
 	u64 first = control_get(METER_CTL_FIRST);
+	u64 taken = control_get(METER_CTL_TAKEN);
 	u64 total = now - last;
 	u64 final = now / METER_WINDOW_NS;
 	u64 w = last / METER_WINDOW_NS;
 	u64 part[METER_MAX_COUNTERS] = {};
 	u64 left[METER_MAX_COUNTERS] = {};
+	u64 zero[METER_MAX_COUNTERS] = {};
+	u32 row;
 
 	flush(st, watermark, first);
+	row = row_of(cgid);
 #pragma unroll
 	for (int i = 0; i < METER_NR_COUNTERS; i++)
 		left[i] = delta[i];
 	if (final - w >= METER_MAX_SPAN) {
 		u64 start = (final - METER_MAX_SPAN + 1) * METER_WINDOW_NS;
 
+		/* Older than one charge may split over (a paused VM): late, kept. */
 		if (final - METER_MAX_SPAN + 1 > first)
-			stat_add(METER_STAT_LATE_NS, start - last);
+			late_add(row, start - last, zero);
 		w = final - METER_MAX_SPAN + 1;
 		last = start;
 	}
@@ -291,7 +353,8 @@ static __always_inline void cross(struct meter_cpu *st, u64 cgid, u64 last, u64 
 			part[i] = delta[i] * ns / total;
 			left[i] -= part[i];
 		}
-		put(cgid, w, ns, part, watermark, first);
+		if (w >= first)
+			store_row(row, w, ns, part, watermark, taken);
 		last = end;
 	}
 	st->window = final;
@@ -893,21 +956,26 @@ int meter_switch(struct bpf_raw_tracepoint_args *ctx)
  * Its own program on sched_switch, attached after meter_switch: inside
  * meter_switch the verifier would walk it once per path of the charge.
  */
-static __always_inline u64 take_from(u64 cgid, u64 window, u64 ns)
+static __always_inline u64 take_from(u64 cgid, u64 window, u64 ns, u64 taken)
 {
-	struct meter_key key = { .cgid = cgid, .window = window };
-	struct meter_usage *u = usage.lookup(&key);
-	u64 have, t;
+	u32 *r = rows.lookup(&cgid);
+	u32 i;
+	u64 *u, have, t;
 
+	/* Only open cells (the walk stops at the watermark). */
+	if (!r || window > taken + METER_RING)
+		return 0;
+	i = *r * METER_RING + (u32)(window % METER_RING);
+	u = ring.lookup(&i);
 	if (!u)
 		return 0;
-	have = u->ns;
+	have = *u;
 	/* Keep 1 ns, as move() does. Another CPU may add to it or settle
 	 * from it meanwhile: a lost race takes nothing (the next walk will). */
 	if (have <= 1)
 		return 0;
 	t = ns < have - 1 ? ns : have - 1;
-	if (__sync_val_compare_and_swap(&u->ns, have, have - t) != have)
+	if (__sync_val_compare_and_swap(u, have, have - t) != have)
 		return 0;
 	return t;
 }
@@ -917,7 +985,7 @@ int meter_settle(struct bpf_raw_tracepoint_args *ctx)
 	u64 zero[METER_MAX_COUNTERS] = {};
 	int k = 0;
 	struct meter_cpu *st = cpu_state.lookup(&k);
-	u64 watermark, w, t, any = 0;
+	u64 watermark, taken, w, t, any = 0;
 
 	if (!st || !st->last_ns || st->settled_window == st->window)
 		return 0;
@@ -928,6 +996,7 @@ int meter_settle(struct bpf_raw_tracepoint_args *ctx)
 		return 0;
 	st->settled_window = st->window;
 	watermark = control_get(METER_CTL_WATERMARK);
+	taken = control_get(METER_CTL_TAKEN);
 	for (int i = 1; i <= METER_SETTLE_WINDOWS; i++) {
 		w = st->window - i;
 		if (w <= watermark)
@@ -938,17 +1007,17 @@ int meter_settle(struct bpf_raw_tracepoint_args *ctx)
 			u64 cgid = st->adj_cgid[a];
 
 			if (v < 0) {
-				t = take_from(cgid, w, (u64)-v);
+				t = take_from(cgid, w, (u64)-v, taken);
 				if (t) {
-					store(METER_SCHED_CGID, w, t, zero);
+					store_row(row_of(METER_SCHED_CGID), w, t, zero, watermark, taken);
 					st->adj_ns[a] = v + (s64)t;
 				}
 			} else if (v > 0) {
-				t = take_from(METER_IDLE_CGID, w, (u64)v);
+				t = take_from(METER_IDLE_CGID, w, (u64)v, taken);
 				if (t < (u64)v)
-					t += take_from(METER_SCHED_CGID, w, (u64)v - t);
+					t += take_from(METER_SCHED_CGID, w, (u64)v - t, taken);
 				if (t) {
-					store(cgid, w, t, zero);
+					store_row(row_of(cgid), w, t, zero, watermark, taken);
 					st->adj_ns[a] = v - (s64)t;
 				}
 			}

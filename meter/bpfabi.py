@@ -29,9 +29,11 @@ import numpy as np
 from .errors import BPFError
 
 __all__ = [
-    "CTL_DISCOVER_LEVEL", "CTL_DISCOVER_ROOT", "CTL_FIRST", "CTL_GEN", "CTL_OTHER", "CTL_LEVELS", "CTL_WATERMARK", "GIVEN_BIT", "IDLE_CGID", "KEY_DTYPE", "KIND_RX",
+    "COUNTS_DTYPE", "CTL_DISCOVER_LEVEL", "CTL_DISCOVER_ROOT", "CTL_FIRST", "CTL_GEN", "CTL_NEXT_ROW", "CTL_OTHER",
+    "CTL_LEVELS", "CTL_TAKEN", "CTL_WATERMARK", "GIVEN_BIT", "IDLE_CGID", "KIND_RX",
     "KIND_SOFTIRQ", "KIND_TX", "MAX_COMPARTMENTS", "MAX_COUNTERS", "MAX_LEVEL", "NET_KEY_DTYPE", "NET_USAGE_DTYPE",
-    "PORT_CGID_BIT", "PORT_PLACEHOLDER", "SCHED_CGID", "STATS", "STEAL_CGID", "USAGE_DTYPE", "check_table",
+    "PORT_CGID_BIT", "PORT_PLACEHOLDER", "SCHED_CGID", "STATS", "STEAL_CGID", "UNATTRIBUTED_CGID", "UNATTRIBUTED_ROW",
+    "USAGE_DTYPE", "check_table",
     "dtype_layout", "header_constants", "header_path", "header_structs",
 ]
 
@@ -42,10 +44,10 @@ def header_path() -> Path:
 #: METER_MAX_COUNTERS: perf counters read per schedule, at most.
 MAX_COUNTERS = 4
 
-#: struct meter_key: the usage map's key.
-KEY_DTYPE = np.dtype([("cgid", np.uint64), ("window", np.uint64)])
-#: struct meter_usage: the usage map's value.
+#: struct meter_usage: a row's late total (the late map's value).
 USAGE_DTYPE = np.dtype([("ns", np.uint64), ("count", np.uint64, (MAX_COUNTERS,))])
+#: struct meter_counts: the counter deltas of one ring cell (ring_counts' value).
+COUNTS_DTYPE = np.dtype([("count", np.uint64, (MAX_COUNTERS,))])
 #: struct meter_net_key: the net map's key.
 NET_KEY_DTYPE = np.dtype([("port", np.uint32), ("kind", np.uint32), ("window", np.uint64)])
 #: struct meter_net_usage: the net map's value (softirq kind: ns, packets).
@@ -56,6 +58,10 @@ IDLE_CGID = 0
 #: METER_SCHED_CGID, METER_STEAL_CGID: clock time the kernel charged to no task.
 SCHED_CGID = (1 << 61) | 1
 STEAL_CGID = (1 << 61) | 2
+#: METER_UNATTRIBUTED_CGID: usage of cgroups that found no free ring row; always row
+#: METER_UNATTRIBUTED_ROW.
+UNATTRIBUTED_CGID = (1 << 61) | 3
+UNATTRIBUTED_ROW = 0
 #: METER_GIVEN_BIT | c: NET softirq time given away by cgroup c.
 GIVEN_BIT = 1 << 62
 #: METER_PORT_CGID(p) = PORT_CGID_BIT | p: softirq time of port p.
@@ -66,13 +72,13 @@ PORT_PLACEHOLDER = 0x4D455452
 #: enum meter_net_kind.
 KIND_RX, KIND_TX, KIND_SOFTIRQ = 0, 1, 2
 #: enum meter_control.
-CTL_WATERMARK, CTL_FIRST, CTL_LEVELS, CTL_GEN, CTL_OTHER, CTL_DISCOVER_LEVEL, CTL_DISCOVER_ROOT = range(7)
+(CTL_WATERMARK, CTL_FIRST, CTL_LEVELS, CTL_GEN, CTL_OTHER, CTL_DISCOVER_LEVEL, CTL_DISCOVER_ROOT, CTL_TAKEN,
+ CTL_NEXT_ROW) = range(9)
 #: METER_MAX_COMPARTMENTS, METER_MAX_LEVEL: compartments the kernel resolves, deepest cgroup level.
 MAX_COMPARTMENTS = 4096
 MAX_LEVEL = 16
 #: enum meter_stat, in order (lower case, without METER_STAT_).
-STATS = ("late_ns", "drop_ns", "drop_updates", "counter_errors", "net_drop_updates", "span_unattributed_ns",
-         "unplaced_ns", "unsettled")
+STATS = ("late_ns", "counter_errors", "net_drop_updates", "span_unattributed_ns", "unplaced_ns", "unsettled")
 
 _C_TYPES = {"__u8": 1, "__u16": 2, "__u32": 4, "__u64": 8, "__s32": 4, "__s64": 8}
 
@@ -92,6 +98,9 @@ def check_table(table: Any, key: np.dtype, value: np.dtype, what: str) -> None:
 def _layout_difference(ctype: Any, dtype: np.dtype) -> str | None:
     if ctypes.sizeof(ctype) != dtype.itemsize:
         return f"{ctypes.sizeof(ctype)} bytes in the kernel, {dtype.itemsize} here"
+    if not hasattr(ctype, "_fields_"):
+        # A scalar (an array map's key): its size is its layout.
+        return None if dtype.names is None else f"a scalar in the kernel, fields {list(dtype.names)} here"
     names = [f[0] for f in ctype._fields_]
     if names != list(dtype.names or ()):
         return f"fields {names} in the kernel, {list(dtype.names or ())} here"

@@ -16,7 +16,7 @@ import numpy as np
 from . import records
 from .bpfabi import GIVEN_BIT, KIND_RX, PORT_CGID_BIT
 from .perf import CounterPlan
-from .resolver import IDLE_ROW, PSEUDO_ROWS
+from .resolver import IDLE_ROW, LATE_ROW, PSEUDO_ROWS
 from .sources.net import NetDrain
 from .sources.sched import SchedDrain
 from .sources.sriov import VF_FIELDS
@@ -63,6 +63,13 @@ class Context:
     row_has_ports: np.ndarray | None = None
     row_has_vfs: np.ndarray | None = None
     vf_source: str = ""
+    #: CPUs metered, and the first window this drain closed (closed_window
+    #: is the last): with late time, each of those windows short of
+    #: ncpu x W gets a ``late`` row for what it is short, out of the late
+    #: time billed so far and not yet matched (late_budget_ns).
+    ncpu: int = 0
+    taken_from: int = 0
+    late_budget_ns: int = 0
 
 
 @dataclasses.dataclass
@@ -74,6 +81,8 @@ class Built:
     row: np.ndarray
     #: Distinct windows before the first whole one (start-up), not recorded.
     warmup_windows: int
+    #: Late time billed and not yet matched by a ``late`` row (Context.late_budget_ns).
+    late_budget_ns: int = 0
 
 
 def build(d: SchedDrain, nd: NetDrain | None, vf: dict[int, tuple[int, int, int, int]] | None,
@@ -91,21 +100,31 @@ def build(d: SchedDrain, nd: NetDrain | None, vf: dict[int, tuple[int, int, int,
                 vals[:, SUMS.index(name)] = col
         parts.append((window, row, vals))
 
+    def charged(window: np.ndarray, cgid: np.ndarray, ns: np.ndarray, counts: np.ndarray, off: int) -> int:
+        """Add CPU-source entries (rows shifted by ``off``: late ones); returns
+        what they add to their windows' ncpu x W."""
+        is_port = cgid >= np.uint64(PORT_CGID_BIT)
+        is_given = ~is_port & (cgid >= np.uint64(GIVEN_BIT))
+        is_cpu = ~is_port & ~is_given
+        if np.any(is_cpu):
+            add(window[is_cpu], rows.rows(cgid[is_cpu]) + off, cpu_ns=ns[is_cpu], counts=counts[is_cpu])
+        if np.any(is_given):
+            # Softirq time run inside a row's cpu_ns for other rows' ports.
+            add(window[is_given], rows.rows(cgid[is_given] & ~np.uint64(GIVEN_BIT)) + off,
+                softirq_given_ns=ns[is_given], counts=counts[is_given])
+        if np.any(is_port) and ctx.port_row is not None:
+            port = (cgid[is_port] & np.uint64(0xFFFFFFFF)).astype(np.int64)
+            add(window[is_port], ctx.port_row[port] + off, softirq_ns=ns[is_port], counts=counts[is_port])
+        return int(ns[~is_given].sum() - ns[is_given].sum())
+
     keep = d.window >= ctx.first_window
     warmup = int(np.unique(d.window[~keep]).size)
-    window, cgid, ns, counts = d.window[keep], d.cgid[keep], d.ns[keep], d.counts[keep]
-    is_port = cgid >= np.uint64(PORT_CGID_BIT)
-    is_given = ~is_port & (cgid >= np.uint64(GIVEN_BIT))
-    is_cpu = ~is_port & ~is_given
-    if np.any(is_cpu):
-        add(window[is_cpu], rows.rows(cgid[is_cpu]), cpu_ns=ns[is_cpu], counts=counts[is_cpu])
-    if np.any(is_given):
-        # Softirq time run inside a row's cpu_ns for other rows' ports.
-        add(window[is_given], rows.rows(cgid[is_given] & ~np.uint64(GIVEN_BIT)), softirq_given_ns=ns[is_given],
-            counts=counts[is_given])
-    if np.any(is_port) and ctx.port_row is not None:
-        port = (cgid[is_port] & np.uint64(0xFFFFFFFF)).astype(np.int64)
-        add(window[is_port], ctx.port_row[port], softirq_ns=ns[is_port], counts=counts[is_port])
+    charged(d.window[keep], d.cgid[keep], d.ns[keep], d.counts[keep], 0)
+    budget = ctx.late_budget_ns
+    if len(d.late_cgid) and ctx.closed_window >= ctx.first_window:
+        # Late: billed to its row in the newest window closed, as a record of its own.
+        budget += charged(np.full(len(d.late_cgid), ctx.closed_window, np.int64), d.late_cgid, d.late_ns,
+                          d.late_counts, rows.nrows)
     if nd is not None and len(nd) and ctx.port_row is not None:
         k = nd.window >= ctx.first_window
         rx = nd.kind[k] == KIND_RX
@@ -118,19 +137,50 @@ def build(d: SchedDrain, nd: NetDrain | None, vf: dict[int, tuple[int, int, int,
         v = np.array(list(vf.values()), np.int64).reshape(len(vf), 4)
         add(np.full(len(vf), ctx.closed_window, np.int64), vrows, vf_rx_packets=v[:, 0], vf_rx_bytes=v[:, 1],
             vf_tx_packets=v[:, 2], vf_tx_bytes=v[:, 3])
+    if budget > 0 and ctx.ncpu:
+        budget = _late_rows(parts, budget, rows.nrows, ctx, add)
     if not parts:
         empty = np.zeros(0, np.int64)
-        return Built(records.empty(0), empty, empty, warmup)
+        return Built(records.empty(0), empty, empty, warmup, budget)
     window = np.concatenate([p[0] for p in parts])
     row = np.concatenate([p[1] for p in parts])
     vals = np.concatenate([p[2] for p in parts])
-    first, g = records.group_sums((window - window.min()) * rows.nrows + row, vals)
-    out = _records(window[first], row[first], g, rows, ctx)
-    return Built(out, window[first], row[first], warmup)
+    first, g = records.group_sums((window - window.min()) * (2 * rows.nrows) + row, vals)
+    g_row = row[first]
+    late = g_row >= rows.nrows
+    out = _records(window[first], g_row - np.where(late, rows.nrows, 0), g, rows, ctx, late)
+    return Built(out, window[first], g_row - np.where(late, rows.nrows, 0), warmup, budget)
 
 
-def _records(g_window: np.ndarray, g_row: np.ndarray, g: np.ndarray, rows: Rows, ctx: Context) -> np.ndarray:
-    """Records from per-(window, row) sums (``g``: columns :data:`SUMS`, then counters)."""
+def _late_rows(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], budget: int, nrows: int, ctx: Context,
+               add: Any) -> int:
+    """Give each window this drain closed that is short of ncpu x W a ``late``
+    row for what it is short, out of ``budget`` (late time billed in other
+    windows, not yet matched), in window order; returns what is left.
+
+    A window still short after that is a conservation violation, as before.
+    """
+    lo, hi = max(ctx.taken_from, ctx.first_window), ctx.closed_window
+    if hi < lo:
+        return budget
+    have = np.zeros(hi - lo + 1, np.int64)
+    for window, row, vals in parts:
+        inside = (row < nrows) & (window >= lo) & (window <= hi)
+        net = vals[inside, SUMS.index("cpu_ns")] + vals[inside, SUMS.index("softirq_ns")] - vals[
+            inside, SUMS.index("softirq_given_ns")]
+        np.add.at(have, window[inside] - lo, net)
+    short = np.maximum(ctx.ncpu * ctx.window_ns - have, 0)
+    fill = np.minimum(short, np.maximum(budget - (np.cumsum(short) - short), 0))
+    idx = np.flatnonzero(fill)
+    if len(idx):
+        add(idx + lo, np.full(len(idx), LATE_ROW, np.int64), cpu_ns=fill[idx])
+    return budget - int(fill.sum())
+
+
+def _records(g_window: np.ndarray, g_row: np.ndarray, g: np.ndarray, rows: Rows, ctx: Context,
+             late: np.ndarray) -> np.ndarray:
+    """Records from per-(window, row) sums (``g``: columns :data:`SUMS`, then
+    counters); ``late`` marks records of late time (cpu_source ``late``)."""
     n = len(g_row)
     g_ns = g[:, 0]
     plan = ctx.plan
@@ -144,8 +194,8 @@ def _records(g_window: np.ndarray, g_row: np.ndarray, g: np.ndarray, rows: Rows,
         "cpu_ns": g_ns,
         "seq": np.arange(ctx.first_seq, ctx.first_seq + n),
         # host's tasks are kernel-charged like any compartment's; idle, sched, steal are clock time.
-        "cpu_source": np.where((g_row >= IDLE_ROW) & (g_row < PSEUDO_ROWS), "clock",
-                               "kernel" if ctx.kernel_charge else "clock").astype(object),
+        "cpu_source": np.where(late, "late", np.where((g_row >= IDLE_ROW) & (g_row < PSEUDO_ROWS), "clock",
+                                                      "kernel" if ctx.kernel_charge else "clock")).astype(object),
         "counters_source": plan.source,
     }
     for i, field in enumerate(plan.events):
@@ -153,7 +203,8 @@ def _records(g_window: np.ndarray, g_row: np.ndarray, g: np.ndarray, rows: Rows,
     if "cycles" in plan.estimated and plan.hz:
         # Softirq time spent for the compartment runs cycles too (and time given away does not).
         cycles = (g_ns + g[:, 1] - g[:, 2]) * plan.hz // 1_000_000_000
-        cycles[g_row == IDLE_ROW] = records.NULL
+        # Idle ran none; the late row's time is billed (with its cycles) in another window.
+        cycles[(g_row == IDLE_ROW) | ((g_row == LATE_ROW) & ~late)] = records.NULL
         cols["cycles"] = cycles
     if ctx.row_has_ports is not None:
         # Net fields are measured (0 when quiet) for rows with ports, absent for the rest.

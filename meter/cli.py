@@ -99,10 +99,11 @@ def record(config: str | None, cgroup_root: str | None, window_ms: int | None, d
         summary = f"meter: {sink.count} records, {st.windows} windows of {meter.window_ms} ms"
         if st.unresolved_cgroups:
             summary += f"; {st.unresolved_cgroups} cgroups gone before they could be named, billed to host"
-        if st.loss_line():
-            click.echo(f"{summary}; {st.loss_line()}", err=True)
-            sys.exit(3)
+        if st.notice_line():
+            summary += f"; {st.notice_line()}"
         click.echo(summary, err=True)
+        if st.loss_line():
+            sys.exit(3)
 
 
 # -- bill, export, economics --------------------------------------------------------
@@ -344,7 +345,7 @@ def top(config: str | None, cgroup_root: str | None, interval: float, once: bool
                 if as_json:
                     click.echo(json.dumps(snap.as_dict(), indent=2))
                 else:
-                    console.print(tui.render_top(snap, expand=True, host=meter.host, lost=meter.stats.loss_line()))
+                    console.print(tui.render_top(snap, expand=True, host=meter.host, lost=meter.stats.notice_line()))
                 return
             tui.live(meter, console, interval)
 

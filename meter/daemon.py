@@ -22,14 +22,15 @@ from .topology import Topology
 
 
 class LossReporter:
-    """Says on stderr, as it happens and at most every ``every`` seconds, what was lost."""
+    """Says on stderr, as it happens and at most every ``every`` seconds, what was lost
+    (and what was billed late or as unattributed)."""
 
     def __init__(self, meter: Any, every: float = 10.0) -> None:
         self.meter, self.every = meter, every
         self.last_line, self.last_at = "", 0.0
 
     def now(self) -> None:
-        line = self.meter.stats.loss_line()
+        line = self.meter.stats.notice_line()
         if line and line != self.last_line and time.monotonic() - self.last_at >= self.every:
             click.echo(f"meter: warning: {line}", err=True)
             self.last_line, self.last_at = line, time.monotonic()

@@ -47,6 +47,12 @@ log = logging.getLogger("meter")
 #: this limit), so the drain interval is at most (560 - 16) / 2 windows.
 MAX_SPAN_LIMIT = 560
 
+#: Ring rows a file topology keeps free for compartments added by reloads.
+RELOAD_ROOM = 64
+#: Rows for cgroups that are not compartments: meter's pseudo-rows, the
+#: host's cgroup, and any leaf cgroup the kernel charges by its own id.
+PSEUDO_CGROUPS = 16
+
 
 class Meter(DrainLoop):
     """Meter a topology's compartments; a context manager.
@@ -74,6 +80,7 @@ class Meter(DrainLoop):
         host: str | None = None,
         first_seq: int = 0,
         map_entries: int = 65536,
+        max_rows: int | None = None,
         energy: EnergySettings | None = None,
         vf_links: Callable[[str], list[Any]] | None = None,
         sources: SourceFactory | None = None,
@@ -106,6 +113,10 @@ class Meter(DrainLoop):
         DrainLoop.__init__(self)
         self._lock = threading.Lock()
         self._map_entries = map_entries
+        self._max_rows = max_rows
+        self._taken_from = 0
+        #: Late time billed and not yet matched by a late row (meter.build).
+        self._late_budget = 0
         self._sched: CPUSource | None = None
         self._net: PacketSource | None = None
         self._vf: VFPoller | None = None
@@ -173,11 +184,33 @@ class Meter(DrainLoop):
             self._sched.set_compartments(res.kernel_compartments())
             self._pushed_generation = res.generation
 
+    def ring_rows(self, nports: int) -> int:
+        """Rows of the CPU source's ring: every cgroup it may charge.
+
+        The pseudo-rows, each compartment (under discovery as many as the
+        kernel resolves, MAX_COMPARTMENTS; a file topology's own, and room
+        for RELOAD_ROOM more added by reloads), and with ports each one's
+        given-away time and the ports' own. Beyond them usage is kept in
+        the ``unattributed`` row (docs/architecture.md, "The ring").
+        """
+        if self._max_rows is not None:
+            return self._max_rows
+        n = MAX_COMPARTMENTS if self.topology.cgroup_root is not None else len(self.topology.compartments) + RELOAD_ROOM
+        rows = PSEUDO_CGROUPS + n
+        if nports:
+            rows += PSEUDO_CGROUPS + n + nports
+        return rows
+
     def _cpu_spec(self, nports: int) -> CPUSpec:
         # An idle CPU is nudged only at drains: one charge may span two intervals.
-        span = int(2 * self.drain_interval * 1e9 // self.window_ns) + 16
-        return CPUSpec(self.window_ns, list(self.plan.events.values()), self._map_entries,
-                       min(span, MAX_SPAN_LIMIT), nports)
+        drain_windows = int(self.drain_interval * 1e9 // self.window_ns)
+        span = min(2 * drain_windows + 16, MAX_SPAN_LIMIT)
+        # The ring holds the windows between the last one taken and the newest
+        # charged (two drain intervals), and room for a drain that comes late
+        # on a busy host: two intervals more, and at least one second.
+        ring = span + max(32, 2 * drain_windows, -(-1_000_000_000 // self.window_ns))
+        return CPUSpec(self.window_ns, list(self.plan.events.values()), self._map_entries, span, nports,
+                       self.ring_rows(nports), ring)
 
     def program_listing(self) -> str:
         """The kernel program this meter would load, with its ``-D`` settings
@@ -308,6 +341,7 @@ class Meter(DrainLoop):
         t0 = time.perf_counter()
         with self._lock:
             closed_before = self._sched.closed_window
+            self._taken_from = closed_before + 1
             drained = self._sched.drain(final=final)
             net = None
             if self._net is not None:
@@ -335,8 +369,10 @@ class Meter(DrainLoop):
             row_has_ports=self._row_has_ports if self._net is not None else None,
             row_has_vfs=self._row_has_vfs if self._vf is not None else None,
             vf_source=self._vf.source if self._vf is not None else "",
+            ncpu=self.ncpu, taken_from=self._taken_from, late_budget_ns=self._late_budget,
         )
         built = build.build(d, nd, vf, self._resolver, ctx)
+        self._late_budget = built.late_budget_ns
         self._resolver.refresh_ids()
         self._push_compartments()
         self.stats.warmup_windows_skipped += built.warmup_windows

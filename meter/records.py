@@ -209,9 +209,12 @@ def window_totals(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(window starts, the CPU time each window's records account for).
 
     cpu_ns + softirq_ns - softirq_given_ns over every row of a window: with
-    every CPU metered, ncpu x W.
+    every CPU metered, ncpu x W. Records of late time (``cpu_source`` late:
+    another window's, billed in this one) are not this window's time; the
+    window they came from has a ``late`` row for them.
     """
-    starts, cpu = window_sums(batch, "cpu_ns")
-    _, softirq = window_sums(batch, "softirq_ns")
-    _, given = window_sums(batch, "softirq_given_ns")
+    own = batch[batch["cpu_source"] != "late"] if np.any(batch["cpu_source"] == "late") else batch
+    starts, cpu = window_sums(own, "cpu_ns")
+    _, softirq = window_sums(own, "softirq_ns")
+    _, given = window_sums(own, "softirq_given_ns")
     return starts, cpu + softirq - given

@@ -2,7 +2,10 @@
 
 Row 0 is ``host`` (tasks in no compartment), row 1 is ``idle`` (the idle
 task), row 2 ``sched`` (clock time the kernel charged to no task), row 3
-``steal`` (time the hypervisor took), rows 4.. are compartments. A cgroup id is resolved once and
+``steal`` (time the hypervisor took), row 4 ``unattributed`` (usage of
+cgroups the kernel's ring had no row left for), row 5 ``late`` (a window's
+time that arrived too late for it, billed in a later window), rows 6.. are
+compartments. A cgroup id is resolved once and
 remembered, so a compartment whose cgroup is removed while metering keeps
 its usage. Under a discovered topology (``--cgroup-root``), an unknown id
 makes the resolver re-read the root, and new compartments are appended as
@@ -15,21 +18,26 @@ from pathlib import Path
 
 import numpy as np
 
-from .bpfabi import IDLE_CGID, SCHED_CGID, STEAL_CGID
+from .bpfabi import IDLE_CGID, SCHED_CGID, STEAL_CGID, UNATTRIBUTED_CGID
 from .cgroup import CgroupIndex, cgroup_id
 from .errors import CgroupError
 from .sources.base import KernelCompartments
-from .topology import HOST, IDLE, SCHED, STEAL, Compartment, Topology
+from .topology import HOST, IDLE, LATE, SCHED, STEAL, UNATTRIBUTED, Compartment, Topology
 
-__all__ = ["HOST_ROW", "IDLE_ROW", "PSEUDO_ROWS", "Resolver", "SCHED_ROW", "STEAL_ROW"]
+__all__ = ["HOST_ROW", "IDLE_ROW", "LATE_ROW", "PSEUDO_ROWS", "Resolver", "SCHED_ROW", "STEAL_ROW",
+           "UNATTRIBUTED_ROW"]
 
 HOST_ROW = 0
 IDLE_ROW = 1
 SCHED_ROW = 2
 STEAL_ROW = 3
+UNATTRIBUTED_ROW = 4
+LATE_ROW = 5
 #: Rows that are meter's own, not compartments.
-PSEUDO_ROWS = 4
-_PSEUDO = {IDLE_CGID: IDLE_ROW, SCHED_CGID: SCHED_ROW, STEAL_CGID: STEAL_ROW}
+PSEUDO_ROWS = 6
+#: The late row's cgroup id in records: none (no cgroup's, nor a kernel pseudo-id).
+_NO_CGID = 0
+_PSEUDO = {IDLE_CGID: IDLE_ROW, SCHED_CGID: SCHED_ROW, STEAL_CGID: STEAL_ROW, UNATTRIBUTED_CGID: UNATTRIBUTED_ROW}
 
 
 class Resolver:
@@ -38,9 +46,10 @@ class Resolver:
     def __init__(self, topology: Topology, index: CgroupIndex | None = None) -> None:
         self.topology = topology
         self.index = index if index is not None else CgroupIndex(topology.mount)
-        self.tenants: list[str] = [HOST, IDLE, SCHED, STEAL]
-        self.names: list[str] = [HOST, IDLE, SCHED, STEAL]
-        self.cgroup_ids: list[int] = [cgroup_id(topology.mount), IDLE_CGID, SCHED_CGID, STEAL_CGID]
+        self.tenants: list[str] = [HOST, IDLE, SCHED, STEAL, UNATTRIBUTED, LATE]
+        self.names: list[str] = [HOST, IDLE, SCHED, STEAL, UNATTRIBUTED, LATE]
+        self.cgroup_ids: list[int] = [cgroup_id(topology.mount), IDLE_CGID, SCHED_CGID, STEAL_CGID,
+                                      UNATTRIBUTED_CGID, _NO_CGID]
         self.compartments: list[Compartment | None] = [None] * PSEUDO_ROWS
         self._rows: dict[int, int] = dict(_PSEUDO)
         self.unresolved = 0  # ids no scan could name (charged to host)

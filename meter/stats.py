@@ -13,12 +13,12 @@ from typing import Any
 import numpy as np
 
 from .records import window_totals
+from .topology import UNATTRIBUTED
 
 __all__ = ["MeterStats"]
 
 #: MeterStats field for each kernel-side count.
-_KERNEL = {"late_ns": "late_ns", "drop_ns": "dropped_ns", "drop_updates": "dropped_updates",
-           "counter_errors": "counter_errors", "net_drop_updates": "net_dropped_updates",
+_KERNEL = {"late_ns": "late_ns", "counter_errors": "counter_errors", "net_drop_updates": "net_dropped_updates",
            "span_unattributed_ns": "softirq_unattributed_ns", "unplaced_ns": "unplaced_ns", "unsettled": "unsettled"}
 
 
@@ -30,9 +30,8 @@ class MeterStats:
     records: int = 0
     drains: int = 0
     drain_seconds: float = 0.0
-    late_ns: int = 0
-    dropped_ns: int = 0
-    dropped_updates: int = 0
+    late_ns: int = 0  # billed in a later window than its own (named: cpu_source late, and the late row)
+    unattributed_ns: int = 0  # usage of cgroups beyond the kernel ring's rows (the unattributed row)
     counter_errors: int = 0
     net_dropped_updates: int = 0  # packet updates not stored: net map full
     softirq_unattributed_ns: int = 0  # NET softirq time left with the interrupted task
@@ -67,6 +66,8 @@ class MeterStats:
         without any record is a violation too (and a missing window).
         """
         self.records += len(batch)
+        if len(batch):
+            self.unattributed_ns += int(batch["cpu_ns"][batch["tenant"] == UNATTRIBUTED].sum())
         starts = np.zeros(0, np.int64)
         if len(batch):
             # Every CPU-ns of a window is some row's cpu_ns, or softirq_ns given by another row.
@@ -83,13 +84,22 @@ class MeterStats:
         """What did not reach the records, by reason (ns of CPU time; counts for the rest).
 
         Any non-zero value means a bill from these records is short:
-        ``meter record`` says so and exits non-zero.
+        ``meter record`` says so and exits non-zero. Late and unattributed
+        time are not lost (they are in the records, named): see :meth:`notice_line`.
         """
-        return {"dropped_ns": self.dropped_ns, "late_ns": self.late_ns, "unplaced_ns": self.unplaced_ns,
-                "net_dropped_updates": self.net_dropped_updates, "missing_windows": self.missing_windows,
-                "conservation_violations": self.conservation_violations}
+        return {"unplaced_ns": self.unplaced_ns, "net_dropped_updates": self.net_dropped_updates,
+                "missing_windows": self.missing_windows, "conservation_violations": self.conservation_violations}
 
     def loss_line(self) -> str:
         """One sentence naming every loss so far ("" when there is none)."""
         parts = [f"{v} {k.replace('_ns', ' ns').replace('_', ' ')}" for k, v in self.losses().items() if v]
         return "LOST: " + ", ".join(parts) if parts else ""
+
+    def notice_line(self) -> str:
+        """The losses, then usage billed other than in its own window or row ("" when none)."""
+        parts = [self.loss_line()] if self.loss_line() else []
+        if self.late_ns:
+            parts.append(f"{self.late_ns} ns late (billed in a later window: cpu_source late, and the late row)")
+        if self.unattributed_ns:
+            parts.append(f"{self.unattributed_ns} ns of cgroups beyond the kernel's rows (the unattributed row)")
+        return "; ".join(parts)

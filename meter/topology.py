@@ -42,9 +42,11 @@ __all__ = [
     "discovered_name",
     "HOST",
     "IDLE",
+    "LATE",
     "RESERVED",
     "SCHED",
     "STEAL",
+    "UNATTRIBUTED",
     "NAME_MAX",
     "Compartment",
     "Topology",
@@ -59,8 +61,12 @@ IDLE = "idle"
 SCHED = "sched"
 #: Pseudo-compartment for time the hypervisor took from this host's CPUs.
 STEAL = "steal"
+#: Pseudo-compartment for usage of cgroups beyond what the kernel's ring holds.
+UNATTRIBUTED = "unattributed"
+#: Pseudo-compartment for a window's time that was billed in a later window (late).
+LATE = "late"
 #: Names of meter's own rows, which no tenant or compartment may take.
-RESERVED = (HOST, IDLE, SCHED, STEAL)
+RESERVED = (HOST, IDLE, SCHED, STEAL, UNATTRIBUTED, LATE)
 #: Longest tenant or compartment name (records store names at fixed width).
 NAME_MAX = 64
 

@@ -175,7 +175,7 @@ def live(meter: Any, console: Any, interval: float) -> None:
                 parts, last = [], time.monotonic()
             view = render_top(snap, sort=str(state["sort"]), reverse=bool(state["reverse"]),
                               expand=bool(state["expand"]), paused=bool(state["paused"]), host=meter.host,
-                              lost=meter.stats.loss_line())
+                              lost=meter.stats.notice_line())
             if state["help"]:
                 from rich.console import Group
                 from rich.text import Text

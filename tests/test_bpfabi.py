@@ -19,11 +19,13 @@ def test_every_constant_matches_the_header():
     assert c["METER_IDLE_CGID"] == bpfabi.IDLE_CGID
     assert c["METER_SCHED_CGID"] == bpfabi.SCHED_CGID
     assert c["METER_STEAL_CGID"] == bpfabi.STEAL_CGID
+    assert c["METER_UNATTRIBUTED_CGID"] == bpfabi.UNATTRIBUTED_CGID
+    assert c["METER_UNATTRIBUTED_ROW"] == bpfabi.UNATTRIBUTED_ROW
     assert c["METER_GIVEN_BIT"] == bpfabi.GIVEN_BIT
     assert c["METER_PORT_PLACEHOLDER"] == bpfabi.PORT_PLACEHOLDER
     assert (c["METER_NET_RX"], c["METER_NET_TX"], c["METER_NET_SOFTIRQ"]) == (
         bpfabi.KIND_RX, bpfabi.KIND_TX, bpfabi.KIND_SOFTIRQ)
-    names = ("WATERMARK", "FIRST", "LEVELS", "GEN", "OTHER", "DISCOVER_LEVEL", "DISCOVER_ROOT")
+    names = ("WATERMARK", "FIRST", "LEVELS", "GEN", "OTHER", "DISCOVER_LEVEL", "DISCOVER_ROOT", "TAKEN", "NEXT_ROW")
     assert [c[f"METER_CTL_{n}"] for n in names] == [getattr(bpfabi, f"CTL_{n}") for n in names]
     assert (c["METER_MAX_COMPARTMENTS"], c["METER_MAX_LEVEL"]) == (bpfabi.MAX_COMPARTMENTS, bpfabi.MAX_LEVEL)
     # The port pseudo-cgroup is a macro with an argument: its bit, from the text.
@@ -40,7 +42,7 @@ def test_stats_are_the_header_enum_in_order():
 
 
 @pytest.mark.parametrize(("struct", "dtype"), [
-    ("meter_key", bpfabi.KEY_DTYPE), ("meter_usage", bpfabi.USAGE_DTYPE),
+    ("meter_usage", bpfabi.USAGE_DTYPE), ("meter_counts", bpfabi.COUNTS_DTYPE),
     ("meter_net_key", bpfabi.NET_KEY_DTYPE), ("meter_net_usage", bpfabi.NET_USAGE_DTYPE),
 ])
 def test_map_structs_are_laid_out_like_the_dtypes(struct, dtype):
@@ -49,7 +51,7 @@ def test_map_structs_are_laid_out_like_the_dtypes(struct, dtype):
 
 def test_pseudo_cgroup_ids_never_collide_with_real_ones():
     # Real ids are kernfs ids: generation << 32 | inode, far below bit 61.
-    pseudo = [bpfabi.SCHED_CGID, bpfabi.STEAL_CGID]
+    pseudo = [bpfabi.SCHED_CGID, bpfabi.STEAL_CGID, bpfabi.UNATTRIBUTED_CGID]
     assert all(p < bpfabi.GIVEN_BIT and p >= 1 << 61 for p in pseudo)
     assert bpfabi.GIVEN_BIT < bpfabi.PORT_CGID_BIT
     assert bpfabi.SCHED_CGID & bpfabi.GIVEN_BIT == 0
@@ -67,9 +69,8 @@ def _struct(*fields):
 
 
 def test_check_table_accepts_the_compiled_layout():
-    key = _struct(("cgid", ctypes.c_uint64), ("window", ctypes.c_uint64))
     leaf = _struct(("ns", ctypes.c_uint64), ("count", ctypes.c_uint64 * bpfabi.MAX_COUNTERS))
-    bpfabi.check_table(_Table(key, leaf), bpfabi.KEY_DTYPE, bpfabi.USAGE_DTYPE, "usage")
+    bpfabi.check_table(_Table(ctypes.c_uint32, leaf), np.dtype(np.uint32), bpfabi.USAGE_DTYPE, "late")
 
 
 @pytest.mark.parametrize(("leaf", "says"), [
@@ -78,10 +79,17 @@ def test_check_table_accepts_the_compiled_layout():
     (_struct(("ns", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("count", ctypes.c_uint64 * 4)), "fields"),
 ])
 def test_check_table_names_the_drift(leaf, says):
-    key = _struct(("cgid", ctypes.c_uint64), ("window", ctypes.c_uint64))
     with pytest.raises(BPFError, match=re.escape(says)) as err:
-        bpfabi.check_table(_Table(key, leaf), bpfabi.KEY_DTYPE, bpfabi.USAGE_DTYPE, "usage")
-    assert "usage map's value" in str(err.value) and "\n" not in str(err.value)
+        bpfabi.check_table(_Table(ctypes.c_uint32, leaf), np.dtype(np.uint32), bpfabi.USAGE_DTYPE, "late")
+    assert "late map's value" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_check_table_sees_a_struct_where_a_scalar_is_expected():
+    leaf = _struct(("ns", ctypes.c_uint64), ("count", ctypes.c_uint64 * bpfabi.MAX_COUNTERS))
+    with pytest.raises(BPFError, match="a scalar in the kernel"):
+        bpfabi.check_table(_Table(ctypes.c_uint32, ctypes.c_uint64), np.dtype(np.uint32),
+                           np.dtype([("ns", np.uint64)]), "late")
+    bpfabi.check_table(_Table(ctypes.c_uint32, leaf), np.dtype(np.uint32), bpfabi.USAGE_DTYPE, "late")
 
 
 def test_check_table_sees_a_moved_field_of_the_same_size():
@@ -96,9 +104,11 @@ def test_check_table_sees_a_moved_field_of_the_same_size():
 def test_the_compiled_program_matches_the_abi():
     from meter import program
 
-    bpf = program.load(["sched", "net"], {"METER_NET": 1, "METER_NR_COUNTERS": 0})
+    bpf = program.load(["sched", "net"], {"METER_NET": 1, "METER_NR_COUNTERS": 1})
     try:
-        bpfabi.check_table(bpf[b"usage"], bpfabi.KEY_DTYPE, bpfabi.USAGE_DTYPE, "usage")
+        bpfabi.check_table(bpf[b"late"], np.dtype(np.uint32), bpfabi.USAGE_DTYPE, "late")
+        bpfabi.check_table(bpf[b"ring_counts"], np.dtype(np.uint32), bpfabi.COUNTS_DTYPE, "ring_counts")
+        bpfabi.check_table(bpf[b"ring"], np.dtype(np.uint32), np.dtype(np.uint64), "ring")
         bpfabi.check_table(bpf[b"net_usage"], bpfabi.NET_KEY_DTYPE, bpfabi.NET_USAGE_DTYPE, "net_usage")
     finally:
         bpf.cleanup()

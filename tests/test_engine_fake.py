@@ -20,6 +20,7 @@ from meter.cgroup import cgroup_id
 from meter.engine import Meter, window_totals
 from meter.errors import ConfigError
 from meter.perf import CounterPlan
+from meter.resolver import PSEUDO_ROWS
 from meter.sources.fake import FakeCPU, FakeEnergy, FakePackets, FakeSources, FakeVFs, steady_load
 from meter.sources.sched import SchedDrain
 
@@ -223,8 +224,8 @@ def test_vf_counters_land_in_the_newest_closed_window(tree):
     vfs = FakeVFs()
     topo = _topology(tree, 'vfs = [{ pf = "enp3s0f0", vf = 3 }]\n')
     meter, src = _open(topo, vfs=vfs)
-    assert vfs.vfs == [(4, "enp3s0f0", 3)]  # row 4: acme, the first compartment
-    vfs.add(4, 7, 700, 2, 200)
+    assert vfs.vfs == [(PSEUDO_ROWS, "enp3s0f0", 3)]  # acme, the first compartment, after meter's own rows
+    vfs.add(PSEUDO_ROWS, 7, 700, 2, 200)
     src.cpu_source.advance(3)
     batch = meter.drain()
     acme = _rows(batch, "acme")
@@ -312,10 +313,10 @@ def test_measured_energy_is_split_exactly_and_carried_over_empty_drains(tree):
 def test_kernel_side_losses_are_reported_in_stats(tree):
     cpu = FakeCPU()
     meter, _ = _open(_topology(tree), cpu)
-    cpu.kernel_stats.update(late_ns=5, drop_updates=2, unplaced_ns=9)
+    cpu.kernel_stats.update(late_ns=5, net_drop_updates=2, unplaced_ns=9)
     cpu.advance(4)
     meter.drain()
-    assert (meter.stats.late_ns, meter.stats.dropped_updates, meter.stats.unplaced_ns) == (5, 2, 9)
+    assert (meter.stats.late_ns, meter.stats.net_dropped_updates, meter.stats.unplaced_ns) == (5, 2, 9)
     assert meter.stats.covered_ns == 4 * W
 
 
@@ -498,13 +499,55 @@ def test_losses_are_exported_by_reason(tree):
 
     cpu = FakeCPU()
     meter, _ = _open(_topology(tree), cpu)
-    cpu.kernel_stats.update(late_ns=2_000_000_000, drop_ns=500_000_000)
+    cpu.kernel_stats.update(late_ns=2_000_000_000, unplaced_ns=500_000_000)
     cpu.advance(1)
     meter.drain()
     text = Exporter(meter, "127.0.0.1:0").render()
-    assert 'meter_lost_seconds_total{reason="late"} 2.0' in text
-    assert 'meter_lost_seconds_total{reason="dropped"} 0.5' in text
+    assert 'meter_lost_seconds_total{reason="unplaced"} 0.5' in text
+    # Late time is billed (in a later window), not lost.
+    assert "meter_late_seconds_total 2.0" in text and 'reason="late"' not in text
     assert "meter_missing_windows_total 0.0" in text
+
+
+def test_late_time_is_billed_to_its_row_and_named_in_the_window_it_left(tree):
+    """A stalled drain: 300 us of acme's time in window 1001 had no open cell. It is
+    billed to acme in the newest window of the next drain, as a record of its own
+    (cpu_source late); window 1001, short by as much, gets a late row for it. Every
+    window adds up, and acme's bill has all of its time."""
+    cpu = FakeCPU()
+    meter, _ = _open(_topology(tree), cpu)
+    acme = _id(tree, "acme/vswitch")
+    cpu.charge(1000, acme, 200_000)
+    cpu.charge_late(1001, acme, 300_000)
+    cpu.advance(3)
+    batch = meter.drain()
+    late = batch[batch["cpu_source"] == "late"]
+    assert list(late["tenant"]) == ["acme"] and int(late["cpu_ns"][0]) == 300_000
+    assert int(late["window_start_ns"][0]) == int(batch["window_start_ns"].max())  # the newest window
+    named = batch[batch["tenant"] == "late"]
+    assert len(named) == 1 and int(named["cpu_ns"][0]) == 300_000
+    assert int(named["window_start_ns"][0]) == int(batch["window_start_ns"].min()) + W  # window 1001
+    starts, total = window_totals(batch)
+    assert len(starts) == 3 and np.all(total == 2 * W)
+    assert int(_rows(batch, "acme")["cpu_ns"].sum()) == 500_000
+    assert meter.stats.conservation_violations == 0 and meter.stats.loss_line() == ""
+
+
+def test_late_time_no_window_is_short_of_is_kept_for_the_next_ones(tree):
+    """Late time can arrive before the window it left closes (a ring full of
+    undrained windows takes charges of the newest ones): the late row waits for it."""
+    cpu = FakeCPU()
+    meter, _ = _open(_topology(tree), cpu)
+    acme = _id(tree, "acme/vswitch")
+    cpu.charge_late(1002, acme, 100_000)
+    cpu.advance(2)  # windows 1000, 1001 close: neither is short
+    first = meter.drain()
+    assert not np.any(first["tenant"] == "late") and int(first["cpu_ns"][first["cpu_source"] == "late"].sum()) == 100_000
+    cpu.advance(1)  # 1002 closes, short by 100 us
+    second = meter.drain()
+    assert int(second["cpu_ns"][second["tenant"] == "late"].sum()) == 100_000
+    for b in (first, second):
+        assert np.all(window_totals(b)[1] == 2 * W)
 
 
 def test_the_kernel_is_told_every_compartment_and_its_level(tree):

@@ -354,7 +354,10 @@ class Exporter:
         st = meter.stats
         for name, value, doc in (
             ("meter_records", st.records, "Records produced."),
-            ("meter_late_seconds", st.late_ns / 1e9, "CPU time that arrived for a closed window (lost)."),
+            ("meter_late_seconds", st.late_ns / 1e9,
+             "CPU time billed in a later window than its own (records with cpu_source late; not lost)."),
+            ("meter_unattributed_seconds", st.unattributed_ns / 1e9,
+             "CPU time of cgroups beyond the kernel ring's rows, billed to the unattributed row."),
             ("meter_conservation_violations", st.conservation_violations, "Windows whose CPU time did not add up."),
         ):
             fam = CounterMetricFamily(name, doc)
@@ -362,7 +365,7 @@ class Exporter:
             yield fam
         lost = CounterMetricFamily("meter_lost_seconds", "CPU time that did not reach any record, by reason.",
                                    labels=["reason"])
-        for reason, ns in (("dropped", st.dropped_ns), ("late", st.late_ns), ("unplaced", st.unplaced_ns)):
+        for reason, ns in (("unplaced", st.unplaced_ns),):
             lost.add_metric([reason], ns / 1e9)
         yield lost
         for name, value, doc in (
@@ -375,7 +378,6 @@ class Exporter:
             fam.add_metric([], value)
             yield fam
         fam = CounterMetricFamily("meter_dropped_updates", "Kernel map updates dropped (map full).", labels=["map"])
-        fam.add_metric(["usage"], st.dropped_updates)
         fam.add_metric(["net_usage"], st.net_dropped_updates)
         yield fam
         lag = GaugeMetricFamily("meter_drain_lag_seconds", "Now minus the end of the newest record.")

@@ -117,6 +117,9 @@ class CPUSpec:
     max_span: int
     #: The ports packets are counted for (their number sizes the net maps).
     nports: int
+    #: Cgroups the CPU ring holds, and its windows (SchedSource's max_rows, ring_windows).
+    max_rows: int = 256
+    ring_windows: int | None = None
 
 
 class SourceFactory(Protocol):
@@ -145,7 +148,7 @@ class KernelSources:
         from .sched import SchedSource
 
         return SchedSource(
-            spec.window_ns, spec.events, map_entries=spec.map_entries, max_span=spec.max_span,
+            spec.window_ns, spec.events, max_rows=spec.max_rows, max_span=spec.max_span, ring_windows=spec.ring_windows,
             net_entries=spec.map_entries if spec.nports else None, max_ports=spec.nports,
         )
 

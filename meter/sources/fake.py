@@ -62,6 +62,8 @@ class FakeCPU:
         self._window: list[np.ndarray] = []
         self._ns: list[np.ndarray] = []
         self._counts: list[np.ndarray] = []
+        self._late: list[tuple[int, int]] = []
+        self._late_windows: list[tuple[int, int]] = []
 
     @property
     def first_window(self) -> int:
@@ -79,6 +81,13 @@ class FakeCPU:
         """Charge ``ns`` (and counter deltas) of some CPU's time in ``window`` to ``cgid``."""
         self._add(np.array([window], np.int64), np.array([cgid], np.uint64), np.array([ns], np.int64),
                   np.array([list(counts) + [0] * (self.ncounters - len(counts))], np.int64).reshape(1, -1))
+
+    def charge_late(self, window: int, cgid: int, ns: int) -> None:
+        """Charge ``ns`` of ``window`` to ``cgid`` as the kernel does when that
+        window's cell is not open (a stalled drain): the window closes short
+        of it, and the next drain hands it on as the row's late total."""
+        self._late.append((cgid, ns))
+        self._late_windows.append((window, ns))
 
     def advance(self, windows: int = 1) -> None:
         """Let ``windows`` windows pass: they close (the load, if any, runs in them)."""
@@ -108,6 +117,9 @@ class FakeCPU:
             inside = (window >= closing[0]) & (window <= closing[-1]) & (np.concatenate(self._cgid) < GIVEN_BIT)
             used = np.bincount(window[inside] - closing[0], weights=ns[inside], minlength=len(closing)).astype(np.int64)
         idle = self.ncpu * self.window_ns - used
+        for w, gone in self._late_windows:
+            if closing[0] <= w <= closing[-1]:
+                idle[w - closing[0]] -= gone  # that time went late: not idle's
         keep = idle > 0
         self._add(closing[keep], np.full(int(keep.sum()), IDLE_CGID, np.uint64), idle[keep],
                   np.zeros((int(keep.sum()), self.ncounters), np.int64))
@@ -115,12 +127,17 @@ class FakeCPU:
     # -- the CPUSource protocol -------------------------------------------------------
 
     def drain(self, *, final: bool = False) -> SchedDrain:
-        """Every charge in a window before :attr:`now` (``final`` changes nothing: time is simulated)."""
+        """Every charge in a window before :attr:`now`, and what was charged late
+        (``final`` changes nothing: time is simulated)."""
+        late = {"late_cgid": np.array([c for c, _ in self._late], np.uint64),
+                "late_ns": np.array([n for _, n in self._late], np.int64),
+                "late_counts": np.zeros((len(self._late), self.ncounters), np.int64)}
+        self._late = []
         if not self._window:
             empty = np.zeros(0, np.int64)
             self.closed_window = max(self.closed_window, self.now - 1)
             return SchedDrain(cgid=np.zeros(0, np.uint64), window=empty, ns=empty,
-                              counts=np.zeros((0, self.ncounters), np.int64))
+                              counts=np.zeros((0, self.ncounters), np.int64), **late)
         window = np.concatenate(self._window)
         cgid = np.concatenate(self._cgid)
         ns = np.concatenate(self._ns)
@@ -129,7 +146,7 @@ class FakeCPU:
         left = ~done
         self._window, self._cgid, self._ns, self._counts = [window[left]], [cgid[left]], [ns[left]], [counts[left]]
         self.closed_window = max(self.closed_window, self.now - 1)
-        return SchedDrain(cgid=cgid[done], window=window[done], ns=ns[done], counts=counts[done])
+        return SchedDrain(cgid=cgid[done], window=window[done], ns=ns[done], counts=counts[done], **late)
 
     def stats(self) -> dict[str, int]:
         return dict(self.kernel_stats)

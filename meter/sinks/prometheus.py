@@ -365,7 +365,7 @@ class Exporter:
             yield fam
         lost = CounterMetricFamily("meter_lost_seconds", "CPU time that did not reach any record, by reason.",
                                    labels=["reason"])
-        for reason, ns in (("unplaced", st.unplaced_ns),):
+        for reason, ns in (("unsettled", st.unsettled_ns),):
             lost.add_metric([reason], ns / 1e9)
         yield lost
         for name, value, doc in (

@@ -63,6 +63,7 @@ class FakeCPU:
         self._ns: list[np.ndarray] = []
         self._counts: list[np.ndarray] = []
         self._late: list[tuple[int, int]] = []
+        self._spill: list[tuple[int, int]] = []
         self._late_windows: list[tuple[int, int]] = []
 
     @property
@@ -88,6 +89,11 @@ class FakeCPU:
         of it, and the next drain hands it on as the row's late total."""
         self._late.append((cgid, ns))
         self._late_windows.append((window, ns))
+
+    def spill(self, cgid: int, ns: int) -> None:
+        """A kernel/clock difference the kernel had no per-CPU entry for (> 0:
+        owed to cgid), handed on by the next drain."""
+        self._spill.append((cgid, ns))
 
     def advance(self, windows: int = 1) -> None:
         """Let ``windows`` windows pass: they close (the load, if any, runs in them)."""
@@ -131,8 +137,10 @@ class FakeCPU:
         (``final`` changes nothing: time is simulated)."""
         late = {"late_cgid": np.array([c for c, _ in self._late], np.uint64),
                 "late_ns": np.array([n for _, n in self._late], np.int64),
-                "late_counts": np.zeros((len(self._late), self.ncounters), np.int64)}
-        self._late = []
+                "late_counts": np.zeros((len(self._late), self.ncounters), np.int64),
+                "spill_cgid": np.array([c for c, _ in self._spill], np.uint64),
+                "spill_ns": np.array([n for _, n in self._spill], np.int64)}
+        self._late, self._spill = [], []
         if not self._window:
             empty = np.zeros(0, np.int64)
             self.closed_window = max(self.closed_window, self.now - 1)

@@ -142,6 +142,10 @@ class SchedDrain:
     late_cgid: np.ndarray = _none(np.uint64)
     late_ns: np.ndarray = _none(np.int64)
     late_counts: np.ndarray = _none(np.int64, 0)
+    #: Per cgroup, the kernel/clock differences no per-CPU entry could hold
+    #: since the last drain (> 0: owed to it; < 0: it owes), settled in the records.
+    spill_cgid: np.ndarray = _none(np.uint64)
+    spill_ns: np.ndarray = _none(np.int64)
 
     def __len__(self) -> int:
         return len(self.cgid)
@@ -207,6 +211,8 @@ class SchedSource:
         self._ring_counts: np.ndarray | None = None
         self._late: np.ndarray | None = None
         self._late_seen = np.zeros(0, USAGE_DTYPE)
+        self._spill: np.ndarray | None = None
+        self._spill_seen = np.zeros(0, np.int64)
         self._maps: list[mmap.mmap] = []
         self._row_cgid = np.zeros(0, np.uint64)
         self._row_known = np.zeros(0, bool)
@@ -353,6 +359,8 @@ class SchedSource:
             self._ring_counts = view(b"ring_counts", COUNTS_DTYPE, rows * nw).reshape(rows, nw)
         self._late = view(b"late", USAGE_DTYPE, rows)
         self._late_seen = np.zeros(rows, USAGE_DTYPE)
+        self._spill = view(b"spill", np.dtype(np.int64), rows)
+        self._spill_seen = np.zeros(rows, np.int64)
         self._row_cgid = np.zeros(rows, np.uint64)
         self._row_known = np.zeros(rows, bool)
         table = self.bpf[b"rows"]
@@ -401,7 +409,7 @@ class SchedSource:
         if self._settle_link is not None:
             os.close(self._settle_link)
             self._settle_link = None
-        self._ring = self._ring_counts = self._late = None
+        self._ring = self._ring_counts = self._late = self._spill = None
         for m in self._maps:
             try:
                 m.close()
@@ -555,7 +563,12 @@ class SchedSource:
                     - self._late_seen["count"][:n, :ncount].astype(np.int64))
         self._late_seen[:n] = late
         lr = np.flatnonzero((d_ns != 0) | np.any(d_counts != 0, axis=1))
-        self._learn_rows(np.concatenate([r, lr]))
+        assert self._spill is not None
+        spill = self._spill[:n].copy()
+        d_spill = spill - self._spill_seen[:n]
+        self._spill_seen[:n] = spill
+        sr = np.flatnonzero(d_spill)
+        self._learn_rows(np.concatenate([r, lr, sr]))
         return SchedDrain(
             cgid=self._row_cgid[r],
             window=wins[j],
@@ -564,6 +577,8 @@ class SchedSource:
             late_cgid=self._row_cgid[lr],
             late_ns=d_ns[lr],
             late_counts=d_counts[lr],
+            spill_cgid=self._row_cgid[sr],
+            spill_ns=d_spill[sr],
         )
 
     def _kernel_stats(self) -> dict[str, int]:

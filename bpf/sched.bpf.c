@@ -1033,6 +1033,24 @@ int meter_settle(struct bpf_raw_tracepoint_args *ctx)
 			}
 		}
 	}
+	/* A debt the walk could not take back needs the cgroup's own time,
+	 * which may never come to this CPU again (its last task exited): user
+	 * space takes it from the cgroup's time on any CPU (the row's spill).
+	 * What is owed waits here: the next idle time on this CPU pays it. */
+#pragma unroll
+	for (int a = 0; a < METER_ADJ; a++) {
+		s64 v = st->adj_ns[a];
+
+		if (v < 0) {
+			u32 row = row_of(st->adj_cgid[a]);
+			s64 *sp = spill.lookup(&row);
+
+			if (sp) {
+				__sync_fetch_and_add(sp, v);
+				st->adj_ns[a] = 0;
+			}
+		}
+	}
 	return 0;
 }
 #endif

@@ -161,13 +161,17 @@ def build(d: SchedDrain, nd: NetDrain | None, vf: dict[int, tuple[int, int, int,
     return Built(out, window[first], g_row - np.where(late, rows.nrows, 0), warmup, budget, spill)
 
 
-def _row_time(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], row: int, lo: int, hi: int) -> np.ndarray:
-    """cpu_ns of ``row`` in each window lo..hi of the parts (late records aside)."""
-    have = np.zeros(hi - lo + 1, np.int64)
+def _row_times(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], rows: list[int], lo: int,
+               hi: int) -> dict[int, np.ndarray]:
+    """cpu_ns of each of ``rows`` in each window lo..hi of the parts, in one pass."""
+    index = np.full(max(rows) + 1, -1, np.int64)
+    index[rows] = np.arange(len(rows))
+    have = np.zeros((len(rows), hi - lo + 1), np.int64)
     for window, r, vals in parts:
-        inside = (r == row) & (window >= lo) & (window <= hi)
-        np.add.at(have, window[inside] - lo, vals[inside, SUMS.index("cpu_ns")])
-    return have
+        pick = np.where(r <= index.size - 1, index[np.minimum(r, index.size - 1)], -1)
+        inside = (pick >= 0) & (window >= lo) & (window <= hi)
+        np.add.at(have, (pick[inside], window[inside] - lo), vals[inside, SUMS.index("cpu_ns")])
+    return {row: have[i] for i, row in enumerate(rows)}
 
 
 def _greedy(avail: np.ndarray, want: int) -> np.ndarray:
@@ -189,6 +193,9 @@ def _settle(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], spill: dict[
         return spill
     windows = np.arange(lo, hi + 1, dtype=np.int64)
     left: dict[int, int] = {}
+    needed = sorted({d + plane for row, v in spill.items() for d in ([IDLE_ROW, SCHED_ROW] if v > 0 else [row])
+                     for plane in (0, nrows)})
+    avail = _row_times(parts, needed, lo, hi)
     for row, v in sorted(spill.items()):
         donors = [IDLE_ROW, SCHED_ROW] if v > 0 else [row]
         want = abs(v)
@@ -198,7 +205,8 @@ def _settle(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], spill: dict[
             for donor in donors:
                 if not want:
                     break
-                take = _greedy(_row_time(parts, donor + plane, lo, hi) - (1 if donor == row else 0), want)
+                take = _greedy(avail[donor + plane] - (1 if donor == row else 0), want)
+                avail[donor + plane] = avail[donor + plane] - take
                 k = np.flatnonzero(take)
                 if not len(k):
                     continue

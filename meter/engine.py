@@ -415,6 +415,7 @@ class Meter(DrainLoop):
         assert self._sched is not None
         src = self._sched
         self.stats.take_kernel(src.stats(), nudges=src.nudges)
+        self.stats.pending_adjustment_ns = int(getattr(src, "pending_adjustment_ns", 0))
         # Every window closed since the last drain must have records.
         expected = max(0, src.closed_window - max(closed_before, src.first_window - 1))
         self.stats.take_batch(batch, ncpu=self.ncpu, window_ns=self.window_ns, expected_windows=expected)

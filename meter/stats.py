@@ -38,6 +38,7 @@ class MeterStats:
     softirq_unattributed_ns: int = 0  # NET softirq time left with the interrupted task
     unplaced_ns: int = 0  # kernel/clock differences the kernel side had no entry for (settled in the records)
     unsettled_ns: int = 0  # of those, not settled yet (no idle or own time to settle from so far)
+    pending_adjustment_ns: int = 0  # kernel/clock differences the CPUs hold, to settle in coming windows
     unsettled: int = 0  # slices whose start was not seen (followed from the scheduler's own mark)
     warmup_windows_skipped: int = 0
     conservation_violations: int = 0

@@ -358,6 +358,8 @@ class Exporter:
              "CPU time billed in a later window than its own (records with cpu_source late; not lost)."),
             ("meter_unattributed_seconds", st.unattributed_ns / 1e9,
              "CPU time of cgroups beyond the kernel ring's rows, billed to the unattributed row."),
+            ("meter_late_unmatched_seconds", st.late_unmatched_ns / 1e9,
+             "Late CPU time no closed window was short of (billed; its window of origin not named)."),
             ("meter_conservation_violations", st.conservation_violations, "Windows whose CPU time did not add up."),
         ):
             fam = CounterMetricFamily(name, doc)
@@ -368,6 +370,10 @@ class Exporter:
         for reason, ns in (("unsettled", st.unsettled_ns),):
             lost.add_metric([reason], ns / 1e9)
         yield lost
+        pend = GaugeMetricFamily("meter_pending_adjustment_seconds",
+                                 "Kernel/clock differences the CPUs hold, to be settled in coming windows.")
+        pend.add_metric([], st.pending_adjustment_ns / 1e9)
+        yield pend
         for name, value, doc in (
             ("meter_missing_windows", st.missing_windows, "Closed windows with no record at all."),
             ("meter_unresolved_cgroups", st.unresolved_cgroups, "Cgroups gone before they could be named (billed to host)."),

@@ -202,6 +202,8 @@ class SchedSource:
         self.kernel_charge_reason: str | None = None
         self.ncpu = 0
         self.nudges = 0
+        #: Σ |ns| of the CPUs' adjustments waiting to be settled, at the last drain.
+        self.pending_adjustment_ns = 0
         self._published = 0
         self._first_window = 0
         #: Every window up to this one has been taken by a drain.
@@ -467,13 +469,25 @@ class SchedSource:
         table = self.bpf[b"cpu_state"]
         per_cpu = table[table.Key(0)]
         out = []
+        pending = 0
         for c in self._cpus:
             st = per_cpu[c]
             w = int(st.window)
             if st.net_ndirty:
                 w = min(w, int(st.net_window))
             out.append(w)
+            pending += sum(abs(int(v)) for v in st.adj_ns)
+        self.pending_adjustment_ns = pending
         return out
+
+    def _pending_adjustments(self) -> tuple[np.ndarray, np.ndarray]:
+        """(cgroup ids, ns) of every CPU's adjustments not settled yet (see
+        struct meter_cpu): at stop they are settled in the records instead."""
+        table = self.bpf[b"cpu_state"]
+        per_cpu = table[table.Key(0)]
+        got = [(int(st.adj_cgid[i]), int(st.adj_ns[i])) for st in (per_cpu[c] for c in self._cpus)
+               for i in range(len(st.adj_ns)) if st.adj_ns[i]]
+        return np.array([g for g, _ in got], np.uint64), np.array([v for _, v in got], np.int64)
 
     def _nudge(self, cpus: list[int]) -> None:
         """Make each CPU in ``cpus`` switch tasks, so it charges its pending time.
@@ -532,6 +546,11 @@ class SchedSource:
         closable = self._published
         self.closed_window = max(self.closed_window, closable)
         out = self._take(closable)
+        if final and self.kernel_charge:
+            # What no later switch on its CPU will settle now: the records settle it.
+            cgid, ns = self._pending_adjustments()
+            out.spill_cgid = np.concatenate([out.spill_cgid, cgid])
+            out.spill_ns = np.concatenate([out.spill_ns, ns])
         if not final:
             self._publish(max(self._closed_window(now_win), self._published))
         return out

@@ -371,6 +371,13 @@ class SchedSource:
         self._row_known[UNATTRIBUTED_ROW] = True
         self._control(CTL_NEXT_ROW, UNATTRIBUTED_ROW + 1)
 
+    def ring_cells(self) -> np.ndarray:
+        """The ring's ns cells as a (max_rows, ring_windows) view of kernel memory
+        (for benchmarks and tests; writing to it changes what will be billed)."""
+        if self._ring is None:
+            raise BPFError("the sched source is not open")
+        return self._ring
+
     def rows_used(self) -> int:
         """Ring rows taken so far (of :attr:`max_rows`)."""
         if self.bpf is None:
@@ -563,17 +570,24 @@ class SchedSource:
         n = self.rows_used()
         lo, hi = self._taken + 1, min(closable, self._taken + self.ring_windows)
         wins = np.arange(lo, hi + 1, dtype=np.int64)
-        slots = wins % self.ring_windows
-        cells = self._ring[:n, slots]
-        counts = self._ring_counts[:n, slots]["count"][:, :, :ncount] if self._ring_counts is not None else None
+        # The windows' cells are one run of the ring, or two when it wraps: slices, not a gather.
+        a, b = lo % self.ring_windows, hi % self.ring_windows
+        runs = [] if not len(wins) else [slice(a, b + 1)] if a <= b else [slice(a, None), slice(0, b + 1)]
+        cells = np.concatenate([self._ring[:n, run] for run in runs], axis=1) if runs else np.zeros((n, 0), np.uint64)
+        counts = None
+        if self._ring_counts is not None and runs:
+            counts = np.concatenate([self._ring_counts[:n, run]["count"][:, :, :ncount] for run in runs], axis=1)
         used = cells != 0
+        if counts is None and self._ring_counts is not None:
+            counts = np.zeros((n, 0, ncount), np.uint64)
         if counts is not None:
             used |= np.any(counts != 0, axis=2)
         r, j = np.nonzero(used)
         # Zeroed before the kernel is told: then the cells are open for windows one ring later.
-        self._ring[:n, slots] = 0
-        if self._ring_counts is not None:
-            self._ring_counts[:n, slots] = 0
+        for run in runs:
+            self._ring[:n, run] = 0
+            if self._ring_counts is not None:
+                self._ring_counts[:n, run] = 0
         if closable > self._taken:
             self._set_taken(closable)
         late = self._late[:n].copy()

@@ -24,8 +24,8 @@ from meter.sources.net import NetSource, Port
 def _round(seconds: float, meter_first: bool) -> tuple[float, float, int]:
     with namespace_pair("tp") as (a, b, dev):
         floor = program.load("floor")
-        meter = program.load(["sched", "net"], {"METER_NET": 1})
-        src = NetSource(meter, [Port(0, b, "vb")], map_entries=4096)
+        meter = program.load(["sched", "net"], {"METER_NET": 1, "METER_MAX_PORTS": 1, "METER_RING": 64})
+        src = NetSource(meter, [Port(0, b, "vb")], ring_windows=64, max_ports=1)
         ipr = iproute(b)
         try:
             idx = ipr.link_lookup(ifname="vb")[0]

@@ -35,9 +35,6 @@
  * its next charge can span everything since user space last nudged it (one
  * drain interval); user space sizes this to cover that. Anything older
  * (a paused VM) is counted as late. */
-#ifndef METER_NET_ENTRIES
-#define METER_NET_ENTRIES 65536
-#endif
 #ifndef METER_NET
 #define METER_NET 0
 #endif
@@ -146,7 +143,7 @@ struct meter_cpu {
 	__u64 span_pkts[METER_SPAN_PORTS];
 	__u64 span_other;           /* packets of ports beyond the list */
 	/* Packet counts of this CPU's current net window sit in per-CPU
-	 * port slots (net_slot) until flushed to net_usage: by the next
+	 * port slots (net_slot) until flushed to the net ring: by the next
 	 * packet in a later window, or by a context switch (user space
 	 * nudges CPUs whose net window is stale). */
 	__u64 net_window;
@@ -170,24 +167,20 @@ struct meter_net_slot {
 	__u32 pad;
 };
 
-/* Per (port, kind, window): packets and bytes for rx/tx, ns and counter
- * deltas for softirq. */
+/* Packet kinds: a port's rx and tx each have a row in the net ring
+ * (row port * 2 + kind); softirq time is CPU time (METER_PORT_CGID). */
 enum meter_net_kind {
 	METER_NET_RX = 0,           /* tc ingress */
 	METER_NET_TX = 1,           /* tc egress */
 	METER_NET_SOFTIRQ = 2,      /* NET_RX/NET_TX softirq time for the port's packets */
 };
 
-struct meter_net_key {
-	__u32 port;
-	__u32 kind;
-	__u64 window;
-};
-
-struct meter_net_usage {
-	__u64 packets;              /* softirq: ns */
-	__u64 bytes;                /* softirq: packets in the spans */
-	__u64 count[METER_MAX_COUNTERS];
+/* One cell of the net ring (one port and kind, one window), or a
+ * (port, kind)'s late total: like the CPU ring (see "Usage is kept per
+ * row" above), fixed memory, nothing dropped. */
+struct meter_net_cell {
+	__u64 packets;
+	__u64 bytes;
 };
 
 /* Softirq time for a port is charged like CPU time, to this pseudo-cgroup
@@ -202,7 +195,7 @@ struct meter_net_usage {
 enum meter_stat {
 	METER_STAT_LATE_NS = 0,     /* ns whose window's cell was not open: in the rows' late totals */
 	METER_STAT_COUNTER_ERRORS,  /* failed counter reads */
-	METER_STAT_NET_DROP_UPDATES, /* packet/softirq updates not stored: map full */
+	METER_STAT_NET_LATE_PACKETS, /* packets whose window's cell was not open: in the late totals */
 	METER_STAT_SPAN_UNATTRIBUTED_NS, /* softirq ns of packets beyond the span list */
 	METER_STAT_UNPLACED_NS,     /* kernel/clock differences with no adj entry free: in the rows' spill */
 	METER_STAT_UNSETTLED,       /* switches whose task was not followed since it came in */
@@ -236,6 +229,8 @@ enum meter_control {
 	/* The next free row (rows below it are taken; kernel and user space
 	 * take rows by atomic add). */
 	METER_CTL_NEXT_ROW,
+	/* METER_CTL_TAKEN for the net ring (its drain runs after the CPU one). */
+	METER_CTL_NET_TAKEN,
 	METER_NR_CONTROLS,
 };
 

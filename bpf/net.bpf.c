@@ -1,11 +1,11 @@
 // SPDX-License-Identifier: GPL-2.0-only OR BSD-2-Clause
 /*
  * Per-packet attribution: tc clsact ingress/egress programs count packets
- * and bytes per (port, direction, window), and note each port's packets in
+ * and bytes per (port, direction, window) in the net ring, and note each port's packets in
  * the NET softirq span in progress on this CPU (see sched.bpf.c).
  *
  * Compiled in one unit after sched.bpf.c (they share cpu_state, net_slot
- * and net_usage, defined there). User space loads one copy of each program per port, with
+ * and the net ring, defined there). User space loads one copy of each program per port, with
  * the placeholder immediate replaced by the port number: no lookup to find
  * the port. A packet is counted in this CPU's slot for the port (see sched.bpf.c).
  * Only the UAPI __sk_buff context is read.

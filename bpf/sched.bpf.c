@@ -379,29 +379,38 @@ static __always_inline void cross(struct meter_cpu *st, u64 cgid, u64 last, u64 
  * interrupt each other (softirq or bh-off process context, and the
  * scheduler with interrupts off); the tick never touches them.
  */
-BPF_HASH(net_usage, struct meter_net_key, struct meter_net_usage, METER_NET_ENTRIES);
+BPF_F_TABLE("array", u32, struct meter_net_cell, net_ring, METER_MAX_PORTS * 2 * METER_RING, BPF_F_MMAPABLE);
+BPF_F_TABLE("array", u32, struct meter_net_cell, net_late, METER_MAX_PORTS * 2, BPF_F_MMAPABLE);
 BPF_PERCPU_ARRAY(net_slot, struct meter_net_slot, METER_MAX_PORTS);
 
+/* Add packets to (port, kind, window) in the net ring, or to the late total
+ * when that cell is not open (as store_row() does for CPU time). */
 static __always_inline void net_store(u32 port, u32 kind, u64 window, u64 packets, u64 bytes)
 {
-	struct meter_net_key key = { .port = port, .kind = kind, .window = window };
-	struct meter_net_usage zero = {};
-	struct meter_net_usage *u;
+	u32 row = port * 2 + kind, i;
+	u64 watermark, taken;
+	struct meter_net_cell *c;
 
-	if (!packets)
+	if (!packets || port >= METER_MAX_PORTS || kind > METER_NET_TX)
 		return;
-	u = net_usage.lookup(&key);
-	if (!u)
-		u = net_usage.lookup_or_try_init(&key, &zero);
-	if (!u) {
-		stat_add(METER_STAT_NET_DROP_UPDATES, 1);
+	watermark = control_get(METER_CTL_WATERMARK);
+	taken = control_get(METER_CTL_NET_TAKEN);
+	if (window < control_get(METER_CTL_FIRST))
 		return;
+	if (window <= watermark || window > taken + METER_RING) {
+		c = net_late.lookup(&row);
+		stat_add(METER_STAT_NET_LATE_PACKETS, packets);
+	} else {
+		i = row * METER_RING + (u32)(window % METER_RING);
+		c = net_ring.lookup(&i);
 	}
-	__sync_fetch_and_add(&u->packets, packets);
-	__sync_fetch_and_add(&u->bytes, bytes);
+	if (!c)
+		return;
+	__sync_fetch_and_add(&c->packets, packets);
+	__sync_fetch_and_add(&c->bytes, bytes);
 }
 
-/* Move this CPU's dirty port slots (of window st->net_window) to net_usage. */
+/* Move this CPU's dirty port slots (of window st->net_window) to the net ring. */
 static __always_inline void net_flush(struct meter_cpu *st)
 {
 	u32 n = st->net_ndirty;

@@ -55,10 +55,12 @@ class Books:
             first, sums, seen = records.null_sums(row, values)
             self.tot[row[first]] += sums
             self.avail[row[first]] |= seen
-        if nd is not None and len(nd):
-            rx = nd.kind == KIND_RX
-            np.add.at(self.ports, (nd.port, np.where(rx, 0, 2)), nd.packets)
-            np.add.at(self.ports, (nd.port, np.where(rx, 1, 3)), nd.bytes)
+        if nd is not None:
+            for port, kind, packets, nbytes in ((nd.port, nd.kind, nd.packets, nd.bytes),
+                                                (nd.late_port, nd.late_kind, nd.late_packets, nd.late_bytes)):
+                rx = kind == KIND_RX
+                np.add.at(self.ports, (port, np.where(rx, 0, 2)), packets)
+                np.add.at(self.ports, (port, np.where(rx, 1, 3)), nbytes)
 
     def add_energy(self, row: np.ndarray, domains: dict[str, np.ndarray]) -> None:
         if len(row):

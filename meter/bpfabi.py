@@ -29,9 +29,9 @@ import numpy as np
 from .errors import BPFError
 
 __all__ = [
-    "COUNTS_DTYPE", "CTL_DISCOVER_LEVEL", "CTL_DISCOVER_ROOT", "CTL_FIRST", "CTL_GEN", "CTL_NEXT_ROW", "CTL_OTHER",
+    "COUNTS_DTYPE", "CTL_DISCOVER_LEVEL", "CTL_DISCOVER_ROOT", "CTL_FIRST", "CTL_GEN", "CTL_NET_TAKEN", "CTL_NEXT_ROW", "CTL_OTHER",
     "CTL_LEVELS", "CTL_TAKEN", "CTL_WATERMARK", "GIVEN_BIT", "IDLE_CGID", "KIND_RX",
-    "KIND_SOFTIRQ", "KIND_TX", "MAX_COMPARTMENTS", "MAX_COUNTERS", "MAX_LEVEL", "NET_KEY_DTYPE", "NET_USAGE_DTYPE",
+    "KIND_SOFTIRQ", "KIND_TX", "MAX_COMPARTMENTS", "MAX_COUNTERS", "MAX_LEVEL", "NET_CELL_DTYPE",
     "PORT_CGID_BIT", "PORT_PLACEHOLDER", "SCHED_CGID", "STATS", "STEAL_CGID", "UNATTRIBUTED_CGID", "UNATTRIBUTED_ROW",
     "USAGE_DTYPE", "check_table",
     "dtype_layout", "header_constants", "header_path", "header_structs",
@@ -48,10 +48,8 @@ MAX_COUNTERS = 4
 USAGE_DTYPE = np.dtype([("ns", np.uint64), ("count", np.uint64, (MAX_COUNTERS,))])
 #: struct meter_counts: the counter deltas of one ring cell (ring_counts' value).
 COUNTS_DTYPE = np.dtype([("count", np.uint64, (MAX_COUNTERS,))])
-#: struct meter_net_key: the net map's key.
-NET_KEY_DTYPE = np.dtype([("port", np.uint32), ("kind", np.uint32), ("window", np.uint64)])
-#: struct meter_net_usage: the net map's value (softirq kind: ns, packets).
-NET_USAGE_DTYPE = np.dtype([("packets", np.uint64), ("bytes", np.uint64), ("count", np.uint64, (MAX_COUNTERS,))])
+#: struct meter_net_cell: one (port, kind, window) of the net ring, or a (port, kind)'s late total.
+NET_CELL_DTYPE = np.dtype([("packets", np.uint64), ("bytes", np.uint64)])
 
 #: METER_IDLE_CGID: the idle task (bpf_get_current_cgroup_id() is never 0).
 IDLE_CGID = 0
@@ -73,12 +71,12 @@ PORT_PLACEHOLDER = 0x4D455452
 KIND_RX, KIND_TX, KIND_SOFTIRQ = 0, 1, 2
 #: enum meter_control.
 (CTL_WATERMARK, CTL_FIRST, CTL_LEVELS, CTL_GEN, CTL_OTHER, CTL_DISCOVER_LEVEL, CTL_DISCOVER_ROOT, CTL_TAKEN,
- CTL_NEXT_ROW) = range(9)
+ CTL_NEXT_ROW, CTL_NET_TAKEN) = range(10)
 #: METER_MAX_COMPARTMENTS, METER_MAX_LEVEL: compartments the kernel resolves, deepest cgroup level.
 MAX_COMPARTMENTS = 4096
 MAX_LEVEL = 16
 #: enum meter_stat, in order (lower case, without METER_STAT_).
-STATS = ("late_ns", "counter_errors", "net_drop_updates", "span_unattributed_ns", "unplaced_ns", "unsettled")
+STATS = ("late_ns", "counter_errors", "net_late_packets", "span_unattributed_ns", "unplaced_ns", "unsettled")
 
 _C_TYPES = {"__u8": 1, "__u16": 2, "__u32": 4, "__u64": 8, "__s32": 4, "__s64": 8}
 

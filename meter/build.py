@@ -135,6 +135,12 @@ def build(d: SchedDrain, nd: NetDrain | None, vf: dict[int, tuple[int, int, int,
         add(nd.window[k], ctx.port_row[nd.port[k]],
             rx_packets=np.where(rx, nd.packets[k], 0), rx_bytes=np.where(rx, nd.bytes[k], 0),
             tx_packets=np.where(rx, 0, nd.packets[k]), tx_bytes=np.where(rx, 0, nd.bytes[k]))
+    if nd is not None and len(nd.late_port) and ctx.port_row is not None and ctx.closed_window >= ctx.first_window:
+        # Late packets: to the port owner's late record in the newest window closed.
+        rx = nd.late_kind == KIND_RX
+        add(np.full(len(rx), ctx.closed_window, np.int64), ctx.port_row[nd.late_port] + rows.nrows,
+            rx_packets=np.where(rx, nd.late_packets, 0), rx_bytes=np.where(rx, nd.late_bytes, 0),
+            tx_packets=np.where(rx, 0, nd.late_packets), tx_bytes=np.where(rx, 0, nd.late_bytes))
     if vf:
         # Polled per drain: the deltas land in the newest window closed.
         vrows = np.fromiter(vf, np.int64, len(vf))

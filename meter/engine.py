@@ -79,7 +79,6 @@ class Meter(DrainLoop):
         drain_interval: float = 0.25,
         host: str | None = None,
         first_seq: int = 0,
-        map_entries: int = 65536,
         max_rows: int | None = None,
         energy: EnergySettings | None = None,
         vf_links: Callable[[str], list[Any]] | None = None,
@@ -112,7 +111,6 @@ class Meter(DrainLoop):
         self._seq = int(first_seq)
         DrainLoop.__init__(self)
         self._lock = threading.Lock()
-        self._map_entries = map_entries
         self._max_rows = max_rows
         self._taken_from = 0
         #: Late time billed and not yet matched by a late row (meter.build).
@@ -167,7 +165,7 @@ class Meter(DrainLoop):
                 self._port_row = np.asarray([row for row, _spec in owned], np.int64)
                 self._row_has_ports = np.zeros(self._resolver.nrows, bool)
                 self._row_has_ports[self._port_row] = True
-                self._net = self._sources.packets(sched, ports, self._map_entries)
+                self._net = self._sources.packets(sched, ports)
                 self._net.attach()
             self._reader = self._sources.energy(self.energy)
             self._energy = EnergyBooks(self._reader, self.plan, self.energy.policy)
@@ -211,8 +209,7 @@ class Meter(DrainLoop):
         # charged (two drain intervals), and room for a drain that comes late
         # on a busy host: two intervals more, and at least one second.
         ring = span + max(32, 2 * drain_windows, -(-1_000_000_000 // self.window_ns))
-        return CPUSpec(self.window_ns, list(self.plan.events.values()), self._map_entries, span, nports,
-                       self.ring_rows(nports), ring)
+        return CPUSpec(self.window_ns, list(self.plan.events.values()), span, nports, self.ring_rows(nports), ring)
 
     def program_listing(self) -> str:
         """The kernel program this meter would load, with its ``-D`` settings

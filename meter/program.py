@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 import os
 from importlib import resources
 from pathlib import Path
@@ -86,6 +87,17 @@ def listing(names: list[str], defines: dict[str, Any] | None = None) -> str:
 def map_fd(bpf: Any, table: bytes) -> int:
     """The file descriptor of a bcc table, for batch syscalls."""
     return int(bpf[table].map_fd)
+
+
+def map_array(bpf: Any, table: bytes, dtype: np.dtype, n: int) -> tuple[mmap.mmap, np.ndarray]:
+    """A ``BPF_F_MMAPABLE`` array map's first ``n`` values as a numpy view of kernel
+    memory (and the mapping, to close when done): read and written in place."""
+    size = -(-n * dtype.itemsize // mmap.PAGESIZE) * mmap.PAGESIZE
+    try:
+        m = mmap.mmap(map_fd(bpf, table), size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    except OSError as err:
+        raise BPFError(f"cannot map the {table.decode()} map into memory: {err.strerror}") from err
+    return m, np.frombuffer(m, dtype, n)
 
 
 _LIB: Any = None

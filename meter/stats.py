@@ -18,7 +18,7 @@ from .topology import UNATTRIBUTED
 __all__ = ["MeterStats"]
 
 #: MeterStats field for each kernel-side count.
-_KERNEL = {"late_ns": "late_ns", "counter_errors": "counter_errors", "net_drop_updates": "net_dropped_updates",
+_KERNEL = {"late_ns": "late_ns", "counter_errors": "counter_errors", "net_late_packets": "net_late_packets",
            "span_unattributed_ns": "softirq_unattributed_ns", "unplaced_ns": "unplaced_ns", "unsettled": "unsettled"}
 
 
@@ -34,7 +34,7 @@ class MeterStats:
     late_unmatched_ns: int = 0  # of late_ns, what no window closed so far was short of (no late row for it yet)
     unattributed_ns: int = 0  # usage of cgroups beyond the kernel ring's rows (the unattributed row)
     counter_errors: int = 0
-    net_dropped_updates: int = 0  # packet updates not stored: net map full
+    net_late_packets: int = 0  # packets billed in a later window than their own (late records)
     softirq_unattributed_ns: int = 0  # NET softirq time left with the interrupted task
     unplaced_ns: int = 0  # kernel/clock differences the kernel side had no entry for (settled in the records)
     unsettled_ns: int = 0  # of those, not settled yet (no idle or own time to settle from so far)
@@ -90,7 +90,7 @@ class MeterStats:
         ``meter record`` says so and exits non-zero. Late and unattributed
         time are not lost (they are in the records, named): see :meth:`notice_line`.
         """
-        return {"unsettled_ns": self.unsettled_ns, "net_dropped_updates": self.net_dropped_updates,
+        return {"unsettled_ns": self.unsettled_ns,
                 "missing_windows": self.missing_windows, "conservation_violations": self.conservation_violations}
 
     def loss_line(self) -> str:
@@ -103,6 +103,8 @@ class MeterStats:
         parts = [self.loss_line()] if self.loss_line() else []
         if self.late_ns:
             parts.append(f"{self.late_ns} ns late (billed in a later window: cpu_source late, and the late row)")
+        if self.net_late_packets:
+            parts.append(f"{self.net_late_packets} packets late (billed in a later window: cpu_source late)")
         if self.unattributed_ns:
             parts.append(f"{self.unattributed_ns} ns of cgroups beyond the kernel's rows (the unattributed row)")
         return "; ".join(parts)

@@ -25,7 +25,8 @@ def test_every_constant_matches_the_header():
     assert c["METER_PORT_PLACEHOLDER"] == bpfabi.PORT_PLACEHOLDER
     assert (c["METER_NET_RX"], c["METER_NET_TX"], c["METER_NET_SOFTIRQ"]) == (
         bpfabi.KIND_RX, bpfabi.KIND_TX, bpfabi.KIND_SOFTIRQ)
-    names = ("WATERMARK", "FIRST", "LEVELS", "GEN", "OTHER", "DISCOVER_LEVEL", "DISCOVER_ROOT", "TAKEN", "NEXT_ROW")
+    names = ("WATERMARK", "FIRST", "LEVELS", "GEN", "OTHER", "DISCOVER_LEVEL", "DISCOVER_ROOT", "TAKEN", "NEXT_ROW",
+             "NET_TAKEN")
     assert [c[f"METER_CTL_{n}"] for n in names] == [getattr(bpfabi, f"CTL_{n}") for n in names]
     assert (c["METER_MAX_COMPARTMENTS"], c["METER_MAX_LEVEL"]) == (bpfabi.MAX_COMPARTMENTS, bpfabi.MAX_LEVEL)
     # The port pseudo-cgroup is a macro with an argument: its bit, from the text.
@@ -43,7 +44,7 @@ def test_stats_are_the_header_enum_in_order():
 
 @pytest.mark.parametrize(("struct", "dtype"), [
     ("meter_usage", bpfabi.USAGE_DTYPE), ("meter_counts", bpfabi.COUNTS_DTYPE),
-    ("meter_net_key", bpfabi.NET_KEY_DTYPE), ("meter_net_usage", bpfabi.NET_USAGE_DTYPE),
+    ("meter_net_cell", bpfabi.NET_CELL_DTYPE),
 ])
 def test_map_structs_are_laid_out_like_the_dtypes(struct, dtype):
     assert bpfabi.header_structs()[struct] == bpfabi.dtype_layout(dtype)
@@ -93,11 +94,11 @@ def test_check_table_sees_a_struct_where_a_scalar_is_expected():
 
 
 def test_check_table_sees_a_moved_field_of_the_same_size():
-    key = _struct(("port", ctypes.c_uint32), ("kind", ctypes.c_uint32), ("window", ctypes.c_uint64))
-    moved = np.dtype({"names": ["port", "kind", "window"], "formats": [np.uint32, np.uint32, np.uint64],
-                      "offsets": [4, 0, 8], "itemsize": 16})
-    with pytest.raises(BPFError, match="port at 0 .* at 4"):
-        bpfabi.check_table(_Table(key, key), moved, bpfabi.NET_KEY_DTYPE, "net_usage")
+    cell = _struct(("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64))
+    moved = np.dtype({"names": ["packets", "bytes"], "formats": [np.uint64, np.uint64],
+                      "offsets": [8, 0], "itemsize": 16})
+    with pytest.raises(BPFError, match="packets at 0 .* at 8"):
+        bpfabi.check_table(_Table(ctypes.c_uint32, cell), np.dtype(np.uint32), moved, "net_ring")
 
 
 @pytest.mark.bpf
@@ -109,6 +110,6 @@ def test_the_compiled_program_matches_the_abi():
         bpfabi.check_table(bpf[b"late"], np.dtype(np.uint32), bpfabi.USAGE_DTYPE, "late")
         bpfabi.check_table(bpf[b"ring_counts"], np.dtype(np.uint32), bpfabi.COUNTS_DTYPE, "ring_counts")
         bpfabi.check_table(bpf[b"ring"], np.dtype(np.uint32), np.dtype(np.uint64), "ring")
-        bpfabi.check_table(bpf[b"net_usage"], bpfabi.NET_KEY_DTYPE, bpfabi.NET_USAGE_DTYPE, "net_usage")
+        bpfabi.check_table(bpf[b"net_ring"], np.dtype(np.uint32), bpfabi.NET_CELL_DTYPE, "net_ring")
     finally:
         bpf.cleanup()

@@ -197,6 +197,26 @@ def test_given_softirq_and_port_softirq_balance_in_the_window(tree):
 
 # -- network, VFs -------------------------------------------------------------------------
 
+def test_late_packets_are_billed_to_the_port_owner_as_late(tree):
+    """Packets whose window's cell was not open (a stalled drain) go to the port
+    owner's late record in the newest window closed, and into its totals."""
+    packets = FakePackets()
+    meter, src = _open(_topology(tree, 'interfaces = ["veth-a"]\n'), packets=packets)
+    w = src.cpu_source.now
+    packets.count(0, KIND_RX, w, 10, 1000)
+    packets.count_late(0, KIND_TX, 4, 400)
+    src.cpu_source.advance(2)
+    batch = meter.drain()
+    acme = _rows(batch, "acme")
+    late = acme[acme["cpu_source"] == "late"]
+    assert len(late) == 1 and (late["tx_packets"][0], late["tx_bytes"][0], late["cpu_ns"][0]) == (4, 400, 0)
+    assert int(late["window_start_ns"][0]) == int(batch["window_start_ns"].max())
+    assert int(acme["rx_packets"].clip(0).sum()) == 10
+    ports = next(t for t in meter.totals() if t["tenant"] == "acme")["ports"]
+    assert ports["veth-a"]["tx_packets"] == 4 and ports["veth-a"]["rx_packets"] == 10
+    assert np.all(window_totals(batch)[1] == 2 * W)
+
+
 def test_packets_land_on_the_port_owner_and_portless_rows_are_null(tree):
     packets = FakePackets()
     meter, src = _open(_topology(tree, 'interfaces = ["veth-a", "ns1:eth0"]\n'), packets=packets)
@@ -313,10 +333,10 @@ def test_measured_energy_is_split_exactly_and_carried_over_empty_drains(tree):
 def test_kernel_side_losses_are_reported_in_stats(tree):
     cpu = FakeCPU()
     meter, _ = _open(_topology(tree), cpu)
-    cpu.kernel_stats.update(late_ns=5, net_drop_updates=2, unplaced_ns=9)
+    cpu.kernel_stats.update(late_ns=5, net_late_packets=2, unplaced_ns=9)
     cpu.advance(4)
     meter.drain()
-    assert (meter.stats.late_ns, meter.stats.net_dropped_updates, meter.stats.unplaced_ns) == (5, 2, 9)
+    assert (meter.stats.late_ns, meter.stats.net_late_packets, meter.stats.unplaced_ns) == (5, 2, 9)
     assert meter.stats.covered_ns == 4 * W
 
 

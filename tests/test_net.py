@@ -76,7 +76,7 @@ def test_packets_and_bytes_equal_the_interfaces_own_counters(tmp_path, cgroups, 
     assert set(batch["net_source"][batch["tenant"] == "left"]) == {"tc"}
     # Rows without ports: not measured, so null, never 0.
     assert np.all(batch["rx_packets"][batch["tenant"] == "idle"] == NULL)
-    assert meter.stats.net_dropped_updates == 0
+    assert meter.stats.net_late_packets == 0
 
 
 def test_bridge_softirq_is_charged_to_the_bridge_owner(tmp_path, cgroups, cgroup_mount, net):

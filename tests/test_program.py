@@ -80,7 +80,7 @@ def test_the_longest_allowed_charge_split_passes_the_verifier():
     from meter.sources.sched import SchedSource
 
     src = SchedSource(1_000_000, [parse_event("sw:cpu-clock")] * MAX_COUNTERS, max_span=MAX_SPAN_LIMIT,
-                      net_entries=1024, max_ports=4)
+                      net=True, max_ports=4)
     bpf = program.load(*src.defines())
     try:
         for fn, kind in ((b"meter_switch", BPF.RAW_TRACEPOINT), (b"meter_settle", BPF.RAW_TRACEPOINT), (b"meter_tick", BPF.PERF_EVENT),

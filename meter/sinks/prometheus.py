@@ -21,7 +21,7 @@ meter_build_info                    {version, window_ms, counters, energy}
 and self-metrics: ``meter_bpf_run_seconds_total{program}`` and
 ``meter_bpf_runs_total{program}`` (kernel bpf_stats of this meter's own
 programs, read by fd and cached for a second; present once
-``kernel.bpf_stats_enabled`` is 1), ``meter_dropped_updates_total{map}``,
+``kernel.bpf_stats_enabled`` is 1), ``meter_late_packets_total``,
 ``meter_late_seconds_total``, ``meter_records_total``,
 ``meter_conservation_violations_total`` and the gauge
 ``meter_drain_lag_seconds`` (now minus the end of the newest record).
@@ -383,8 +383,8 @@ class Exporter:
             fam = CounterMetricFamily(name, doc)
             fam.add_metric([], value)
             yield fam
-        fam = CounterMetricFamily("meter_dropped_updates", "Kernel map updates dropped (map full).", labels=["map"])
-        fam.add_metric(["net_usage"], st.net_dropped_updates)
+        fam = CounterMetricFamily("meter_late_packets", "Packets billed in a later window than their own (not lost).")
+        fam.add_metric([], st.net_late_packets)
         yield fam
         lag = GaugeMetricFamily("meter_drain_lag_seconds", "Now minus the end of the newest record.")
         if st.last_window_end_ns:

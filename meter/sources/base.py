@@ -112,7 +112,6 @@ class CPUSpec:
 
     window_ns: int
     events: list[PerfEvent]
-    map_entries: int
     #: The most windows one charge may be split over.
     max_span: int
     #: The ports packets are counted for (their number sizes the net maps).
@@ -127,7 +126,7 @@ class SourceFactory(Protocol):
 
     def cpu(self, spec: CPUSpec) -> CPUSource: ...
 
-    def packets(self, cpu: CPUSource, ports: list[Port], map_entries: int) -> PacketSource: ...
+    def packets(self, cpu: CPUSource, ports: list[Port]) -> PacketSource: ...
 
     def vfs(self, vfs: list[tuple[int, str, int]]) -> VFPoller: ...
 
@@ -149,14 +148,15 @@ class KernelSources:
 
         return SchedSource(
             spec.window_ns, spec.events, max_rows=spec.max_rows, max_span=spec.max_span, ring_windows=spec.ring_windows,
-            net_entries=spec.map_entries if spec.nports else None, max_ports=spec.nports,
+            net=bool(spec.nports), max_ports=spec.nports,
         )
 
-    def packets(self, cpu: CPUSource, ports: list[Port], map_entries: int) -> PacketSource:
+    def packets(self, cpu: CPUSource, ports: list[Port]) -> PacketSource:
         from .net import NetSource
 
         # The tc programs share the sched program's maps (one compiled unit).
-        return NetSource(cpu.bpf, ports, map_entries=map_entries)  # type: ignore[attr-defined]
+        return NetSource(cpu.bpf, ports, ring_windows=cpu.ring_windows,  # type: ignore[attr-defined]
+                         max_ports=cpu.max_ports)  # type: ignore[attr-defined]
 
     def vfs(self, vfs: list[tuple[int, str, int]]) -> VFPoller:
         from .sriov import VFSource

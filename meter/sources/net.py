@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from .. import program
-from ..bpfabi import NET_KEY_DTYPE, NET_USAGE_DTYPE, PORT_PLACEHOLDER, check_table
+from ..bpfabi import CTL_NET_TAKEN, NET_CELL_DTYPE, PORT_PLACEHOLDER, check_table
 from ..bpfsys import Bpf, held_prog_ids
 from ..errors import BPFError
 from ..netns import NETNS_DIR, NetnsError, iproute
@@ -74,13 +74,20 @@ def parse_port(index: int, spec: str) -> Port:
 
 @dataclasses.dataclass
 class NetDrain:
-    """Closed windows' packet counts: parallel arrays, one entry per (port, kind, window)."""
+    """Closed windows' packet counts: parallel arrays, one entry per (port, kind, window).
+
+    ``late_*``: per (port, kind), packets since the last drain whose window's
+    cell was not open (billed in the newest window closed, as late)."""
 
     port: np.ndarray
     kind: np.ndarray
     window: np.ndarray
     packets: np.ndarray
     bytes: np.ndarray
+    late_port: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+    late_kind: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+    late_packets: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+    late_bytes: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
 
     def __len__(self) -> int:
         return len(self.port)
@@ -125,10 +132,9 @@ def _bpf_filter(f: Any) -> _Filter:
 class NetSource:
     """tc programs on every port, their attachment, and their drain."""
 
-    def __init__(self, bpf: Any, ports: list[Port], *, map_entries: int) -> None:
+    def __init__(self, bpf: Any, ports: list[Port], *, ring_windows: int, max_ports: int) -> None:
         self.bpf = bpf
         self.ports = ports
-        self.map_entries = map_entries
         self._ipr: dict[str | None, Any] = {}
         self._attached: dict[int, _Attachment] = {}
         self._missing_logged: set[int] = set()
@@ -136,10 +142,19 @@ class NetSource:
         self._prog_ids: dict[tuple[int, str], int] = {}
         #: Times a filter of this meter was found removed by someone else and attached again.
         self.reattachments = 0
-        check_table(bpf[b"net_usage"], NET_KEY_DTYPE, NET_USAGE_DTYPE, "net_usage")
-        self._fd = program.map_fd(bpf, b"net_usage")
-        self._keys = np.zeros(map_entries, NET_KEY_DTYPE)
-        self._vals = np.zeros(map_entries, NET_USAGE_DTYPE)
+        # The net ring (sched.bpf.c): row port * 2 + kind, ring_windows cells a row.
+        check_table(bpf[b"net_ring"], np.dtype(np.uint32), NET_CELL_DTYPE, "net_ring")
+        self.ring_windows, rows = int(ring_windows), 2 * max(1, int(max_ports))
+        self._maps: list[Any] = []
+        m, ring = program.map_array(bpf, b"net_ring", NET_CELL_DTYPE, rows * self.ring_windows)
+        self._maps.append(m)
+        self._ring: np.ndarray | None = ring.reshape(rows, self.ring_windows)
+        m, self._late = program.map_array(bpf, b"net_late", NET_CELL_DTYPE, rows)
+        self._maps.append(m)
+        self._late_seen = np.zeros(rows, NET_CELL_DTYPE)
+        ctl = bpf[b"control"]
+        self._ctl = ctl
+        self._taken = int(ctl[ctl.Key(CTL_NET_TAKEN)].value)
         self.events: list[str] = []  # one line per attachment change, for logs and tests
 
     # -- programs -------------------------------------------------------------------
@@ -365,6 +380,13 @@ class NetSource:
 
     def close(self) -> None:
         """Remove exactly what meter added: its filters, and a qdisc it created once nothing else is on it."""
+        self._ring = None
+        for m in self._maps:
+            try:
+                m.close()
+            except BufferError:
+                pass  # a caller still holds a view: the mapping goes with it
+        self._maps = []
         for port in self.ports:
             att = self._attached.pop(port.index, None)
             if att is None:
@@ -394,17 +416,31 @@ class NetSource:
     # -- draining -------------------------------------------------------------------------
 
     def drain(self, closable: int) -> NetDrain:
-        """Take every (port, kind, window) entry with window <= ``closable``."""
-        n = program.lookup_batch(self._fd, self._keys, self._vals)
-        keys = self._keys[:n]
-        done = np.flatnonzero(keys["window"] <= np.uint64(closable))
-        taken = keys[done]
-        vals = self._vals[done]
-        program.delete_batch(self._fd, taken)
+        """Take every (port, kind, window) cell with window <= ``closable`` (the CPU
+        source's closed window: no program writes them any more), zero them, open
+        them for the windows one ring later; and the late totals' growth."""
+        if self._ring is None:
+            raise BPFError("the packet source is closed", program="net")
+        nw = self.ring_windows
+        lo, hi = self._taken + 1, min(closable, self._taken + nw)
+        wins = np.arange(lo, hi + 1, dtype=np.int64)
+        a, b = lo % nw, hi % nw
+        runs = [] if not len(wins) else [slice(a, b + 1)] if a <= b else [slice(a, None), slice(0, b + 1)]
+        cells = np.concatenate([self._ring[:, run] for run in runs], axis=1) if runs else np.zeros(
+            (len(self._ring), 0), NET_CELL_DTYPE)
+        for run in runs:
+            self._ring[:, run] = 0
+        if closable > self._taken:
+            self._taken = closable
+            self._ctl[self._ctl.Key(CTL_NET_TAKEN)] = self._ctl.Leaf(closable)
+        r, j = np.nonzero(cells["packets"])
+        late = self._late.copy()
+        d_packets = late["packets"].astype(np.int64) - self._late_seen["packets"].astype(np.int64)
+        d_bytes = late["bytes"].astype(np.int64) - self._late_seen["bytes"].astype(np.int64)
+        self._late_seen[:] = late
+        lr = np.flatnonzero(d_packets)
         return NetDrain(
-            port=taken["port"].astype(np.int64),
-            kind=taken["kind"].astype(np.int64),
-            window=taken["window"].astype(np.int64),
-            packets=vals["packets"].astype(np.int64),
-            bytes=vals["bytes"].astype(np.int64),
+            port=r // 2, kind=r % 2, window=wins[j],
+            packets=cells["packets"][r, j].astype(np.int64), bytes=cells["bytes"][r, j].astype(np.int64),
+            late_port=lr // 2, late_kind=lr % 2, late_packets=d_packets[lr], late_bytes=d_bytes[lr],
         )

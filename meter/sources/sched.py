@@ -39,6 +39,7 @@ from ..bpfabi import (
     CTL_FIRST,
     CTL_GEN,
     CTL_LEVELS,
+    CTL_NET_TAKEN,
     CTL_NEXT_ROW,
     CTL_OTHER,
     CTL_TAKEN,
@@ -173,7 +174,7 @@ class SchedSource:
         max_rows: int = 256,
         max_span: int = 512,
         ring_windows: int | None = None,
-        net_entries: int | None = None,
+        net: bool = False,
         max_ports: int = 0,
     ) -> None:
         counters = list(counters or [])
@@ -189,9 +190,10 @@ class SchedSource:
         if self.ring_windows <= self.max_span:
             raise BPFError(f"the CPU ring must hold more windows than one charge spans ({self.max_span}), "
                            f"not {self.ring_windows}", program="sched")
-        #: With net_entries, net.bpf.c is compiled in too (shared per-CPU
-        #: state) and NET softirq time is charged to ports' pseudo-cgroups.
-        self.net_entries = net_entries
+        #: With net, net.bpf.c is compiled in too (shared per-CPU state and
+        #: the net ring for max_ports ports) and NET softirq time is charged
+        #: to ports' pseudo-cgroups.
+        self.net = bool(net)
         self.max_ports = max_ports
         self.bpf: Any = None
         #: True when cpu time is the kernel's own charge (se.sum_exec_runtime
@@ -236,9 +238,8 @@ class SchedSource:
         defines |= fields
         self.kernel_charge = "METER_TASK_SUM_OFF" in fields
         names = [self.program_name]
-        if self.net_entries:
-            defines |= {"METER_NET": 1, "METER_NET_ENTRIES": self.net_entries,
-                        "METER_MAX_PORTS": max(1, self.max_ports)}
+        if self.net:
+            defines |= {"METER_NET": 1, "METER_MAX_PORTS": max(1, self.max_ports)}
             names.append("net")
         return names, defines
 
@@ -265,7 +266,7 @@ class SchedSource:
             self._control(CTL_FIRST, _NEVER)
             self._publish(_NEVER)
             hooks = [(b"sched_switch", b"meter_switch")]
-            if self.net_entries:
+            if self.net:
                 # Exit first: an entry without its exit would hold the CPU's charges.
                 hooks += [(b"softirq_exit", b"meter_softirq_exit"), (b"softirq_entry", b"meter_softirq_entry")]
             for tp, fn in hooks:
@@ -347,13 +348,9 @@ class SchedSource:
         check_table(self.bpf[b"late"], np.dtype(np.uint32), USAGE_DTYPE, "late")
 
         def view(name: bytes, dtype: np.dtype, n: int) -> np.ndarray:
-            size = -(-n * dtype.itemsize // mmap.PAGESIZE) * mmap.PAGESIZE
-            try:
-                m = mmap.mmap(program.map_fd(self.bpf, name), size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            except OSError as err:
-                raise BPFError(f"cannot map the {name.decode()} map into memory: {err.strerror}", program="sched") from err
+            m, array = program.map_array(self.bpf, name, dtype, n)
             self._maps.append(m)
-            return np.frombuffer(m, dtype, n)
+            return array
 
         self._ring = view(b"ring", np.dtype(np.uint64), rows * nw).reshape(rows, nw)
         if self.counters:
@@ -451,6 +448,7 @@ class SchedSource:
             self._first_window = time.monotonic_ns() // self.window_ns + 1
             self._publish(self._first_window - 1)
             self._set_taken(self._first_window - 1)
+            self._control(CTL_NET_TAKEN, self._first_window - 1)
             self._control(CTL_FIRST, self._first_window)
             if time.monotonic_ns() < (self._first_window + 1) * self.window_ns:
                 return

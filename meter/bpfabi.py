@@ -31,7 +31,7 @@ from .errors import BPFError
 __all__ = [
     "COUNTS_DTYPE", "CTL_DISCOVER_LEVEL", "CTL_DISCOVER_ROOT", "CTL_FIRST", "CTL_GEN", "CTL_NET_TAKEN", "CTL_NEXT_ROW", "CTL_OTHER",
     "CTL_LEVELS", "CTL_TAKEN", "CTL_WATERMARK", "GIVEN_BIT", "IDLE_CGID", "KIND_RX",
-    "KIND_SOFTIRQ", "KIND_TX", "MAX_COMPARTMENTS", "MAX_COUNTERS", "MAX_LEVEL", "NET_CELL_DTYPE",
+    "KIND_SOFTIRQ", "KIND_TX", "MAX_COMPARTMENTS", "MAX_COUNTERS", "MAX_CPUS", "MAX_LEVEL", "NET_CELL_DTYPE",
     "PORT_CGID_BIT", "PORT_PLACEHOLDER", "SCHED_CGID", "STATS", "STEAL_CGID", "UNATTRIBUTED_CGID", "UNATTRIBUTED_ROW",
     "USAGE_DTYPE", "check_table",
     "dtype_layout", "header_constants", "header_path", "header_structs",
@@ -43,6 +43,8 @@ def header_path() -> Path:
 
 #: METER_MAX_COUNTERS: perf counters read per schedule, at most.
 MAX_COUNTERS = 4
+#: METER_MAX_CPUS: CPUs the per-CPU perf arrays hold (CPU numbers 0 .. MAX_CPUS - 1).
+MAX_CPUS = 1024
 
 #: struct meter_usage: a row's late total (the late map's value).
 USAGE_DTYPE = np.dtype([("ns", np.uint64), ("count", np.uint64, (MAX_COUNTERS,))])

@@ -16,6 +16,7 @@ from meter.errors import BPFError
 def test_every_constant_matches_the_header():
     c = bpfabi.header_constants()
     assert c["METER_MAX_COUNTERS"] == bpfabi.MAX_COUNTERS
+    assert c["METER_MAX_CPUS"] == bpfabi.MAX_CPUS
     assert c["METER_IDLE_CGID"] == bpfabi.IDLE_CGID
     assert c["METER_SCHED_CGID"] == bpfabi.SCHED_CGID
     assert c["METER_STEAL_CGID"] == bpfabi.STEAL_CGID

@@ -385,6 +385,54 @@ def test_short_lived_child_cgroups_are_billed_to_their_compartment(tmp_path, cgr
     assert meter.stats.loss_line() == ""
 
 
+_CHURN = """
+import os, sys, time
+parent, n = sys.argv[1], int(sys.argv[2])
+for i in range(n):
+    d = f"{parent}/run{i}"
+    os.mkdir(d)
+    pid = os.fork()
+    if pid == 0:
+        with open(d + "/cgroup.procs", "w") as f:
+            f.write("0")
+        end = time.monotonic() + 0.002
+        while time.monotonic() < end:
+            pass
+        os._exit(0)
+    os.waitpid(pid, 0)
+    os.rmdir(d)
+"""
+
+
+def test_a_thousand_churned_child_cgroups_add_no_rows_and_nothing_unresolved(cgroups):
+    """1,000 child cgroups created, run in for 2 ms and removed inside a discovered
+    compartment: each is its compartment's when it runs, so neither the kernel's
+    ring nor the resolver grows (their rows are the agent's only per-cgroup
+    memory), and nothing is left for user space to name."""
+    import subprocess
+    import sys
+
+    comp = cgroups.make("t")
+    with Meter(Topology.discover(cgroups.root)) as meter:
+        meter.drain()
+        src = meter.cpu_source
+        rows_before, resolver_rows = src.rows_used(), len(meter.row_names)
+        churn = subprocess.Popen([sys.executable, "-S", "-c", _CHURN, str(comp), "1000"])
+        parts = []
+        while churn.poll() is None:
+            parts.append(meter.drain())
+            time.sleep(meter.drain_interval)
+        assert churn.returncode == 0
+        parts += list(meter.batches(0.2))
+        # Rows only for what meter can charge here besides the children: its own
+        # unattributed, idle, sched and steal, the host's cgroup and t; none per child.
+        assert rows_before <= src.rows_used() <= 6 and len(meter.row_names) == resolver_rows
+    batch = np.concatenate(parts)
+    assert meter.stats.unresolved_cgroups == 0 and meter.stats.unattributed_ns == 0
+    # All of it is t's (1,000 x 2 ms of work, at least): none went to host or elsewhere.
+    assert _usage(batch, "t") >= 1000 * 2_000_000
+
+
 def test_other_tools_short_lived_cgroups_are_the_hosts_and_never_unresolved(tmp_path, cgroups, cgroup_mount):
     """systemd scopes and other tools' cgroups outside every compartment come and go
     between drains: the kernel charges them to the host at once, so none is left

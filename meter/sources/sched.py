@@ -46,6 +46,7 @@ from ..bpfabi import (
     CTL_WATERMARK,
     MAX_COMPARTMENTS,
     MAX_COUNTERS,
+    MAX_CPUS,
     MAX_LEVEL,
     STATS,
     UNATTRIBUTED_CGID,
@@ -262,6 +263,9 @@ class SchedSource:
                     raise PerfEventError(f"cannot open perf event {ev.spec} on every CPU: {err}", event=ev.spec) from err
             self._cpus = get_online_cpus()
             self.ncpu = len(self._cpus)
+            if max(self._cpus) >= MAX_CPUS:
+                raise BPFError(f"this host has CPU {max(self._cpus)}; meter meters CPUs 0 to {MAX_CPUS - 1} "
+                               "(METER_MAX_CPUS in bpf/meter.h)", program="sched")
             # Nothing before every CPU's clock runs is a whole window: discard it.
             self._control(CTL_FIRST, _NEVER)
             self._publish(_NEVER)

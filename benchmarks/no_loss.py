@@ -33,25 +33,7 @@ from _common import Result, cgroup_tree, report
 
 from meter.engine import Meter
 from meter.topology import Topology
-
-# argv: cgroup directories, then seconds. One fork per cgroup: each child
-# moves itself in, then wakes every 1 ms until the time is up.
-WAKERS = """
-import os, sys, time
-dirs, seconds = sys.argv[1:-1], float(sys.argv[-1])
-kids = []
-for d in dirs:
-    pid = os.fork()
-    if pid == 0:
-        open(d + "/cgroup.procs", "w").write("0")
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            time.sleep(0.001)
-        os._exit(0)
-    kids.append(pid)
-for pid in kids:
-    os.waitpid(pid, 0)
-"""
+from tests.loads import WAKERS
 
 
 def run(size: int, seconds: float) -> Result:

@@ -100,6 +100,16 @@ def map_array(bpf: Any, table: bytes, dtype: np.dtype, n: int) -> tuple[mmap.mma
     return m, np.frombuffer(m, dtype, n)
 
 
+def unmap(maps: list[mmap.mmap]) -> None:
+    """Close mappings from :func:`map_array` (one still viewed goes with its last view)."""
+    for m in maps:
+        try:
+            m.close()
+        except BufferError:
+            pass
+    maps.clear()
+
+
 _LIB: Any = None
 
 

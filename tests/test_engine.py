@@ -14,6 +14,7 @@ from meter.cgroup import cpu_usage_usec
 from meter.engine import Meter, plan_counters, window_sums, window_totals
 
 from .conftest import steal_ns
+from .loads import CHURN, WAKERS
 
 pytestmark = pytest.mark.bpf
 
@@ -287,25 +288,6 @@ def test_a_stalled_drain_loses_nothing_and_names_the_late_time(cgroups):
     assert meter.stats.missing_windows == 0 and meter.stats.conservation_violations == 0
 
 
-_WAKERS = """
-import os, sys, time
-roots, seconds = sys.argv[1:-1], float(sys.argv[-1])
-kids = []
-for cg in roots:
-    pid = os.fork()
-    if pid == 0:
-        with open(cg + "/cgroup.procs", "w") as f:
-            f.write("0")
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            time.sleep(0.001)
-        os._exit(0)
-    kids.append(pid)
-for pid in kids:
-    os.waitpid(pid, 0)
-"""
-
-
 def test_five_hundred_compartments_waking_every_ms_lose_nothing(cgroups):
     """500 discovered compartments, a task in each waking every 1 ms, 1 ms windows,
     20 s: nothing lost or late, every window there and adding up to CPUs x W, each
@@ -316,7 +298,7 @@ def test_five_hundred_compartments_waking_every_ms_lose_nothing(cgroups):
     comps = [cgroups.make(f"w{i:03d}") for i in range(500)]
     with Meter(Topology.discover(cgroups.root)) as meter:
         parts = [meter.drain()]
-        wakers = subprocess.Popen([sys.executable, "-S", "-c", _WAKERS, *map(str, comps), "20"])
+        wakers = subprocess.Popen([sys.executable, "-S", "-c", WAKERS, *map(str, comps), "20"])
         while wakers.poll() is None:
             parts.append(meter.drain())
             time.sleep(meter.drain_interval)
@@ -385,25 +367,6 @@ def test_short_lived_child_cgroups_are_billed_to_their_compartment(tmp_path, cgr
     assert meter.stats.loss_line() == ""
 
 
-_CHURN = """
-import os, sys, time
-parent, n = sys.argv[1], int(sys.argv[2])
-for i in range(n):
-    d = f"{parent}/run{i}"
-    os.mkdir(d)
-    pid = os.fork()
-    if pid == 0:
-        with open(d + "/cgroup.procs", "w") as f:
-            f.write("0")
-        end = time.monotonic() + 0.002
-        while time.monotonic() < end:
-            pass
-        os._exit(0)
-    os.waitpid(pid, 0)
-    os.rmdir(d)
-"""
-
-
 def test_a_thousand_churned_child_cgroups_add_no_rows_and_nothing_unresolved(cgroups):
     """1,000 child cgroups created, run in for 2 ms and removed inside a discovered
     compartment: each is its compartment's when it runs, so neither the kernel's
@@ -417,7 +380,7 @@ def test_a_thousand_churned_child_cgroups_add_no_rows_and_nothing_unresolved(cgr
         meter.drain()
         src = meter.cpu_source
         rows_before, resolver_rows = src.rows_used(), len(meter.row_names)
-        churn = subprocess.Popen([sys.executable, "-S", "-c", _CHURN, str(comp), "1000"])
+        churn = subprocess.Popen([sys.executable, "-S", "-c", CHURN, str(comp), "1000"])
         parts = []
         while churn.poll() is None:
             parts.append(meter.drain())

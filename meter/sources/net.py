@@ -381,12 +381,7 @@ class NetSource:
     def close(self) -> None:
         """Remove exactly what meter added: its filters, and a qdisc it created once nothing else is on it."""
         self._ring = None
-        for m in self._maps:
-            try:
-                m.close()
-            except BufferError:
-                pass  # a caller still holds a view: the mapping goes with it
-        self._maps = []
+        program.unmap(self._maps)
         for port in self.ports:
             att = self._attached.pop(port.index, None)
             if att is None:

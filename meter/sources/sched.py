@@ -420,12 +420,7 @@ class SchedSource:
             os.close(self._settle_link)
             self._settle_link = None
         self._ring = self._ring_counts = self._late = self._spill = None
-        for m in self._maps:
-            try:
-                m.close()
-            except BufferError:
-                pass  # a caller still holds a view: the mapping goes with it
-        self._maps = []
+        program.unmap(self._maps)
         if self.bpf is not None:
             try:
                 self.bpf.cleanup()

@@ -37,7 +37,7 @@ class MeterStats:
     net_late_packets: int = 0  # packets billed in a later window than their own (late records)
     softirq_unattributed_ns: int = 0  # NET softirq time left with the interrupted task
     unplaced_ns: int = 0  # kernel/clock differences the kernel side had no entry for (settled in the records)
-    unsettled_ns: int = 0  # of those, not settled yet (no idle or own time to settle from so far)
+    unsettled_ns: int = 0  # of those, not settled yet: the row's bill is off cpu.stat by this until it is
     pending_adjustment_ns: int = 0  # kernel/clock differences the CPUs hold, to settle in coming windows
     unsettled: int = 0  # slices whose start was not seen (followed from the scheduler's own mark)
     warmup_windows_skipped: int = 0
@@ -88,10 +88,11 @@ class MeterStats:
 
         Any non-zero value means a bill from these records is short:
         ``meter record`` says so and exits non-zero. Late and unattributed
-        time are not lost (they are in the records, named): see :meth:`notice_line`.
+        time are not lost (they are in the records, named), nor are adjustments
+        not settled yet (CPU time between a row and idle or sched: every window
+        still adds up): see :meth:`notice_line`.
         """
-        return {"unsettled_ns": self.unsettled_ns,
-                "missing_windows": self.missing_windows, "conservation_violations": self.conservation_violations}
+        return {"missing_windows": self.missing_windows, "conservation_violations": self.conservation_violations}
 
     def loss_line(self) -> str:
         """One sentence naming every loss so far ("" when there is none)."""
@@ -105,6 +106,9 @@ class MeterStats:
             parts.append(f"{self.late_ns} ns late (billed in a later window: cpu_source late, and the late row)")
         if self.net_late_packets:
             parts.append(f"{self.net_late_packets} packets late (billed in a later window: cpu_source late)")
+        if self.unsettled_ns:
+            parts.append(f"{self.unsettled_ns} ns of kernel/clock differences not settled yet (those rows' bills "
+                         "differ from cpu.stat by as much)")
         if self.unattributed_ns:
             parts.append(f"{self.unattributed_ns} ns of cgroups beyond the kernel's rows (the unattributed row)")
         return "; ".join(parts)

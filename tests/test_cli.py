@@ -224,17 +224,17 @@ def test_losses_are_said_as_they_happen_at_most_every_interval(capsys, monkeypat
     said = daemon.LossReporter(meter, every=60)
     said.now()
     assert capsys.readouterr().err == ""  # nothing lost: nothing said
-    meter.stats.unsettled_ns = 7
+    meter.stats.missing_windows = 7
     said.now()
-    assert capsys.readouterr().err == "meter: warning: LOST: 7 unsettled ns\n"
-    meter.stats.unsettled_ns = 9
+    assert capsys.readouterr().err == "meter: warning: LOST: 7 missing windows\n"
+    meter.stats.missing_windows = 9
     said.now()  # within the interval: quiet
     assert capsys.readouterr().err == ""
     monkeypatch.setattr(said, "last_at", said.last_at - 61)
     meter.stats.late_ns = 5  # not lost, but said: billed in a later window
     said.now()
-    assert capsys.readouterr().err == ("meter: warning: LOST: 9 unsettled ns; 5 ns late (billed in a later window: "
-                                       "cpu_source late, and the late row)\n")
+    assert capsys.readouterr().err == ("meter: warning: LOST: 9 missing windows; 5 ns late (billed in a later "
+                                       "window: cpu_source late, and the late row)\n")
 
 
 def test_a_second_record_on_one_store_refuses_at_start_naming_the_first(meter_bin, tmp_path, cgroup_mount):

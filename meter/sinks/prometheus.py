@@ -367,9 +367,12 @@ class Exporter:
             yield fam
         lost = CounterMetricFamily("meter_lost_seconds", "CPU time that did not reach any record, by reason.",
                                    labels=["reason"])
-        for reason, ns in (("unsettled", st.unsettled_ns),):
-            lost.add_metric([reason], ns / 1e9)
+        lost.add_metric(["missing_windows"], st.missing_windows * meter.ncpu * meter.window_ns / 1e9)
         yield lost
+        unsettled = GaugeMetricFamily("meter_unsettled_seconds",
+                                      "Kernel/clock differences not settled in the records yet (bills off cpu.stat by this).")
+        unsettled.add_metric([], st.unsettled_ns / 1e9)
+        yield unsettled
         pend = GaugeMetricFamily("meter_pending_adjustment_seconds",
                                  "Kernel/clock differences the CPUs hold, to be settled in coming windows.")
         pend.add_metric([], st.pending_adjustment_ns / 1e9)

@@ -20,7 +20,8 @@ records, converted once::
 Prices are decimal strings (a TOML float is read through its shortest
 decimal repr). Each line's cost is rounded half-even to 6 decimals
 (micro-units: millisecond bills are small); a total is the sum of its
-lines. The pseudo-tenants ``host`` and ``idle`` are not billed.
+lines. The pseudo-tenants (``host``, ``idle``, ``sched``, ``steal``,
+``unattributed``, ``late``) are not billed.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import Any
 
 from .errors import ConfigError, MeterError
 from .host import load_toml
+from .topology import RESERVED
 
 __all__ = [
     "METERS",
@@ -83,7 +85,8 @@ METERS = (
           "Networking"),
 )
 _BY_KEY = {m.key: m for m in METERS}
-NOT_BILLED = ("host", "idle", "sched", "steal")
+#: meter's own rows (host, idle, sched, steal, unattributed, late): no tenant's bill.
+NOT_BILLED = RESERVED
 
 
 #: Prices per unit are below this (a bill's costs then fit the decimal context's 28 digits).

@@ -140,6 +140,15 @@ def test_invoices_lines_totals_and_overrides(tmp_path, sheet):
     invs = invoices(usage, sheet, T0, T0 + 3 * 10**9)
     assert [i.tenant for i in invs] == ["acme", "globex"]  # host and idle are not billed
     acme = {line.meter: line for line in invs[0].lines}
+    # Nor are meter's other rows: unattributed usage and late rows (the late time
+    # itself is in its tenant's own records, cpu_source late).
+    extra = records("h", 10, seq0=20_000)
+    extra["tenant"] = np.where(extra["tenant"] == "host", "unattributed", np.where(extra["tenant"] == "idle", "late",
+                                                                                 extra["tenant"]))
+    with Store(tmp_path / "r2.db") as s2:
+        s2.write(extra)
+        more = invoices(merge_periods(usage_from_store(s2, T0, T0 + 3 * 10**9, 3 * 10**9)), sheet, T0, T0 + 3 * 10**9)
+    assert [i.tenant for i in more] == ["acme", "globex"]
     assert acme["cpu_second"].quantity == Decimal("2.1")  # 3000 x 0.7 ms
     assert acme["cpu_second"].cost == Decimal("0.042000")
     assert acme["million_packets"].consumed == 9000 and acme["gb"].consumed == 900_000

@@ -67,7 +67,8 @@ def render_top(snap: Any, *, sort: str = "cpu", reverse: bool = True, expand: bo
     prov = snap.provenance
     counters = prov.get("counters", "")
     head = Text()
-    total_cpu = sum(r.cpu_pct for r in snap.tenants if r.tenant != "idle")
+    # Busy: not idle, and not the late row (its time is in the late records too).
+    total_cpu = sum(r.cpu_pct for r in snap.tenants if r.tenant not in ("idle", "late"))
     head.append(f"meter top  {host}  {snap.ncpu} CPUs  busy {total_cpu:.0f}% of {snap.ncpu * 100}%  ")
     head.append(f"over {snap.seconds:.2f}s", style="dim")
     if paused:

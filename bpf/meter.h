@@ -119,6 +119,11 @@ struct meter_cpu {
 	__u64 task;
 	__u64 sum;
 	__u64 ahead;
+	/* The slice the last switch charged (for meter_settle): its owner's
+	 * row cgroup, its start and end sums (out_start 0: none). */
+	__u64 out_cgid;
+	__u64 out_start;
+	__u64 out_sum;
 	/* adj_ns > 0: the kernel charged adj_cgid that much more than this CPU
 	 * has placed (paid from the next idle or scheduler time); < 0: the
 	 * clock gave it that much more (taken back from its next time). */
@@ -199,6 +204,7 @@ enum meter_stat {
 	METER_STAT_SPAN_UNATTRIBUTED_NS, /* softirq ns of packets beyond the span list */
 	METER_STAT_UNPLACED_NS,     /* kernel/clock differences with no adj entry free: in the rows' spill */
 	METER_STAT_UNSETTLED,       /* switches whose task was not followed since it came in */
+	METER_STAT_UNSEEN_NS,       /* kernel time of slices no switch event showed, recovered per task */
 	METER_NR_STATS,
 };
 

@@ -945,7 +945,15 @@ int meter_switch(struct bpf_raw_tracepoint_args *ctx)
 		if (cgid != METER_IDLE_CGID && prev != st->task)
 			follow(st, prev);
 #endif
-		charge_until(st, now, cgid, prev, cgid == METER_IDLE_CGID ? 0 : kread(prev + METER_TASK_SUM_OFF), 0);
+		{
+			u64 sum = cgid == METER_IDLE_CGID ? 0 : kread(prev + METER_TASK_SUM_OFF);
+
+			/* For meter_settle: the slice charged here, [st->sum, sum). */
+			st->out_start = cgid != METER_IDLE_CGID && prev == st->task ? st->sum : 0;
+			st->out_sum = sum;
+			st->out_cgid = cgid;
+			charge_until(st, now, cgid, prev, sum, 0);
+		}
 		st->task = next;
 		st->sum = kread(next + METER_TASK_SUM_OFF);
 		st->ahead = 0;
@@ -999,6 +1007,44 @@ static __always_inline u64 take_from(u64 cgid, u64 window, u64 ns, u64 taken)
 	return t;
 }
 
+#if METER_TASK_STORAGE
+/* Per task: its se.sum_exec_runtime at the end of the last slice charged. */
+struct meter_task_seen {
+	u64 sum;
+};
+BPF_TASK_STORAGE(task_seen, struct meter_task_seen);
+
+/*
+ * Time the kernel charged a task in slices no switch event showed. On some
+ * hosts a few switches never reach sched_switch programs (on this VM, every
+ * switch away from the init agent's threads: the next switch seen then has a
+ * prev that no switch brought in). The tasks that ran unseen in between
+ * lose nothing: the kernel's sum for each task runs on, so at its next
+ * switch seen, what it gained between the end of its last charged slice and
+ * the start of this one was charged by the kernel and by nobody here. That
+ * is owed to its cgroup (an adj entry: paid out of the clock's time nobody
+ * claimed, which `sched` holds meanwhile) and counted (METER_STAT_UNSEEN_NS).
+ * current is prev here: the task whose storage this is.
+ */
+static __always_inline void recover_unseen(struct meter_cpu *st)
+{
+	struct meter_task_seen *seen;
+	u64 start = st->out_start;
+
+	if (!start)
+		return;
+	st->out_start = 0;
+	seen = task_seen.task_storage_get(bpf_get_current_task_btf(), 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (!seen)
+		return;
+	if (seen->sum && start > seen->sum) {
+		adj_add(st, st->out_cgid, (s64)(start - seen->sum));
+		stat_add(METER_STAT_UNSEEN_NS, start - seen->sum);
+	}
+	seen->sum = st->out_sum;
+}
+#endif
+
 int meter_settle(struct bpf_raw_tracepoint_args *ctx)
 {
 	u64 zero[METER_MAX_COUNTERS] = {};
@@ -1006,7 +1052,12 @@ int meter_settle(struct bpf_raw_tracepoint_args *ctx)
 	struct meter_cpu *st = cpu_state.lookup(&k);
 	u64 watermark, taken, w, t, any = 0;
 
-	if (!st || !st->last_ns || st->settled_window == st->window)
+	if (!st)
+		return 0;
+#if METER_TASK_STORAGE
+	recover_unseen(st);
+#endif
+	if (!st->last_ns || st->settled_window == st->window)
 		return 0;
 #pragma unroll
 	for (int a = 0; a < METER_ADJ; a++)

@@ -78,7 +78,8 @@ KIND_RX, KIND_TX, KIND_SOFTIRQ = 0, 1, 2
 MAX_COMPARTMENTS = 4096
 MAX_LEVEL = 16
 #: enum meter_stat, in order (lower case, without METER_STAT_).
-STATS = ("late_ns", "counter_errors", "net_late_packets", "span_unattributed_ns", "unplaced_ns", "unsettled")
+STATS = ("late_ns", "counter_errors", "net_late_packets", "span_unattributed_ns", "unplaced_ns", "unsettled",
+         "unseen_ns")
 
 _C_TYPES = {"__u8": 1, "__u16": 2, "__u32": 4, "__u64": 8, "__s32": 4, "__s64": 8}
 

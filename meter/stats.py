@@ -19,7 +19,8 @@ __all__ = ["MeterStats"]
 
 #: MeterStats field for each kernel-side count.
 _KERNEL = {"late_ns": "late_ns", "counter_errors": "counter_errors", "net_late_packets": "net_late_packets",
-           "span_unattributed_ns": "softirq_unattributed_ns", "unplaced_ns": "unplaced_ns", "unsettled": "unsettled"}
+           "span_unattributed_ns": "softirq_unattributed_ns", "unplaced_ns": "unplaced_ns", "unsettled": "unsettled",
+           "unseen_ns": "unseen_ns"}
 
 
 @dataclasses.dataclass
@@ -40,6 +41,7 @@ class MeterStats:
     unsettled_ns: int = 0  # of those, not settled yet: the row's bill is off cpu.stat by this until it is
     pending_adjustment_ns: int = 0  # kernel/clock differences the CPUs hold, to settle in coming windows
     unsettled: int = 0  # slices whose start was not seen (followed from the scheduler's own mark)
+    unseen_ns: int = 0  # kernel time of slices no switch event showed, given back to their cgroups
     warmup_windows_skipped: int = 0
     conservation_violations: int = 0
     unresolved_cgroups: int = 0

@@ -1,21 +1,37 @@
 """Load programs for tests and benchmarks (run with ``python -S -c PROGRAM ARGS``)."""
 
-#: argv: cgroup directories, then seconds. One fork per cgroup: each child
-#: moves itself in, then wakes every 1 ms until the time is up.
+#: argv: cgroup directories, then seconds. One fork per cgroup, placed there
+#: from outside while it is stopped and off its CPU (as container runtimes
+#: place a workload: a task that moves itself has a slice that began in the
+#: cgroup it came from, which the kernel splits and meter does not; see
+#: docs/architecture.md, "CPU time"); then each wakes every 1 ms until the
+#: time is up.
 WAKERS = """
-import os, sys, time
+import os, signal, sys, time
 roots, seconds = sys.argv[1:-1], float(sys.argv[-1])
 kids = []
+def run_time(pid):
+    with open(f"/proc/{pid}/schedstat") as f:
+        return f.read().split()[0]
 for cg in roots:
     pid = os.fork()
     if pid == 0:
-        with open(cg + "/cgroup.procs", "w") as f:
-            f.write("0")
+        os.kill(os.getpid(), signal.SIGSTOP)
         end = time.monotonic() + seconds
         while time.monotonic() < end:
             time.sleep(0.001)
         os._exit(0)
+    os.waitpid(pid, os.WUNTRACED)
+    while True:
+        first = run_time(pid)
+        time.sleep(0.002)
+        if run_time(pid) == first:
+            break
+    with open(cg + "/cgroup.procs", "w") as f:
+        f.write(str(pid))
     kids.append(pid)
+for pid in kids:
+    os.kill(pid, signal.SIGCONT)
 for pid in kids:
     os.waitpid(pid, 0)
 """

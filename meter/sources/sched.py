@@ -76,6 +76,17 @@ KERNEL_FIELDS = (
 )
 
 
+def task_storage(release: str | None = None) -> bool:
+    """Whether sched_switch programs can keep per-task storage (Linux 5.11+:
+    task storage and bpf_get_current_task_btf), for the time of unseen slices."""
+    import re
+
+    m = re.match(r"(\d+)\.(\d+)", release or os.uname().release)
+    if m is None:
+        return False
+    return (int(m.group(1)), int(m.group(2))) >= (5, 11)
+
+
 def kernel_field_defines(btf_path: str | None = None) -> tuple[dict[str, int], str | None]:
     """``-D`` offsets of the kernel fields found in the running kernel's BTF.
 
@@ -238,6 +249,8 @@ class SchedSource:
         fields, self.kernel_charge_reason = kernel_field_defines()
         defines |= fields
         self.kernel_charge = "METER_TASK_SUM_OFF" in fields
+        if self.kernel_charge and task_storage():
+            defines["METER_TASK_STORAGE"] = 1
         names = [self.program_name]
         if self.net:
             defines |= {"METER_NET": 1, "METER_MAX_PORTS": max(1, self.max_ports)}

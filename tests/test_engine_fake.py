@@ -519,7 +519,7 @@ def test_losses_are_exported_by_reason(tree):
 
     cpu = FakeCPU()
     meter, _ = _open(_topology(tree), cpu)
-    cpu.kernel_stats.update(late_ns=2_000_000_000)
+    cpu.kernel_stats.update(late_ns=2_000_000_000, unseen_ns=45_000)
     acme = _id(tree, "acme/vswitch")
     # Owed 3 ms with no idle time to settle it from yet: unsettled, and said, until it is.
     cpu.spill(acme, 3 * W)
@@ -532,6 +532,8 @@ def test_losses_are_exported_by_reason(tree):
     # Late time is billed (in a later window), not lost.
     assert "meter_late_seconds_total 2.0" in text and 'reason="late"' not in text
     assert "meter_missing_windows_total 0.0" in text
+    # Time of slices no switch event showed is given back to its cgroups, and said.
+    assert "meter_unseen_seconds_total 4.5e-05" in text
 
 
 def test_late_time_is_billed_to_its_row_and_named_in_the_window_it_left(tree):

@@ -360,6 +360,8 @@ class Exporter:
              "CPU time of cgroups beyond the kernel ring's rows, billed to the unattributed row."),
             ("meter_late_unmatched_seconds", st.late_unmatched_ns / 1e9,
              "Late CPU time no closed window was short of (billed; its window of origin not named)."),
+            ("meter_unseen_seconds", st.unseen_ns / 1e9,
+             "Kernel-charged CPU time of slices no sched_switch event showed, given back to their cgroups."),
             ("meter_conservation_violations", st.conservation_violations, "Windows whose CPU time did not add up."),
         ):
             fam = CounterMetricFamily(name, doc)

@@ -20,6 +20,16 @@ def test_sources_are_package_resources():
     assert text.startswith("// SPDX-License-Identifier:")
 
 
+def test_unseen_slices_are_recovered_only_where_task_storage_exists():
+    """Task storage and bpf_get_current_task_btf came in Linux 5.11; on older
+    kernels the program is compiled without recover_unseen()."""
+    from meter.sources.sched import task_storage
+
+    assert not task_storage("5.10.209-1-amd64")
+    assert task_storage("5.11.0") and task_storage("6.18.44-fc-v1147") and task_storage("10.0")
+    assert not task_storage("unknown")
+
+
 def _loaded_prog_ids() -> set[int]:
     out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True).stdout
     return {p["id"] for p in json.loads(out)}

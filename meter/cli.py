@@ -129,12 +129,16 @@ def _time_ns(text: str, option: str) -> int:
 @click.option("--parquet", "parquet_dir", type=click.Path(), default=None,
               help="Bill a directory of Parquet files from many hosts instead (DuckDB).")
 @click.option("--charge-period", type=click.IntRange(min=1), default=3600, show_default=True,
-              help="Seconds per FOCUS charge period.")
+              help="Seconds per FOCUS charge period; divides a day, so periods start on UTC hours.")
+@click.option("--billing-period", type=click.Choice(["month", "day"]), default="month", show_default=True,
+              help="FOCUS billing period (UTC calendar).")
+@click.option("--issue", is_flag=True,
+              help="Record the invoices in the store's ledger: a period already invoiced is refused.")
 def bill(prices: str, start: str, end: str, tenant: str | None, fmt: str, store_path: str | None,
-         parquet_dir: str | None, charge_period: int) -> None:
+         parquet_dir: str | None, charge_period: int, billing_period: str, issue: bool) -> None:
     """Invoices per tenant for [--from, --to): line items in decimal money."""
     from . import report
-    from .bill import PriceSheet, invoices, merge_periods, usage_from_parquet, usage_from_store
+    from .bill import PriceSheet, charges, invoice_id, invoices, merge_periods, usage_from_parquet, usage_from_store
     from .sinks.store import Store
 
     with shell.errors():
@@ -143,15 +147,29 @@ def bill(prices: str, start: str, end: str, tenant: str | None, fmt: str, store_
         if end_ns <= start_ns:  # before any file is opened
             raise click.BadParameter("the billing period is empty or reversed: --to must be after --from",
                                      param_hint="--to")
-        period = charge_period * 1_000_000_000 if fmt == "focus" else max(end_ns - start_ns, 1)
+        if 86_400 % charge_period:
+            raise click.BadParameter(f"{charge_period} s does not divide a day (86400 s): charge periods start "
+                                     "on UTC hour boundaries (try 1, 60, 300, 900, 3600 or 86400)",
+                                     param_hint="--charge-period")
+        if issue and parquet_dir:
+            raise click.BadParameter("the invoice ledger is in the record store: bill from --store to issue",
+                                     param_hint="--issue")
+        period = charge_period * 1_000_000_000
+        issued: list[dict[str, Any]] = []
         if parquet_dir:
-            by_period = usage_from_parquet(parquet_dir, start_ns, end_ns, period)
-            hosts = ",".join(sorted(p.name.removeprefix("host=") for p in Path(parquet_dir).glob("host=*")))
+            by_period = usage_from_parquet(parquet_dir, start_ns, end_ns, period, by_resource=True)
+            invs = invoices(merge_periods(by_period), sheet, start_ns, end_ns, tenant=tenant)
         else:
             with Store(store_path, must_exist=True) as store:
-                by_period = usage_from_store(store, start_ns, end_ns, period)
-            hosts = ""
-        invs = invoices(merge_periods(by_period), sheet, start_ns, end_ns, tenant=tenant)
+                by_period = usage_from_store(store, start_ns, end_ns, period, by_resource=True)
+                invs = invoices(merge_periods(by_period), sheet, start_ns, end_ns, tenant=tenant)
+                if issue:
+                    ids = [invoice_id(i.tenant, start_ns, end_ns, sheet.digest) for i in invs]
+                    store.issue([(n, i.tenant, start_ns, end_ns, i.currency, str(i.total), str(i.subtotal),
+                                  sheet.digest) for n, i in zip(ids, invs)])
+                    for n, i in zip(ids, invs):
+                        click.echo(f"meter: issued {n} to {i.tenant}: {i.total} {i.currency}", err=True)
+                issued = store.invoices_issued(start_ns, end_ns)
         if tenant is None:
             for line in sheet.unused_overrides([i.tenant for i in invs]):
                 click.echo(f"meter: warning: {line}", err=True)
@@ -160,12 +178,12 @@ def bill(prices: str, start: str, end: str, tenant: str | None, fmt: str, store_
         elif fmt == "csv":
             report.invoices_csv(invs, sys.stdout)
         elif fmt == "focus":
-            periods = []
-            for p, usage in by_period.items():
-                ps = start_ns + p * period
-                periods.append(invoices(usage, sheet, ps, min(ps + period, end_ns), tenant=tenant)
-                               if tenant is None or tenant in usage else [])
-            report.focus_csv(periods, start_ns, end_ns, hosts, sys.stdout)
+            def invoice_of(ch: Any) -> str | None:
+                return next((r["id"] for r in issued if r["tenant"] == ch.tenant and r["start_ns"] <= ch.start_ns
+                             and ch.end_ns <= r["end_ns"]), None)
+
+            report.focus_csv(charges(by_period, sheet, start_ns, end_ns, period, tenant=tenant), sheet,
+                             billing_period, invoice_of, sys.stdout)
         else:
             report.invoices_tables(invs, f"{start} – {end}", shell.console(120))
 

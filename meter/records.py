@@ -44,12 +44,15 @@ import numpy as np
 
 __all__ = [
     "COUNTER_COLUMNS",
+    "ESTIMATE_COLUMNS",
     "FIELDS",
     "NULL",
     "PROVENANCE_FIELDS",
     "RECORD_DTYPE",
     "build",
     "empty",
+    "estimate_counts",
+    "estimate_sql",
     "factorize",
     "group_sums",
     "null_sums",
@@ -85,6 +88,14 @@ COUNTER_COLUMNS = (
     "vf_tx_packets",
     "vf_tx_bytes",
 )
+
+#: Rollup columns counting the records whose figure was estimated, and how
+#: a record's provenance says so: (provenance field, text it contains).
+ESTIMATES = {
+    "estimated_cycles": ("counters_source", "cpu-clock estimate"),
+    "estimated_energy": ("energy_source", "model"),
+}
+ESTIMATE_COLUMNS = tuple(ESTIMATES)
 
 PROVENANCE_FIELDS = ("cpu_source", "counters_source", "energy_source", "net_source", "vf_source")
 
@@ -218,3 +229,21 @@ def window_totals(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     _, softirq = window_sums(own, "softirq_ns")
     _, given = window_sums(own, "softirq_given_ns")
     return starts, cpu + softirq - given
+
+
+def estimate_counts(strings: dict[str, tuple[list[str], np.ndarray]], n: int) -> np.ndarray:
+    """Per record, 1 where its figure of each :data:`ESTIMATE_COLUMNS` was estimated
+    (int64, one row per column), from the batch's :func:`factorize`-d provenance columns."""
+    out = np.zeros((len(ESTIMATE_COLUMNS), n), np.int64)
+    for i, (field, text) in enumerate(ESTIMATES.values()):
+        table, codes = strings[field]
+        hit = np.array([text in str(v) for v in table], bool)
+        if hit.any():
+            out[i] = hit[codes]
+    return out
+
+
+def estimate_sql(column: str) -> str:
+    """The SQL expression of one record's count for an estimate column (for Parquet billing)."""
+    field, text = ESTIMATES[column]
+    return f"CASE WHEN {field} LIKE '%{text}%' THEN 1 ELSE 0 END"

@@ -44,11 +44,11 @@ def invoices_csv(invs: Sequence[Any], out: IO[str]) -> None:
         w.writerow(csv_cells([inv.tenant, "TOTAL", "", "", "", inv.total, inv.currency]))
 
 
-def focus_csv(periods: list[Any], start_ns: int, end_ns: int, hosts: str, out: IO[str]) -> None:
-    """FOCUS rows of every charge period's invoices."""
+def focus_csv(charges: list[Any], sheet: Any, period: str, invoice_of: Any, out: IO[str]) -> None:
+    """FOCUS rows of charges (see :func:`meter.focus.focus_rows`)."""
     fw = csv.DictWriter(out, fieldnames=list(FOCUS_COLUMNS), lineterminator="\n")
     fw.writeheader()
-    for row in focus_rows(periods, start_ns, end_ns, hosts=hosts):
+    for row in focus_rows(charges, sheet, period=period, invoice_of=invoice_of):
         fw.writerow(dict(zip(row, csv_cells(row.values()))))
 
 

@@ -19,6 +19,7 @@ import pytest
 
 from meter.bill import (
     PriceSheet,
+    charges,
     invoices,
     merge_periods,
     usage_from_parquet,
@@ -152,13 +153,19 @@ def test_invoices_lines_totals_and_overrides(tmp_path, sheet):
     assert acme["cpu_second"].quantity == Decimal("2.1")  # 3000 x 0.7 ms
     assert acme["cpu_second"].cost == Decimal("0.042000")
     assert acme["million_packets"].consumed == 9000 and acme["gb"].consumed == 900_000
-    assert acme["kwh"].quantity == Decimal(210_000) / Decimal(3_600_000_000_000)
+    # kWh is the one meter whose quantity is not a finite decimal: 18 decimals, half-even.
+    assert acme["kwh"].quantity == Decimal("0.000000058333333333")
+    assert acme["kwh"].cost == Decimal("0.0000000175")  # exact: 210,000 uJ x 0.30 / 3.6e12
     globex = {line.meter: line for line in invs[1].lines}
     assert globex["cpu_second"].unit_price == Decimal("0.01")  # override
     assert "million_packets" not in globex  # not measured: no line
     for inv in invs:
-        assert inv.total == sum(line.cost for line in inv.lines)
+        assert inv.subtotal == sum(line.cost for line in inv.lines)
+        assert inv.total == inv.subtotal.quantize(Decimal("0.01"))  # rounded once, to the cent
         assert all(isinstance(line.cost, Decimal) for line in inv.lines)
+    # globex's negotiated CPU price is below the list price: list cost at list price.
+    assert globex["cpu_second"].list_unit_price == Decimal("0.02")
+    assert globex["cpu_second"].list_cost == Decimal("0.018") and globex["cpu_second"].cost == Decimal("0.009")
 
 
 @pytest.mark.parametrize(("text", "key"), [
@@ -189,19 +196,32 @@ def test_bad_billing_requests(tmp_path, sheet):
 def test_focus_rows(tmp_path, sheet):
     with Store(tmp_path / "r.db") as s:
         s.write(records("h"))
-        by_period = usage_from_store(s, T0, T0 + 3 * 10**9, 10**9)
-    periods = [invoices(u, sheet, T0 + p * 10**9, T0 + (p + 1) * 10**9) for p, u in by_period.items()]
-    rows = focus_rows(periods, T0, T0 + 3 * 10**9)
+        by_period = usage_from_store(s, T0, T0 + 3 * 10**9, 10**9, by_resource=True)
+    rows = focus_rows(charges(by_period, sheet, T0, T0 + 3 * 10**9, 10**9), sheet)
     assert list(rows[0]) == list(FOCUS_COLUMNS)
     mandatory = FOCUS_COLUMNS[:FOCUS_COLUMNS.index("PricingUnit") + 1]
-    assert all(r[c] is not None for r in rows for c in mandatory if c != "ChargeClass")
+    assert all(r[c] is not None for r in rows for c in mandatory if c not in ("ChargeClass", "InvoiceId"))
     assert {r["ChargeCategory"] for r in rows} == {"Usage"}
     assert {r["SubAccountId"] for r in rows} == {"acme", "globex"}
     assert rows[0]["ChargePeriodStart"].endswith("Z") and len(rows[0]["ChargePeriodStart"]) == 20
-    # One row per meter per charge period; costs add up to the one-period invoices.
-    assert len({(r["SubAccountId"], r["SkuMeter"], r["ChargePeriodStart"]) for r in rows}) == len(rows)
-    acme_cpu = sum(Decimal(r["BilledCost"]) for r in rows if r["SubAccountId"] == "acme" and r["SkuMeter"] == "cpu_second")
+    # Calendar month (UTC) billing periods.
+    assert {r["BillingPeriodStart"][8:] for r in rows} == {"01T00:00:00Z"}
+    # One service name per category; resources are compartments on hosts, not price lines.
+    assert len({(r["ServiceName"], r["ServiceCategory"], r["ServiceSubcategory"]) for r in rows}) == \
+        len({r["ServiceName"] for r in rows}) == 3
+    assert {r["ResourceId"] for r in rows} == {"h/acme/vs", "h/globex/vs"} and {r["x_Host"] for r in rows} == {"h"}
+    # One row per resource, meter and charge period; costs add up to the one-period invoices.
+    assert len({(r["ResourceId"], r["x_Meter"], r["ChargePeriodStart"]) for r in rows}) == len(rows)
+    acme_cpu = sum(Decimal(r["BilledCost"]) for r in rows if r["SubAccountId"] == "acme" and r["x_Meter"] == "cpu_second")
     assert acme_cpu == Decimal("0.042000")
+    # Fixed decimals per column, never E-notation.
+    for col, decimals in (("BilledCost", 10), ("ListCost", 10), ("ContractedUnitPrice", 12), ("PricingQuantity", 18)):
+        assert all(len(r[col].split(".")[1]) == decimals and "E" not in r[col] for r in rows), col
+    # The negotiated price: contracted below list.
+    g = [r for r in rows if r["SubAccountId"] == "globex" and r["x_Meter"] == "cpu_second"]
+    assert all(Decimal(r["ListCost"]) == 2 * Decimal(r["ContractedCost"]) > 0 for r in g)
+    assert {r["ListUnitPrice"] for r in g} == {"0.020000000000"} and {r["ContractedUnitPrice"] for r in g} == {
+        "0.010000000000"}
 
 
 def test_three_hosts_in_parquet_bill_like_each_host(tmp_path, sheet):
@@ -328,7 +348,7 @@ def test_overlapping_exports_bill_each_record_once(tmp_path):
     assert len(list(twice.rglob("*.parquet"))) == 2
     args = (T0, T0 + 3 * 10**9, 3 * 10**9)
     assert usage_from_parquet(twice, *args) == usage_from_parquet(once, *args)
-    assert usage_from_parquet(twice, *args)[0]["acme"]["cpu_ns"] == 3000 * 700_000
+    assert merge_periods(usage_from_parquet(twice, *args))["acme"]["cpu_ns"] == 3000 * 700_000
 
 
 def test_a_damaged_parquet_file_is_one_error_naming_it(tmp_path):

@@ -112,10 +112,10 @@ def test_tenant_vswitches_metered_and_billed(tmp_path, meter_bin):
             "cpu_second": "0.05", "kwh": "0.30", "gb": "0.10", "million_packets": "2", "gigacycle": "0.001"}})
         invs = invoices(usage, sheet, start, end)
         assert [i.tenant for i in invs] == ["t0", "t1", "t2"]
-        cost = {i.tenant: i.total for i in invs}
+        cost = {i.tenant: i.subtotal for i in invs}
         assert cost["t0"] > cost["t2"] > cost["t1"] > Decimal(0)
         for inv in invs:
-            assert inv.total == sum(line.cost for line in inv.lines)
+            assert inv.subtotal == sum(line.cost for line in inv.lines)
             assert {line.meter for line in inv.lines} >= {"cpu_second", "million_packets", "gb", "kwh"}
     finally:
         down = subprocess.run([*meter_bin, "demo", "down"], capture_output=True, text=True, env=env, timeout=60)

@@ -41,12 +41,23 @@ import numpy as np
 
 from ..errors import SinkError
 from ..paths import meter_path, open_private, private_dir
-from ..records import COUNTER_COLUMNS, FIELDS, RECORD_DTYPE, build, factorize, null_sums
+from ..records import (
+    COUNTER_COLUMNS,
+    ESTIMATE_COLUMNS,
+    FIELDS,
+    RECORD_DTYPE,
+    build,
+    estimate_counts,
+    factorize,
+    null_sums,
+)
 
 __all__ = ["ROLLUPS", "Store", "default_path"]
 
 #: Rollup tables and their period in ns.
 ROLLUPS = {"rollup_1s": 1_000_000_000, "rollup_1h": 3_600_000_000_000}
+#: What a rollup sums: every counter, and how many records had each estimated figure.
+ROLLUP_COLUMNS = COUNTER_COLUMNS + ESTIMATE_COLUMNS
 DEFAULT_RETENTION_S = 7 * 24 * 3600
 #: A batch dated further ahead of the clock than this is stored, and said.
 FUTURE_SLACK_NS = 3600 * 1_000_000_000
@@ -92,7 +103,11 @@ class Store:
         )
         self.db.execute("CREATE INDEX IF NOT EXISTS chunks_time ON chunks (end_ns, start_ns)")
         self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER)")
-        sums = ", ".join(f"{name} INTEGER" for name in COUNTER_COLUMNS)
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS invoices (id TEXT PRIMARY KEY, tenant TEXT, start_ns INTEGER, end_ns INTEGER, "
+            "currency TEXT, total TEXT, subtotal TEXT, price_sheet TEXT, issued_ns INTEGER)"
+        )
+        sums = ", ".join(f"{name} INTEGER" for name in ROLLUP_COLUMNS)
         for table in ROLLUPS:
             self.db.execute(
                 f"CREATE TABLE IF NOT EXISTS {table} (host TEXT, tenant TEXT, compartment TEXT, period_start_ns INTEGER, "
@@ -100,7 +115,7 @@ class Store:
             )
             # A store written before a counter column existed gets it (NULL: not measured then).
             have = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
-            for name in COUNTER_COLUMNS:
+            for name in ROLLUP_COLUMNS:
                 if name not in have:
                     self.db.execute(f"ALTER TABLE {table} ADD COLUMN {name} INTEGER")
 
@@ -201,12 +216,13 @@ class Store:
         uniq, who = np.unique(combined, return_inverse=True)
         labels = [(hosts[u // (len(tenants) * len(comps))], tenants[u // len(comps) % len(tenants)], comps[u % len(comps)])
                   for u in uniq.tolist()]
-        values = cols_.ints[[cols_.int_names.index(n) for n in COUNTER_COLUMNS]].T
-        cols = ", ".join(COUNTER_COLUMNS)
-        marks = ", ".join("?" * (5 + len(COUNTER_COLUMNS)))
+        values = np.concatenate([cols_.ints[[cols_.int_names.index(n) for n in COUNTER_COLUMNS]],
+                                 estimate_counts(cols_.strings, cols_.n)]).T
+        cols = ", ".join(ROLLUP_COLUMNS)
+        marks = ", ".join("?" * (5 + len(ROLLUP_COLUMNS)))
         # NULL + n stays n; n + NULL stays n: a family measured anywhere in a period is summed.
         updates = ", ".join(f"{c} = CASE WHEN excluded.{c} IS NULL THEN {c} ELSE coalesce({c}, 0) + excluded.{c} END"
-                            for c in COUNTER_COLUMNS)
+                            for c in ROLLUP_COLUMNS)
         for table, period in ROLLUPS.items():
             pstart = batch["window_start_ns"] // period
             base = pstart.min()
@@ -260,6 +276,35 @@ class Store:
         if tenant is not None:
             keep &= out["tenant"] == tenant
         return out[keep]
+
+    def issue(self, invoices: list[tuple[str, str, int, int, str, str, str, str]]) -> None:
+        """Record issued invoices (id, tenant, start_ns, end_ns, currency, total, subtotal, price sheet hash)
+        in the ledger, all or none: a tenant's period that overlaps an invoice already issued is refused
+        with a SinkError naming that invoice (an invoiced period is never invoiced twice)."""
+        try:
+            self.db.execute("BEGIN IMMEDIATE")  # no other biller between the check and the insert
+            for _id, tenant, start, end, *_ in invoices:
+                old = self.db.execute("SELECT id, start_ns, end_ns FROM invoices WHERE tenant = ? AND start_ns < ? "
+                                      "AND end_ns > ? LIMIT 1", (tenant, end, start)).fetchone()
+                if old:
+                    raise SinkError(f"tenant {tenant!r} was already invoiced for part of this period ({old[0]}): "
+                                    "bill only time after its end, or issue a correction by hand",
+                                    target=str(self.path))
+            now = self._clock()
+            self.db.executemany("INSERT INTO invoices VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                [(*inv, now) for inv in invoices])
+            self.db.execute("COMMIT")
+        except BaseException:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
+
+    def invoices_issued(self, start_ns: int | None = None, end_ns: int | None = None) -> list[dict[str, Any]]:
+        """Issued invoices whose period overlaps [start_ns, end_ns), oldest first."""
+        cur = self.db.execute("SELECT * FROM invoices WHERE end_ns > ? AND start_ns < ? ORDER BY start_ns, tenant",
+                              (start_ns if start_ns is not None else -(2**63), end_ns if end_ns is not None else 2**63 - 1))
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row)) for row in cur.fetchall()]
 
     def rollup(self, table: str, start_ns: int | None = None, end_ns: int | None = None,
                *, tenant: str | None = None) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from decimal import Decimal
 from typing import IO, Any
 
+from .bill import money, price_text, quantity_text
 from .focus import FOCUS_COLUMNS, focus_rows
 
 __all__ = ["csv_cells", "economics_tables", "findings_table", "focus_csv", "invoices_csv", "invoices_tables"]
@@ -39,8 +40,8 @@ def invoices_csv(invs: Sequence[Any], out: IO[str]) -> None:
     w.writerow(["tenant", "meter", "quantity", "unit", "unit_price", "cost", "currency"])
     for inv in invs:
         for line in inv.lines:
-            w.writerow(csv_cells([inv.tenant, line.meter, line.quantity, line.unit, line.unit_price, line.cost,
-                                  inv.currency]))
+            w.writerow(csv_cells([inv.tenant, line.meter, quantity_text(line.quantity), line.unit,
+                                  price_text(line.unit_price), money(line.cost), inv.currency]))
         w.writerow(csv_cells([inv.tenant, "TOTAL", "", "", "", inv.total, inv.currency]))
 
 
@@ -64,7 +65,7 @@ def invoices_tables(invs: Sequence[Any], span: str, console: Any) -> None:
         t.add_column("unit price", justify="right")
         t.add_column(f"cost ({inv.currency})", justify="right", footer=str(inv.total))
         for line in inv.lines:
-            t.add_row(line.meter, f"{line.quantity:.6f}", line.unit, str(line.unit_price), str(line.cost))
+            t.add_row(line.meter, f"{line.quantity:.6f}", line.unit, price_text(line.unit_price), money(line.cost))
         console.print(t)
 
 

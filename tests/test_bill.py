@@ -46,7 +46,7 @@ def records(host: str, n_windows: int = 3000, seq0: int = 0, t0: int = T0) -> np
     cpu = np.tile(np.array([700_000, 300_000, 100_000, 900_000]), n_windows)
     rx = np.tile(np.array([3, NULL, NULL, NULL]), n_windows)
     return build(n, {"window_start_ns": t0 + w * 1_000_000, "window_ms": 1, "host": host, "tenant": tenant,
-                     "compartment": "vs", "cpu_ns": cpu, "cycles": cpu * 2, "rx_packets": rx, "rx_bytes": rx * 100,
+                     "compartment": "vs", "cpu_ns": cpu, "cycles": cpu * 2, "rx_packets": rx, "rx_bytes": np.where(rx == NULL, NULL, rx * 100),
                      "energy_uj": np.tile(np.array([70, 30, 10, 90]), n_windows), "seq": seq0 + np.arange(n),
                      "cpu_source": "sched_switch"})
 

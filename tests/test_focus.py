@@ -106,20 +106,25 @@ def test_lines_of_any_split_add_up_to_the_whole_period_exactly(case):
         assert -inv.total.as_tuple().exponent == exp  # type: ignore[operator]
 
 
-def test_store_and_parquet_bill_the_same(tmp_path):
-    """FOCUS rows from the store and from Parquet exports of the same records are identical,
-    hosts included (before, x_Hosts was empty from the store)."""
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                HealthCheck.function_scoped_fixture])
+@given(st.lists(st.integers(0, 10**9), min_size=4, max_size=4), st.integers(1, 2500), _price())
+def test_store_and_parquet_bill_the_same(tmp_path_factory, cpu, windows, negotiated):
+    """FOCUS rows from the store and from Parquet exports of the same random records are
+    identical, hosts included (before, x_Hosts was empty from the store)."""
     pytest.importorskip("duckdb")
     from meter.sinks.parquet import write_parquet
 
+    tmp_path = tmp_path_factory.mktemp("bill")
     sheet = PriceSheet.from_dict({"currency": "EUR", "prices": {"cpu_second": "0.02", "gigacycle": "0.001",
                                                                  "kwh": "0.3", "gb": "0.05", "million_packets": "1"},
-                                  "tenant": {"globex": {"cpu_second": "0.015"}}})
+                                  "tenant": {"globex": {"cpu_second": str(negotiated)}}})
     rows = {}
     for src in ("store", "parquet"):
         parts = []
         for i, host in enumerate(("h1", "h2")):
-            b = records(host, 1500 * (i + 1))
+            b = records(host, windows + 500 * i)
+            b["cpu_ns"] = np.tile(np.array(cpu), len(b) // 4)
             b["counters_source"] = "cpu-clock estimate"
             parts.append(b)
         args = (T0, T0 + 3 * 10**9, 10**9)

@@ -18,7 +18,7 @@ BENCHDEB := linux-perf iperf3 stress-ng
 # The FinOps Foundation's FOCUS validator (tests/test_focus.py) needs Python >= 3.12, in a
 # venv of its own: the first of these that runs is used.
 FOCUSVENV := .venv-focus
-FOCUSPY  ?= $(shell for p in python3.13 python3.12 $$HOME/.pyenv/versions/3.1[2-9]*/bin/python3 \
+FOCUSPY  ?= $(shell for p in python3.13 python3.12 $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.1[2-9]*/bin/python3 /root/.pyenv/versions/3.1[2-9]*/bin/python3 \
 	/usr/local/bin/python3.1[2-9] /usr/bin/python3.1[2-9]; do \
 	$$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1 && { command -v $$p; break; }; done)
 

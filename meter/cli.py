@@ -128,6 +128,11 @@ def _time_ns(text: str, option: str) -> int:
 @click.option("--store", "store_path", type=click.Path(), default=None, help="Record store to bill from.")
 @click.option("--parquet", "parquet_dir", type=click.Path(), default=None,
               help="Bill a directory of Parquet files from many hosts instead (DuckDB).")
+@click.option("--fleet", "fleet_url", default=None,
+              help="Bill the fleet's Delta table at this URL (meter commit) instead.")
+@click.option("--scheduler", default=None, help="With --fleet: a Dask scheduler (tcp://HOST:8786) to sum on.")
+@click.option("--engine", type=click.Choice(["duckdb", "dask"]), default="duckdb", show_default=True,
+              help="With --fleet and no --scheduler: DuckDB here, or a local Dask cluster.")
 @click.option("--charge-period", type=click.IntRange(min=1), default=3600, show_default=True,
               help="Seconds per FOCUS charge period; divides a day, so periods start on UTC hours.")
 @click.option("--billing-period", type=click.Choice(["month", "day"]), default="month", show_default=True,
@@ -135,7 +140,8 @@ def _time_ns(text: str, option: str) -> int:
 @click.option("--issue", is_flag=True,
               help="Record the invoices in the store's ledger: a period already invoiced is refused.")
 def bill(prices: str, start: str, end: str, tenant: str | None, fmt: str, store_path: str | None,
-         parquet_dir: str | None, charge_period: int, billing_period: str, issue: bool) -> None:
+         parquet_dir: str | None, fleet_url: str | None, scheduler: str | None, engine: str, charge_period: int,
+         billing_period: str, issue: bool) -> None:
     """Invoices per tenant for [--from, --to): line items in decimal money."""
     from . import report
     from .bill import PriceSheet, charges, invoice_id, invoices, merge_periods, usage_from_parquet, usage_from_store
@@ -151,12 +157,19 @@ def bill(prices: str, start: str, end: str, tenant: str | None, fmt: str, store_
             raise click.BadParameter(f"{charge_period} s does not divide a day (86400 s): charge periods start "
                                      "on UTC hour boundaries (try 1, 60, 300, 900, 3600 or 86400)",
                                      param_hint="--charge-period")
-        if issue and parquet_dir:
+        if parquet_dir and fleet_url:
+            raise click.BadParameter("bill either --parquet files or a --fleet table, not both", param_hint="--fleet")
+        if issue and (parquet_dir or fleet_url):
             raise click.BadParameter("the invoice ledger is in the record store: bill from --store to issue",
                                      param_hint="--issue")
         period = charge_period * 1_000_000_000
         issued: list[dict[str, Any]] = []
-        if parquet_dir:
+        if fleet_url:
+            from .fleet import fleet_usage
+
+            by_period = fleet_usage(fleet_url, start_ns, end_ns, period, engine=engine, scheduler=scheduler)
+            invs = invoices(merge_periods(by_period), sheet, start_ns, end_ns, tenant=tenant)
+        elif parquet_dir:
             by_period = usage_from_parquet(parquet_dir, start_ns, end_ns, period, by_resource=True)
             invs = invoices(merge_periods(by_period), sheet, start_ns, end_ns, tenant=tenant)
         else:
@@ -186,6 +199,35 @@ def bill(prices: str, start: str, end: str, tenant: str | None, fmt: str, store_
                              billing_period, invoice_of, sys.stdout)
         else:
             report.invoices_tables(invs, f"{start} – {end}", shell.console(120))
+
+
+@main.command()
+@click.option("--to", "url", required=True, help="Where segments go: a directory, file://PATH or s3://BUCKET/PREFIX.")
+@click.option("--store", "store_path", type=click.Path(), default=None, help="Record store to ship from.")
+@click.option("--raw", is_flag=True, help="Also ship each segment's raw 1 ms records (under raw/).")
+def ship(url: str, store_path: str | None, raw: bool) -> None:
+    """Ship the store's records not shipped yet as Parquet segments of exact 1 s rollups."""
+    from .ship import ship as ship_segments
+    from .sinks.store import Store
+
+    with shell.errors():
+        with Store(store_path, must_exist=True) as store:
+            done = ship_segments(store, url, raw=raw)
+        again = f" ({done.retried} sent again after an interrupted run)" if done.retried else ""
+        click.echo(f"meter: shipped {len(done.segments)} segments, {done.rows} rows, to {url}{again}", err=True)
+
+
+@main.command("commit")
+@click.option("--segments", "segments_url", required=True, help="Where hosts ship segments (meter ship --to).")
+@click.option("--table", "table_url", required=True, help="The Delta table to commit them into.")
+def commit_cmd(segments_url: str, table_url: str) -> None:
+    """Commit shipped segments into the fleet's Delta table, each exactly once."""
+    from .fleet import commit
+
+    with shell.errors():
+        done = commit(segments_url, table_url)
+        click.echo(f"meter: committed {len(done.added)} segments; {len(done.already)} were in already; "
+                   f"{len(done.waiting)} wait for an earlier segment of their host", err=True)
 
 
 @main.command("export")

@@ -52,7 +52,7 @@ from ..records import (
     null_sums,
 )
 
-__all__ = ["ROLLUPS", "Store", "default_path"]
+__all__ = ["ROLLUPS", "ROLLUP_COLUMNS", "Store", "default_path", "rollup_rows"]
 
 #: Rollup tables and their period in ns.
 ROLLUPS = {"rollup_1s": 1_000_000_000, "rollup_1h": 3_600_000_000_000}
@@ -103,6 +103,10 @@ class Store:
         )
         self.db.execute("CREATE INDEX IF NOT EXISTS chunks_time ON chunks (end_ns, start_ns)")
         self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER)")
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS shipments (host TEXT, first_seq INTEGER, last_seq INTEGER, key TEXT, "
+            "done INTEGER, PRIMARY KEY (host, first_seq))"
+        )
         self.db.execute(
             "CREATE TABLE IF NOT EXISTS invoices (id TEXT PRIMARY KEY, tenant TEXT, start_ns INTEGER, end_ns INTEGER, "
             "currency TEXT, total TEXT, subtotal TEXT, price_sheet TEXT, issued_ns INTEGER)"
@@ -211,37 +215,17 @@ class Store:
 
     def _rollup(self, batch: np.ndarray, cols_: _Columns) -> None:
         """Add the batch's integer sums into every rollup (same transaction as the insert)."""
-        (hosts, h), (tenants, t), (comps, c) = (cols_.strings[f] for f in ("host", "tenant", "compartment"))
-        combined = (h.astype(np.int64) * len(tenants) + t) * len(comps) + c
-        uniq, who = np.unique(combined, return_inverse=True)
-        labels = [(hosts[u // (len(tenants) * len(comps))], tenants[u // len(comps) % len(tenants)], comps[u % len(comps)])
-                  for u in uniq.tolist()]
-        values = np.concatenate([cols_.ints[[cols_.int_names.index(n) for n in COUNTER_COLUMNS]],
-                                 estimate_counts(cols_.strings, cols_.n)]).T
         cols = ", ".join(ROLLUP_COLUMNS)
         marks = ", ".join("?" * (5 + len(ROLLUP_COLUMNS)))
         # NULL + n stays n; n + NULL stays n: a family measured anywhere in a period is summed.
         updates = ", ".join(f"{c} = CASE WHEN excluded.{c} IS NULL THEN {c} ELSE coalesce({c}, 0) + excluded.{c} END"
                             for c in ROLLUP_COLUMNS)
         for table, period in ROLLUPS.items():
-            pstart = batch["window_start_ns"] // period
-            base = pstart.min()
-            key = (pstart - base) * len(labels) + who
-            first, sums, seen = null_sums(key, values)
-            counts = np.bincount(np.searchsorted(key[first], key), minlength=len(first))
-            g_who = (key[first] % len(labels)).tolist()
-            g_start = ((key[first] // len(labels) + base) * period).tolist()
-            sums_l, seen_l = sums.tolist(), seen.tolist()
-            rows = [
-                (*labels[g_who[g]], g_start[g], int(counts[g]),
-                 *[v if ok else None for v, ok in zip(sums_l[g], seen_l[g])])
-                for g in range(len(first))
-            ]
             self.db.executemany(
                 f"INSERT INTO {table} (host, tenant, compartment, period_start_ns, records, {cols}) VALUES ({marks}) "
                 f"ON CONFLICT (host, tenant, compartment, period_start_ns) DO UPDATE SET "
                 f"records = records + excluded.records, {updates}",
-                rows,
+                rollup_rows(batch, period, cols_),
             )
 
     def _expire(self, newest_ns: int) -> None:
@@ -276,6 +260,40 @@ class Store:
         if tenant is not None:
             keep &= out["tenant"] == tenant
         return out[keep]
+
+    def chunk_ranges(self, host: str, after_seq: int) -> list[tuple[int, int]]:
+        """(first_seq, last_seq) of ``host``'s stored chunks past ``after_seq``, in order."""
+        cur = self.db.execute("SELECT first_seq, last_seq FROM chunks WHERE host = ? AND last_seq > ? ORDER BY first_seq",
+                              (host, after_seq))
+        return [(int(a), int(b)) for a, b in cur.fetchall()]
+
+    def records_seq(self, host: str, first_seq: int, last_seq: int) -> np.ndarray:
+        """``host``'s raw records with seq in [first_seq, last_seq]."""
+        cur = self.db.execute("SELECT data FROM chunks WHERE host = ? AND last_seq >= ? AND first_seq <= ? "
+                              "ORDER BY first_seq", (host, first_seq, last_seq))
+        parts = [_decode(blob) for (blob,) in cur.fetchall()]
+        if not parts:
+            return build(0)
+        out = np.concatenate(parts)
+        return out[(out["seq"] >= first_seq) & (out["seq"] <= last_seq)]
+
+    def shipments(self, host: str) -> list[dict[str, Any]]:
+        """``host``'s shipments (segments meant or sent), oldest first."""
+        cur = self.db.execute("SELECT * FROM shipments WHERE host = ? ORDER BY first_seq", (host,))
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row)) for row in cur.fetchall()]
+
+    def ship_intent(self, host: str, first_seq: int, last_seq: int, key: str) -> None:
+        """Remember a segment before it is uploaded: a retry sends the same one."""
+        self.db.execute("INSERT INTO shipments VALUES (?, ?, ?, ?, 0)", (host, first_seq, last_seq, key))
+
+    def shipped(self, host: str, first_seq: int) -> None:
+        """The segment starting at ``first_seq`` is in object storage."""
+        self.db.execute("UPDATE shipments SET done = 1 WHERE host = ? AND first_seq = ?", (host, first_seq))
+
+    def hosts(self) -> list[str]:
+        """Hosts with records in this store."""
+        return [h for (h,) in self.db.execute("SELECT DISTINCT host FROM chunks ORDER BY host")]
 
     def issue(self, invoices: list[tuple[str, str, int, int, str, str, str, str]]) -> None:
         """Record issued invoices (id, tenant, start_ns, end_ns, currency, total, subtotal, price sheet hash)
@@ -330,6 +348,35 @@ class Store:
             clauses.append("tenant = ?")
             args.append(tenant)
         return (" WHERE " + " AND ".join(clauses) if clauses else ""), args
+
+
+def rollup_rows(batch: np.ndarray, period: int, cols_: _Columns | None = None) -> list[tuple[Any, ...]]:
+    """A batch's rollup rows for one period: (host, tenant, compartment, period start, records,
+    *ROLLUP_COLUMNS with None where not measured), sorted by (period start, host, tenant, compartment).
+    ``cols_`` is the batch's columns when the caller has them already."""
+    if len(batch) == 0:
+        return []
+    cols_ = cols_ if cols_ is not None else _Columns(batch)
+    window_start_ns = batch["window_start_ns"]
+    (hosts, h), (tenants, t), (comps, c) = (cols_.strings[f] for f in ("host", "tenant", "compartment"))
+    combined = (h.astype(np.int64) * len(tenants) + t) * len(comps) + c
+    uniq, who = np.unique(combined, return_inverse=True)
+    labels = [(hosts[u // (len(tenants) * len(comps))], tenants[u // len(comps) % len(tenants)], comps[u % len(comps)])
+              for u in uniq.tolist()]
+    values = np.concatenate([cols_.ints[[cols_.int_names.index(n) for n in COUNTER_COLUMNS]],
+                             estimate_counts(cols_.strings, cols_.n)]).T
+    pstart = window_start_ns // period
+    base = pstart.min()
+    key = (pstart - base) * len(labels) + who
+    first, sums, seen = null_sums(key, values)
+    counts = np.bincount(np.searchsorted(key[first], key), minlength=len(first))
+    g_who = (key[first] % len(labels)).tolist()
+    g_start = ((key[first] // len(labels) + base) * period).tolist()
+    sums_l, seen_l = sums.tolist(), seen.tolist()
+    return [
+        (*labels[g_who[g]], g_start[g], int(counts[g]), *[v if ok else None for v, ok in zip(sums_l[g], seen_l[g])])
+        for g in range(len(first))
+    ]
 
 
 _MAGIC = b"MTRC1"

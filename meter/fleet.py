@@ -7,7 +7,7 @@ segment's last seq). A segment whose last seq is at or below the host's
 committed version is already in (a re-sent or replayed segment, or a
 commit whose answer was lost) and is skipped; a segment that does not
 start right after it waits for the missing one, so nothing is committed
-out of order and nothing is skipped. A late segment for an hour already
+out of order and nothing is skipped (a host's segments cover its seqs from 0 on, without gaps). A late segment for an hour already
 billed is a plain later commit. One committer per table: run
 ``meter commit`` as one central job (docs/architecture.md, "Fleet").
 
@@ -94,8 +94,8 @@ def commit(segments_url: str, table_url: str, *, storage_options: dict[str, Any]
             if version is not None and last <= version:
                 out.already.append(name)
                 continue
-            if version is not None and first != version + 1:
-                if first <= version:
+            if first != (version + 1 if version is not None else 0):
+                if version is not None and first <= version:
                     raise MeterError(f"segment {path} overlaps what {host} has committed (up to seq {version}): "
                                      "segments of one host never overlap; remove the stray one")
                 out.waiting.append(name)  # an earlier segment of this host is not there yet

@@ -57,8 +57,10 @@ def storage_error(err: BaseException, url: str, what: str) -> MeterError:
     low = text.lower()
     if any(s in low for s in ("nosuchbucket", "bucket does not exist", "specified bucket")):
         return MeterError(f"{what}: the bucket of {url} does not exist: create it, or fix the URL")
+    remote = "://" in url and not url.startswith("file://")
     if any(s in low for s in ("invalidaccesskeyid", "signaturedoesnotmatch", "accessdenied", "access denied",
-                              "forbidden", "403", "credentials")):
+                              "access key id", "forbidden", "403", "credentials")) or (
+            remote and isinstance(err, PermissionError)):
         return MeterError(f"{what}: {url} refused the credentials: check AWS_ACCESS_KEY_ID and "
                           "AWS_SECRET_ACCESS_KEY (or the profile)")
     if any(s in low for s in ("connect", "unreachable", "timed out", "name or service not known", "refused")):
@@ -236,8 +238,10 @@ def ship(store: Store, url: str, *, storage_options: dict[str, Any] | None = Non
         after = max((s["last_seq"] for s in shipments), default=-1)
         ranges = store.chunk_ranges(host, after)
         while ranges:
-            first = max(ranges[0][0], after + 1)
-            last, count = ranges[0][1], ranges[0][1] - first + 1
+            # Segments of a host cover every seq from 0 on, gaps included (seqs of a batch lost
+            # to a kill, or expired before shipping), so the committer can tell a missing one.
+            first = after + 1
+            last, count = ranges[0][1], ranges[0][1] - max(first, ranges[0][0]) + 1
             for a, b in ranges[1:]:
                 if count + (b - a + 1) > max_records:
                     break

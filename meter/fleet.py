@@ -22,6 +22,8 @@ cluster's address, or a local cluster), into the same usage
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
 from typing import Any
 
 from .errors import MeterError
@@ -30,6 +32,8 @@ from .ship import SEGMENT_COLUMNS, SEGMENT_SCHEMA, open_url, parse_key, read_seg
 __all__ = ["Committed", "commit", "fleet_usage", "table_files"]
 
 _SUMS = tuple(SEGMENT_COLUMNS[5:-2])  # the rollup columns: counters and estimate counts
+#: A local cluster's workers are processes (METER_DASK_PROCESSES=0: threads of this one).
+_PROCESSES = os.environ.get("METER_DASK_PROCESSES", "1") != "0"
 
 
 def _delta_options(url: str, storage_options: dict[str, Any] | None) -> dict[str, str]:
@@ -184,7 +188,8 @@ def _dask_sums(files: list[str], start_ns: int, end_ns: int, period_ns: int, sch
         if scheduler:
             client = Client(scheduler, timeout="10s")
         else:
-            cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None)
+            cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=_PROCESSES, dashboard_address=None,
+                                   silence_logs=logging.ERROR)
             client = Client(cluster)
     except OSError as err:
         raise MeterError(f"cannot reach the Dask scheduler at {scheduler}: {err}") from err
@@ -193,7 +198,7 @@ def _dask_sums(files: list[str], start_ns: int, end_ns: int, period_ns: int, sch
                              storage_options=storage_options or None, dtype_backend="numpy_nullable")
         df = df[(df["period_start_ns"] >= start_ns) & (df["period_start_ns"] < end_ns)]
         df["p"] = df["period_start_ns"] // period_ns
-        result = df.groupby(["p", "tenant", "host", "compartment"])[list(_SUMS)].sum(min_count=1)
+        result = df.groupby(["p", "tenant", "host", "compartment"])[list(_SUMS)].sum(min_count=1, split_out=1)
         frame = client.compute(result).result().reset_index()
     except MeterError:
         raise

@@ -144,7 +144,23 @@ def test_five_hosts_through_faults_are_billed_exactly_once(s3, tmp_path, meter_b
     time.sleep(0.8)
     p.send_signal(signal.SIGKILL)
     p.wait()
-    for host in HOSTS[:4]:
+    # h3's ship dies mid-upload (before its PUT completed): the segment stays meant, and the
+    # next run sends exactly it.
+    with Store(stores["h3"]) as s:
+        real_put = ship._put
+
+        def dies(fs, path, data):
+            raise KeyboardInterrupt("killed mid-upload")
+
+        ship._put = dies
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                ship.ship(s, segs)
+        finally:
+            ship._put = real_put
+        meant = [m for m in s.shipments("h3") if not m["done"]]
+        assert len(meant) == 1 and ship.ship(s, segs).segments == [meant[0]["key"]]
+    for host in ("h1", "h2", "h4"):
         with Store(stores[host]) as s:
             ship.ship(s, segs)
     # A retried upload whose confirmation was lost (h2): the store still says "meant", and

@@ -11,6 +11,7 @@ before (it holds billing data). Directories meter creates are 0700.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from .errors import SinkError
 
-__all__ = ["meter_path", "open_private", "private_dir"]
+__all__ = ["meter_path", "open_private", "private_dir", "write_whole"]
 
 
 def meter_path(env: str, as_root: str, xdg_env: str, xdg_default: str, *rel: str) -> Path:
@@ -81,3 +82,22 @@ def open_private(path: str | Path, flags: int = os.O_WRONLY, *, what: str = "fil
         os.close(fd)
         raise
     return fd
+
+
+def write_whole(path: str | Path, data: bytes, *, what: str = "file") -> None:
+    """Write ``data`` as the 0600 file ``path``, whole: under a hidden temporary
+    name, synced, then renamed over ``path``. A kill leaves no truncated file for
+    a reader, and a link planted at ``path`` is replaced, never followed."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = open_private(tmp, os.O_WRONLY | os.O_TRUNC, what=what)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

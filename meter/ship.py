@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import os
 import re
 from pathlib import Path
 from typing import Any
 
 from .errors import MeterError
 from .host import root as host_root
-from .paths import open_private, private_dir
-from .records import COUNTER_COLUMNS, FIELDS, NULL, RECORD_DTYPE
+from .paths import private_dir, write_whole
+from .sinks.parquet import record_table
 from .sinks.store import ROLLUP_COLUMNS, Store, rollup_rows
 
 __all__ = [
@@ -130,21 +129,10 @@ def segment_bytes(store: Store, host: str, first_seq: int, last_seq: int) -> tup
 
 def _raw_bytes(store: Store, host: str, first_seq: int, last_seq: int) -> bytes:
     """The raw 1 ms records of a segment's range, as Parquet (for audit, on request)."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    batch = store.records_seq(host, first_seq, last_seq)
-    cols = {}
-    for name in FIELDS:
-        col = batch[name]
-        if name in COUNTER_COLUMNS:
-            cols[name] = pa.array(col, mask=col == NULL, type=pa.int64())
-        elif RECORD_DTYPE[name].kind == "O":
-            cols[name] = pa.array([v if v else None for v in col.tolist()], type=pa.string())
-        else:
-            cols[name] = pa.array(col)
     buf = io.BytesIO()
-    pq.write_table(pa.table(cols), buf, compression="zstd")
+    pq.write_table(record_table(store.records_seq(host, first_seq, last_seq)), buf, compression="zstd")
     return buf.getvalue()
 
 
@@ -167,19 +155,8 @@ def read_segment(fs: Any, path: str) -> Any:
 def _put(fs: Any, path: str, data: bytes) -> None:
     """Write ``data`` at ``path`` whole: locally 0600 through a temporary name, else one PUT."""
     if _is_local(fs):
-        target = Path(path)
-        private_dir(target.parent)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        fd = open_private(tmp, os.O_WRONLY | os.O_TRUNC, what="segment")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        private_dir(Path(path).parent)
+        write_whole(path, data, what="segment")
     else:
         fs.pipe_file(path, data)
 

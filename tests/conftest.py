@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -160,6 +161,22 @@ def cgroups(cgroup_mount: Path) -> Iterator[Cgroups]:
 def meter_bin() -> list[str]:
     exe = shutil.which("meter", path=str(Path(sys.executable).parent))
     return [exe] if exe else [sys.executable, "-m", "meter.cli"]
+
+
+def wait_for_records(store: Path, proc: subprocess.Popen[Any], more_than: int = 0, timeout: float = 60) -> None:
+    """Wait until ``meter record`` (``proc``) has stored more than ``more_than`` records of this
+    host in ``store``: start-up compiles the programs, seconds on a busy host."""
+    import socket
+
+    from meter.sinks.store import Store
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        if store.exists():
+            with Store(store) as s:
+                if s.next_seq(socket.gethostname()) > more_than:
+                    return
 
 
 def sh(*cmd: str) -> str:

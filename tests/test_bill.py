@@ -7,7 +7,6 @@ import io
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -31,6 +30,8 @@ from meter.focus import FOCUS_COLUMNS, focus_rows
 from meter.records import NULL, build
 from meter.sinks.parquet import write_parquet
 from meter.sinks.store import Store
+
+from .conftest import wait_for_records
 
 # A whole second 400 s into an hour two hours ago: inside the store's retention
 # (counted from the clock), and 3 s of records stay in one 1 h rollup.
@@ -307,15 +308,8 @@ def test_kill_9_loses_at_most_the_batch_in_flight_and_restart_continues(tmp_path
     store = tmp_path / "r.db"
     cmd = [*meter_bin, "record", "--cgroup-root", str(cgroups.root), "--store", str(store)]
     p = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
-    # Start-up (compiling the programs) takes seconds on a busy host: kill it
-    # once it has stored a few batches, whenever that is.
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and p.poll() is None:
-        time.sleep(0.25)
-        if store.exists():
-            with Store(store) as s:
-                if s.next_seq(socket.gethostname()) > 600:
-                    break
+    # Kill it once it has stored a few batches, whenever that is.
+    wait_for_records(store, p, 600)
     p.send_signal(signal.SIGKILL)
     p.wait()
     with Store(store) as s:

@@ -131,7 +131,26 @@ def _check_fleet(table: str, stores: dict[str, Path]) -> None:
     assert sorted(rows, key=key) == sorted(own, key=key)
 
 
-def test_five_hosts_through_faults_are_billed_exactly_once(s3, tmp_path, meter_bin):
+def _dying(err: BaseException, real=None, *, after: int = 0, seen=None):  # type: ignore[no-untyped-def]
+    """A stand-in for ``real`` that dies with ``err``: at once (no ``real``), once ``after``
+    calls went through, or (``after`` 0) right after its one call went through: the answer
+    lost. ``seen`` collects the (path, data) of the calls that went through."""
+    count: list[int] = []
+
+    def fake(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if real is not None and (after == 0 or len(count) < after):
+            real(*args, **kwargs)
+            count.append(1)
+            if seen is not None:
+                seen.append(args[1:3])
+            if after:
+                return None
+        raise err
+
+    return fake
+
+
+def test_five_hosts_through_faults_are_billed_exactly_once(s3, tmp_path, meter_bin, monkeypatch):
     import s3fs
     from deltalake import write_deltalake
 
@@ -147,17 +166,9 @@ def test_five_hosts_through_faults_are_billed_exactly_once(s3, tmp_path, meter_b
     # h3's ship dies mid-upload (before its PUT completed): the segment stays meant, and the
     # next run sends exactly it.
     with Store(stores["h3"]) as s:
-        real_put = ship._put
-
-        def dies(fs, path, data):
-            raise KeyboardInterrupt("killed mid-upload")
-
-        ship._put = dies
-        try:
-            with pytest.raises(KeyboardInterrupt):
-                ship.ship(s, segs)
-        finally:
-            ship._put = real_put
+        with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+            m.setattr(ship, "_put", _dying(KeyboardInterrupt("killed mid-upload")))
+            ship.ship(s, segs)
         meant = [m for m in s.shipments("h3") if not m["done"]]
         assert len(meant) == 1 and ship.ship(s, segs).segments == [meant[0]["key"]]
     for host in ("h1", "h2", "h4"):
@@ -168,20 +179,11 @@ def test_five_hosts_through_faults_are_billed_exactly_once(s3, tmp_path, meter_b
     more = records("h2", 50, seq0=10_000, t0=T0 + 5 * 10**9)
     with Store(stores["h2"]) as s:
         s.write(more)
-        real_put = ship._put
-        calls = []
-
-        def lost_answer(fs, path, data):
-            real_put(fs, path, data)
-            calls.append((path, data))
-            raise ConnectionError("connection reset (the answer was lost)")
-
-        ship._put = lost_answer
-        try:
-            with pytest.raises(MeterError, match="cannot reach"):
-                ship.ship(s, segs)
-        finally:
-            ship._put = real_put
+        calls: list[tuple[str, bytes]] = []
+        with monkeypatch.context() as m, pytest.raises(MeterError, match="cannot reach"):
+            m.setattr(ship, "_put", _dying(ConnectionError("connection reset (the answer was lost)"), ship._put,
+                                           seen=calls))
+            ship.ship(s, segs)
         again = ship.ship(s, segs)
         assert again.retried == 1 and [f"fleet/segs/{k}" for k in again.segments] == [calls[0][0]]
         assert s3fs.S3FileSystem().cat_file(calls[0][0]) == calls[0][1]
@@ -195,23 +197,12 @@ def test_five_hosts_through_faults_are_billed_exactly_once(s3, tmp_path, meter_b
     assert res.returncode == 0, res.stderr
     # The committer is killed after three commits (its fourth write never happens), and a
     # killed writer left a data file that no commit names: neither is billed twice or at all.
-    real_write = write_deltalake
-    n = []
-
-    def dies(*a, **kw):
-        if len(n) == 3:
-            raise KeyboardInterrupt("committer killed")
-        n.append(1)
-        return real_write(*a, **kw)
-
     import deltalake
 
-    deltalake.write_deltalake = dies
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            fleet.commit(segs, table)
-    finally:
-        deltalake.write_deltalake = real_write
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(deltalake, "write_deltalake", _dying(KeyboardInterrupt("committer killed"), write_deltalake,
+                                                       after=3))
+        fleet.commit(segs, table)
     fs.pipe_file("fleet/table/part-00000-orphan-c000.snappy.parquet", fs.cat_file(first))
     done = fleet.commit(segs, table)
     assert len(done.added) > 0 and len(done.already) == 3 and not done.waiting

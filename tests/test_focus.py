@@ -7,7 +7,6 @@ import io
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 from decimal import Decimal
@@ -31,6 +30,7 @@ from meter.bill import (
 from meter.focus import FOCUS_COLUMNS, focus_rows
 from meter.sinks.store import Store
 
+from .conftest import wait_for_records
 from .test_bill import PRICES, T0, records
 
 HOUR = 3600 * 10**9
@@ -247,15 +247,8 @@ def test_focus_from_a_real_recording_passes_the_validator(tmp_path, cgroups, met
     rec = subprocess.Popen([*meter_bin, "record", "--cgroup-root", str(cgroups.root), "--store", str(store)],
                            stderr=subprocess.PIPE, text=True)
     try:
-        # Work in both compartments for whole seconds once meter has stored records (start-up
-        # compiles the programs: seconds on a busy host).
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and rec.poll() is None:
-            time.sleep(0.2)
-            if store.exists():
-                with Store(store) as s:
-                    if s.next_seq(socket.gethostname()) > 0:
-                        break
+        # Work in both compartments for whole seconds once meter is storing records.
+        wait_for_records(store, rec)
         for name in ("acme", "globex"):
             cgroups.burner(cgroups.root / name, 0.3, 2.5)
         time.sleep(3.0)

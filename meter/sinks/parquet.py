@@ -9,24 +9,43 @@ that reads hive-partitioned Parquet.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
-import os
+import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ..errors import MeterError
-from ..paths import open_private, private_dir
+from ..paths import private_dir, write_whole
 from ..records import COUNTER_COLUMNS, FIELDS, NULL, RECORD_DTYPE
 
-__all__ = ["write_parquet"]
+__all__ = ["record_table", "write_parquet"]
+
+
+def record_table(batch: np.ndarray, *, skip: tuple[str, ...] = ()) -> Any:
+    """A batch as an Arrow table: record columns (but ``skip``), NULL counters as Parquet nulls."""
+    try:
+        import pyarrow as pa
+    except ImportError as err:
+        raise MeterError("Parquet needs pyarrow: pip install -e .[parquet]") from err
+    cols = {}
+    for name in FIELDS:
+        if name in skip:
+            continue
+        col = batch[name]
+        if name in COUNTER_COLUMNS:
+            cols[name] = pa.array(col, mask=col == NULL, type=pa.int64())
+        elif RECORD_DTYPE[name].kind == "O":
+            cols[name] = pa.array([v if v else None for v in col.tolist()], type=pa.string())
+        else:
+            cols[name] = pa.array(col)
+    return pa.table(cols)
 
 
 def write_parquet(batch: np.ndarray, root: str | Path) -> list[Path]:
     """Write a batch under ``root``; returns the files written (mode 0600)."""
     try:
-        import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError as err:
         raise MeterError("Parquet export needs pyarrow: pip install -e .[parquet]") from err
@@ -39,33 +58,10 @@ def write_parquet(batch: np.ndarray, root: str | Path) -> list[Path]:
         for day in np.unique(days[batch["host"] == host]).tolist():
             part = batch[(batch["host"] == host) & (days == day)]
             date = datetime.date(1970, 1, 1) + datetime.timedelta(days=int(day))
-            cols = {}
-            for name in FIELDS:
-                if name == "host":
-                    continue
-                col = part[name]
-                if name in COUNTER_COLUMNS:
-                    cols[name] = pa.array(col, mask=col == NULL, type=pa.int64())
-                elif RECORD_DTYPE[name].kind == "O":
-                    cols[name] = pa.array([v if v else None for v in col.tolist()], type=pa.string())
-                else:
-                    cols[name] = pa.array(col)
             directory = private_dir(root / f"host={host}" / f"date={date.isoformat()}")
             path = directory / f"part-{int(part['seq'].min()):012d}.parquet"
-            # Written whole under a hidden name, then renamed over the final one:
-            # a kill leaves no truncated part for a bill to read, and a link
-            # planted at the final name is replaced, never followed.
-            tmp = directory / f".{path.name}.{os.getpid()}.tmp"
-            fd = open_private(tmp, os.O_WRONLY | os.O_TRUNC, what="export")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    pq.write_table(pa.table(cols), f)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.rename(tmp, path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            buf = io.BytesIO()
+            pq.write_table(record_table(part, skip=("host",)), buf)
+            write_whole(path, buf.getvalue(), what="export")
             written.append(path)
     return written

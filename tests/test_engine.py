@@ -71,7 +71,8 @@ def test_three_compartments_match_cpu_stat_and_conserve(tmp_path, cgroups, cgrou
     # Windows are contiguous: no gaps.
     assert np.all(np.diff(starts) == 1_000_000)
     assert meter.stats.late_ns == 0
-    assert set(np.unique(batch["tenant"])) >= {"acme", "globex", "initech", "host", "idle"}
+    # (No idle row is promised: on a host kept 100 % busy there is none; the sums above hold either way.)
+    assert set(np.unique(batch["tenant"])) >= {"acme", "globex", "initech", "host"}
 
 
 def test_long_slice_is_split_into_one_ms_windows(tmp_path, cgroups, cgroup_mount):

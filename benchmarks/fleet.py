@@ -3,7 +3,8 @@
 
 * **ship**: the real shipping code (``meter.ship.ship``) on one sample host's
   store (C compartments, 1 ms records for ``--ship-seconds``), in raw
-  records/s; baseline: only reading the same records from the store.
+  records/s; baseline: only reading the same raw records from the store
+  (what shipping would cost if it rolled them up again).
 * **commit**: every host's segment (C x S rows, in the segment format,
   written to a local ``file://`` tree) committed by ``meter.fleet.commit``,
   one Delta commit per segment; baseline: one ``write_deltalake`` of all

@@ -115,8 +115,9 @@ def segment_bytes(store: Store, host: str, first_seq: int, last_seq: int) -> tup
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    batch = store.records_seq(host, first_seq, last_seq)
-    rows = rollup_rows(batch, _SECOND)
+    rows = store.rollups_seq(host, first_seq, last_seq)
+    if rows is None:  # a store written before chunks kept their rollups: from the raw records
+        rows = rollup_rows(store.records_seq(host, first_seq, last_seq), _SECOND)
     cols: list[Any] = list(zip(*rows)) if rows else [() for _ in range(5 + len(ROLLUP_COLUMNS))]
     data = {name: pa.array(list(col), type=pa.string() if i < 3 else pa.int64())
             for i, (name, col) in enumerate(zip(SEGMENT_COLUMNS, cols))}

@@ -103,6 +103,9 @@ class Store:
         )
         self.db.execute("CREATE INDEX IF NOT EXISTS chunks_time ON chunks (end_ns, start_ns)")
         self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER)")
+        # Each chunk's own 1 s rollup rows (JSON), so shipping never re-reads raw records.
+        self.db.execute("CREATE TABLE IF NOT EXISTS chunk_rollups (host TEXT, first_seq INTEGER, end_ns INTEGER, "
+                        "data TEXT, PRIMARY KEY (host, first_seq))")
         self.db.execute(
             "CREATE TABLE IF NOT EXISTS shipments (host TEXT, first_seq INTEGER, last_seq INTEGER, key TEXT, "
             "done INTEGER, PRIMARY KEY (host, first_seq))"
@@ -176,8 +179,9 @@ class Store:
                 new = self._new_only(batch)
                 if len(new):
                     cols = _Columns(new)
-                    self._insert(new, cols)
-                    self._rollup(new, cols)
+                    seconds = rollup_rows(new, ROLLUPS["rollup_1s"], cols)
+                    self._insert(new, cols, seconds)
+                    self._rollup(new, cols, seconds)
                     self._expire(int(new["window_start_ns"].max()))
                 self.db.execute("COMMIT")
                 self.count += len(new)
@@ -203,18 +207,24 @@ class Store:
             return parts[0] if len(parts[0]) < len(batch) else batch
         return np.concatenate(parts)
 
-    def _insert(self, batch: np.ndarray, cols: _Columns) -> None:
-        rows = []
+    def _insert(self, batch: np.ndarray, cols: _Columns, seconds: list[tuple[Any, ...]]) -> None:
+        import json
+
+        rows, rollups = [], []
         for host, part in self._by_host(batch):
             end = part["window_start_ns"] + part["window_ms"].astype(np.int64) * 1_000_000
             rows.append((host, int(part["seq"].min()), int(part["seq"].max()), int(part["window_start_ns"].min()),
                          int(end.max()), len(part), _encode(part, cols if part is batch else _Columns(part))))
+            rollups.append((host, rows[-1][1], rows[-1][4],
+                            json.dumps([r for r in seconds if r[0] == host], separators=(",", ":"))))
             self.db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = max(value, excluded.value)",
                             (f"last_seq:{host}", int(part["seq"].max())))
         self.db.executemany("INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+        self.db.executemany("INSERT OR IGNORE INTO chunk_rollups VALUES (?, ?, ?, ?)", rollups)
 
-    def _rollup(self, batch: np.ndarray, cols_: _Columns) -> None:
-        """Add the batch's integer sums into every rollup (same transaction as the insert)."""
+    def _rollup(self, batch: np.ndarray, cols_: _Columns, seconds: list[tuple[Any, ...]]) -> None:
+        """Add the batch's integer sums into every rollup (same transaction as the insert);
+        ``seconds`` is its 1 s rollup, computed once."""
         cols = ", ".join(ROLLUP_COLUMNS)
         marks = ", ".join("?" * (5 + len(ROLLUP_COLUMNS)))
         # NULL + n stays n; n + NULL stays n: a family measured anywhere in a period is summed.
@@ -225,7 +235,7 @@ class Store:
                 f"INSERT INTO {table} (host, tenant, compartment, period_start_ns, records, {cols}) VALUES ({marks}) "
                 f"ON CONFLICT (host, tenant, compartment, period_start_ns) DO UPDATE SET "
                 f"records = records + excluded.records, {updates}",
-                rollup_rows(batch, period, cols_),
+                seconds if period == ROLLUPS["rollup_1s"] else rollup_rows(batch, period, cols_),
             )
 
     def _expire(self, newest_ns: int) -> None:
@@ -235,6 +245,7 @@ class Store:
                         "retention counts from the clock, not from them", (newest_ns - now) / 1e9)
         if self.retention_ns > 0:
             self.db.execute("DELETE FROM chunks WHERE end_ns <= ?", (now - self.retention_ns,))
+            self.db.execute("DELETE FROM chunk_rollups WHERE end_ns <= ?", (now - self.retention_ns,))
 
     # -- reading -----------------------------------------------------------------------------------
 
@@ -276,6 +287,20 @@ class Store:
             return build(0)
         out = np.concatenate(parts)
         return out[(out["seq"] >= first_seq) & (out["seq"] <= last_seq)]
+
+    def rollups_seq(self, host: str, first_seq: int, last_seq: int) -> list[tuple[Any, ...]] | None:
+        """The 1 s rollup rows of ``host``'s chunks with seq in [first_seq, last_seq], as
+        :func:`rollup_rows` gives them for those records (summed, sorted); None when a chunk
+        there has none kept (written before they were)."""
+        import json
+
+        chunks = self.db.execute("SELECT c.first_seq, r.data FROM chunks c LEFT JOIN chunk_rollups r "
+                                 "ON r.host = c.host AND r.first_seq = c.first_seq WHERE c.host = ? "
+                                 "AND c.first_seq >= ? AND c.last_seq <= ? ORDER BY c.first_seq",
+                                 (host, first_seq, last_seq)).fetchall()
+        if any(data is None for _, data in chunks):
+            return None
+        return merge_rollup_rows(row for _, data in chunks for row in json.loads(data))
 
     def shipments(self, host: str) -> list[dict[str, Any]]:
         """``host``'s shipments (segments meant or sent), oldest first."""
@@ -377,6 +402,23 @@ def rollup_rows(batch: np.ndarray, period: int, cols_: _Columns | None = None) -
         (*labels[g_who[g]], g_start[g], int(counts[g]), *[v if ok else None for v, ok in zip(sums_l[g], seen_l[g])])
         for g in range(len(first))
     ]
+
+
+def merge_rollup_rows(rows: Any) -> list[tuple[Any, ...]]:
+    """Rollup rows of the same (host, tenant, compartment, period) summed (None + n = n;
+    None + None = None), sorted by (period, host, tenant, compartment) as :func:`rollup_rows`."""
+    out: dict[tuple[Any, ...], list[Any]] = {}
+    for row in rows:
+        key = (row[3], row[0], row[1], row[2])
+        acc = out.get(key)
+        if acc is None:
+            out[key] = list(row)
+            continue
+        for i in range(4, len(row)):
+            v = row[i]
+            if v is not None:
+                acc[i] = v if acc[i] is None else acc[i] + v
+    return [tuple(out[k]) for k in sorted(out)]
 
 
 _MAGIC = b"MTRC1"

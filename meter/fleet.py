@@ -188,11 +188,12 @@ def _dask_sums(files: list[str], start_ns: int, end_ns: int, period_ns: int, sch
         if scheduler:
             client = Client(scheduler, timeout="10s")
         else:
-            cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=_PROCESSES, dashboard_address=None,
-                                   silence_logs=logging.ERROR)
+            cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=_PROCESSES, host="127.0.0.1",
+                                   dashboard_address=None, silence_logs=logging.ERROR)
             client = Client(cluster)
-    except OSError as err:
-        raise MeterError(f"cannot reach the Dask scheduler at {scheduler}: {err}") from err
+    except (OSError, ValueError, TimeoutError) as err:
+        raise MeterError(f"cannot reach the Dask scheduler at {scheduler}: {str(err).splitlines()[0][:200]}: "
+                         "give its address as tcp://HOST:8786") from err
     try:
         df = dd.read_parquet(files, columns=["host", "tenant", "compartment", "period_start_ns", *_SUMS],
                              storage_options=storage_options or None, dtype_backend="numpy_nullable")

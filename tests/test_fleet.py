@@ -221,14 +221,20 @@ def test_five_hosts_through_faults_are_billed_exactly_once(s3, tmp_path, meter_b
     prices = tmp_path / "p.toml"
     prices.write_text('currency = "EUR"\n[prices]\ncpu_second = "0.5"\ngigacycle = "0.1"\nkwh = "360"\ngb = "0.5"\n'
                       'million_packets = "1"\n[tenant.globex]\ncpu_second = "0.2"\n')
+    # A running Dask cluster (its scheduler's address, as a real one is given): its workers are
+    # this process's threads, reading the table from the same S3 endpoint.
+    from distributed import LocalCluster
+
     outs = []
-    for extra in ([], ["--engine", "dask"]):
-        res = subprocess.run([*meter_bin, "bill", "--prices", str(prices), "--fleet", table, "--from",
-                              str(SPAN[0] // 10**9), "--to", str(SPAN[1] // 10**9), "--format", "json", *extra],
-                             env=env, capture_output=True, text=True, timeout=300)
-        assert res.returncode == 0, res.stderr
-        outs.append(res.stdout)
-    assert outs[0] == outs[1]
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, protocol="tcp://", host="127.0.0.1",
+                      dashboard_address=None) as cluster:
+        for extra in ([], ["--engine", "dask"], ["--scheduler", cluster.scheduler_address]):
+            res = subprocess.run([*meter_bin, "bill", "--prices", str(prices), "--fleet", table, "--from",
+                                  str(SPAN[0] // 10**9), "--to", str(SPAN[1] // 10**9), "--format", "json", *extra],
+                                 env=env, capture_output=True, text=True, timeout=300)
+            assert res.returncode == 0, res.stderr
+            outs.append(res.stdout)
+    assert outs[0] == outs[1] == outs[2]
     assert [i["subtotal"] for i in __import__("json").loads(outs[0])] == [
         f"{i.subtotal:.10f}" for i in invoices(merge_periods(_host_usage(stores)), SHEET, *SPAN)]
 
@@ -274,6 +280,10 @@ def test_storage_errors_are_one_sentence(s3, tmp_path, meter_bin):
         fleet.commit("s3://fleet/segs2", "s3://fleet/other")
     with pytest.raises(MeterError, match="no Delta table"):
         fleet.fleet_usage("s3://fleet/none", *SPAN, 3600 * 10**9)
+    # A Dask scheduler nobody runs.
+    fleet.commit("s3://fleet/segs2", "s3://fleet/t2")
+    with pytest.raises(MeterError, match="cannot reach the Dask scheduler"):
+        fleet.fleet_usage("s3://fleet/t2", *SPAN, 3600 * 10**9, scheduler=f"tcp://127.0.0.1:{_free_port()}")
 
 
 def test_segments_are_deterministic_and_local_files_private(tmp_path):

@@ -27,7 +27,7 @@ import os
 from typing import Any
 
 from .errors import MeterError
-from .ship import SEGMENT_COLUMNS, SEGMENT_SCHEMA, open_url, parse_key, read_segment, storage_error
+from .ship import SEGMENT_COLUMNS, SEGMENT_SCHEMA, is_local, open_url, parse_key, read_segment, storage_error
 
 __all__ = ["Committed", "commit", "fleet_usage", "table_files"]
 
@@ -80,6 +80,8 @@ def commit(segments_url: str, table_url: str, *, storage_options: dict[str, Any]
         raise MeterError("committing needs deltalake: pip install -e .[fleet]") from err
     fs, base = open_url(segments_url, storage_options)
     options = _delta_options(table_url, storage_options)
+    if is_local(fs) and not fs.exists(base):
+        raise MeterError(f"no segments at {segments_url}: it does not exist (meter ship --to writes there)")
     try:
         paths = fs.glob(f"{base}/host=*/seg-*.parquet")
     except Exception as err:  # translated at the boundary

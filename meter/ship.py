@@ -32,6 +32,7 @@ __all__ = [
     "SEGMENT_COLUMNS",
     "SEGMENT_SCHEMA",
     "Shipped",
+    "is_local",
     "open_url",
     "read_segment",
     "segment_bytes",
@@ -94,7 +95,7 @@ def open_url(url: str, storage_options: dict[str, Any] | None = None) -> tuple[A
     return fs, path.rstrip("/")
 
 
-def _is_local(fs: Any) -> bool:
+def is_local(fs: Any) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
@@ -155,7 +156,7 @@ def read_segment(fs: Any, path: str) -> Any:
 
 def _put(fs: Any, path: str, data: bytes) -> None:
     """Write ``data`` at ``path`` whole: locally 0600 through a temporary name, else one PUT."""
-    if _is_local(fs):
+    if is_local(fs):
         private_dir(Path(path).parent)
         write_whole(path, data, what="segment")
     else:
@@ -190,6 +191,16 @@ def ship(store: Store, url: str, *, storage_options: dict[str, Any] | None = Non
     each segment's raw records under ``url/raw/`` (same name).
     """
     fs, base = open_url(url, storage_options)
+    # Where it goes must take a segment before any is meant: a bad URL changes nothing.
+    try:
+        if is_local(fs):
+            private_dir(base)
+        else:
+            fs.ls(base.split("/", 1)[0])  # the bucket: missing, unreachable or refusing credentials
+    except MeterError:
+        raise
+    except Exception as err:  # translated at the boundary
+        raise storage_error(err, url, "cannot ship") from err
     done = Shipped()
     boot = boot_id()
 

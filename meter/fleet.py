@@ -188,7 +188,7 @@ def _dask_sums(files: list[str], start_ns: int, end_ns: int, period_ns: int, sch
     cluster = None
     try:
         if scheduler:
-            client = Client(scheduler, timeout="10s")
+            client = Client(scheduler, timeout="30s")
         else:
             cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=_PROCESSES, host="127.0.0.1",
                                    dashboard_address=None, silence_logs=logging.ERROR)

@@ -45,8 +45,8 @@ __all__ = [
 SEGMENT_SCHEMA = "meter rollup_1s segments v1"
 SEGMENT_COLUMNS = ("host", "tenant", "compartment", "period_start_ns", "records", *ROLLUP_COLUMNS,
                    "first_seq", "last_seq")
-#: Records in one segment at most (about 10 minutes of 1 ms records of 10 busy compartments).
-MAX_SEGMENT_RECORDS = 5_000_000
+#: Records in one segment at most (about 100 s of 1 ms records of 20 busy compartments).
+MAX_SEGMENT_RECORDS = 2_000_000
 _KEY = re.compile(r"host=(?P<host>[^/]+)/seg-(?P<first>\d{16})-(?P<last>\d{16})-(?P<boot>[0-9a-f]+)\.parquet$")
 _SECOND = 1_000_000_000
 

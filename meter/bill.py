@@ -41,7 +41,7 @@ import datetime
 import hashlib
 import json
 import re
-from collections.abc import Hashable, Iterable
+from collections.abc import Iterable
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from fractions import Fraction
 from pathlib import Path
@@ -83,7 +83,6 @@ COST_DECIMALS = 10
 PRICE_DECIMALS = 12
 #: Decimals of a quantity in pricing units (exact for every meter but kWh).
 QUANTITY_DECIMALS = 18
-COST_QUANTUM = Decimal(1).scaleb(-COST_DECIMALS)
 
 #: ISO 4217 currencies whose minor unit is not the cent (decimals of the amount due).
 _MINOR_UNITS = {
@@ -464,28 +463,23 @@ def charges(by_period: dict[int, dict[Resource, dict[str, int | None]]], prices:
     if tenant is not None and not any(r[0] == tenant for u in by_period.values() for r in u):
         known = sorted({r[0] for u in by_period.values() for r in u} - set(NOT_BILLED))
         raise MeterError(f"tenant {tenant!r} has no usage in this period (known: {', '.join(known) or 'none'})")
-    pending: list[tuple[int, Resource, PricedMeter, int, Decimal, Decimal, str]] = []
+    # Each (tenant, meter)'s rows, in (period, host, compartment) order: the order costs carry in.
+    groups: dict[tuple[str, str], list[tuple[int, Resource, PricedMeter, int, Decimal, Decimal, str]]] = {}
     for k in sorted(by_period):
         for res in sorted(by_period[k]):
             if res[0] in NOT_BILLED or (tenant is not None and res[0] != tenant):
                 continue
             for m, consumed, price, listed, estimated in _lines(by_period[k][res], prices, res[0]):
-                pending.append((k, res, m, consumed, price, listed, estimated))
-    groups: dict[Hashable, list[int]] = {}
-    for i, (_, res, m, *_rest) in enumerate(pending):
-        groups.setdefault((res[0], m.key), []).append(i)
-    cost: dict[int, Decimal] = {}
-    markup: dict[int, Decimal] = {}
-    for idx in groups.values():
-        rows = [pending[i] for i in idx]
-        for i, c, mk in zip(idx, carry_round(_exact(r[3], r[2].divisor, r[4]) for r in rows),
-                            carry_round(_exact(r[3], r[2].divisor, r[5] - r[4]) for r in rows)):
-            cost[i], markup[i] = c, mk
+                groups.setdefault((res[0], m.key), []).append((k, res, m, consumed, price, listed, estimated))
     out = []
-    for i, (k, (ten, host, comp), m, consumed, price, listed, estimated) in enumerate(pending):
-        line = _line(m, consumed, price, listed, estimated, cost[i], cost[i] + markup[i])
-        out.append(Charge(ten, host, comp, max(k * period_ns, start_ns), min((k + 1) * period_ns, end_ns), line))
-    return out
+    for rows in groups.values():
+        costs = carry_round(_exact(r[3], r[2].divisor, r[4]) for r in rows)
+        markups = carry_round(_exact(r[3], r[2].divisor, r[5] - r[4]) for r in rows)
+        for (k, (ten, host, comp), m, consumed, price, listed, estimated), c, mk in zip(rows, costs, markups):
+            out.append(Charge(ten, host, comp, max(k * period_ns, start_ns), min((k + 1) * period_ns, end_ns),
+                              _line(m, consumed, price, listed, estimated, c, c + mk)))
+    order = {m.key: i for i, m in enumerate(METERS)}
+    return sorted(out, key=lambda ch: (ch.start_ns, ch.tenant, ch.host, ch.compartment, order[ch.line.meter]))
 
 
 _SECOND = 1_000_000_000

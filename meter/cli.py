@@ -215,6 +215,10 @@ def ship(url: str, store_path: str | None, raw: bool) -> None:
             done = ship_segments(store, url, raw=raw)
         again = f" ({done.retried} sent again after an interrupted run)" if done.retried else ""
         click.echo(f"meter: shipped {len(done.segments)} segments, {done.rows} rows, to {url}{again}", err=True)
+        if done.missing:
+            click.echo(f"meter: warning: {done.missing} records the segments cover were not in the store (expired "
+                       "before they were shipped, or lost to a kill): ship more often than the store's retention",
+                       err=True)
 
 
 @main.command("commit")

@@ -179,6 +179,9 @@ class Shipped:
     segments: list[str] = dataclasses.field(default_factory=list)
     rows: int = 0
     retried: int = 0
+    #: Seqs the new segments cover that the store holds no record of (expired before they were
+    #: shipped, or a batch lost to a kill): that usage is in no segment, and is said.
+    missing: int = 0
 
 
 def ship(store: Store, url: str, *, storage_options: dict[str, Any] | None = None, raw: bool = False,
@@ -235,6 +238,7 @@ def ship(store: Store, url: str, *, storage_options: dict[str, Any] | None = Non
                 if count + (b - a + 1) > max_records:
                     break
                 last, count = b, count + (b - a + 1)
+            done.missing += (last - first + 1) - count
             key = segment_key(host, first, last, boot)
             store.ship_intent(host, first, last, key)
             send(host, first, last, key)

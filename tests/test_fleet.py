@@ -307,3 +307,9 @@ def test_segments_are_deterministic_and_local_files_private(tmp_path):
     n = sum(sum(pq.read_table(out / k)["records"].to_pylist()) for k in done.segments)
     with Store(stores["h3"]) as s:
         assert n == len(s.records())
+    # Seqs the store no longer holds (expired before shipping, or lost to a kill) are said.
+    with Store(stores["h3"]) as s:
+        assert done.missing == 0
+        s.write(records("h3", 5, seq0=ship.parse_key(done.segments[-1])[2] + 101))
+        later = ship.ship(s, str(out))
+    assert later.missing == 100 and later.rows > 0

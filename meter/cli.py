@@ -183,6 +183,16 @@ def bill(prices: str, start: str, end: str, tenant: str | None, fmt: str, store_
                     for n, i in zip(ids, invs):
                         click.echo(f"meter: issued {n} to {i.tenant}: {i.total} {i.currency}", err=True)
                 issued = store.invoices_issued(start_ns, end_ns)
+                # Usage that arrived after an invoice of exactly this period (a late batch) is on no
+                # invoice: say so rather than let the bill and the invoice differ without a word.
+                now = {(i.tenant, i.currency): i.subtotal for i in invs}
+                for r in issued:
+                    sub = now.get((r["tenant"], r["currency"]))
+                    if (r["start_ns"], r["end_ns"]) == (start_ns, end_ns) and sub is not None and \
+                            r["price_sheet"] == sheet.digest and str(sub) != r["subtotal"]:
+                        click.echo(f"meter: warning: {r['tenant']}'s usage of this period changed after {r['id']} "
+                                   f"was issued (subtotal {r['subtotal']}, now {sub}): the difference is on no "
+                                   "invoice yet", err=True)
         if tenant is None:
             for line in sheet.unused_overrides([i.tenant for i in invs]):
                 click.echo(f"meter: warning: {line}", err=True)

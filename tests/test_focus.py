@@ -209,6 +209,15 @@ def test_an_issued_period_is_never_invoiced_again(tmp_path, meter_bin):
     assert again.returncode == 1 and again.stderr.count("\n") == 1 and ids[0][0] in again.stderr
     with Store(tmp_path / "r.db") as s:
         assert len(s.invoices_issued()) == 2
+    # Usage stored late for the invoiced period is said, not silently billed beside the invoice.
+    same = subprocess.run([*meter_bin, "bill", *common, "--from", str(t), "--to", str(t + 3), "--format", "json"],
+                          capture_output=True, text=True)
+    assert same.returncode == 0 and "changed after" not in same.stderr
+    with Store(tmp_path / "r.db") as s:
+        s.write(records("h", 10, seq0=50_000))
+    late = subprocess.run([*meter_bin, "bill", *common, "--from", str(t), "--to", str(t + 3), "--format", "json"],
+                          capture_output=True, text=True)
+    assert late.returncode == 0 and "changed after INV-" in late.stderr and "on no invoice yet" in late.stderr
     # FOCUS rows of the invoiced period carry its id.
     after = list(csv.DictReader(io.StringIO(_focus(meter_bin, *common, "--from", str(t), "--to", str(t + 3)).stdout)))
     assert {(r["SubAccountId"], r["InvoiceId"]) for r in after} == {(i[1], i[0]) for i in ids}

@@ -162,12 +162,19 @@ struct meter_cpu {
 	__u32 net_dirty[METER_NET_DIRTY];
 };
 
-/* Per-CPU, per-port packet counts for the CPU's current net window. */
+/* Per-CPU, per-port packet counts for the CPU's current net window: skbs
+ * and their bytes as the kernel passed them (what the interface's own
+ * counters count), and the packets they are on the wire (a GSO/GRO skb is
+ * gso_segs packets, each with its own copy of the headers). */
 struct meter_net_slot {
 	__u64 rx_packets;
 	__u64 rx_bytes;
 	__u64 tx_packets;
 	__u64 tx_bytes;
+	__u64 rx_wire_packets;
+	__u64 rx_wire_bytes;
+	__u64 tx_wire_packets;
+	__u64 tx_wire_bytes;
 	__u32 dirty;
 	__u32 pad;
 };
@@ -186,6 +193,8 @@ enum meter_net_kind {
 struct meter_net_cell {
 	__u64 packets;
 	__u64 bytes;
+	__u64 wire_packets;
+	__u64 wire_bytes;
 };
 
 /* Softirq time for a port is charged like CPU time, to this pseudo-cgroup

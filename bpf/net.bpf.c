@@ -8,9 +8,71 @@
  * and the net ring, defined there). User space loads one copy of each program per port, with
  * the placeholder immediate replaced by the port number: no lookup to find
  * the port. A packet is counted in this CPU's slot for the port (see sched.bpf.c).
- * Only the UAPI __sk_buff context is read.
+ * Only the UAPI __sk_buff context (and, for GSO/GRO skbs on ingress, the
+ * packet's own IP and TCP/UDP headers) is read.
+ *
+ * Two figures per packet: the skb and its bytes as the kernel passed it
+ * (what the interface's own counters count), and the packets it is on the
+ * wire. A TCP sender hands the device one GSO skb of up to 64 KB; GRO
+ * merges received segments the same way; either goes out or came in as
+ * gso_segs packets, each carrying its own copy of the headers. meter bills
+ * the wire figures, so a tenant's bill does not depend on offload settings.
  */
 #include <uapi/linux/pkt_cls.h>
+
+#define METER_ETH_HLEN 14
+#define METER_ETH_P_IP 0x0800
+#define METER_ETH_P_IPV6 0x86DD
+
+/* Bytes before a GSO skb's payload, from the start of its Ethernet header:
+ * the part each wire segment repeats (as the kernel's qdisc_pkt_len_init()
+ * computes it). 0 when the headers are not IPv4/IPv6 + TCP/UDP. */
+static __always_inline u32 gso_header_len(struct __sk_buff *skb)
+{
+	u32 off = METER_ETH_HLEN;
+	u8 b = 0, l4 = 0;
+
+	if (skb->protocol == bpf_htons(METER_ETH_P_IP)) {
+		if (bpf_skb_load_bytes(skb, off, &b, 1) || bpf_skb_load_bytes(skb, off + 9, &l4, 1))
+			return 0;
+		off += (b & 0xf) * 4;
+	} else if (skb->protocol == bpf_htons(METER_ETH_P_IPV6)) {
+		if (bpf_skb_load_bytes(skb, off + 6, &l4, 1))
+			return 0;
+		off += 40;
+	} else {
+		return 0;
+	}
+	if (l4 == 17)   /* UDP GSO */
+		return off + 8;
+	if (l4 != 6 || bpf_skb_load_bytes(skb, off + 12, &b, 1))
+		return 0;
+	return off + (b >> 4) * 4;
+}
+
+/* The packets and bytes ``skb`` is on the wire (see the top of this file). */
+static __always_inline void wire(struct __sk_buff *skb, u32 kind, u64 *packets, u64 *bytes)
+{
+	u32 len = skb->len, size = skb->gso_size, segs, hdr;
+
+	if (!size) {
+		*packets = 1;
+		*bytes = len;
+		return;
+	}
+	segs = skb->gso_segs;
+	if (kind == METER_NET_TX && segs) {
+		/* The kernel's own figure: qdisc_pkt_len_init() ran before the egress hook. */
+		*packets = segs;
+		*bytes = skb->wire_len;
+		return;
+	}
+	hdr = gso_header_len(skb);
+	if (!segs)   /* an untrusted (SKB_GSO_DODGY) skb: the kernel counts its segments so */
+		segs = len > hdr ? (len - hdr + size - 1) / size : 1;
+	*packets = segs;
+	*bytes = len + (u64)(segs - 1) * hdr;
+}
 
 static __always_inline void note_span(struct meter_cpu *st, u32 port)
 {
@@ -45,7 +107,7 @@ static __always_inline int count(struct __sk_buff *skb, u32 kind)
 	int zero = 0;
 	struct meter_cpu *st = cpu_state.lookup(&zero);
 	struct meter_net_slot *s;
-	u64 now;
+	u64 now, wire_packets, wire_bytes;
 
 	if (!st)
 		return TC_ACT_UNSPEC;
@@ -62,12 +124,13 @@ static __always_inline int count(struct __sk_buff *skb, u32 kind)
 	s = net_slot.lookup(&port);
 	if (!s)
 		return TC_ACT_UNSPEC;
+	wire(skb, kind, &wire_packets, &wire_bytes);
 	if (!s->dirty) {
 		u32 n = st->net_ndirty;
 
 		if (n >= METER_NET_DIRTY) {
 			/* Too many ports at once on this CPU: straight to the map. */
-			net_store(port, kind, st->net_window, 1, skb->len);
+			net_store(port, kind, st->net_window, 1, skb->len, wire_packets, wire_bytes);
 			note_span(st, port);
 			return TC_ACT_UNSPEC;
 		}
@@ -78,9 +141,13 @@ static __always_inline int count(struct __sk_buff *skb, u32 kind)
 	if (kind == METER_NET_RX) {
 		s->rx_packets++;
 		s->rx_bytes += skb->len;
+		s->rx_wire_packets += wire_packets;
+		s->rx_wire_bytes += wire_bytes;
 	} else {
 		s->tx_packets++;
 		s->tx_bytes += skb->len;
+		s->tx_wire_packets += wire_packets;
+		s->tx_wire_bytes += wire_bytes;
 	}
 	note_span(st, port);
 	/* No verdict: the packet goes on to any other filter, untouched. */

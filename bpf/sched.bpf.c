@@ -385,7 +385,8 @@ BPF_PERCPU_ARRAY(net_slot, struct meter_net_slot, METER_MAX_PORTS);
 
 /* Add packets to (port, kind, window) in the net ring, or to the late total
  * when that cell is not open (as store_row() does for CPU time). */
-static __always_inline void net_store(u32 port, u32 kind, u64 window, u64 packets, u64 bytes)
+static __always_inline void net_store(u32 port, u32 kind, u64 window, u64 packets, u64 bytes,
+				      u64 wire_packets, u64 wire_bytes)
 {
 	u32 row = port * 2 + kind, i;
 	u64 watermark, taken;
@@ -408,6 +409,8 @@ static __always_inline void net_store(u32 port, u32 kind, u64 window, u64 packet
 		return;
 	__sync_fetch_and_add(&c->packets, packets);
 	__sync_fetch_and_add(&c->bytes, bytes);
+	__sync_fetch_and_add(&c->wire_packets, wire_packets);
+	__sync_fetch_and_add(&c->wire_bytes, wire_bytes);
 }
 
 /* Move this CPU's dirty port slots (of window st->net_window) to the net ring. */
@@ -423,8 +426,10 @@ static __always_inline void net_flush(struct meter_cpu *st)
 
 		if (!s)
 			continue;
-		net_store(port, METER_NET_RX, st->net_window, s->rx_packets, s->rx_bytes);
-		net_store(port, METER_NET_TX, st->net_window, s->tx_packets, s->tx_bytes);
+		net_store(port, METER_NET_RX, st->net_window, s->rx_packets, s->rx_bytes,
+			  s->rx_wire_packets, s->rx_wire_bytes);
+		net_store(port, METER_NET_TX, st->net_window, s->tx_packets, s->tx_bytes,
+			  s->tx_wire_packets, s->tx_wire_bytes);
 		__builtin_memset(s, 0, sizeof(*s));
 	}
 	st->net_ndirty = 0;

@@ -150,9 +150,11 @@ METERS = (
                 "compute"),
     PricedMeter("kwh", ("energy_uj",), 3_600_000_000_000, "kWh", "Energy attributed to the compartment", "energy",
                 estimate=_ENERGY_EST),
-    PricedMeter("gb", ("rx_bytes", "tx_bytes"), 10**9, "GB", "Bytes through the compartment's ports", "network"),
-    PricedMeter("million_packets", ("rx_packets", "tx_packets"), 10**6, "1000000 Packets",
-                "Packets through the compartment's ports", "network"),
+    # Wire figures: what crossed the wire, whatever the offload settings (a GSO/GRO skb is many packets).
+    PricedMeter("gb", ("rx_wire_bytes", "tx_wire_bytes"), 10**9, "GB",
+                "Bytes on the wire through the compartment's ports", "network"),
+    PricedMeter("million_packets", ("rx_wire_packets", "tx_wire_packets"), 10**6, "1000000 Packets",
+                "Packets on the wire through the compartment's ports", "network"),
     PricedMeter("vf_gb", ("vf_rx_bytes", "vf_tx_bytes"), 10**9, "GB", "Bytes through the compartment's SR-IOV VFs",
                 "network"),
 )
@@ -509,6 +511,8 @@ def invoice_id(tenant: str, start_ns: int, end_ns: int, digest: str) -> str:
 
 
 _SUM_FIELDS = tuple(sorted({f for m in METERS for f in m.all_fields} | set(ESTIMATE_COLUMNS)))
+#: Rollups stored before wire counting have none: their skb figures stand in.
+_WIRE_FALLBACK = {f"{d}_wire_{u}": f"{d}_{u}" for d in ("rx", "tx") for u in ("packets", "bytes")}
 
 
 def _key(row: dict[str, Any], by_resource: bool) -> Any:
@@ -523,6 +527,8 @@ def usage_from_rollups(rows: list[dict[str, Any]], *, by_resource: bool = False)
         u = usage.setdefault(_key(row, by_resource), dict.fromkeys(_SUM_FIELDS))
         for f in _SUM_FIELDS:
             v = row.get(f)
+            if v is None and f in _WIRE_FALLBACK:
+                v = row.get(_WIRE_FALLBACK[f])
             if v is not None:
                 u[f] = (u[f] or 0) + int(v)
     return usage

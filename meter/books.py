@@ -26,7 +26,8 @@ __all__ = ["ENERGY_DOMAINS", "Books", "EnergyBooks"]
 
 #: Energy domains apportioned to records (cores/uncore are parts of the package).
 ENERGY_DOMAINS = ("package", "dram")
-_PORT_FIELDS = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes")
+_PORT_FIELDS = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes",
+                "rx_wire_packets", "rx_wire_bytes", "tx_wire_packets", "tx_wire_bytes")
 
 
 class Books:
@@ -56,11 +57,13 @@ class Books:
             self.tot[row[first]] += sums
             self.avail[row[first]] |= seen
         if nd is not None:
-            for port, kind, packets, nbytes in ((nd.port, nd.kind, nd.packets, nd.bytes),
-                                                (nd.late_port, nd.late_kind, nd.late_packets, nd.late_bytes)):
+            for port, kind, *figures in ((nd.port, nd.kind, nd.packets, nd.bytes, nd.wire_packets, nd.wire_bytes),
+                                         (nd.late_port, nd.late_kind, nd.late_packets, nd.late_bytes,
+                                          nd.late_wire_packets, nd.late_wire_bytes)):
                 rx = kind == KIND_RX
-                np.add.at(self.ports, (port, np.where(rx, 0, 2)), packets)
-                np.add.at(self.ports, (port, np.where(rx, 1, 3)), nbytes)
+                for i, values in enumerate(figures):  # rx column of figure i; its tx column is 2 further
+                    col = (i // 2) * 4 + i % 2
+                    np.add.at(self.ports, (port, np.where(rx, col, col + 2)), values)
 
     def add_energy(self, row: np.ndarray, domains: dict[str, np.ndarray]) -> None:
         if len(row):

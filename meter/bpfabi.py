@@ -51,7 +51,8 @@ USAGE_DTYPE = np.dtype([("ns", np.uint64), ("count", np.uint64, (MAX_COUNTERS,))
 #: struct meter_counts: the counter deltas of one ring cell (ring_counts' value).
 COUNTS_DTYPE = np.dtype([("count", np.uint64, (MAX_COUNTERS,))])
 #: struct meter_net_cell: one (port, kind, window) of the net ring, or a (port, kind)'s late total.
-NET_CELL_DTYPE = np.dtype([("packets", np.uint64), ("bytes", np.uint64)])
+NET_CELL_DTYPE = np.dtype([("packets", np.uint64), ("bytes", np.uint64), ("wire_packets", np.uint64),
+                           ("wire_bytes", np.uint64)])
 
 #: METER_IDLE_CGID: the idle task (bpf_get_current_cgroup_id() is never 0).
 IDLE_CGID = 0

@@ -24,9 +24,11 @@ from .sources.sriov import VF_FIELDS
 __all__ = ["SUMS", "Built", "Context", "Rows", "build"]
 
 #: Columns summed per (window, row) before records are built, then the counters.
-SUMS = ("cpu_ns", "softirq_ns", "softirq_given_ns", "rx_packets", "rx_bytes", "tx_packets", "tx_bytes",
+_PACKET_SUMS = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes",
+                "rx_wire_packets", "rx_wire_bytes", "tx_wire_packets", "tx_wire_bytes")
+SUMS = ("cpu_ns", "softirq_ns", "softirq_given_ns", *_PACKET_SUMS,
         "vf_rx_packets", "vf_rx_bytes", "vf_tx_packets", "vf_tx_bytes")
-_NET_SUMS = ("softirq_ns", "rx_packets", "rx_bytes", "tx_packets", "tx_bytes")
+_NET_SUMS = ("softirq_ns", *_PACKET_SUMS)
 
 
 class Rows(Protocol):
@@ -131,16 +133,13 @@ def build(d: SchedDrain, nd: NetDrain | None, vf: dict[int, tuple[int, int, int,
                           d.late_counts, rows.nrows)
     if nd is not None and len(nd) and ctx.port_row is not None:
         k = nd.window >= ctx.first_window
-        rx = nd.kind[k] == KIND_RX
-        add(nd.window[k], ctx.port_row[nd.port[k]],
-            rx_packets=np.where(rx, nd.packets[k], 0), rx_bytes=np.where(rx, nd.bytes[k], 0),
-            tx_packets=np.where(rx, 0, nd.packets[k]), tx_bytes=np.where(rx, 0, nd.bytes[k]))
+        add(nd.window[k], ctx.port_row[nd.port[k]], **_directions(nd.kind[k] == KIND_RX, nd.packets[k],
+            nd.bytes[k], nd.wire_packets[k], nd.wire_bytes[k]))
     if nd is not None and len(nd.late_port) and ctx.port_row is not None and ctx.closed_window >= ctx.first_window:
         # Late packets: to the port owner's late record in the newest window closed.
-        rx = nd.late_kind == KIND_RX
-        add(np.full(len(rx), ctx.closed_window, np.int64), ctx.port_row[nd.late_port] + rows.nrows,
-            rx_packets=np.where(rx, nd.late_packets, 0), rx_bytes=np.where(rx, nd.late_bytes, 0),
-            tx_packets=np.where(rx, 0, nd.late_packets), tx_bytes=np.where(rx, 0, nd.late_bytes))
+        add(np.full(len(nd.late_kind), ctx.closed_window, np.int64), ctx.port_row[nd.late_port] + rows.nrows,
+            **_directions(nd.late_kind == KIND_RX, nd.late_packets, nd.late_bytes, nd.late_wire_packets,
+                          nd.late_wire_bytes))
     if vf:
         # Polled per drain: the deltas land in the newest window closed.
         vrows = np.fromiter(vf, np.int64, len(vf))
@@ -165,6 +164,16 @@ def build(d: SchedDrain, nd: NetDrain | None, vf: dict[int, tuple[int, int, int,
     late = g_row >= rows.nrows
     out = _records(window[first], g_row - np.where(late, rows.nrows, 0), g, rows, ctx, late)
     return Built(out, window[first], g_row - np.where(late, rows.nrows, 0), warmup, budget, spill)
+
+
+def _directions(rx: np.ndarray, packets: np.ndarray, nbytes: np.ndarray, wire_packets: np.ndarray,
+                wire_bytes: np.ndarray) -> dict[str, np.ndarray]:
+    """A port drain's figures as the rx_* / tx_* sums (a cell is one direction)."""
+    out = {}
+    for name, v in (("packets", packets), ("bytes", nbytes), ("wire_packets", wire_packets), ("wire_bytes", wire_bytes)):
+        out[f"rx_{name}"] = np.where(rx, v, 0)
+        out[f"tx_{name}"] = np.where(rx, 0, v)
+    return out
 
 
 def _row_times(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], rows: list[int], lo: int,

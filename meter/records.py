@@ -18,7 +18,10 @@ cache_misses        last-level cache misses
 softirq_ns          kernel packet-processing time for the compartment's ports, ns
 softirq_given_ns    of its cpu_ns, packet processing it ran for other rows' ports, ns
 energy_uj           energy attributed to the compartment, microjoules
-rx_packets ...      packets/bytes across the compartment's interfaces
+rx_packets ...      skbs/bytes across the compartment's interfaces, as the kernel
+                    passed them (what the interfaces' own counters count)
+rx_wire_packets ... packets/bytes those were on the wire: a GSO/GRO skb is
+                    gso_segs packets with a copy of its headers each (billed)
 vf_* ...            SR-IOV VF counters of the compartment's VFs
 seq                 per-host sequence number (idempotent storage key with host)
 cpu_source          where cpu_ns came from: ``kernel`` (the scheduler's own charge,
@@ -83,6 +86,10 @@ COUNTER_COLUMNS = (
     "rx_bytes",
     "tx_packets",
     "tx_bytes",
+    "rx_wire_packets",
+    "rx_wire_bytes",
+    "tx_wire_packets",
+    "tx_wire_bytes",
     "vf_rx_packets",
     "vf_rx_bytes",
     "vf_tx_packets",

@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 #: Bumped whenever the segment columns change; the Delta table says which it holds.
-SEGMENT_SCHEMA = "meter rollup_1s segments v1"
+SEGMENT_SCHEMA = "meter rollup_1s segments v2"
 SEGMENT_COLUMNS = ("host", "tenant", "compartment", "period_start_ns", "records", *ROLLUP_COLUMNS,
                    "first_seq", "last_seq")
 #: Records in one segment at most (about 100 s of 1 ms records of 20 busy compartments).

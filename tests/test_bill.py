@@ -135,6 +135,24 @@ def test_one_writer_per_store_the_second_is_told_the_firsts_pid(tmp_path):
     assert os.stat(path.with_name("r.db.lock")).st_mode & 0o777 == 0o600
 
 
+def test_packets_and_bytes_are_billed_on_the_wire(tmp_path, sheet):
+    """A GSO/GRO skb is many packets on the wire: million_packets and gb bill the
+    wire figures; rollups stored before wire counting (null wire figures) bill
+    their skb counts."""
+    new = records("h", 10)
+    acme = new["tenant"] == "acme"
+    new["rx_wire_packets"] = np.where(acme, 45 * new["rx_packets"], NULL)
+    new["rx_wire_bytes"] = np.where(acme, new["rx_bytes"] + 44 * 66, NULL)
+    old = records("h", 10, seq0=len(new), t0=T0 + 10**9)  # no wire figures: an older meter's
+    with Store(tmp_path / "r.db") as s:
+        s.write(new)
+        s.write(old)
+        usage = merge_periods(usage_from_store(s, T0, T0 + 2 * 10**9, 10**9))
+    lines = {line.meter: line for line in invoices(usage, sheet, T0, T0 + 2 * 10**9)[0].lines}
+    assert lines["million_packets"].consumed == 10 * 3 * 45 + 10 * 3
+    assert lines["gb"].consumed == 10 * (300 + 44 * 66) + 10 * 300
+
+
 def test_invoices_lines_totals_and_overrides(tmp_path, sheet):
     with Store(tmp_path / "r.db") as s:
         s.write(records("h"))

@@ -10,7 +10,8 @@ from meter.records import FIELDS, NULL, RECORD_DTYPE, empty, to_dicts
 
 README_FIELDS = (
     "window_start_ns window_ms host tenant compartment cgroup_id cpu_ns cycles instructions cache_misses "
-    "softirq_ns softirq_given_ns energy_uj rx_packets rx_bytes tx_packets tx_bytes vf_rx_packets vf_rx_bytes vf_tx_packets "
+    "softirq_ns softirq_given_ns energy_uj rx_packets rx_bytes tx_packets tx_bytes rx_wire_packets rx_wire_bytes tx_wire_packets tx_wire_bytes "
+    "vf_rx_packets vf_rx_bytes vf_tx_packets "
     "vf_tx_bytes seq"
 ).split()
 

@@ -12,6 +12,8 @@ meter_cache_misses_total            cache misses
 meter_energy_joules_total           {domain}: package, dram
 meter_network_packets_total         {direction, interface}: per port
 meter_network_bytes_total           {direction, interface}
+meter_network_wire_packets_total    {direction, interface}: packets on the wire (a GSO/GRO skb is many)
+meter_network_wire_bytes_total      {direction, interface}
 meter_softirq_seconds_total         NET softirq time charged to the compartment
 meter_vf_packets_total              {direction}: SR-IOV VF counters
 meter_vf_bytes_total                {direction}
@@ -332,13 +334,16 @@ class Exporter:
                 fam.add_metric([r["tenant"], r["compartment"], domain], uj / 1e6)
         yield fam
         for unit in ("packets", "bytes"):
-            fam = CounterMetricFamily(f"meter_network_{unit}", f"Network {unit} on the compartment's interfaces.",
-                                      labels=[*labels, "direction", "interface"])
-            for r in rows:
-                for iface, v in r["ports"].items():
-                    for direction in ("rx", "tx"):
-                        fam.add_metric([r["tenant"], r["compartment"], direction, iface], v[f"{direction}_{unit}"])
-            yield fam
+            for kind, what in (("", "as the kernel passed them (skbs)"), ("wire_", "on the wire")):
+                fam = CounterMetricFamily(f"meter_network_{kind}{unit}",
+                                          f"Network {unit} on the compartment's interfaces, {what}.",
+                                          labels=[*labels, "direction", "interface"])
+                for r in rows:
+                    for iface, v in r["ports"].items():
+                        for direction in ("rx", "tx"):
+                            fam.add_metric([r["tenant"], r["compartment"], direction, iface],
+                                           v[f"{direction}_{kind}{unit}"])
+                yield fam
             fam = CounterMetricFamily(f"meter_vf_{unit}", f"SR-IOV VF {unit} of the compartment's VFs.",
                                       labels=[*labels, "direction"])
             for r in rows:

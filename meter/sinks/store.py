@@ -300,7 +300,10 @@ class Store:
                                  (host, first_seq, last_seq)).fetchall()
         if any(data is None for _, data in chunks):
             return None
-        return merge_rollup_rows(row for _, data in chunks for row in json.loads(data))
+        rows = [row for _, data in chunks for row in json.loads(data)]
+        if any(len(row) != 5 + len(ROLLUP_COLUMNS) for row in rows):
+            return None  # kept by a meter with other columns: the raw records say it again
+        return merge_rollup_rows(rows)
 
     def shipments(self, host: str) -> list[dict[str, Any]]:
         """``host``'s shipments (segments meant or sent), oldest first."""

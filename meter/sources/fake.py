@@ -200,8 +200,8 @@ class FakePackets:
         self.attached = False
         self.refreshes = 0
         self.reattachments = 0
-        self._rows: list[tuple[int, int, int, int, int]] = []
-        self._late: list[tuple[int, int, int, int]] = []
+        self._rows: list[tuple[int, int, int, int, int, int, int]] = []
+        self._late: list[tuple[int, int, int, int, int, int]] = []
 
     def attach(self) -> None:
         self.attached = True
@@ -209,23 +209,30 @@ class FakePackets:
     def refresh(self) -> None:
         self.refreshes += 1
 
-    def count(self, port: int, kind: int, window: int, packets: int, nbytes: int) -> None:
-        """``packets`` of ``nbytes`` in all through ``port`` (rx or tx kind) in ``window``."""
-        self._rows.append((port, kind, window, packets, nbytes))
+    def count(self, port: int, kind: int, window: int, packets: int, nbytes: int,
+              wire_packets: int | None = None, wire_bytes: int | None = None) -> None:
+        """``packets`` skbs of ``nbytes`` in all through ``port`` (rx or tx kind) in ``window``,
+        ``wire_packets`` of ``wire_bytes`` on the wire (default: the same, no offload)."""
+        self._rows.append((port, kind, window, packets, nbytes, packets if wire_packets is None else wire_packets,
+                           nbytes if wire_bytes is None else wire_bytes))
 
-    def count_late(self, port: int, kind: int, packets: int, nbytes: int) -> None:
+    def count_late(self, port: int, kind: int, packets: int, nbytes: int,
+                   wire_packets: int | None = None, wire_bytes: int | None = None) -> None:
         """Packets whose window's cell was not open (as the kernel keeps them:
         a late total, handed on by the next drain)."""
-        self._late.append((port, kind, packets, nbytes))
+        self._late.append((port, kind, packets, nbytes, packets if wire_packets is None else wire_packets,
+                           nbytes if wire_bytes is None else wire_bytes))
 
     def drain(self, closable: int) -> NetDrain:
         done = [r for r in self._rows if r[2] <= closable]
         self._rows = [r for r in self._rows if r[2] > closable]
-        a = np.array(done, np.int64).reshape(-1, 5)
-        late = np.array(self._late, np.int64).reshape(-1, 4)
+        a = np.array(done, np.int64).reshape(-1, 7)
+        late = np.array(self._late, np.int64).reshape(-1, 6)
         self._late = []
         return NetDrain(port=a[:, 0], kind=a[:, 1], window=a[:, 2], packets=a[:, 3], bytes=a[:, 4],
-                        late_port=late[:, 0], late_kind=late[:, 1], late_packets=late[:, 2], late_bytes=late[:, 3])
+                        wire_packets=a[:, 5], wire_bytes=a[:, 6],
+                        late_port=late[:, 0], late_kind=late[:, 1], late_packets=late[:, 2], late_bytes=late[:, 3],
+                        late_wire_packets=late[:, 4], late_wire_bytes=late[:, 5])
 
     def program_fds(self) -> dict[str, list[int]]:
         return {}

@@ -76,8 +76,12 @@ def parse_port(index: int, spec: str) -> Port:
 class NetDrain:
     """Closed windows' packet counts: parallel arrays, one entry per (port, kind, window).
 
-    ``late_*``: per (port, kind), packets since the last drain whose window's
-    cell was not open (billed in the newest window closed, as late)."""
+    ``packets``/``bytes`` are skbs as the kernel passed them (the interface's
+    own counters); ``wire_packets``/``wire_bytes`` what they were on the wire
+    (a GSO/GRO skb is gso_segs packets, each with its headers: see
+    bpf/net.bpf.c). ``late_*``: per (port, kind), packets since the last drain
+    whose window's cell was not open (billed in the newest window closed, as
+    late). Wire arrays left out are the skb figures (no offload)."""
 
     port: np.ndarray
     kind: np.ndarray
@@ -88,6 +92,17 @@ class NetDrain:
     late_kind: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
     late_packets: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
     late_bytes: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+    # None (left out): the skb figures, set by __post_init__.
+    wire_packets: np.ndarray = None  # type: ignore[assignment]
+    wire_bytes: np.ndarray = None  # type: ignore[assignment]
+    late_wire_packets: np.ndarray = None  # type: ignore[assignment]
+    late_wire_bytes: np.ndarray = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        for wire, skb in (("wire_packets", "packets"), ("wire_bytes", "bytes"),
+                          ("late_wire_packets", "late_packets"), ("late_wire_bytes", "late_bytes")):
+            if getattr(self, wire) is None:
+                setattr(self, wire, getattr(self, skb))
 
     def __len__(self) -> int:
         return len(self.port)
@@ -430,12 +445,14 @@ class NetSource:
             self._ctl[self._ctl.Key(CTL_NET_TAKEN)] = self._ctl.Leaf(closable)
         r, j = np.nonzero(cells["packets"])
         late = self._late.copy()
-        d_packets = late["packets"].astype(np.int64) - self._late_seen["packets"].astype(np.int64)
-        d_bytes = late["bytes"].astype(np.int64) - self._late_seen["bytes"].astype(np.int64)
+        d = {f: late[f].astype(np.int64) - self._late_seen[f].astype(np.int64) for f in NET_CELL_DTYPE.names or ()}
         self._late_seen[:] = late
-        lr = np.flatnonzero(d_packets)
+        lr = np.flatnonzero(d["packets"])
+        cell = cells[r, j]
         return NetDrain(
             port=r // 2, kind=r % 2, window=wins[j],
-            packets=cells["packets"][r, j].astype(np.int64), bytes=cells["bytes"][r, j].astype(np.int64),
-            late_port=lr // 2, late_kind=lr % 2, late_packets=d_packets[lr], late_bytes=d_bytes[lr],
+            packets=cell["packets"].astype(np.int64), bytes=cell["bytes"].astype(np.int64),
+            wire_packets=cell["wire_packets"].astype(np.int64), wire_bytes=cell["wire_bytes"].astype(np.int64),
+            late_port=lr // 2, late_kind=lr % 2, late_packets=d["packets"][lr], late_bytes=d["bytes"][lr],
+            late_wire_packets=d["wire_packets"][lr], late_wire_bytes=d["wire_bytes"][lr],
         )

@@ -511,7 +511,7 @@ def invoice_id(tenant: str, start_ns: int, end_ns: int, digest: str) -> str:
 
 
 _SUM_FIELDS = tuple(sorted({f for m in METERS for f in m.all_fields} | set(ESTIMATE_COLUMNS)))
-#: Rollups stored before wire counting have none: their skb figures stand in.
+#: Rollups and Parquet files written before wire counting have none: their skb figures stand in.
 _WIRE_FALLBACK = {f"{d}_wire_{u}": f"{d}_{u}" for d in ("rx", "tx") for u in ("packets", "bytes")}
 
 
@@ -566,14 +566,15 @@ def usage_from_parquet(root: str | Path, start_ns: int, end_ns: int, period_ns: 
     files = [str(p) for p in Path(root).rglob("*.parquet")]
     if not files:
         raise MeterError(f"no Parquet files under {root}")
-    raw = [f for f in _SUM_FIELDS if f not in ESTIMATE_COLUMNS]
+    raw = [f"coalesce({f}, {_WIRE_FALLBACK[f]}) AS {f}" if f in _WIRE_FALLBACK else f
+           for f in _SUM_FIELDS if f not in ESTIMATE_COLUMNS]
     inner = ", ".join(raw + [f"{estimate_sql(c)} AS {c}" for c in ESTIMATE_COLUMNS])
     sums = ", ".join(f"sum({f}) AS {f}" for f in _SUM_FIELDS)
     # A record is (host, seq): exports that overlap hold some records twice,
     # and DISTINCT bills each once (the copies are the same record, byte for byte).
     sql = (f"SELECT window_start_ns // $period AS p, tenant, host, compartment, {sums} FROM ("
            f"SELECT DISTINCT host, seq, window_start_ns, tenant, compartment, {inner} "
-           f"FROM read_parquet($files, hive_partitioning = true) "
+           f"FROM read_parquet($files, hive_partitioning = true, union_by_name = true) "
            f"WHERE window_start_ns >= $start AND window_start_ns < $end) "
            f"GROUP BY p, tenant, host, compartment ORDER BY p, tenant, host, compartment")
     con = duckdb.connect()

@@ -151,6 +151,17 @@ def test_packets_and_bytes_are_billed_on_the_wire(tmp_path, sheet):
     lines = {line.meter: line for line in invoices(usage, sheet, T0, T0 + 2 * 10**9)[0].lines}
     assert lines["million_packets"].consumed == 10 * 3 * 45 + 10 * 3
     assert lines["gb"].consumed == 10 * (300 + 44 * 66) + 10 * 300
+    # The same from Parquet, the older file written without the wire columns at all.
+    import pyarrow.parquet as pq
+
+    for b in (new, old):
+        for path in write_parquet(b, tmp_path / "pq"):
+            if b is old:
+                table = pq.read_table(path)
+                pq.write_table(table.drop_columns([c for c in table.column_names if "_wire_" in c]), path)
+    usage = merge_periods(usage_from_parquet(tmp_path / "pq", T0, T0 + 2 * 10**9, 10**9))
+    assert {line.meter: line.consumed for line in invoices(usage, sheet, T0, T0 + 2 * 10**9)[0].lines} == {
+        m: line.consumed for m, line in lines.items()}
 
 
 def test_invoices_lines_totals_and_overrides(tmp_path, sheet):

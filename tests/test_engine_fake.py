@@ -204,16 +204,18 @@ def test_late_packets_are_billed_to_the_port_owner_as_late(tree):
     meter, src = _open(_topology(tree, 'interfaces = ["veth-a"]\n'), packets=packets)
     w = src.cpu_source.now
     packets.count(0, KIND_RX, w, 10, 1000)
-    packets.count_late(0, KIND_TX, 4, 400)
+    packets.count_late(0, KIND_TX, 4, 400, wire_packets=90, wire_bytes=400 + 86 * 66)  # GSO skbs
     src.cpu_source.advance(2)
     batch = meter.drain()
     acme = _rows(batch, "acme")
     late = acme[acme["cpu_source"] == "late"]
     assert len(late) == 1 and (late["tx_packets"][0], late["tx_bytes"][0], late["cpu_ns"][0]) == (4, 400, 0)
+    assert (late["tx_wire_packets"][0], late["tx_wire_bytes"][0]) == (90, 400 + 86 * 66)
     assert int(late["window_start_ns"][0]) == int(batch["window_start_ns"].max())
     assert int(acme["rx_packets"].clip(0).sum()) == 10
     ports = next(t for t in meter.totals() if t["tenant"] == "acme")["ports"]
     assert ports["veth-a"]["tx_packets"] == 4 and ports["veth-a"]["rx_packets"] == 10
+    assert ports["veth-a"]["tx_wire_packets"] == 90 and ports["veth-a"]["rx_wire_packets"] == 10
     assert np.all(window_totals(batch)[1] == 2 * W)
 
 
@@ -223,12 +225,14 @@ def test_packets_land_on_the_port_owner_and_portless_rows_are_null(tree):
     assert packets.attached and [p.label for p in packets.ports] == ["veth-a", "ns1:eth0"]
     w = src.cpu_source.now
     packets.count(0, KIND_RX, w, 10, 1000)
-    packets.count(1, KIND_TX, w, 3, 300)
+    packets.count(1, KIND_TX, w, 3, 300, wire_packets=120, wire_bytes=300 + 117 * 54)
     packets.count(1, KIND_RX, w + 5, 1, 1)  # a window not closed yet: next drain
     src.cpu_source.advance(1)
     batch = meter.drain()
     acme = _rows(batch, "acme")[0]
     assert (acme["rx_packets"], acme["rx_bytes"], acme["tx_packets"], acme["tx_bytes"]) == (10, 1000, 3, 300)
+    assert (acme["rx_wire_packets"], acme["rx_wire_bytes"], acme["tx_wire_packets"], acme["tx_wire_bytes"]) == (
+        10, 1000, 120, 300 + 117 * 54)
     assert acme["net_source"] == "tc"
     for t in ("globex", "idle"):
         if len(_rows(batch, t)):

@@ -34,7 +34,7 @@ from .conftest import wait_for_records
 from .test_bill import PRICES, T0, records
 
 HOUR = 3600 * 10**9
-FIELDS = ("cpu_ns", "cycles", "energy_uj", "rx_bytes", "tx_packets")
+FIELDS = ("cpu_ns", "cycles", "energy_uj", "rx_wire_bytes", "tx_wire_packets")
 
 
 def _price() -> st.SearchStrategy[Decimal]:

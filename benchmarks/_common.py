@@ -52,11 +52,12 @@ def report(results: list[Result]) -> None:
 
 
 @contextlib.contextmanager
-def bpf_stats() -> Iterator[None]:
-    """Turn on kernel.bpf_stats_enabled for the block (run_time_ns, run_cnt)."""
+def bpf_stats(on: bool = True) -> Iterator[None]:
+    """Turn kernel.bpf_stats_enabled on for the block (run_time_ns, run_cnt), or off
+    (throughput benchmarks: the stats' own clock reads would cost every program run)."""
     path = Path("/proc/sys/kernel/bpf_stats_enabled")
     old = path.read_text().strip()
-    path.write_text("1")
+    path.write_text("1" if on else "0")
     try:
         yield
     finally:

@@ -7,7 +7,7 @@ attribution.
 
     sudo .venv/bin/python benchmarks/iperf.py [--rounds 3] [--seconds 3]
 
-Goal: with/without >= 0.95.
+Goal: with/without >= 0.95 (bpf_stats off; `benchmarks/run` takes the median of 5 rounds).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import Result, cgroup_tree, namespace_pair, report
+from _common import Result, bpf_stats, cgroup_tree, namespace_pair, report
 
 from meter.engine import Meter
 from meter.topology import Topology
@@ -42,7 +42,8 @@ def main() -> list[Result]:
     if not shutil.which("iperf3"):
         raise SystemExit("iperf3 is not installed: apt-get install iperf3 (make bench does)")
     off, on = [], []
-    with cgroup_tree("iperf") as cg, namespace_pair("ip") as (a, b, dev), tempfile.TemporaryDirectory() as tmp:
+    with bpf_stats(False), cgroup_tree("iperf") as cg, namespace_pair("ip") as (a, b, dev), \
+            tempfile.TemporaryDirectory() as tmp:
         server = subprocess.Popen(["ip", "netns", "exec", b, "iperf3", "-s"], stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL)
         time.sleep(0.5)

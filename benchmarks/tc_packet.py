@@ -1,49 +1,73 @@
 #!/usr/bin/env python3
-"""ns per packet of meter's tc program vs an empty tc program.
+"""ns per packet of meter's tc programs vs an empty tc program, as meter runs them.
 
-Both are attached to the same veth ingress at once (neither gives a
-verdict, so both see every packet); the kernel's bpf_stats give
-run_time_ns / run_cnt for each. Two rounds, each program first once.
+The CPU source is open with its packet hooks (sched_switch, NET softirq
+entry/exit, the window tick) and drained every 0.25 s, as in `meter
+record`; meter's programs count a UDP flood on both ends of a veth pair:
+ingress on the receiving end (inside the NET_RX softirq, dated by the
+span's start: no clock read) and egress on the sending end (in the
+sender's process context: one clock read). An empty tc program is attached
+beside each (neither gives a verdict, so both see every packet); the
+kernel's bpf_stats give run_time_ns / run_cnt for each. Two rounds, each
+program first once.
 
     sudo .venv/bin/python benchmarks/tc_packet.py [--seconds 4]
 
-Goal: <= 1.5x the empty program and <= 100 ns per packet.
+Goal: <= 1.5x the empty program and <= 100 ns per packet, each direction.
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
+import time
 
-from _common import Result, bpf_stats, namespace_pair, prog_stats, report, udp_flood
+from _common import Result, bpf_stats, namespace_pair, prog_stats, report
 
 from meter import program
 from meter.netns import iproute
 from meter.sources.net import NetSource, Port
+from meter.sources.sched import SchedSource
+
+_FLOOD = ("import socket, time\ns=socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+          "end=time.monotonic()+{seconds}\n"
+          "while time.monotonic()<end:\n"
+          "    for _ in range(1000): s.sendto(b'x'*64, ('10.79.0.2', 9))\n")
 
 
-def _round(seconds: float, meter_first: bool) -> tuple[float, float, int]:
-    with namespace_pair("tp") as (a, b, dev):
+def _round(seconds: float, meter_first: bool) -> dict[str, tuple[float, int]]:
+    with namespace_pair("tp") as (a, b, _):
         floor = program.load("floor")
-        meter = program.load(["sched", "net"], {"METER_NET": 1, "METER_MAX_PORTS": 1, "METER_RING": 64})
-        src = NetSource(meter, [Port(0, b, "vb")], ring_windows=64, max_ports=1)
-        ipr = iproute(b)
+        src = SchedSource(1_000_000, net=True, max_ports=2)
+        src.open()
+        net = NetSource(src.bpf, [Port(0, b, "vb"), Port(1, a, "va")], ring_windows=src.ring_windows, max_ports=2)
         try:
-            idx = ipr.link_lookup(ifname="vb")[0]
-            ipr.tc("add", "clsact", idx)
-            fd = floor.load_func(b"floor_tc", floor.SCHED_CLS).fd
-            mfd = src.program_fd(src.ports[0], b"meter_tc_ingress")
-            for prio, f in ((1, mfd), (2, fd)) if meter_first else ((1, fd), (2, mfd)):
-                ipr.tc("add-filter", "bpf", idx, ":1", fd=f, name="bench", parent="ffff:fff2", classid=1,
-                       direct_action=True, prio=prio)
-            udp_flood(a, "10.79.0.2", seconds)
-            stats = prog_stats(["meter_tc_ingress", "floor_tc"])
+            for ns, dev, port, fn, empty, parent in ((b, "vb", 0, b"meter_tc_ingress", b"floor_tc", "ffff:fff2"),
+                                                       (a, "va", 1, b"meter_tc_egress", b"floor_tc_egress", "ffff:fff3")):
+                ipr = iproute(ns)
+                try:
+                    idx = ipr.link_lookup(ifname=dev)[0]
+                    ipr.tc("add", "clsact", idx)
+                    mfd = net.program_fd(net.ports[port], fn)
+                    efd = floor.load_func(empty, floor.SCHED_CLS).fd
+                    for prio, f in ((1, mfd), (2, efd)) if meter_first else ((1, efd), (2, mfd)):
+                        ipr.tc("add-filter", "bpf", idx, ":1", fd=f, name="bench", parent=parent, classid=1,
+                               direct_action=True, prio=prio)
+                finally:
+                    ipr.close()
+            flood = subprocess.Popen(["ip", "netns", "exec", a, sys.executable, "-S", "-c",
+                                      _FLOOD.format(seconds=seconds)])
+            while flood.poll() is None:  # drained as meter drains: the cells stay open
+                time.sleep(0.25)
+                src.drain()
+                net.drain(src.closed_window)
+            stats = prog_stats(["meter_tc_ingress", "floor_tc", "meter_tc_egress", "floor_tc_egress"])
         finally:
-            ipr.close()
             floor.cleanup()
+            net.close()
             src.close()
-            meter.cleanup()
-    (m_ns, m_cnt), (f_ns, f_cnt) = stats["meter_tc_ingress"], stats["floor_tc"]
-    return m_ns / max(m_cnt, 1), f_ns / max(f_cnt, 1), m_cnt
+    return {name: (ns / max(cnt, 1), cnt) for name, (ns, cnt) in stats.items()}
 
 
 def main() -> list[Result]:
@@ -54,10 +78,15 @@ def main() -> list[Result]:
     with bpf_stats():
         r1 = _round(args.seconds / 2, True)
         r2 = _round(args.seconds / 2, False)
-    m, f = (r1[0] + r2[0]) / 2, (r1[1] + r2[1]) / 2
-    return [Result("tc program cost per packet", m, "ns/packet", f, "empty tc program, same packets", m / f,
-                   "<= 1.5x and <= 100 ns", m / f <= 1.5 and m <= 100,
-                   {"packets": r1[2] + r2[2], "meter_first": r1[:2], "empty_first": r2[:2]})]
+    out = []
+    for what, fn, empty in (("ingress, in the NET_RX softirq", "meter_tc_ingress", "floor_tc"),
+                            ("egress, from the sender's process", "meter_tc_egress", "floor_tc_egress")):
+        m, f = (r1[fn][0] + r2[fn][0]) / 2, (r1[empty][0] + r2[empty][0]) / 2
+        out.append(Result(f"tc program cost per packet ({what})", m, "ns/packet", f, "empty tc program, same packets",
+                          m / f, "<= 1.5x and <= 100 ns", m / f <= 1.5 and m <= 100,
+                          {"packets": r1[fn][1] + r2[fn][1], "meter_first": (r1[fn][0], r1[empty][0]),
+                           "empty_first": (r2[fn][0], r2[empty][0])}))
+    return out
 
 
 if __name__ == "__main__":

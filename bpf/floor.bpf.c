@@ -41,8 +41,14 @@ int floor_switch(struct bpf_raw_tracepoint_args *ctx)
 	return 0;
 }
 
-/* The floor for net.bpf.c: a tc program that does nothing and gives no verdict. */
+/* The floor for net.bpf.c: a tc program that does nothing and gives no verdict
+ * (two names, so bpf_stats tells an ingress copy from an egress one). */
 int floor_tc(struct __sk_buff *skb)
 {
 	return -1;  /* TC_ACT_UNSPEC */
+}
+
+int floor_tc_egress(struct __sk_buff *skb)
+{
+	return -1;
 }

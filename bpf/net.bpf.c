@@ -26,28 +26,30 @@
 
 /* Bytes before a GSO skb's payload, from the start of its Ethernet header:
  * the part each wire segment repeats (as the kernel's qdisc_pkt_len_init()
- * computes it). 0 when the headers are not IPv4/IPv6 + TCP/UDP. */
+ * computes it). 0 when the headers are not IPv4/IPv6 + TCP/UDP. The
+ * headers of a GSO/GRO skb are in its linear part: read in place (direct
+ * packet access, no helper call). */
 static __always_inline u32 gso_header_len(struct __sk_buff *skb)
 {
-	u32 off = METER_ETH_HLEN;
-	u8 b = 0, l4 = 0;
+	u8 *data = (u8 *)(long)skb->data, *end = (u8 *)(long)skb->data_end, *l3 = data + METER_ETH_HLEN, *l4;
+	u32 proto;
 
+	if (l3 + 40 > end)
+		return 0;
 	if (skb->protocol == bpf_htons(METER_ETH_P_IP)) {
-		if (bpf_skb_load_bytes(skb, off, &b, 1) || bpf_skb_load_bytes(skb, off + 9, &l4, 1))
-			return 0;
-		off += (b & 0xf) * 4;
+		proto = l3[9];
+		l4 = l3 + (l3[0] & 0xf) * 4;
 	} else if (skb->protocol == bpf_htons(METER_ETH_P_IPV6)) {
-		if (bpf_skb_load_bytes(skb, off + 6, &l4, 1))
-			return 0;
-		off += 40;
+		proto = l3[6];
+		l4 = l3 + 40;
 	} else {
 		return 0;
 	}
-	if (l4 == 17)   /* UDP GSO */
-		return off + 8;
-	if (l4 != 6 || bpf_skb_load_bytes(skb, off + 12, &b, 1))
+	if (proto == 17)   /* UDP GSO */
+		return (u32)(l4 - data) + 8;
+	if (proto != 6 || l4 + 13 > end)
 		return 0;
-	return off + (b >> 4) * 4;
+	return (u32)(l4 - data) + (l4[12] >> 4) * 4;
 }
 
 /* The packets and bytes ``skb`` is on the wire (see the top of this file). */

@@ -919,6 +919,63 @@ int meter_softirq_exit(struct bpf_raw_tracepoint_args *ctx)
 }
 #endif /* METER_NET */
 
+#if METER_TASK_STORAGE
+/* Per task: its se.sum_exec_runtime at the end of the last slice charged. */
+struct meter_task_seen {
+	u64 sum;
+};
+BPF_TASK_STORAGE(task_seen, struct meter_task_seen);
+
+/*
+ * Time the kernel charged a task in slices no switch event showed. On some
+ * hosts a few switches never reach sched_switch programs (on this VM, every
+ * switch away from the init agent's threads: the next switch seen then has a
+ * prev that no switch brought in). The tasks that ran unseen in between
+ * lose nothing: the kernel's sum for each task runs on, so at its next
+ * switch seen, what it gained between the end of its last charged slice and
+ * the start of this one was charged by the kernel and by nobody here. That
+ * is owed to its cgroup (an adj entry: paid out of the clock's time nobody
+ * claimed, which `sched` holds meanwhile) and counted (METER_STAT_UNSEEN_NS).
+ * current is prev here: the task whose storage this is.
+ */
+static __always_inline void recover_unseen(struct meter_cpu *st)
+{
+	struct meter_task_seen *seen;
+	u64 start = st->out_start;
+
+	if (!start)
+		return;
+	st->out_start = 0;
+	seen = task_seen.task_storage_get(bpf_get_current_task_btf(), 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (!seen)
+		return;
+	if (seen->sum && start > seen->sum) {
+		adj_add(st, st->out_cgid, (s64)(start - seen->sum));
+		stat_add(METER_STAT_UNSEEN_NS, start - seen->sum);
+	}
+	seen->sum = st->out_sum;
+}
+#endif
+
+#if METER_KERNEL_CHARGE
+/* meter_settle (below), tail-called by meter_switch when there is something
+ * to settle: user space puts it in slot 0. */
+BPF_PROG_ARRAY(settle_call, 1);
+
+/* Something for meter_settle: an adjustment pending, and no walk yet in this window. */
+static __always_inline int settle_due(struct meter_cpu *st)
+{
+	s64 any = 0;
+
+	if (!st->last_ns || st->settled_window == st->window)
+		return 0;
+#pragma unroll
+	for (int a = 0; a < METER_ADJ; a++)
+		any |= st->adj_ns[a];
+	return any != 0;
+}
+#endif
+
 /* Attached by user space to the raw tracepoint sched_switch(preempt, prev, next). */
 int meter_switch(struct bpf_raw_tracepoint_args *ctx)
 {
@@ -962,6 +1019,11 @@ int meter_switch(struct bpf_raw_tracepoint_args *ctx)
 		st->task = next;
 		st->sum = kread(next + METER_TASK_SUM_OFF);
 		st->ahead = 0;
+#if METER_TASK_STORAGE
+		recover_unseen(st);
+#endif
+		if (settle_due(st))
+			settle_call.call(ctx, 0);   /* does not return (unless the slot is empty) */
 	}
 #else
 	charge_until(st, now, cgid, 0, 0, 0);
@@ -985,8 +1047,9 @@ int meter_switch(struct bpf_raw_tracepoint_args *ctx)
  * what lies more than METER_SETTLE_WINDOWS back (a CPU idle that long
  * since) is not reached and waits for the cgroup's next time here.
  *
- * Its own program on sched_switch, attached after meter_switch: inside
- * meter_switch the verifier would walk it once per path of the charge.
+ * Its own program, tail-called by meter_switch when settle_due() (about
+ * once per window on a CPU that owes or is owed): inside meter_switch the
+ * verifier would walk it once per path of the charge.
  */
 static __always_inline u64 take_from(u64 cgid, u64 window, u64 ns, u64 taken)
 {
@@ -1012,62 +1075,16 @@ static __always_inline u64 take_from(u64 cgid, u64 window, u64 ns, u64 taken)
 	return t;
 }
 
-#if METER_TASK_STORAGE
-/* Per task: its se.sum_exec_runtime at the end of the last slice charged. */
-struct meter_task_seen {
-	u64 sum;
-};
-BPF_TASK_STORAGE(task_seen, struct meter_task_seen);
-
-/*
- * Time the kernel charged a task in slices no switch event showed. On some
- * hosts a few switches never reach sched_switch programs (on this VM, every
- * switch away from the init agent's threads: the next switch seen then has a
- * prev that no switch brought in). The tasks that ran unseen in between
- * lose nothing: the kernel's sum for each task runs on, so at its next
- * switch seen, what it gained between the end of its last charged slice and
- * the start of this one was charged by the kernel and by nobody here. That
- * is owed to its cgroup (an adj entry: paid out of the clock's time nobody
- * claimed, which `sched` holds meanwhile) and counted (METER_STAT_UNSEEN_NS).
- * current is prev here: the task whose storage this is.
- */
-static __always_inline void recover_unseen(struct meter_cpu *st)
-{
-	struct meter_task_seen *seen;
-	u64 start = st->out_start;
-
-	if (!start)
-		return;
-	st->out_start = 0;
-	seen = task_seen.task_storage_get(bpf_get_current_task_btf(), 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
-	if (!seen)
-		return;
-	if (seen->sum && start > seen->sum) {
-		adj_add(st, st->out_cgid, (s64)(start - seen->sum));
-		stat_add(METER_STAT_UNSEEN_NS, start - seen->sum);
-	}
-	seen->sum = st->out_sum;
-}
-#endif
-
 int meter_settle(struct bpf_raw_tracepoint_args *ctx)
 {
 	u64 zero[METER_MAX_COUNTERS] = {};
 	int k = 0;
 	struct meter_cpu *st = cpu_state.lookup(&k);
-	u64 watermark, taken, w, t, any = 0;
+	u64 watermark, taken, w, t;
 
 	if (!st)
 		return 0;
-#if METER_TASK_STORAGE
-	recover_unseen(st);
-#endif
-	if (!st->last_ns || st->settled_window == st->window)
-		return 0;
-#pragma unroll
-	for (int a = 0; a < METER_ADJ; a++)
-		any |= st->adj_ns[a];
-	if (!any)
+	if (!settle_due(st))
 		return 0;
 	st->settled_window = st->window;
 	watermark = control_get(METER_CTL_WATERMARK);

@@ -54,7 +54,6 @@ from ..bpfabi import (
     USAGE_DTYPE,
     check_table,
 )
-from ..bpfsys import Bpf
 from ..errors import BPFError, PerfEventError
 from ..perf import PerfEvent
 from .base import KernelCompartments
@@ -211,7 +210,6 @@ class SchedSource:
         #: True when cpu time is the kernel's own charge (se.sum_exec_runtime
         #: from BTF offsets); False: the clock between switches (fallback).
         self.kernel_charge = False
-        self._settle_link: int | None = None
         #: Why kernel_charge is False (None when it is True, or not open).
         self.kernel_charge_reason: str | None = None
         self.ncpu = 0
@@ -410,28 +408,22 @@ class SchedSource:
         self._row_known[vals[:got]] = True
 
     def _attach_settle(self) -> None:
-        """meter_settle on sched_switch, after meter_switch (probes run in the order attached).
+        """meter_settle into meter_switch's tail-call slot: it settles, in windows not
+        closed yet, what the switches found owed either way (see bpf/sched.bpf.c,
+        meter_settle()), and runs only when there is something to settle (about once
+        per window on a CPU that owes or is owed), not at every switch."""
+        import ctypes
 
-        It settles, in windows not closed yet, what that switch found owed
-        either way (see bpf/sched.bpf.c, meter_settle()). bcc attaches one program per
-        raw tracepoint, so this one goes through bpf(2) itself.
-        """
         from bcc import BPF
 
         try:
             fd = self.bpf.load_func(b"meter_settle", BPF.RAW_TRACEPOINT).fd
+            self.bpf[b"settle_call"][ctypes.c_int(0)] = ctypes.c_int(fd)
         except Exception as err:  # bcc raises bare Exception
             raise BPFError(f"the kernel rejected meter_settle: {err}", program="sched") from err
-        link, err_no = Bpf().raw_tracepoint("sched_switch", fd)
-        if link < 0:
-            raise BPFError(f"cannot attach meter_settle to sched_switch: {os.strerror(err_no)}", program="sched")
-        self._settle_link = link
 
     def close(self) -> None:
         """Detach and unload everything this source attached."""
-        if self._settle_link is not None:
-            os.close(self._settle_link)
-            self._settle_link = None
         self._ring = self._ring_counts = self._late = self._spill = None
         program.unmap(self._maps)
         if self.bpf is not None:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""ns per sched_switch event of meter's programs (meter_switch + meter_settle) vs a floor program.
+"""ns per sched_switch event of meter's program (meter_switch, with meter_settle as its tail call) vs a floor program.
 
 Both are attached to the raw tracepoint sched_switch at once, so they see
 the same events; the kernel's bpf_stats give run_time_ns / run_cnt for

@@ -326,6 +326,41 @@ def test_a_filter_someone_removes_is_reported_and_attached_again(tmp_path, cgrou
     assert _meter_filters(a0) == 0
 
 
+def test_a_refresh_looks_again_only_where_netlink_saw_a_change(tmp_path, cgroups, cgroup_mount, net, monkeypatch):
+    """Following the ports costs a poll per namespace while nothing changes there (not
+    three netlink dumps per port at every drain), and a change is still seen at once."""
+    a, b, a0, b0 = _routed_pair(net)
+    bport = f"{b}:eth0"
+    topo = _topology(tmp_path, cgroup_mount, {"t": (cgroups.make("t"), [a0, bport])})
+    with Meter(topo) as meter:
+        src = meter.packet_source
+        looked = []
+        real = src._attach_port
+        monkeypatch.setattr(src, "_attach_port", lambda port: (looked.append(port.label), real(port)))
+        # Namespace b is this test's alone; its links settle (the kernel reports a
+        # carrier change up to a second after a link comes up).
+        quiet_since, deadline = time.monotonic(), time.monotonic() + 20
+        while time.monotonic() - quiet_since < 1.5:
+            assert time.monotonic() < deadline, "namespace b never went quiet"
+            looked.clear()
+            src.refresh()
+            if bport in looked:
+                quiet_since = time.monotonic()
+            time.sleep(0.05)
+        looked.clear()
+        for _ in range(3):
+            src.refresh()
+        assert bport not in looked  # nothing changed in b: its port was not looked at
+        net.ip(b, "link", "add", "mx0", "type", "veth", "peer", "name", "mx1")
+        src.refresh()
+        assert bport in looked  # a link change in b: looked at again, at once
+        # Someone removes meter's filter on a0: seen at the next refresh, attached again.
+        subprocess.run(["tc", "filter", "del", "dev", a0, "ingress", "pref", "1"], check=True)
+        looked.clear()
+        src.refresh()
+        assert a0 in looked and _meter_filters(a0) == 2 and src.reattachments == 1
+
+
 def test_a_qdisc_meter_made_stays_while_another_tool_uses_it(tmp_path, cgroups, cgroup_mount, net):
     a, b, a0, b0 = _routed_pair(net)
     topo = _topology(tmp_path, cgroup_mount, {"t": (cgroups.make("t"), [a0, b0])})

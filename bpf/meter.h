@@ -163,8 +163,8 @@ struct meter_cpu {
 };
 
 /* Per-CPU, per-port packet counts for the CPU's current net window: skbs
- * and their bytes as the kernel passed them (what the interface's own
- * counters count), and the packets they are on the wire (a GSO/GRO skb is
+ * and their bytes as the kernel passed them (as tc sees them), and the
+ * packets they are on the wire (a GSO/GRO skb is
  * gso_segs packets, each with its own copy of the headers). */
 struct meter_net_slot {
 	__u64 rx_packets;

@@ -12,7 +12,7 @@
  * packet's own IP and TCP/UDP headers) is read.
  *
  * Two figures per packet: the skb and its bytes as the kernel passed it
- * (what the interface's own counters count), and the packets it is on the
+ * (what a veth's own counters count without GRO), and the packets it is on the
  * wire. A TCP sender hands the device one GSO skb of up to 64 KB; GRO
  * merges received segments the same way; either goes out or came in as
  * gso_segs packets, each carrying its own copy of the headers. meter bills

@@ -18,8 +18,8 @@ cache_misses        last-level cache misses
 softirq_ns          kernel packet-processing time for the compartment's ports, ns
 softirq_given_ns    of its cpu_ns, packet processing it ran for other rows' ports, ns
 energy_uj           energy attributed to the compartment, microjoules
-rx_packets ...      skbs/bytes across the compartment's interfaces, as the kernel
-                    passed them (what the interfaces' own counters count)
+rx_packets ...      skbs/bytes across the compartment's interfaces, as tc sees
+                    them (a GSO/GRO skb is one)
 rx_wire_packets ... packets/bytes those were on the wire: a GSO/GRO skb is
                     gso_segs packets with a copy of its headers each (billed)
 vf_* ...            SR-IOV VF counters of the compartment's VFs

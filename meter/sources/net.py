@@ -32,6 +32,8 @@ import dataclasses
 import errno
 import logging
 import os
+import socket
+import threading
 from typing import Any
 
 import numpy as np
@@ -148,34 +150,61 @@ def _bpf_filter(f: Any) -> _Filter:
     return _Filter(handle, prio, None, name)
 
 
+def _event_socket(netns: str | None) -> socket.socket:
+    """A non-blocking NETLINK_ROUTE socket in ``netns`` (None: meter's own), subscribed to
+    link and tc changes (RTMGRP_LINK | RTMGRP_TC). Made in a short-lived thread that
+    enters the namespace (setns), so no thread of meter's ever leaves its own."""
+    def make() -> socket.socket:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        sock.bind((0, _RTMGRP_LINK | _RTMGRP_TC))
+        sock.setblocking(False)
+        return sock
+
+    if netns is None:
+        return make()
+    out: dict[str, Any] = {}
+
+    def inside() -> None:
+        try:
+            with open(NETNS_DIR / netns, "rb") as f:
+                if ctypes.CDLL(None, use_errno=True).setns(f.fileno(), _CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), f"cannot enter network namespace {netns}")
+            out["sock"] = make()
+        except OSError as err:
+            out["err"] = err
+
+    t = threading.Thread(target=inside, name="meter-netns")
+    t.start()
+    t.join()
+    if "err" in out:
+        raise out["err"]
+    return out["sock"]
+
+
+_RTMGRP_LINK, _RTMGRP_TC, _CLONE_NEWNET = 0x1, 0x8, 0x40000000
+
+
 class _Changes:
     """Netlink sockets, one per network namespace of the ports, subscribed to link and
-    tc changes (RTMGRP_LINK, RTMGRP_TC): whether anything that could change a port's
-    attachment happened there since the last look. Looking costs a poll, not a dump."""
+    tc changes: whether anything that could change a port's attachment happened
+    there since the last look. Looking costs a non-blocking read, not a dump."""
 
     def __init__(self) -> None:
-        self._socks: dict[str | None, Any] = {}
+        self._socks: dict[str | None, socket.socket] = {}
 
     def changed(self, netns: str | None) -> bool:
         """True if ``netns`` had link or tc changes since the last call (or cannot be
         watched, or is new to this watcher): then its ports need a full look."""
-        import select
-
         sock = self._socks.get(netns)
         if sock is None:
             try:
-                from pyroute2.netlink.rtnl import RTMGRP_LINK, RTMGRP_TC
-
-                sock = iproute(netns)
-                sock.bind(groups=RTMGRP_LINK | RTMGRP_TC)
-            except Exception:  # noqa: BLE001  (the namespace is not there: look every time)
-                return True
-            self._socks[netns] = sock
+                self._socks[netns] = _event_socket(netns)
+            except OSError:  # the namespace is not there: look every time
+                pass
             return True
-        fd, seen = sock.fileno(), False
+        seen = False
         try:
-            while select.select([fd], [], [], 0)[0]:
-                os.read(fd, 1 << 16)
+            while sock.recv(1 << 16):
                 seen = True
         except BlockingIOError:
             pass
@@ -187,10 +216,7 @@ class _Changes:
         """Close ``netns``'s socket (a deleted namespace: ours alone would keep it alive)."""
         sock = self._socks.pop(netns, None)
         if sock is not None:
-            try:
-                sock.close()
-            except Exception:  # noqa: BLE001  (a socket of a dead namespace)
-                pass
+            sock.close()
 
     def close(self) -> None:
         for netns in list(self._socks):

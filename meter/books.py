@@ -61,9 +61,9 @@ class Books:
                                          (nd.late_port, nd.late_kind, nd.late_packets, nd.late_bytes,
                                           nd.late_wire_packets, nd.late_wire_bytes)):
                 rx = kind == KIND_RX
-                for i, values in enumerate(figures):  # rx column of figure i; its tx column is 2 further
-                    col = (i // 2) * 4 + i % 2
-                    np.add.at(self.ports, (port, np.where(rx, col, col + 2)), values)
+                for name, values in zip(("packets", "bytes", "wire_packets", "wire_bytes"), figures, strict=True):
+                    col = np.where(rx, _PORT_FIELDS.index(f"rx_{name}"), _PORT_FIELDS.index(f"tx_{name}"))
+                    np.add.at(self.ports, (port, col), values)
 
     def add_energy(self, row: np.ndarray, domains: dict[str, np.ndarray]) -> None:
         if len(row):

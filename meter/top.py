@@ -18,7 +18,8 @@ from .records import factorize, null_sums
 __all__ = ["TopRow", "TopSnapshot", "snapshot"]
 
 _RATE_FIELDS = ("cycles", "instructions", "cache_misses", "energy_uj", "rx_packets", "tx_packets",
-                "rx_bytes", "tx_bytes", "softirq_ns", "vf_rx_packets", "vf_tx_packets")
+                "rx_bytes", "tx_bytes", "rx_wire_packets", "tx_wire_packets", "rx_wire_bytes", "tx_wire_bytes",
+                "softirq_ns", "vf_rx_packets", "vf_tx_packets")
 
 
 @dataclasses.dataclass(frozen=True)

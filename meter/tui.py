@@ -48,10 +48,11 @@ def _row_cells(r: Any) -> dict[str, Any]:
         "ipc": r.ipc,
         "cache_misses": rates.get("cache_misses"),
         "watts": None if rates.get("energy_uj") is None else rates["energy_uj"] / 1e6,
-        "rx_pps": rates.get("rx_packets"),
-        "tx_pps": rates.get("tx_packets"),
-        "rx_bps": None if rates.get("rx_bytes") is None else rates["rx_bytes"] * 8,
-        "tx_bps": None if rates.get("tx_bytes") is None else rates["tx_bytes"] * 8,
+        # Packets and bits on the wire: what the bill counts (a GSO/GRO skb is many packets).
+        "rx_pps": rates.get("rx_wire_packets"),
+        "tx_pps": rates.get("tx_wire_packets"),
+        "rx_bps": None if rates.get("rx_wire_bytes") is None else rates["rx_wire_bytes"] * 8,
+        "tx_bps": None if rates.get("tx_wire_bytes") is None else rates["tx_wire_bytes"] * 8,
         "softirq": None if rates.get("softirq_ns") is None else rates["softirq_ns"] / 1e7,
         "vf_pps": pk("vf_rx_packets", "vf_tx_packets"),
     }

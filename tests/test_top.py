@@ -30,6 +30,7 @@ def _records() -> np.ndarray:
         "cpu_ns": np.array([r[2] for r in rows]),
         "cycles": np.array([r[3] for r in rows]),
         "rx_packets": np.array([r[4] for r in rows]),
+        "rx_wire_packets": np.array([r[4] * 45 if r[4] >= 0 else r[4] for r in rows]),  # GSO skbs
         "counters_source": "cpu-clock estimate",
         "energy_source": "model",
     })
@@ -49,6 +50,7 @@ def test_snapshot_rates():
     assert by["acme"].cpu_pct == pytest.approx(80.0)
     assert by["acme"].rates["cycles"] == pytest.approx(1.6e9)
     assert by["acme"].rates["rx_packets"] == pytest.approx(10_000)
+    assert by["acme"].rates["rx_wire_packets"] == pytest.approx(450_000)
     assert by["idle"].rates["rx_packets"] is None  # unavailable, not 0
     assert by["acme"].ipc is None
 
@@ -64,6 +66,7 @@ def test_table_rows_dashes_sorting_and_expansion():
     assert "cycles: estimated (no PMU)" in text and "energy: model" in text
     acme = next(line for line in lines if line.startswith(" acme") or line.startswith("acme"))
     assert "80.0" in acme and "–" in acme  # IPC unavailable shows a dash
+    assert "450.0k" in acme and "10.0k" not in acme  # packets on the wire, as billed, not skbs
     assert "vswitch" not in text
     expanded = _text(render_top(snap, expand=True, sort="rx_pps", reverse=False))
     assert "└ vswitch" in expanded and "└ vm" in expanded

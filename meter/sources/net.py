@@ -82,8 +82,7 @@ def parse_port(index: int, spec: str) -> Port:
 class NetDrain:
     """Closed windows' packet counts: parallel arrays, one entry per (port, kind, window).
 
-    ``packets``/``bytes`` are skbs as the kernel passed them (the interface's
-    own counters); ``wire_packets``/``wire_bytes`` what they were on the wire
+    ``packets``/``bytes`` are skbs as tc sees them; ``wire_packets``/``wire_bytes`` what they were on the wire
     (a GSO/GRO skb is gso_segs packets, each with its headers: see
     bpf/net.bpf.c). ``late_*``: per (port, kind), packets since the last drain
     whose window's cell was not open (billed in the newest window closed, as

@@ -359,6 +359,16 @@ def test_a_refresh_looks_again_only_where_netlink_saw_a_change(tmp_path, cgroups
         looked.clear()
         src.refresh()
         assert a0 in looked and _meter_filters(a0) == 2 and src.reattachments == 1
+        # Namespace b deleted and made again under its name, with an eth0 of its own:
+        # the next refresh finds the port in the new one (not in the old, which
+        # meter's sockets alone would have kept alive).
+        subprocess.run(["ip", "netns", "del", b], check=True)
+        subprocess.run(["ip", "netns", "add", b], check=True)
+        net.veth(net.name("b9"), "eth0", b_ns=b)
+        src.refresh()
+        shown = subprocess.run(["ip", "netns", "exec", b, "tc", "filter", "show", "dev", "eth0", "ingress"],
+                               capture_output=True, text=True, check=True).stdout
+        assert " meter direct-action" in shown and bport in [p.label for p in src.attached]
 
 
 def test_a_qdisc_meter_made_stays_while_another_tool_uses_it(tmp_path, cgroups, cgroup_mount, net):

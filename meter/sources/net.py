@@ -183,6 +183,17 @@ def _event_socket(netns: str | None) -> socket.socket:
 _RTMGRP_LINK, _RTMGRP_TC, _CLONE_NEWNET = 0x1, 0x8, 0x40000000
 
 
+def _netns_inode(netns: str | None) -> int | None:
+    """The identity of named namespace ``netns`` (its nsfs inode; 0 for meter's own), None when
+    it is not there: a namespace deleted and made again under one name is another one."""
+    if netns is None:
+        return 0
+    try:
+        return os.stat(NETNS_DIR / netns).st_ino
+    except OSError:
+        return None
+
+
 class _Changes:
     """Netlink sockets, one per network namespace of the ports, subscribed to link and
     tc changes: whether anything that could change a port's attachment happened
@@ -250,6 +261,7 @@ class NetSource:
         self._taken = int(ctl[ctl.Key(CTL_NET_TAKEN)].value)
         self.events: list[str] = []  # one line per attachment change, for logs and tests
         self._changes = _Changes()
+        self._netns_ino: dict[str | None, int] = {}
 
     # -- programs -------------------------------------------------------------------
 
@@ -466,8 +478,16 @@ class NetSource:
         removed: the ports of each namespace where netlink reported a link or tc change
         (or that cannot be watched yet) get a full look; the rest cost a poll each."""
         for netns in {p.netns for p in self.ports}:
-            if netns is not None and not (NETNS_DIR / netns).exists():
+            ino = _netns_inode(netns)
+            if ino is None or ino != self._netns_ino.get(netns):
+                # Gone, new here, or deleted and made again under the same name: sockets
+                # kept from before would watch (and keep alive) the old namespace.
                 self._changes.forget(netns)
+                self._forget_netns(netns)
+                self._netns_ino.pop(netns, None)
+                if ino is not None:
+                    self._netns_ino[netns] = ino
+                    self._changes.changed(netns)  # watch it from now on
                 look = True
             else:
                 look = self._changes.changed(netns)

@@ -131,13 +131,13 @@ def namespace_pair(tag: str = "mb") -> Iterator[tuple[str, str, str]]:
         subprocess.run(["ip", "netns", "del", b], capture_output=True)
 
 
-def udp_flood(ns: str, dst: str, seconds: float) -> None:
-    """Send small UDP packets from ``ns`` to ``dst`` for ``seconds``."""
+def udp_flood(ns: str, dst: str, seconds: float) -> subprocess.Popen[bytes]:
+    """Start sending small UDP packets from ``ns`` to ``dst`` for ``seconds``; the sender's process."""
     code = (f"import socket, time\ns=socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
             f"end=time.monotonic()+{seconds}\n"
             "while time.monotonic()<end:\n"
             "    for _ in range(1000): s.sendto(b'x'*64, ('" + dst + "', 9))\n")
-    subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-S", "-c", code], check=True)
+    return subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-S", "-c", code])
 
 
 @contextlib.contextmanager

@@ -19,21 +19,14 @@ Goal: <= 1.5x the empty program and <= 100 ns per packet, each direction.
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 import time
 
-from _common import Result, bpf_stats, namespace_pair, prog_stats, report
+from _common import Result, bpf_stats, namespace_pair, prog_stats, report, udp_flood
 
 from meter import program
 from meter.netns import iproute
 from meter.sources.net import NetSource, Port
 from meter.sources.sched import SchedSource
-
-_FLOOD = ("import socket, time\ns=socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-          "end=time.monotonic()+{seconds}\n"
-          "while time.monotonic()<end:\n"
-          "    for _ in range(1000): s.sendto(b'x'*64, ('10.79.0.2', 9))\n")
 
 
 def _round(seconds: float, meter_first: bool) -> dict[str, tuple[float, int]]:
@@ -56,8 +49,7 @@ def _round(seconds: float, meter_first: bool) -> dict[str, tuple[float, int]]:
                                direct_action=True, prio=prio)
                 finally:
                     ipr.close()
-            flood = subprocess.Popen(["ip", "netns", "exec", a, sys.executable, "-S", "-c",
-                                      _FLOOD.format(seconds=seconds)])
+            flood = udp_flood(a, "10.79.0.2", seconds)
             while flood.poll() is None:  # drained as meter drains: the cells stay open
                 time.sleep(0.25)
                 src.drain()

@@ -330,6 +330,10 @@ class NetSource:
         An attached port whose filter someone removed is noted, counted in
         :attr:`reattachments` and attached again.
         """
+        for netns in {p.netns for p in self.ports}:
+            ino = _netns_inode(netns)
+            if ino is not None:
+                self._netns_ino[netns] = ino
         for port in self.ports:
             self._attach_port(port)
 
@@ -478,12 +482,13 @@ class NetSource:
         removed: the ports of each namespace where netlink reported a link or tc change
         (or that cannot be watched yet) get a full look; the rest cost a poll each."""
         for netns in {p.netns for p in self.ports}:
-            ino = _netns_inode(netns)
-            if ino is None or ino != self._netns_ino.get(netns):
+            ino, known = _netns_inode(netns), self._netns_ino.get(netns)
+            if ino is None or ino != known:
                 # Gone, new here, or deleted and made again under the same name: sockets
                 # kept from before would watch (and keep alive) the old namespace.
                 self._changes.forget(netns)
-                self._forget_netns(netns)
+                if known is not None:
+                    self._forget_netns(netns)
                 self._netns_ino.pop(netns, None)
                 if ino is not None:
                     self._netns_ino[netns] = ino

@@ -50,6 +50,11 @@
 #define METER_MAX_COMPARTMENTS 4096
 #endif
 #define METER_MAX_LEVEL 16
+/* A compartments map value with this bit is a discovery root, not a
+ * compartment: a task below it is charged to its ancestor (value & 0xff)
+ * levels below the root, the unit a discovery rule names (or its own
+ * cgroup when that is shallower). A compartment's value is 1. */
+#define METER_ROOT_BIT (1ULL << 32)
 
 #define METER_MAX_COUNTERS 4
 
@@ -225,18 +230,14 @@ enum meter_control {
 	METER_CTL_WATERMARK = 0,
 	/* First window metered: earlier charges are start-up, discarded. */
 	METER_CTL_FIRST,
-	/* Bit l set: some compartment's cgroup is at level l (0: resolve nothing). */
+	/* Bit l set: some compartment's (or discovery root's) cgroup is at
+	 * level l (0: resolve nothing). */
 	METER_CTL_LEVELS,
 	/* Bumped by user space whenever the compartments map changes; 0: none listed. */
 	METER_CTL_GEN,
 	/* The cgroup id charged for a task below no compartment (the host's);
 	 * 0: its own cgroup id, for user space to name. */
 	METER_CTL_OTHER,
-	/* Under discovery, 1 + the discovery root's level (0: no discovery),
-	 * and the root's cgroup id: a task below the root is charged to its
-	 * ancestor just below the root, a compartment found or yet to be found. */
-	METER_CTL_DISCOVER_LEVEL,
-	METER_CTL_DISCOVER_ROOT,
 	/* Every window up to this one has been read out of the ring and its
 	 * cells zeroed by user space: cells of windows up to it + METER_RING
 	 * are open. */

@@ -210,16 +210,17 @@ static __always_inline u64 control_get(int idx)
 /*
  * The cgroup to charge for `current`: the deepest compartment among its
  * cgroup and that cgroup's ancestors, decided now (so usage in a child
- * cgroup that is gone by the next drain is still its compartment's); else,
- * under discovery, its ancestor just below the discovery root (a
- * compartment user space names at the next drain); else METER_CTL_OTHER
- * (the host), or its own cgroup when that is 0 (user space names it). The
- * idle task (pid 0) is METER_IDLE_CGID. The last answer is kept per CPU
- * until the leaf or the compartments change.
+ * cgroup that is gone by the next drain is still its compartment's). When
+ * the deepest listed ancestor is a discovery root (METER_ROOT_BIT), its
+ * descendant at the rule's depth (a compartment user space names at the
+ * next drain), or the task's own cgroup when that is shallower. Else
+ * METER_CTL_OTHER (the host), or its own cgroup when that is 0 (user space
+ * names it). The idle task (pid 0) is METER_IDLE_CGID. The last answer is
+ * kept per CPU until the leaf or the compartments change.
  */
 static __always_inline u64 current_cgid(struct meter_cpu *st)
 {
-	u64 leaf, levels, gen, id, d;
+	u64 leaf, levels, gen, id, *v;
 
 	if (!(u32)bpf_get_current_pid_tgid())
 		return METER_IDLE_CGID;
@@ -239,15 +240,16 @@ static __always_inline u64 current_cgid(struct meter_cpu *st)
 		if (!(levels & (1ULL << l)))
 			continue;
 		a = bpf_get_current_ancestor_cgroup_id(l);
-		if (a && compartments.lookup(&a)) {
-			id = a;
-			break;
+		v = a ? compartments.lookup(&a) : 0;
+		if (!v)
+			continue;
+		id = a;
+		if (*v & METER_ROOT_BIT) {
+			id = bpf_get_current_ancestor_cgroup_id(l + (int)(*v & 0xff));
+			if (!id)
+				id = leaf;
 		}
-	}
-	if (!id) {
-		d = control_get(METER_CTL_DISCOVER_LEVEL);
-		if (d && bpf_get_current_ancestor_cgroup_id(d - 1) == control_get(METER_CTL_DISCOVER_ROOT))
-			id = bpf_get_current_ancestor_cgroup_id(d);
+		break;
 	}
 	if (!id)
 		id = control_get(METER_CTL_OTHER);

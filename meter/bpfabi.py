@@ -29,9 +29,9 @@ import numpy as np
 from .errors import BPFError
 
 __all__ = [
-    "COUNTS_DTYPE", "CTL_DISCOVER_LEVEL", "CTL_DISCOVER_ROOT", "CTL_FIRST", "CTL_GEN", "CTL_NET_TAKEN", "CTL_NEXT_ROW", "CTL_OTHER",
+    "COUNTS_DTYPE", "CTL_FIRST", "CTL_GEN", "CTL_NET_TAKEN", "CTL_NEXT_ROW", "CTL_OTHER",
     "CTL_LEVELS", "CTL_TAKEN", "CTL_WATERMARK", "GIVEN_BIT", "IDLE_CGID", "KIND_RX",
-    "KIND_SOFTIRQ", "KIND_TX", "MAX_COMPARTMENTS", "MAX_COUNTERS", "MAX_CPUS", "MAX_LEVEL", "NET_CELL_DTYPE",
+    "KIND_SOFTIRQ", "KIND_TX", "MAX_COMPARTMENTS", "MAX_COUNTERS", "MAX_CPUS", "MAX_LEVEL", "ROOT_BIT", "NET_CELL_DTYPE",
     "PORT_CGID_BIT", "PORT_PLACEHOLDER", "SCHED_CGID", "STATS", "STEAL_CGID", "UNATTRIBUTED_CGID", "UNATTRIBUTED_ROW",
     "USAGE_DTYPE", "check_table",
     "dtype_layout", "header_constants", "header_path", "header_structs",
@@ -73,11 +73,12 @@ PORT_PLACEHOLDER = 0x4D455452
 #: enum meter_net_kind.
 KIND_RX, KIND_TX, KIND_SOFTIRQ = 0, 1, 2
 #: enum meter_control.
-(CTL_WATERMARK, CTL_FIRST, CTL_LEVELS, CTL_GEN, CTL_OTHER, CTL_DISCOVER_LEVEL, CTL_DISCOVER_ROOT, CTL_TAKEN,
- CTL_NEXT_ROW, CTL_NET_TAKEN) = range(10)
+(CTL_WATERMARK, CTL_FIRST, CTL_LEVELS, CTL_GEN, CTL_OTHER, CTL_TAKEN, CTL_NEXT_ROW, CTL_NET_TAKEN) = range(8)
 #: METER_MAX_COMPARTMENTS, METER_MAX_LEVEL: compartments the kernel resolves, deepest cgroup level.
 MAX_COMPARTMENTS = 4096
 MAX_LEVEL = 16
+#: METER_ROOT_BIT: a compartments map value for a discovery root (| its depth).
+ROOT_BIT = 1 << 32
 #: enum meter_stat, in order (lower case, without METER_STAT_).
 STATS = ("late_ns", "counter_errors", "net_late_packets", "span_unattributed_ns", "unplaced_ns", "unsettled",
          "unseen_ns")

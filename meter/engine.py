@@ -195,7 +195,7 @@ class Meter(DrainLoop):
         """
         if self._max_rows is not None:
             return self._max_rows
-        n = MAX_COMPARTMENTS if self.topology.cgroup_root is not None else len(self.topology.compartments) + RELOAD_ROOM
+        n = MAX_COMPARTMENTS if self.topology.discovers else len(self.topology.compartments) + RELOAD_ROOM
         rows = PSEUDO_CGROUPS + n
         if nports:
             rows += PSEUDO_CGROUPS + n + nports
@@ -394,7 +394,10 @@ class Meter(DrainLoop):
     def totals(self) -> list[dict[str, Any]]:
         """Running totals since open, one dict per row (tenant, compartment, then
         every counter field; None when never measured), plus per-domain energy
-        (``energy_uj_by_domain``) and per-port network totals (``ports``).
+        (``energy_uj_by_domain``), per-port network totals (``ports``), when
+        the row began counting (``created``, Unix seconds) and whether it can
+        still receive usage (``present``: meter's own rows, and compartments
+        of the current topology whose cgroup exists).
 
         Thread-safe: a consistent copy, taken between drains.
         """
@@ -406,7 +409,11 @@ class Meter(DrainLoop):
             ports = list(self._net.ports) if self._net is not None else list(self._ports_list)
             port_row = self._port_row.copy()
             names = list(zip(res.tenants, res.names))
-        return books.totals(names, ports, port_row)
+            created, present = list(res.created), res.present()
+        rows = books.totals(names, ports, port_row)
+        for r, made, here in zip(rows, created, present):
+            r["created"], r["present"] = made, here
+        return rows
 
     def _account(self, batch: np.ndarray, closed_before: int) -> None:
         assert self._sched is not None

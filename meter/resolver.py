@@ -7,13 +7,14 @@ cgroups the kernel's ring had no row left for), row 5 ``late`` (a window's
 time that arrived too late for it, billed in a later window), rows 6.. are
 compartments. A cgroup id is resolved once and
 remembered, so a compartment whose cgroup is removed while metering keeps
-its usage. Under a discovered topology (``--cgroup-root``), an unknown id
-makes the resolver re-read the root, and new compartments are appended as
-new rows.
+its usage. Under discovery (``--cgroup-root`` or ``[[discover]]`` rules), an
+unknown id makes the resolver look again (``Topology.refresh``), and new
+compartments are appended as new rows (docs/architecture.md, "Discovery").
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,8 @@ class Resolver:
         self.cgroup_ids: list[int] = [cgroup_id(topology.mount), IDLE_CGID, SCHED_CGID, STEAL_CGID,
                                       UNATTRIBUTED_CGID, _NO_CGID]
         self.compartments: list[Compartment | None] = [None] * PSEUDO_ROWS
+        #: Wall-clock time (s) each row was made: its counters count from then.
+        self.created: list[float] = [time.time()] * PSEUDO_ROWS
         self._rows: dict[int, int] = dict(_PSEUDO)
         self.unresolved = 0  # ids no scan could name (charged to host)
         #: Bumped whenever the compartments (and so their cgroup ids) change.
@@ -92,6 +95,7 @@ class Resolver:
             if row is None:
                 row = len(self.compartments)
                 self.compartments.append(c)
+                self.created.append(time.time())
                 self.tenants.append(c.tenant)
                 self.names.append(c.name)
                 try:
@@ -99,10 +103,9 @@ class Resolver:
                 except CgroupError:
                     self.cgroup_ids.append(0)  # checked by Topology.require_cgroups
             owners.append((row, str(c.cgroup).rstrip("/") + "/"))
-        if self.topology.cgroup_root is not None:
-            # Discovery only ever grows: keep owning what was found before.
-            owners += [(i, str(c.cgroup).rstrip("/") + "/") for i, c in enumerate(self.compartments)
-                       if c is not None and (i, str(c.cgroup).rstrip("/") + "/") not in owners]
+        # Discovery only ever grows: keep owning what was found before.
+        owners += [(i, str(c.cgroup).rstrip("/") + "/") for i, c in enumerate(self.compartments)
+                   if c is not None and c.discovered and (i, str(c.cgroup).rstrip("/") + "/") not in owners]
         # Deepest first: a nested compartment owns its subtree.
         self._owners = sorted(owners, key=lambda item: len(item[1]), reverse=True)
         # A compartment's own cgroup id is its row (the kernel charges
@@ -113,6 +116,12 @@ class Resolver:
         # What the kernel charges tasks below no compartment to (kernel_compartments).
         self._rows.setdefault(self.cgroup_ids[HOST_ROW], HOST_ROW)
         self.generation += 1
+
+    def present(self) -> list[bool]:
+        """Per row: whether it can still receive usage (meter's own rows, and
+        compartments of the current topology whose cgroup exists)."""
+        current = {(c.tenant, c.name) for c in self.topology.compartments}
+        return [c is None or ((c.tenant, c.name) in current and c.cgroup.is_dir()) for c in self.compartments]
 
     def refresh_ids(self) -> None:
         """Follow compartments whose cgroup was removed and made again under the
@@ -138,8 +147,8 @@ class Resolver:
 
     def kernel_compartments(self) -> KernelCompartments:
         """What the kernel should charge usage to: every compartment (the current
-        topology's, and under discovery every one found so far) by cgroup level,
-        under discovery the root's children, else the host."""
+        topology's, and under discovery every one found so far) by cgroup level;
+        below a discovery root the cgroup a rule would name; else the host."""
         mount = self.topology.mount
         levels = {}
         complete = True
@@ -150,15 +159,15 @@ class Resolver:
             except ValueError:
                 complete = False  # outside the mount: only user space can name it
         levels.pop(0, None)
-        root = self.topology.cgroup_root
-        if root is None:
-            return KernelCompartments(levels, other=self.cgroup_ids[HOST_ROW] if complete else 0)
-        try:
-            root_id, root_level = cgroup_id(root), len(Path(root).relative_to(mount).parts)
-        except (CgroupError, ValueError):
-            return KernelCompartments(levels)
-        return KernelCompartments(levels, other=self.cgroup_ids[HOST_ROW] if complete else 0,
-                                  discover_root=root_id, discover_level=root_level)
+        roots: dict[int, tuple[int, int]] = {}
+        for base, depth in self.topology.discovery_roots():
+            try:
+                cgid, level = cgroup_id(base), len(base.relative_to(mount).parts)
+            except (CgroupError, ValueError):
+                complete = False  # gone since: user space names what it held
+                continue
+            roots[cgid] = (level, max(depth, roots.get(cgid, (0, 0))[1]))
+        return KernelCompartments(levels, other=self.cgroup_ids[HOST_ROW] if complete else 0, roots=roots)
 
     @property
     def nrows(self) -> int:
@@ -176,7 +185,7 @@ class Resolver:
         uniq, inverse = np.unique(cgids, return_inverse=True)
         unknown = [int(i) for i in uniq if int(i) not in self._rows]
         if unknown:
-            if self.topology.cgroup_root is not None:
+            if self.topology.discovers:
                 self.topology = self.topology.refresh()
                 self._add(self.topology.compartments)
             for cgid, path in self.index.resolve(unknown).items():

@@ -16,7 +16,11 @@ Two ways in (README, "Topology"):
       vfs = [{ pf = "enp3s0f0", vf = 3 }]
 
 * discovery (``--cgroup-root PATH``): each child cgroup of PATH is a
-  compartment named after its directory, in a tenant of the same name.
+  compartment named after its directory, in a tenant of the same name;
+
+* discovery rules in the file (``[[discover]]``, :mod:`meter.discovery`):
+  the cgroups a manager (libvirt, systemd, Kubernetes, a container runtime)
+  creates, named after what they hold.
 
 Errors name the file, the line where it can be found, the key, and what is
 wrong. A compartment owns its cgroup's whole subtree: a task in
@@ -35,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from . import cgroup as cgroupfs
+from .discovery import RULE_KEYS, Rule
 from .errors import CgroupError, ConfigError
 from .host import load_toml
 
@@ -71,7 +76,7 @@ RESERVED = (HOST, IDLE, SCHED, STEAL, UNATTRIBUTED, LATE)
 NAME_MAX = 64
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:@+-]+$")
-_TOP_KEYS = {"window_ms", "tenant", "energy"}
+_TOP_KEYS = {"window_ms", "tenant", "energy", "discover"}
 log = logging.getLogger("meter")
 
 #: Supported record widths, in ms (README, "Records"): 1 ms to one minute.
@@ -133,6 +138,8 @@ class Compartment:
     cgroup: Path
     interfaces: tuple[str, ...] = ()
     vfs: tuple[VirtualFunction, ...] = ()
+    #: Found by discovery (``--cgroup-root`` or a ``[[discover]]`` rule), not listed.
+    discovered: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +147,8 @@ class Topology:
     """The compartments to meter, and where they came from.
 
     ``source`` is the config file, or None for discovery; ``cgroup_root`` is
-    the discovered parent (discovery is redone by :meth:`refresh`).
+    the discovered parent, ``rules`` the file's discovery rules (discovery
+    is redone by :meth:`refresh`).
     """
 
     compartments: tuple[Compartment, ...]
@@ -149,6 +157,7 @@ class Topology:
     source: Path | None = None
     cgroup_root: Path | None = None
     energy: dict[str, Any] = dataclasses.field(default_factory=dict)
+    rules: tuple[Rule, ...] = ()
 
     # -- construction -------------------------------------------------------
 
@@ -182,15 +191,42 @@ class Topology:
                 _RENAMED.add(child)
                 log.warning("meter: cgroup %s is compartment %r in records (its directory name is not a valid "
                             "compartment name)", child, name)
-            comps.append(Compartment(tenant=name, name=name, cgroup=child))
+            comps.append(Compartment(tenant=name, name=name, cgroup=child, discovered=True))
         return cls(tuple(comps), mnt, cgroup_root=base)
 
+    @property
+    def discovers(self) -> bool:
+        """Whether compartments may appear while metering (discovery or rules)."""
+        return self.cgroup_root is not None or bool(self.rules)
+
+    def discovery_roots(self) -> list[tuple[Path, int]]:
+        """(root cgroup, depth) pairs: below each root, the cgroups ``depth``
+        levels down are the ones discovery may name (``--cgroup-root``: its
+        children; a rule's glob: the part before its first wildcard is the
+        root, the rest the depth). A root not made yet stands as its nearest
+        existing ancestor, deeper by as many levels."""
+        pairs = [(self.cgroup_root, 1)] if self.cgroup_root is not None else []
+        for rule in self.rules:
+            for glob in rule.globs:
+                parts = Path(glob).parts
+                fixed = next((i for i, part in enumerate(parts) if any(ch in part for ch in "*?[")), len(parts))
+                base, depth = rule.root.joinpath(*parts[:fixed]), len(parts) - fixed
+                while base != self.mount and not base.is_dir() and _below(self.mount, base):
+                    base, depth = base.parent, depth + 1
+                pairs.append((base, depth))
+        return [(base, depth) for base, depth in pairs if depth > 0]
+
     def refresh(self) -> Topology:
-        """Discovery topologies re-read their root; file topologies are fixed."""
-        if self.cgroup_root is None:
+        """Discovery topologies re-read their root, rules their globs (a
+        cgroup found before keeps its names); listed compartments are fixed."""
+        if self.cgroup_root is not None:
+            fresh = Topology.discover(self.cgroup_root, mount=self.mount)
+            return dataclasses.replace(fresh, window_ms=self.window_ms, energy=self.energy)
+        if not self.rules:
             return self
-        fresh = Topology.discover(self.cgroup_root, mount=self.mount)
-        return dataclasses.replace(fresh, window_ms=self.window_ms, energy=self.energy)
+        listed = tuple(c for c in self.compartments if not c.discovered)
+        found = _discover(self.rules, listed, self.compartments)
+        return dataclasses.replace(self, compartments=listed + found)
 
     # -- queries ---------------------------------------------------------------
 
@@ -224,6 +260,36 @@ class Topology:
                 if d > depth:
                     best, depth = i, d
         return best
+
+
+def _discover(rules: tuple[Rule, ...], listed: tuple[Compartment, ...],
+              before: tuple[Compartment, ...] = ()) -> tuple[Compartment, ...]:
+    """The compartments ``rules`` find now. A cgroup already listed, or found
+    by an earlier rule, is skipped; one found before keeps its names; names
+    are made valid as for ``--cgroup-root`` (:func:`discovered_name`), and a
+    (tenant, compartment) pair already taken gets a hash of the path."""
+    taken = {c.cgroup for c in listed}
+    known = {c.cgroup: c for c in before if c.discovered}
+    pairs = {(c.tenant, c.name) for c in listed}
+    out = []
+    for rule in rules:
+        for path in rule.cgroups():
+            if path in taken:
+                continue
+            taken.add(path)
+            comp = known.get(path)
+            if comp is None:
+                got = rule.names(path)
+                if got is None:
+                    continue
+                tenant, name = discovered_name(got[0]), discovered_name(got[1])
+                if (tenant, name) in pairs:
+                    digest = hashlib.sha1(str(path).encode("utf-8", "surrogateescape")).hexdigest()[:9]
+                    name = f"{name[:NAME_MAX - 10]}-{digest}"
+                comp = Compartment(tenant, name, path, discovered=True)
+            pairs.add((comp.tenant, comp.name))
+            out.append(comp)
+    return tuple(out)
 
 
 def _under_mount(mount: Path, value: str | Path) -> Path:
@@ -391,4 +457,30 @@ class _Parser:
                                         last=True)
                     vfs.append(VirtualFunction(pf, num))
                 comps.append(Compartment(tname, cname, cpath, tuple(ifaces), tuple(vfs)))
-        return Topology(tuple(comps), self.mount, window_ms, self.path, None, dict(energy))
+        rules = self.rules(data.get("discover", []))
+        found = _discover(rules, tuple(comps))
+        return Topology(tuple(comps) + found, self.mount, window_ms, self.path, None, dict(energy), rules)
+
+    def rules(self, raw: Any) -> tuple[Rule, ...]:
+        if not isinstance(raw, list):
+            raise self.fail("discover", "must be an array of tables ([[discover]])")
+        out = []
+        for i, table in enumerate(raw):
+            key = f"discover[{i}]"
+            if not isinstance(table, dict):
+                raise self.fail(key, "must be a table")
+            self._keys(table, RULE_KEYS, key)
+            root_text = table.get("root", "")
+            if not isinstance(root_text, str):
+                raise self.fail(f"{key}.root", "must be a cgroup path (relative to the mount, or absolute)")
+            root = _under_mount(self.mount, root_text or self.mount)
+            if not _below(self.mount, root):
+                raise self.fail(f"{key}.root", f"{root_text!r} is not below the cgroup v2 mount {self.mount}", root_text)
+            try:
+                out.append(Rule.from_table(table, root))
+            except ConfigError as err:
+                sub, value = f"{key}.{err.key}", table.get(err.key or "")
+                if isinstance(value, str) and value:
+                    raise self.fail_at(sub, value, err.reason) from None
+                raise self.fail(sub, err.reason, value) from None
+        return tuple(out)

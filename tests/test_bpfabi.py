@@ -26,7 +26,7 @@ def test_every_constant_matches_the_header():
     assert c["METER_PORT_PLACEHOLDER"] == bpfabi.PORT_PLACEHOLDER
     assert (c["METER_NET_RX"], c["METER_NET_TX"], c["METER_NET_SOFTIRQ"]) == (
         bpfabi.KIND_RX, bpfabi.KIND_TX, bpfabi.KIND_SOFTIRQ)
-    names = ("WATERMARK", "FIRST", "LEVELS", "GEN", "OTHER", "DISCOVER_LEVEL", "DISCOVER_ROOT", "TAKEN", "NEXT_ROW",
+    names = ("WATERMARK", "FIRST", "LEVELS", "GEN", "OTHER", "TAKEN", "NEXT_ROW",
              "NET_TAKEN")
     assert [c[f"METER_CTL_{n}"] for n in names] == [getattr(bpfabi, f"CTL_{n}") for n in names]
     assert (c["METER_MAX_COMPARTMENTS"], c["METER_MAX_LEVEL"]) == (bpfabi.MAX_COMPARTMENTS, bpfabi.MAX_LEVEL)

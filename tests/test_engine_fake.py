@@ -615,7 +615,7 @@ def test_the_kernel_is_told_every_compartment_and_its_level(tree):
     assert told.levels == {_id(tree, "acme/vswitch"): 2, _id(tree, "globex/vswitch"): 2}
     # A task below no compartment is the host's: the kernel says so itself, so a
     # cgroup of another tool that comes and goes between drains is never unresolved.
-    assert (told.other, told.discover_root) == (_id(tree, "."), 0)
+    assert (told.other, told.roots) == (_id(tree, "."), {})
     meter.set_topology(_topology(tree, names=("globex",)))
     assert src.cpu_source.compartments.levels == {_id(tree, "globex/vswitch"): 2}
 
@@ -625,7 +625,7 @@ def test_under_discovery_the_kernel_charges_the_roots_children(tree):
     meter, src = _open(Topology.discover(tree / "tenants", mount=tree))
     told = src.cpu_source.compartments
     assert told.levels == {_id(tree, "tenants/a"): 2}
-    assert (told.discover_root, told.discover_level, told.other) == (_id(tree, "tenants"), 1, _id(tree, "."))
+    assert (told.roots, told.other) == ({_id(tree, "tenants"): (1, 1)}, _id(tree, "."))
 
 
 def test_the_host_id_the_kernel_charges_is_the_host_row(tree):

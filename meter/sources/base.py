@@ -31,10 +31,10 @@ class KernelCompartments:
     levels: dict[int, int] = dataclasses.field(default_factory=dict)
     #: The cgroup id charged for a task below no compartment (the host's); 0: its own id.
     other: int = 0
-    #: Under discovery: the root's cgroup id and level (a task below the root
-    #: is charged to its ancestor just below it); 0, 0 without discovery.
-    discover_root: int = 0
-    discover_level: int = 0
+    #: Discovery roots, {cgroup id: (cgroup level, depth)}: a task below a root
+    #: (and below no deeper compartment) is charged to its ancestor ``depth``
+    #: levels below the root, the cgroup a discovery rule names.
+    roots: dict[int, tuple[int, int]] = dataclasses.field(default_factory=dict)
 
 
 class CPUSource(Protocol):

@@ -34,8 +34,6 @@ import numpy as np
 from .. import program
 from ..bpfabi import (
     COUNTS_DTYPE,
-    CTL_DISCOVER_LEVEL,
-    CTL_DISCOVER_ROOT,
     CTL_FIRST,
     CTL_GEN,
     CTL_LEVELS,
@@ -48,6 +46,7 @@ from ..bpfabi import (
     MAX_COUNTERS,
     MAX_CPUS,
     MAX_LEVEL,
+    ROOT_BIT,
     STATS,
     UNATTRIBUTED_CGID,
     UNATTRIBUTED_ROW,
@@ -322,33 +321,37 @@ class SchedSource:
             log.warning("meter: %d compartments are deeper than cgroup level %d: their child cgroups are "
                         "resolved in user space (usage in children removed before a drain counts as host)",
                         len(given) - len(wanted), MAX_LEVEL - 1)
-        if len(wanted) > MAX_COMPARTMENTS:
+        roots = {cgid: ld for cgid, ld in compartments.roots.items() if ld[0] < MAX_LEVEL and cgid not in wanted}
+        room = MAX_COMPARTMENTS - len(roots)
+        if len(wanted) > room:
             log.warning("meter: %d compartments, the kernel resolves %d: the rest are resolved in user space",
-                        len(wanted), MAX_COMPARTMENTS)
-            wanted = dict(sorted(wanted.items(), key=lambda kv: -kv[1])[:MAX_COMPARTMENTS])
-        other = compartments.other if len(wanted) == len(given) else 0
-        self._compartments = dataclasses.replace(compartments, levels=wanted, other=other)
+                        len(wanted), room)
+            wanted = dict(sorted(wanted.items(), key=lambda kv: -kv[1])[:room])
+        complete = len(wanted) == len(given) and len(roots) == len(compartments.roots)
+        other = compartments.other if complete else 0
+        self._compartments = dataclasses.replace(compartments, levels=wanted, roots=roots, other=other)
         if self.bpf is not None:
             self._push_compartments()
 
     def _push_compartments(self) -> None:
         kc = self._compartments
         table = self.bpf[b"compartments"]
-        have = {int(k.value) for k in table.keys()}
-        for cgid in have - set(kc.levels):
+        want = {cgid: 1 for cgid in kc.levels}
+        want.update({cgid: ROOT_BIT | depth for cgid, (_lvl, depth) in kc.roots.items()})
+        have = {int(k.value): int(v.value) for k, v in table.items()}
+        for cgid in set(have) - set(want):
             del table[table.Key(cgid)]
-        for cgid in set(kc.levels) - have:
-            table[table.Key(cgid)] = table.Leaf(1)
+        for cgid, value in want.items():
+            if have.get(cgid) != value:
+                table[table.Key(cgid)] = table.Leaf(value)
         levels = 0
-        for lvl in kc.levels.values():
+        for lvl in [*kc.levels.values(), *(lvl for lvl, _depth in kc.roots.values())]:
             levels |= 1 << lvl
         self._control(CTL_LEVELS, levels)
         self._control(CTL_OTHER, kc.other)
-        self._control(CTL_DISCOVER_ROOT, kc.discover_root)
-        self._control(CTL_DISCOVER_LEVEL, kc.discover_level + 1 if kc.discover_root else 0)
         # Generation 0 tells the kernel nothing is to be resolved (one lookup per charge).
         self._gen += 1
-        self._control(CTL_GEN, self._gen if levels or kc.other or kc.discover_root else 0)
+        self._control(CTL_GEN, self._gen if levels or kc.other else 0)
 
     def program_fds(self) -> dict[str, list[int]]:
         """The programs bcc loaded for this source (the tc copies are the packet source's)."""

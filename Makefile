@@ -11,8 +11,8 @@ SUDO     := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 ARCH     := $(shell dpkg --print-architecture 2>/dev/null || echo amd64)
 # bcc comes from Debian (not on PyPI); headers only where the running kernel has none.
 # prometheus, tmux, openvswitch-switch: end-to-end tests of the exporter, `meter top` and the demo;
-# ethtool: the wire-packet test turns offloads off.
-DEB      := python3-bpfcc bpftool iproute2 python3-venv util-linux prometheus tmux openvswitch-switch ethtool
+# ethtool: the wire-packet test turns offloads off; systemd: systemd-analyze verifies packaging/'s units.
+DEB      := python3-bpfcc bpftool iproute2 python3-venv util-linux prometheus tmux openvswitch-switch ethtool systemd
 HEADERS  := $(shell [ -d /lib/modules/$$(uname -r)/build/include ] || echo linux-headers-$(ARCH))
 BENCHDEB := linux-perf iperf3 stress-ng
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -16,6 +17,7 @@ from typing import Any, TypeVar
 import click
 
 from .errors import MeterError
+from .paths import meter_path
 from .topology import Topology
 
 __all__ = ["SECONDS", "MeterGroup", "console", "counters", "counters_option", "errors", "fail", "load_topology",
@@ -47,13 +49,27 @@ def topology_options(fn: F) -> F:
     fn = click.option("--cgroup-root", type=click.Path(), default=None,
                       help="Each child cgroup of PATH is a compartment (default: the cgroup v2 mount).")(fn)
     fn = click.option("--config", "config", type=click.Path(), default=None,
-                      help="Topology TOML file (tenants, compartments, cgroups, interfaces).")(fn)
+                      help="Topology TOML file (tenants, compartments, cgroups, interfaces, discovery rules; "
+                           "default: $METER_CONFIG, else /etc/meter/topology.toml as root when it exists).")(fn)
     return fn
+
+
+def default_config() -> str | None:
+    """The topology file used without --config and --cgroup-root: ``$METER_CONFIG``
+    (which must exist), else the system's (root) or the user's XDG one, if it exists."""
+    path = meter_path("METER_CONFIG", "/etc/meter/topology.toml", "XDG_CONFIG_HOME", ".config", "topology.toml")
+    if os.environ.get("METER_CONFIG"):
+        return str(path)
+    try:
+        return str(path) if path.is_file() else None
+    except OSError:
+        return None  # a directory this user cannot look into holds no config of theirs
 
 
 def load_topology(config: str | None, cgroup_root: str | None) -> Topology:
     if config and cgroup_root:
         raise click.UsageError("give --config or --cgroup-root, not both")
+    config = config or (None if cgroup_root else default_config())
     if config:
         return Topology.from_file(config)
     return Topology.discover(cgroup_root)

@@ -358,9 +358,11 @@ def demo_down() -> None:
 @click.option("--listen", default="127.0.0.1:9464", show_default=True, help="HOST:PORT to serve /metrics on.")
 @click.option("--allow-remote", is_flag=True, help="Allow a non-loopback --listen address.")
 @click.option("--window-ms", type=int, default=None, help="Record width in ms.")
+@click.option("--stale-after", type=click.FloatRange(min=0), default=300.0, show_default=True,
+              help="Seconds a gone compartment's series stay before they are dropped.")
 @shell.counters_option
 def serve(config: str | None, cgroup_root: str | None, listen: str, allow_remote: bool, window_ms: int | None,
-          counters: str | None) -> None:
+          stale_after: float, counters: str | None) -> None:
     """Serve Prometheus metrics (counters per tenant and compartment) until stopped.
 
     SIGHUP reloads the topology; SIGINT/SIGTERM stop cleanly (exit 0).
@@ -374,7 +376,7 @@ def serve(config: str | None, cgroup_root: str | None, listen: str, allow_remote
         topo = shell.load_topology(config, cgroup_root)
         meter = Meter(topo, window_ms, counters=shell.counters(counters))
         daemon.warn_unavailable(meter, explicit=bool(counters))
-        exporter = Exporter(meter, listen, allow_remote=allow_remote)
+        exporter = Exporter(meter, listen, allow_remote=allow_remote, stale_after=stale_after)
         done = threading.Event()
         with daemon.signals(done.set) as reload_wanted:
             exporter.start()

@@ -135,7 +135,7 @@ def _fake_exporter(tmp_path, **kw):
     from meter.engine import Meter
     from meter.sources.fake import FakeCPU, FakeSources
 
-    (tmp_path / "cg" / "a").mkdir(parents=True)
+    (tmp_path / "cg" / "a").mkdir(parents=True, exist_ok=True)
     cfg = tmp_path / "topology.toml"
     cfg.write_text('[[tenant]]\nname = "a"\n[[tenant.compartment]]\nname = "a"\ncgroup = "a"\n')
     meter = Meter(Topology.from_file(cfg, mount=tmp_path / "cg"), sources=FakeSources(FakeCPU()), drain_interval=0.05)
@@ -249,6 +249,100 @@ def test_exporter_counts_a_vanished_client_without_a_traceback(tmp_path, capfd, 
 def test_exporter_settings_are_checked(tmp_path):
     with pytest.raises(ConfigError, match="max_connections"):
         _fake_exporter(tmp_path, max_connections=0)
+    with pytest.raises(ConfigError, match="stale_after"):
+        _fake_exporter(tmp_path, stale_after=-1)
+
+
+# -- Prometheus practice: formats, _created, stale series ----------------------------------------
+
+def _scrape(port: int, accept: str | None = None) -> tuple[str, str]:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers={"Accept": accept} if accept else {})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        return r.headers["Content-Type"], r.read().decode()
+
+
+def _loaded_meter(tmp_path, names=("acme", "globex")):
+    """A meter over simulated sources whose compartments have used exactly
+    0.3 s and 0.1 s of CPU (integers of ns that a careless * 1e-9 prints
+    with float noise)."""
+    from meter.cgroup import cgroup_id
+    from meter.engine import Meter
+    from meter.sources.fake import FakeCPU, FakeSources
+
+    root = tmp_path / "cg"
+    for n in names:
+        (root / n).mkdir(parents=True)
+    cpu = FakeCPU(ncpu=2)
+    meter = Meter(Topology.discover(root, mount=root), sources=FakeSources(cpu), drain_interval=0.05)
+    meter.open()
+    for _ in range(100):
+        cpu.charge(cpu.now, cgroup_id(root / names[0]), 900_000, (1,))
+        cpu.charge(cpu.now, cgroup_id(root / names[1]), 300_000, (1,))
+        cpu.advance(1)
+    for _ in range(200):
+        cpu.charge(cpu.now, cgroup_id(root / names[0]), 1_050_000)
+        cpu.advance(1)
+    meter.drain()
+    return meter, root
+
+
+def test_openmetrics_when_asked_text_otherwise_both_clean(tmp_path):
+    """Prometheus asks for OpenMetrics first; curl gets the text format. Both
+    carry each counter's _created time; the text format is promtool-clean,
+    the OpenMetrics body parses with prometheus_client's OpenMetrics parser
+    (strict: it refuses what the standard does not allow) and ends in # EOF."""
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+    meter, _root = _loaded_meter(tmp_path)
+    before = time.time()
+    exporter = Exporter(meter, "127.0.0.1:0")
+    exporter.start()
+    try:
+        kind, text = _scrape(exporter.port)
+        om_kind, om = _scrape(exporter.port, "application/openmetrics-text;version=1.0.0,"
+                                             "text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
+    finally:
+        exporter.stop()
+        meter.close()
+    assert kind.startswith("text/plain; version=0.0.4") and om_kind.startswith("application/openmetrics-text")
+    lint = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+    assert lint.returncode == 0 and lint.stdout == lint.stderr == "", lint.stdout + lint.stderr
+    assert om.endswith("# EOF\n")
+    fams = {f.name: f for f in text_string_to_metric_families(om)}
+    cpu = {s.labels["tenant"]: s for s in fams["meter_cpu_seconds"].samples if s.name.endswith("_total")}
+    created = {s.labels["tenant"]: s.value for s in fams["meter_cpu_seconds"].samples if s.name.endswith("_created")}
+    # Exact: 100 windows of 0.9 ms + 200 of 1.05 ms = 0.3 s; 100 of 0.3 ms = 0.03 s.
+    assert (cpu["acme"].value, cpu["globex"].value) == (0.3, 0.03)
+    assert fams["meter_cpu_seconds"].unit == "seconds"
+    # The rows began counting when the meter opened, before the exporter did.
+    assert set(created) == {"acme", "globex", "idle"} and all(0 < before - t < 60 for t in created.values())
+    # No float noise from integers: the text carries 0.3, not 0.30000000000000004.
+    assert 'meter_cpu_seconds_total{compartment="acme",tenant="acme"} 0.3\n' in text
+    assert "meter_cpu_seconds_created{" in text
+
+
+def test_a_gone_compartments_series_are_dropped_after_the_grace_period(tmp_path):
+    """A compartment whose cgroup is removed keeps its series for stale_after
+    seconds (a last scrape sees its final totals), then they are gone; the
+    other compartments' stay. It is back when its cgroup is."""
+    meter, root = _loaded_meter(tmp_path)
+    exporter = Exporter(meter, "127.0.0.1:0", stale_after=0.5)
+    exporter.start()
+    try:
+        assert 'tenant="globex"' in _scrape(exporter.port)[1]
+        (root / "globex").rmdir()
+        t0 = time.monotonic()
+        text = _scrape(exporter.port)[1]
+        if time.monotonic() - t0 < 0.5:  # scraped inside the grace period (measured, not assumed)
+            assert 'tenant="globex"' in text
+        time.sleep(0.6)
+        text = _scrape(exporter.port)[1]
+        assert 'tenant="globex"' not in text and 'tenant="acme"' in text and 'tenant="idle"' in text
+        (root / "globex").mkdir()
+        assert 'tenant="globex"' in _scrape(exporter.port)[1]
+    finally:
+        exporter.stop()
+        meter.close()
 
 
 # -- BPF program statistics: this meter's programs only ------------------------------------------
@@ -303,4 +397,81 @@ def test_bpf_stats_cover_this_meters_programs_only(cgroups):
         stats.write_text(old)
         for fd in fds:
             os.close(fd)
+        exporter.stop()
+
+
+# -- the Grafana dashboard in examples/, against a real Prometheus --------------------------------
+
+DASHBOARD = Path(__file__).parent.parent / "examples" / "grafana-dashboard.json"
+
+
+def _promql(expr: str) -> str:
+    """A panel's query as Grafana sends it: every tenant, a rate window that
+    holds several of the test's 1 s scrapes."""
+    return expr.replace("$tenant", ".+").replace("$__rate_interval", "10s")
+
+
+@pytest.mark.bpf
+def test_every_dashboard_panel_returns_data_from_meter_serve(tmp_path, cgroups, cgroup_mount, net):
+    """A compartment with a busy task and a port with traffic, meter serve's
+    exporter, a real Prometheus scraping it (it asks for OpenMetrics): every
+    panel's PromQL and the tenant variable's query return data."""
+    from meter.engine import Meter
+
+    dash = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    assert len(exprs) == sum(len(p["targets"]) for p in dash["panels"]) >= 8
+    ns = net.ns("a")
+    host_end = net.name("a0")
+    net.veth(host_end, "eth0", b_ns=ns)
+    net.ip(None, "addr", "add", "10.77.9.1/24", "dev", host_end)
+    net.ip(ns, "addr", "add", "10.77.9.2/24", "dev", "eth0")
+    cg = cgroups.make("acme")
+    cfg = tmp_path / "topology.toml"
+    cfg.write_text(f'[[tenant]]\nname = "acme"\n[[tenant.compartment]]\nname = "vswitch"\n'
+                   f'cgroup = "{cg}"\ninterfaces = ["{host_end}"]\n')
+    meter = Meter(Topology.from_file(cfg, mount=cgroup_mount), drain_interval=0.1)
+    port, prom_port = _free_port(), _free_port()
+    exporter = Exporter(meter, f"127.0.0.1:{port}")
+    (tmp_path / "prometheus.yml").write_text(
+        "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\n"
+        f"scrape_configs:\n  - job_name: meter\n    static_configs:\n      - targets: ['127.0.0.1:{port}']\n")
+    pace = ("import socket, time\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            "while True:\n    for _ in range(50): s.sendto(b'x' * 200, ('10.77.9.1', 9999))\n    time.sleep(0.01)\n")
+    prom = sender = None
+    exporter.start()
+    try:
+        busy = cgroups.burner(cg, 0.3, 120)
+        sender = subprocess.Popen(["ip", "netns", "exec", ns, "python3", "-S", "-c", pace])
+        prom = subprocess.Popen([shutil.which("prometheus") or "prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
+                                 f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{prom_port}"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        api = f"http://127.0.0.1:{prom_port}/api/v1"
+        empty = set(exprs)
+        deadline = time.monotonic() + 90
+        while empty and time.monotonic() < deadline:
+            time.sleep(1)
+            for expr in sorted(empty):
+                try:
+                    got = json.loads(_get(f"{api}/query?" + urllib.parse.urlencode({"query": _promql(expr)})))
+                except OSError:
+                    break  # Prometheus not up yet
+                assert got["status"] == "success", (expr, got)
+                if got["data"]["result"]:
+                    empty.discard(expr)
+        assert not empty, f"panels without data: {sorted(empty)}"
+        var = dash["templating"]["list"][1]["definition"]
+        metric = var.removeprefix("label_values(").split(",")[0]
+        tenants = json.loads(_get(f"{api}/label/tenant/values?" + urllib.parse.urlencode({"match[]": metric})))["data"]
+        assert "acme" in tenants
+        # Prometheus took the OpenMetrics body (it asks for it first) and kept every scrape.
+        up = json.loads(_get(f"{api}/query?query=up"))["data"]["result"]
+        assert up[0]["value"][1] == "1"
+        assert exporter.formats["openmetrics"] >= 1 and exporter.formats["text"] == 0
+        busy.kill()
+    finally:
+        for p in (prom, sender):
+            if p is not None:
+                p.terminate()
+                p.wait(10)
         exporter.stop()

@@ -35,6 +35,15 @@ connections are served at once (more are closed at once), each for at most
 ``timeout`` seconds, one request each; ``meter_exporter_connections_total
 {outcome}`` counts them (served, rejected, timed_out, aborted). A client
 that goes away mid-response is counted, not logged.
+
+A scraper that accepts ``application/openmetrics-text`` (Prometheus asks
+for it first) gets OpenMetrics 1.0, others the text format 0.0.4
+(``meter_exporter_responses_total{format}``). Every counter carries its
+``_created`` time: when its row began counting (the meter's open, or the
+compartment's discovery). Values derived from integers are divided, never
+multiplied by a fraction (0.3, not 0.30000000000000004). The series of a
+compartment that is gone (out of the topology, or its cgroup removed) are
+dropped ``stale_after`` seconds after a scrape first found it gone.
 """
 
 from __future__ import annotations
@@ -65,15 +74,29 @@ DEFAULT_TIMEOUT = 10.0
 #: Seconds the kernel's BPF program statistics are reused across scrapes.
 BPF_STATS_TTL = 1.0
 
+#: Seconds a compartment that is gone (removed from the topology, or its
+#: cgroup deleted) keeps its series: then they are dropped, so churn does
+#: not grow the series count (Prometheus marks them stale).
+DEFAULT_STALE_AFTER = 300.0
+
+#: (name, field, divisor, unit, help): integer totals divided, never multiplied
+#: by a fraction, so 300000000 ns prints as 0.3, not 0.30000000000000004.
 _SIMPLE = (
-    ("meter_cpu_seconds_total", "cpu_ns", 1e-9, "CPU time of the compartment's tasks."),
-    ("meter_cpu_cycles_total", "cycles", 1, "CPU cycles (see meter_build_info counters for provenance)."),
-    ("meter_instructions_total", "instructions", 1, "Instructions retired."),
-    ("meter_cache_misses_total", "cache_misses", 1, "Last-level cache misses."),
-    ("meter_softirq_seconds_total", "softirq_ns", 1e-9, "NET softirq time spent on the compartment's packets."),
-    ("meter_softirq_given_seconds_total", "softirq_given_ns", 1e-9,
+    ("meter_cpu_seconds_total", "cpu_ns", 10**9, "seconds", "CPU time of the compartment's tasks."),
+    ("meter_cpu_cycles_total", "cycles", 1, "", "CPU cycles (see meter_build_info counters for provenance)."),
+    ("meter_instructions_total", "instructions", 1, "", "Instructions retired."),
+    ("meter_cache_misses_total", "cache_misses", 1, "", "Last-level cache misses."),
+    ("meter_softirq_seconds_total", "softirq_ns", 10**9, "seconds", "NET softirq time spent on the compartment's packets."),
+    ("meter_softirq_given_seconds_total", "softirq_given_ns", 10**9, "seconds",
      "NET softirq time run inside the compartment's CPU time for other compartments' packets."),
 )
+#: OpenMetrics' content type, and the text format's.
+OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+TEXT = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def _scaled(value: int, divisor: int) -> int | float:
+    return value if divisor == 1 else value / divisor
 
 
 def parse_listen(listen: str, *, allow_remote: bool = False) -> tuple[str, int]:
@@ -177,10 +200,20 @@ class Exporter:
     """Serves ``/metrics`` for a Meter; ``start()``/``stop()`` as often as you like."""
 
     def __init__(self, meter: Any, listen: str = DEFAULT_LISTEN, *, allow_remote: bool = False,
-                 max_connections: int = DEFAULT_MAX_CONNECTIONS, timeout: float = DEFAULT_TIMEOUT) -> None:
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS, timeout: float = DEFAULT_TIMEOUT,
+                 stale_after: float = DEFAULT_STALE_AFTER) -> None:
         if max_connections < 1 or not timeout > 0:
             raise ConfigError(f"exporter needs max_connections >= 1 and timeout > 0 (got {max_connections}, {timeout})",
                               setting="exporter")
+        if not stale_after >= 0:
+            raise ConfigError(f"stale_after must be a number of seconds >= 0, not {stale_after!r}",
+                              setting="stale_after")
+        self.stale_after = stale_after
+        self._gone_since: dict[tuple[str, str], float] = {}
+        self._gone_lock = threading.Lock()
+        self._started: float | None = None
+        #: Responses served, by exposition format.
+        self.formats = {"openmetrics": 0, "text": 0}
         self.meter = meter
         self.host, self.port = parse_listen(listen, allow_remote=allow_remote)
         self.max_connections = max_connections
@@ -214,14 +247,17 @@ class Exporter:
                     # Totals that stopped moving must not pass for current ones.
                     self.send_error(503, f"metering stopped: {exporter.meter.error}")
                     return
-                body = exporter.render().encode()
+                openmetrics = "application/openmetrics-text" in self.headers.get("Accept", "")
+                body = exporter.render(openmetrics=openmetrics).encode()
                 self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+                self.send_header("Content-Type", OPENMETRICS if openmetrics else TEXT)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
                 self.wfile.flush()
                 exporter.count("served")
+                with exporter._gone_lock:
+                    exporter.formats["openmetrics" if openmetrics else "text"] += 1
 
             def log_error(self, format: str, *args: Any) -> None:
                 if format.startswith("Request timed out"):
@@ -237,6 +273,7 @@ class Exporter:
             self.stop()
             raise SinkError(f"cannot listen on {self.host}:{self.port}: {err.strerror}", target=f"{self.host}:{self.port}") from err
         self.port = self._server.server_address[1]
+        self._started = time.time()
         self._thread = threading.Thread(target=self._server.serve_forever, name="meter-exporter", daemon=True)
         self._thread.start()
 
@@ -302,13 +339,30 @@ class Exporter:
 
     # -- exposition ---------------------------------------------------------------------------------
 
-    def render(self) -> str:
-        """The exposition text (Prometheus text format 0.0.4)."""
+    def render(self, *, openmetrics: bool = False) -> str:
+        """The exposition text: Prometheus text format 0.0.4, or OpenMetrics 1.0
+        (what a scraper gets that sends ``Accept: application/openmetrics-text``)."""
         from prometheus_client import CollectorRegistry, generate_latest
+        from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Collector(self))
-        return generate_latest(registry).decode()
+        return (generate_openmetrics if openmetrics else generate_latest)(registry).decode()
+
+    def shown(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``rows`` less those of compartments gone for ``stale_after`` seconds
+        or more (counted from the first scrape that found them gone)."""
+        now = time.monotonic()
+        out = []
+        with self._gone_lock:
+            for r in rows:
+                key = (r["tenant"], r["compartment"])
+                if r.get("present", True):
+                    self._gone_since.pop(key, None)
+                elif now - self._gone_since.setdefault(key, now) >= self.stale_after:
+                    continue
+                out.append(r)
+        return out
 
     def families(self) -> Iterator[Any]:
         # Over 60 lines on purpose: one metric family after another, in
@@ -320,43 +374,46 @@ class Exporter:
         )
 
         meter = self.meter
-        rows = meter.totals()
+        rows = self.shown(meter.totals())
         labels = ["tenant", "compartment"]
-        for name, field, scale, doc in _SIMPLE:
-            fam = CounterMetricFamily(name.removesuffix("_total"), doc, labels=labels)
+        for name, field, divisor, unit, doc in _SIMPLE:
+            fam = CounterMetricFamily(name.removesuffix("_total"), doc, labels=labels, unit=unit)
             for r in rows:
                 if r[field] is not None:
-                    fam.add_metric([r["tenant"], r["compartment"]], r[field] * scale)
+                    fam.add_metric([r["tenant"], r["compartment"]], _scaled(r[field], divisor), created=r["created"])
             yield fam
-        fam = CounterMetricFamily("meter_energy_joules", "Energy attributed to the compartment.", labels=[*labels, "domain"])
+        fam = CounterMetricFamily("meter_energy_joules", "Energy attributed to the compartment.",
+                                  labels=[*labels, "domain"], unit="joules")
         for r in rows:
             for domain, uj in r["energy_uj_by_domain"].items():
-                fam.add_metric([r["tenant"], r["compartment"], domain], uj / 1e6)
+                fam.add_metric([r["tenant"], r["compartment"], domain], _scaled(uj, 10**6), created=r["created"])
         yield fam
         for unit in ("packets", "bytes"):
             for kind, what in (("", "as the kernel passed them (skbs)"), ("wire_", "on the wire")):
                 fam = CounterMetricFamily(f"meter_network_{kind}{unit}",
                                           f"Network {unit} on the compartment's interfaces, {what}.",
-                                          labels=[*labels, "direction", "interface"])
+                                          labels=[*labels, "direction", "interface"],
+                                          unit="bytes" if unit == "bytes" else "")
                 for r in rows:
                     for iface, v in r["ports"].items():
                         for direction in ("rx", "tx"):
                             fam.add_metric([r["tenant"], r["compartment"], direction, iface],
-                                           v[f"{direction}_{kind}{unit}"])
+                                           v[f"{direction}_{kind}{unit}"], created=r["created"])
                 yield fam
             fam = CounterMetricFamily(f"meter_vf_{unit}", f"SR-IOV VF {unit} of the compartment's VFs.",
-                                      labels=[*labels, "direction"])
+                                      labels=[*labels, "direction"], unit="bytes" if unit == "bytes" else "")
             for r in rows:
                 for direction in ("rx", "tx"):
                     v = r[f"vf_{direction}_{unit}"]
                     if v is not None:
-                        fam.add_metric([r["tenant"], r["compartment"], direction], v)
+                        fam.add_metric([r["tenant"], r["compartment"], direction], v, created=r["created"])
             yield fam
         yield InfoMetricFamily("meter_build", "meter's version and settings.", value={
             "version": __version__, "window_ms": str(meter.window_ms), "counters": meter.plan.source or "none",
             "energy": meter.energy_source or "none"})
-        # Self-metrics.
+        # Self-metrics, counting since the meter opened (row 0's start).
         st = meter.stats
+        opened = rows[0]["created"] if rows else None
         for name, value, doc in (
             ("meter_records", st.records, "Records produced."),
             ("meter_late_seconds", st.late_ns / 1e9,
@@ -370,11 +427,11 @@ class Exporter:
             ("meter_conservation_violations", st.conservation_violations, "Windows whose CPU time did not add up."),
         ):
             fam = CounterMetricFamily(name, doc)
-            fam.add_metric([], value)
+            fam.add_metric([], value, created=opened)
             yield fam
         lost = CounterMetricFamily("meter_lost_seconds", "CPU time that did not reach any record, by reason.",
                                    labels=["reason"])
-        lost.add_metric(["missing_windows"], st.missing_windows * meter.ncpu * meter.window_ns / 1e9)
+        lost.add_metric(["missing_windows"], st.missing_windows * meter.ncpu * meter.window_ns / 1e9, created=opened)
         yield lost
         unsettled = GaugeMetricFamily("meter_unsettled_seconds",
                                       "Kernel/clock differences not settled in the records yet (bills off cpu.stat by this).")
@@ -391,10 +448,10 @@ class Exporter:
              "Times meter's tc filter was found removed by someone else (packets meanwhile uncounted) and attached again."),
         ):
             fam = CounterMetricFamily(name, doc)
-            fam.add_metric([], value)
+            fam.add_metric([], value, created=opened)
             yield fam
         fam = CounterMetricFamily("meter_late_packets", "Packets billed in a later window than their own (not lost).")
-        fam.add_metric([], st.net_late_packets)
+        fam.add_metric([], st.net_late_packets, created=opened)
         yield fam
         lag = GaugeMetricFamily("meter_drain_lag_seconds", "Now minus the end of the newest record.")
         if st.last_window_end_ns:
@@ -403,15 +460,20 @@ class Exporter:
         run_s = CounterMetricFamily("meter_bpf_run_seconds", "Time in meter's BPF programs (bpf_stats).", labels=["program"])
         runs = CounterMetricFamily("meter_bpf_runs", "Runs of meter's BPF programs (bpf_stats).", labels=["program"])
         for prog, (ns, cnt) in sorted(self.bpf_program_stats().items()):
-            run_s.add_metric([prog], ns / 1e9)
-            runs.add_metric([prog], cnt)
+            run_s.add_metric([prog], ns / 1e9, created=opened)
+            runs.add_metric([prog], cnt, created=opened)
         yield run_s
         yield runs
         conns = CounterMetricFamily("meter_exporter_connections", "Connections to this exporter, by outcome.",
                                     labels=["outcome"])
         for outcome, n in self.connections.items():
-            conns.add_metric([outcome], n)
+            conns.add_metric([outcome], n, created=self._started)
         yield conns
+        scrapes = CounterMetricFamily("meter_exporter_responses", "Metrics responses served, by exposition format.",
+                                      labels=["format"])
+        for fmt, n in self.formats.items():
+            scrapes.add_metric([fmt], n, created=self._started)
+        yield scrapes
 
 
 class _Collector:

@@ -11,8 +11,10 @@ SUDO     := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 ARCH     := $(shell dpkg --print-architecture 2>/dev/null || echo amd64)
 # bcc comes from Debian (not on PyPI); headers only where the running kernel has none.
 # prometheus, tmux, openvswitch-switch: end-to-end tests of the exporter, `meter top` and the demo;
-# ethtool: the wire-packet test turns offloads off; systemd: systemd-analyze verifies packaging/'s units.
-DEB      := python3-bpfcc bpftool iproute2 python3-venv util-linux prometheus tmux openvswitch-switch ethtool systemd
+# ethtool: the wire-packet test turns offloads off; systemd: systemd-analyze verifies packaging/'s units;
+# chromium: the report page is loaded and drawn in a real browser.
+DEB      := python3-bpfcc bpftool iproute2 python3-venv util-linux prometheus tmux openvswitch-switch ethtool systemd \
+	chromium
 HEADERS  := $(shell [ -d /lib/modules/$$(uname -r)/build/include ] || echo linux-headers-$(ARCH))
 BENCHDEB := linux-perf iperf3 stress-ng
 
@@ -46,7 +48,7 @@ deb:
 $(VENV)/.installed: setup.cfg pyproject.toml
 	[ -x $(PY) ] || /usr/bin/python3 -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,parquet,fleet]'
+	$(PY) -m pip install -q -e '.[dev,parquet,fleet,report]'
 	$(PY) -c 'import bcc, meter' && touch $@
 
 run: setup

@@ -15,6 +15,7 @@ import numpy as np
 
 from . import __version__, daemon, shell
 from .errors import MeterError
+from .page import STEPS
 
 
 @click.group(cls=shell.MeterGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -209,6 +210,38 @@ def bill(prices: str, start: str, end: str, tenant: str | None, fmt: str, store_
                              billing_period, invoice_of, sys.stdout)
         else:
             report.invoices_tables(invs, f"{start} – {end}", shell.console(120))
+
+
+@main.command()
+@click.option("--prices", required=True, type=click.Path(), help="Price sheet (TOML).")
+@click.option("--from", "start", required=True, help="Start (ISO 8601 or Unix seconds, inclusive).")
+@click.option("--to", "end", required=True, help="End (exclusive).")
+@click.option("--tenant", default=None, help="Only this tenant.")
+@click.option("--store", "store_path", type=click.Path(), default=None, help="Record store to report from.")
+@click.option("--step", type=click.Choice([str(s) for s in STEPS]), default=None,
+              help="Seconds per point (default: at most 240 points).")
+@click.option("--output", "-o", required=True, type=click.Path(), help="The HTML file to write.")
+def report(prices: str, start: str, end: str, tenant: str | None, store_path: str | None, step: str | None,
+           output: str) -> None:
+    """A self-contained HTML page: per tenant CPU, packets, energy and cost over
+    time, all tenants stacked, and each tenant's invoice (as meter bill)."""
+    from .bill import PriceSheet, usage_from_store
+    from .page import pick_step, render
+    from .paths import write_whole
+    from .sinks.store import Store
+
+    with shell.errors():
+        sheet = PriceSheet.from_file(prices)
+        start_ns, end_ns = _time_ns(start, "--from"), _time_ns(end, "--to")
+        if end_ns <= start_ns:
+            raise click.BadParameter("the period is empty or reversed: --to must be after --from", param_hint="--to")
+        seconds = int(step) if step else pick_step(start_ns, end_ns)
+        with Store(store_path, must_exist=True) as store:
+            by_period = usage_from_store(store, start_ns, end_ns, seconds * 1_000_000_000, by_resource=True)
+            where = str(store.path)
+        page = render(by_period, sheet, start_ns, end_ns, seconds, tenant=tenant, source=f"the record store {where}")
+        write_whole(output, page.encode(), what="report")
+        click.echo(f"meter: wrote {output} ({len(page) // 1024} KiB)", err=True)
 
 
 @main.command()

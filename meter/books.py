@@ -48,6 +48,12 @@ class Books:
             self.avail = np.vstack([self.avail, np.zeros((extra, self.avail.shape[1]), bool)])
             self.energy = np.vstack([self.energy, np.zeros((extra, self.energy.shape[1]), np.int64)])
 
+    def grow_ports(self, nports: int) -> None:
+        """Make room for ports numbered up to ``nports``."""
+        extra = nports - len(self.ports)
+        if extra > 0:
+            self.ports = np.vstack([self.ports, np.zeros((extra, self.ports.shape[1]), np.int64)])
+
     def add(self, out: np.ndarray, row: np.ndarray, nd: NetDrain | None) -> None:
         """Add a batch (records with their rows) and its packet drain."""
         if len(out):

@@ -27,11 +27,12 @@ from .errors import ConfigError, MeterError
 from .host import realtime_offset_ns
 from .loop import DrainLoop
 from .perf import CounterPlan, plan_counters
+from .ports import PORT_ROOM, Ports
 from .records import window_sums, window_totals
 from .resolver import Resolver
 from .sources.base import CPUSource, CPUSpec, KernelSources, PacketSource, SourceFactory, VFPoller
 from .sources.energy import EnergyReader, EnergySettings
-from .sources.net import NetDrain, Port, parse_port
+from .sources.net import NetDrain
 from .sources.sched import SchedDrain
 from .stats import MeterStats
 from .topology import Topology, window_ms_problem
@@ -123,7 +124,7 @@ class Meter(DrainLoop):
         self._row_has_vfs = np.zeros(0, bool)
         self._books = Books()
         self._energy = EnergyBooks(None, self.plan, self.energy.policy)
-        self._ports_list: list[Port] = []
+        self._ports = Ports()
         self._port_row = np.zeros(0, np.int64)
         self._row_has_ports = np.zeros(0, bool)
         self._resolver: Resolver | None = None
@@ -146,9 +147,16 @@ class Meter(DrainLoop):
             return
         self.topology.require_cgroups()
         self._resolver = Resolver(self.topology)
-        owned = self._resolver.owned_interfaces()
-        ports = [parse_port(i, spec) for i, (_row, spec) in enumerate(owned)]
-        sched = self._sources.cpu(self._cpu_spec(len(ports)))
+        self._ports = Ports()
+        self._ports.follow(self.topology.compartments, strict=True)
+        wanted = self._ports.wanted(self._resolver)
+        self._ports.capacity = self._port_capacity(len(wanted))
+        ports, _ = self._ports.plan(wanted)
+        try:
+            sched = self._sources.cpu(self._cpu_spec(self._ports.capacity))
+        except BaseException:
+            self._ports.close()
+            raise
         sched.set_compartments(self._resolver.kernel_compartments())
         self._pushed_generation = self._resolver.generation
         sched.open()
@@ -159,10 +167,9 @@ class Meter(DrainLoop):
                 self._row_has_vfs = np.zeros(self._resolver.nrows, bool)
                 self._row_has_vfs[[row for row, _pf, _vf in vfs]] = True
                 self._vf = self._sources.vfs(vfs)
-            self._ports_list = ports
             self._books = Books(len(ports))
-            if ports:
-                self._port_row = np.asarray([row for row, _spec in owned], np.int64)
+            if self._ports.capacity:
+                self._port_row = self._ports.port_row()
                 self._row_has_ports = np.zeros(self._resolver.nrows, bool)
                 self._row_has_ports[self._port_row] = True
                 self._net = self._sources.packets(sched, ports)
@@ -183,6 +190,38 @@ class Meter(DrainLoop):
         if self._sched is not None and res is not None and res.generation != self._pushed_generation:
             self._sched.set_compartments(res.kernel_compartments())
             self._pushed_generation = res.generation
+
+    def _port_capacity(self, nports: int) -> int:
+        """Port numbers the kernel's maps are sized for: the ports now and
+        PORT_ROOM more for ports added while metering, when the meter counts
+        packets at all (some interface listed, or an Open vSwitch database)."""
+        follows = any(c.ovsdb for c in self.topology.compartments)
+        return nports + PORT_ROOM if nports or follows else 0
+
+    def _sync_ports(self) -> None:
+        """Count the ports the compartments own now (a reload, a vswitch's port
+        added or removed): new ones attached, gone ones detached with their
+        counts kept. The caller holds the lock."""
+        if self._resolver is None:
+            return
+        wanted = self._ports.wanted(self._resolver)
+        if self._net is None:
+            if wanted:
+                log.warning("meter: interfaces added while metering take effect at the next restart: this meter "
+                            "was started without any, so its packet programs are not loaded")
+            return
+        added, removed = self._ports.plan(wanted)
+        for port in removed:
+            self._net.remove(port)
+        for port in added:
+            self._net.add(port)
+        if added:
+            self._port_row = self._ports.port_row()
+            self._books.grow_ports(len(self._ports.known))
+            has = np.zeros(max(self._resolver.nrows, len(self._row_has_ports)), bool)
+            has[:len(self._row_has_ports)] = self._row_has_ports
+            has[self._port_row] = True
+            self._row_has_ports = has
 
     def ring_rows(self, nports: int) -> int:
         """Rows of the CPU source's ring: every cgroup it may charge.
@@ -214,7 +253,7 @@ class Meter(DrainLoop):
     def program_listing(self) -> str:
         """The kernel program this meter would load, with its ``-D`` settings
         (``meter record --print-bpf``); nothing is loaded."""
-        nports = sum(len(c.interfaces) for c in self.topology.compartments)
+        nports = self._port_capacity(sum(len(c.interfaces) for c in self.topology.compartments))
         cpu = self._sources.cpu(self._cpu_spec(nports))
         listing = getattr(cpu, "listing", None)
         if listing is None:
@@ -234,6 +273,7 @@ class Meter(DrainLoop):
 
     def _close_sources(self) -> None:
         """Detach tc filters first (they use the sched object's maps), then the rest."""
+        self._ports.close()
         if self._vf is not None:
             self._vf.close()
             self._vf = None
@@ -310,8 +350,10 @@ class Meter(DrainLoop):
 
         Kept compartments keep their running totals; added ones start; removed
         ones stop receiving (their tasks count as host from the next drain).
-        Interfaces and VFs are fixed at open: changing them needs a restart,
-        and is logged.
+        Interfaces (listed, or on an ``ovsdb``'s bridges) added are attached
+        and removed ones detached, their counts kept; VFs are fixed at open
+        (a change needs a restart, and is logged), as are interfaces for a
+        meter started without any.
         """
         topology.require_cgroups()
         with self._lock:
@@ -322,11 +364,11 @@ class Meter(DrainLoop):
             self._resolver.update(topology)
             self._push_compartments()
             self._books.grow(self._resolver.nrows)
-            before = {(c.tenant, c.name, i) for c in old.compartments for i in c.interfaces}
-            after = {(c.tenant, c.name, i) for c in topology.compartments for i in c.interfaces}
-            if before != after or {(c.tenant, c.name, v) for c in old.compartments for v in c.vfs} != {
+            self._ports.follow(topology.compartments, strict=False)
+            self._sync_ports()
+            if {(c.tenant, c.name, v) for c in old.compartments for v in c.vfs} != {
                     (c.tenant, c.name, v) for c in topology.compartments for v in c.vfs}:
-                log.warning("meter: interface or VF changes in the new topology take effect at the next restart")
+                log.warning("meter: VF changes in the new topology take effect at the next restart")
 
     # -- producing batches ---------------------------------------------------------
 
@@ -344,6 +386,8 @@ class Meter(DrainLoop):
             drained = self._sched.drain(final=final)
             net = None
             if self._net is not None:
+                if self._ports.poll():
+                    self._sync_ports()
                 self._net.refresh()
                 self.stats.filter_reattachments = self._net.reattachments
                 net = self._net.drain(self._sched.closed_window)
@@ -406,7 +450,7 @@ class Meter(DrainLoop):
             if res is None:
                 return []
             books = self._books.copy()
-            ports = list(self._net.ports) if self._net is not None else list(self._ports_list)
+            ports = list(self._ports.known)
             port_row = self._port_row.copy()
             names = list(zip(res.tenants, res.names))
             created, present = list(res.created), res.present()

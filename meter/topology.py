@@ -14,6 +14,7 @@ Two ways in (README, "Topology"):
       cgroup = "tenants/acme/vswitch"   # relative to the cgroup v2 mount, or absolute
       interfaces = ["veth-acme0", "acme-vm1:eth0"]
       vfs = [{ pf = "enp3s0f0", vf = 3 }]
+      ovsdb = "unix:/run/acme/db.sock"  # and the ports on its Open vSwitch's bridges
 
 * discovery (``--cgroup-root PATH``): each child cgroup of PATH is a
   compartment named after its directory, in a tenant of the same name;
@@ -42,6 +43,7 @@ from . import cgroup as cgroupfs
 from .discovery import RULE_KEYS, Rule
 from .errors import CgroupError, ConfigError
 from .host import load_toml
+from .sources.ovsdb import address_problem
 
 __all__ = [
     "discovered_name",
@@ -117,7 +119,7 @@ def window_ms_problem(value: object) -> str | None:
     return None
 
 _TENANT_KEYS = {"name", "compartment"}
-_COMPARTMENT_KEYS = {"name", "cgroup", "interfaces", "vfs"}
+_COMPARTMENT_KEYS = {"name", "cgroup", "interfaces", "vfs", "ovsdb", "ovsdb_netns"}
 _VF_KEYS = {"pf", "vf"}
 
 
@@ -140,6 +142,11 @@ class Compartment:
     vfs: tuple[VirtualFunction, ...] = ()
     #: Found by discovery (``--cgroup-root`` or a ``[[discover]]`` rule), not listed.
     discovered: bool = False
+    #: The compartment's Open vSwitch database ("unix:PATH", "tcp:HOST:PORT"):
+    #: the kernel interfaces on its bridges are its ports too, followed live.
+    ovsdb: str | None = None
+    #: The network namespace of those interfaces (None: its ovs-vswitchd's).
+    ovsdb_netns: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -456,7 +463,16 @@ class _Parser:
                         raise self.fail(f"{vkey}.vf", f"VF {num} of {pf!r} is already compartment {vf_owner}'s", num,
                                         last=True)
                     vfs.append(VirtualFunction(pf, num))
-                comps.append(Compartment(tname, cname, cpath, tuple(ifaces), tuple(vfs)))
+                ovsdb, ovsdb_netns = comp.get("ovsdb"), comp.get("ovsdb_netns")
+                if ovsdb is not None and (problem := address_problem(ovsdb) if isinstance(ovsdb, str) else
+                                          'must be an OVSDB address ("unix:PATH" or "tcp:HOST:PORT")'):
+                    raise self.fail(f"{ckey}.ovsdb", problem, ovsdb)
+                if ovsdb_netns is not None and (ovsdb is None or not isinstance(ovsdb_netns, str)
+                                                or interface_problem(f"{ovsdb_netns}:lo")):
+                    raise self.fail(f"{ckey}.ovsdb_netns", "must be a network namespace name (under /run/netns), "
+                                    "beside ovsdb", ovsdb_netns)
+                comps.append(Compartment(tname, cname, cpath, tuple(ifaces), tuple(vfs), ovsdb=ovsdb,
+                                         ovsdb_netns=ovsdb_netns))
         rules = self.rules(data.get("discover", []))
         found = _discover(rules, tuple(comps))
         return Topology(tuple(comps) + found, self.mount, window_ms, self.path, None, dict(energy), rules)

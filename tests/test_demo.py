@@ -140,3 +140,83 @@ def test_failed_setup_cleans_up_and_says_what_failed(tmp_path, meter_bin):
     assert "tenant t1 failed" in res.stderr and "md-t1-a" in res.stderr and res.stderr.count("\n") == 1
     assert "md-t0" not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert not (tmp_path / "demo").exists()
+
+
+def _counters(ns: str, dev: str) -> dict[str, int]:
+    return {key: int(subprocess.run(["ip", "netns", "exec", ns, "cat", f"/sys/class/net/{dev}/statistics/{key}"],
+                                    capture_output=True, text=True, check=True).stdout)
+            for key in ("rx_packets", "tx_packets", "rx_bytes", "tx_bytes")}
+
+
+def _until(what: str, cond, meter: Meter, timeout: float = 20.0) -> None:
+    """Drain until ``cond()`` holds (a port attached or detached): a drain is when meter looks."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, what
+        meter.drain()
+        time.sleep(0.05)
+
+
+def test_ports_come_from_each_vswitchs_own_database_and_follow_it_live(tmp_path, meter_bin):
+    """Tenants named only by their cgroup and their Open vSwitch database: meter
+    finds the bridges' ports (in ovs-vswitchd's namespace), and a port added to
+    and removed from a bridge while metering runs is counted exactly, from
+    the drain that saw it added to the one that saw it removed, no restart."""
+    env = dict(os.environ, METER_DEMO_DIR=str(tmp_path / "demo"))
+    res = subprocess.run([*meter_bin, "demo", "up", "--tenants", "2"], capture_output=True, text=True, env=env,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr
+    state = tmp_path / "demo"
+    extra = "md-t0-c"
+    try:
+        listed = Topology.from_file(state / "topology.toml")
+        lines = []
+        for c in listed.compartments:
+            lines += ["[[tenant]]", f'name = "{c.tenant}"', "[[tenant.compartment]]", 'name = "vswitch"',
+                      f'cgroup = "{c.cgroup}"', f'ovsdb = "unix:{state / c.tenant / "db.sock"}"', ""]
+        (tmp_path / "ovsdb.toml").write_text("\n".join(lines))
+        topo = Topology.from_file(tmp_path / "ovsdb.toml")
+        assert all(not c.interfaces for c in topo.compartments)
+        sw = "md-t0-sw"
+        vsctl = ["ovs-vsctl", f"--db=unix:{state / 't0' / 'db.sock'}", "--timeout=10"]
+        time.sleep(0.5)
+        _generators(state, signal.SIGSTOP)
+        with Meter(topo, drain_interval=0.1) as meter:
+            src = meter.packet_source
+            assert src is not None
+            assert sorted(p.label for p in src.ports) == sorted(i for c in listed.compartments for i in c.interfaces)
+            # Port pc on t0's bridge, to a third "VM" (namespace c), while metering runs.
+            subprocess.run(["ip", "netns", "add", extra], check=True)
+            subprocess.run(["ip", "netns", "exec", extra, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
+                            "net.ipv6.conf.default.disable_ipv6=1"], check=True)
+            subprocess.run(["ip", "-n", sw, "link", "add", "pc", "type", "veth", "peer", "name", "eth0", "netns", extra],
+                           check=True)
+            for ns, dev in ((sw, "pc"), (extra, "eth0"), (extra, "lo")):
+                subprocess.run(["ip", "-n", ns, "link", "set", dev, "up"], check=True)
+            subprocess.run(["ip", "-n", extra, "addr", "add", "10.90.0.3/24", "dev", "eth0"], check=True)
+            b_mac = subprocess.run(["ip", "-n", "md-t0-b", "-j", "link", "show", "eth0"], capture_output=True,
+                                   text=True, check=True).stdout.split('"address":"')[1].split('"')[0]
+            subprocess.run(["ip", "-n", extra, "neigh", "replace", "10.90.0.2", "lladdr", b_mac, "dev", "eth0",
+                            "nud", "permanent"], check=True)
+            subprocess.run([*vsctl, "add-port", "br0", "pc"], check=True)
+            _until("pc attached", lambda: "md-t0-sw:pc" in {p.label for p in src.attached}, meter)
+            before = _counters(sw, "pc")
+            send = ("import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                    "for i in range(700): s.sendto(b'y' * 300, ('10.90.0.2', 9999))\n")
+            subprocess.run(["ip", "netns", "exec", extra, "python3", "-S", "-c", send], check=True)
+            time.sleep(0.3)  # through the userspace datapath, and b's ICMP answers back
+            after = _counters(sw, "pc")
+            subprocess.run([*vsctl, "del-port", "br0", "pc"], check=True)
+            _until("pc detached", lambda: "md-t0-sw:pc" not in {p.label for p in src.ports}, meter)
+            # Off the bridge, pc still carries packets: meter no longer counts them.
+            subprocess.run(["ip", "netns", "exec", extra, "python3", "-S", "-c", send], check=True)
+            list(meter.batches(0.3))
+            ports = next(r for r in meter.totals() if r["tenant"] == "t0")["ports"]
+        assert after["rx_packets"] - before["rx_packets"] >= 700  # c sends through pc into the bridge
+        for key in ("rx_packets", "tx_packets", "rx_bytes", "tx_bytes"):
+            assert ports["md-t0-sw:pc"][key] == after[key] - before[key], (key, ports["md-t0-sw:pc"], after, before)
+        assert _counters(sw, "pc")["rx_packets"] - after["rx_packets"] >= 700
+    finally:
+        subprocess.run(["ip", "netns", "del", extra], capture_output=True)
+        down = subprocess.run([*meter_bin, "demo", "down"], capture_output=True, text=True, env=env, timeout=60)
+    assert down.returncode == 0, down.stderr

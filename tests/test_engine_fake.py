@@ -18,7 +18,7 @@ from meter import NULL, Topology, build, records
 from meter.bpfabi import GIVEN_BIT, IDLE_CGID, KIND_RX, KIND_TX, PORT_CGID_BIT, SCHED_CGID, STEAL_CGID
 from meter.cgroup import cgroup_id
 from meter.engine import Meter, window_totals
-from meter.errors import ConfigError
+from meter.errors import ConfigError, MeterError
 from meter.perf import CounterPlan
 from meter.resolver import PSEUDO_ROWS
 from meter.sources.fake import FakeCPU, FakeEnergy, FakePackets, FakeSources, FakeVFs, steady_load
@@ -217,6 +217,50 @@ def test_late_packets_are_billed_to_the_port_owner_as_late(tree):
     assert ports["veth-a"]["tx_packets"] == 4 and ports["veth-a"]["rx_packets"] == 10
     assert ports["veth-a"]["tx_wire_packets"] == 90 and ports["veth-a"]["rx_wire_packets"] == 10
     assert np.all(window_totals(batch)[1] == 2 * W)
+
+
+def test_a_reload_attaches_added_interfaces_and_detaches_removed_ones_keeping_counts(tree):
+    """SIGHUP with interfaces added and removed: the new one is counted from the
+    drain after, under a new port number; the removed one is no longer counted,
+    and its totals stay; one that comes back gets its old number again."""
+    packets = FakePackets()
+    meter, src = _open(_topology(tree, 'interfaces = ["veth-a"]\n'), packets=packets)
+    cpu = src.cpu_source
+    packets.count(0, KIND_RX, cpu.now, 10, 1000)
+    cpu.advance(1)
+    meter.drain()
+    meter.set_topology(_topology(tree, 'interfaces = ["ns1:eth0", "veth-b"]\n'))
+    assert [(p.index, p.label) for p in packets.ports] == [(1, "ns1:eth0"), (2, "veth-b")]
+    packets.count(1, KIND_TX, cpu.now, 7, 700)
+    packets.count(2, KIND_RX, cpu.now, 2, 200)
+    cpu.advance(1)
+    batch = meter.drain()
+    assert int(_rows(batch, "acme")["tx_packets"].clip(0).sum()) == 7
+    ports = next(t for t in meter.totals() if t["tenant"] == "acme")["ports"]
+    assert {k: v["rx_packets"] + v["tx_packets"] for k, v in ports.items()} == {"veth-a": 10, "ns1:eth0": 7, "veth-b": 2}
+    meter.set_topology(_topology(tree, 'interfaces = ["veth-a"]\n'))
+    assert [(p.index, p.label) for p in packets.ports] == [(0, "veth-a")]
+    assert np.all(window_totals(batch)[1] == 2 * W)
+    meter.close()
+
+
+def test_ports_beyond_the_capacity_set_at_open_are_refused_with_a_warning(tree, caplog):
+    from meter.ports import PORT_ROOM
+
+    packets = FakePackets()
+    meter, _ = _open(_topology(tree, 'interfaces = ["veth-a"]\n'), packets=packets)
+    many = ", ".join(f'"v{i}"' for i in range(PORT_ROOM + 3))
+    meter.set_topology(_topology(tree, f"interfaces = [{many}]\n"))
+    assert len(packets.ports) == PORT_ROOM  # veth-a keeps its number: 64 left for the 67
+    assert sum("restart meter to meter it" in r.message for r in caplog.records) == 3
+    meter.close()
+
+
+def test_an_unreachable_vswitch_database_at_open_is_one_error_naming_it(tree):
+    with pytest.raises(MeterError, match=r"cannot read the Open vSwitch database unix:/nonexistent/db.sock .*"
+                                         r"start its ovsdb-server") as err:
+        _open(_topology(tree, 'ovsdb = "unix:/nonexistent/db.sock"\n'))
+    assert "\n" not in str(err.value)
 
 
 def test_packets_land_on_the_port_owner_and_portless_rows_are_null(tree):

@@ -132,6 +132,41 @@ def test_bridge_softirq_is_charged_to_the_bridge_owner(tmp_path, cgroups, cgroup
     assert meter.stats.conservation_violations == 0
 
 
+def _meters_filters(ns: str | None, dev: str) -> int:
+    """meter's tc filters on ``dev`` (both hooks), as tc shows them."""
+    pre = ["ip", "netns", "exec", ns] if ns else []
+    out = ""
+    for hook in ("ingress", "egress"):
+        out += subprocess.run([*pre, "tc", "filter", "show", "dev", dev, hook], capture_output=True, text=True).stdout
+    return sum(" handle " in line and " meter " in line for line in out.splitlines())
+
+
+def test_a_reload_attaches_and_detaches_interfaces_without_a_restart(tmp_path, cgroups, cgroup_mount, net):
+    """SIGHUP's path (Meter.set_topology): an interface added to the topology is
+    attached and counted exactly from the moment it is; one removed loses
+    meter's filters and keeps what it counted; nothing is restarted."""
+    a, b, a0, b0 = _routed_pair(net)
+    cg = cgroups.make("t")
+    with Meter(_topology(tmp_path, cgroup_mount, {"t": (cg, [a0])}), drain_interval=0.1) as meter:
+        time.sleep(0.02)
+        first = net.counters(None, a0)
+        subprocess.run(net.udp(a, "10.77.2.2", 400), check=True)
+        time.sleep(0.05)
+        mid = {"a0": net.counters(None, a0), "b": net.counters(b, "eth0")}
+        meter.set_topology(_topology(tmp_path, cgroup_mount, {"t": (cg, [f"{b}:eth0"])}))
+        assert _meters_filters(None, a0) == 0 and _meters_filters(b, "eth0") == 2
+        subprocess.run(net.udp(a, "10.77.2.2", 600), check=True)
+        time.sleep(0.05)
+        end = {"a0": net.counters(None, a0), "b": net.counters(b, "eth0")}
+        batch = np.concatenate(list(meter.batches(0.3)))
+        ports = next(r for r in meter.totals() if r["tenant"] == "t")["ports"]
+    for key in ("rx_packets", "tx_packets", "rx_bytes", "tx_bytes"):
+        assert ports[a0][key] == mid["a0"][key] - first[key], key  # counted until removed, not after
+        assert ports[f"{b}:eth0"][key] == end["b"][key] - mid["b"][key], key  # from when it was added
+    assert end["a0"]["rx_packets"] - mid["a0"]["rx_packets"] >= 600  # a0 carried packets meter no longer counts
+    assert _sum(batch, "t", "rx_packets") >= 400 + 600
+
+
 def test_interfaces_that_appear_vanish_and_namespaces_that_die(tmp_path, cgroups, cgroup_mount, net, caplog):
     a, b, a0, b0 = _routed_pair(net)
     late = net.name("late")

@@ -101,6 +101,12 @@ def test_owner_deepest_compartment_wins(tmp_path, mount):
         ('[[tenant]]\nname = "a"\n[[tenant.compartment]]\nname = "x"\ncgroup = "c"\nvfs = [{ pf = "p", vf = 1 }]\n'
          '[[tenant.compartment]]\nname = "y"\ncgroup = "d"\nvfs = [{ pf = "p", vf = 1 }]\n', 10,
          "tenant[0].compartment[1].vfs[0].vf", "VF 1 of 'p' is already compartment a/x's"),
+        ('[[tenant]]\nname = "a"\n[[tenant.compartment]]\nname = "x"\ncgroup = "c"\novsdb = "/run/db.sock"\n', 6,
+         "tenant[0].compartment[0].ovsdb", "not an OVSDB address"),
+        ('[[tenant]]\nname = "a"\n[[tenant.compartment]]\nname = "x"\ncgroup = "c"\novsdb = "tcp:host"\n', 6,
+         "tenant[0].compartment[0].ovsdb", "unix:PATH"),
+        ('[[tenant]]\nname = "a"\n[[tenant.compartment]]\nname = "x"\ncgroup = "c"\novsdb_netns = "sw"\n', 6,
+         "tenant[0].compartment[0].ovsdb_netns", "beside ovsdb"),
     ],
 )
 def test_bad_files_name_line_key_and_reason(tmp_path, mount, text, line, key, words):

@@ -83,6 +83,14 @@ class PacketSource(Protocol):
 
     def attach(self) -> None: ...
 
+    def add(self, port: Port) -> None:
+        """Count a port added while metering."""
+        ...
+
+    def remove(self, port: Port) -> None:
+        """Stop counting a port; what it counted so far is still drained."""
+        ...
+
     def refresh(self) -> None:
         """Follow interfaces that appeared or vanished."""
         ...

@@ -206,6 +206,12 @@ class FakePackets:
     def attach(self) -> None:
         self.attached = True
 
+    def add(self, port: Port) -> None:
+        self.ports.append(port)
+
+    def remove(self, port: Port) -> None:
+        self.ports = [p for p in self.ports if p.index != port.index]
+
     def refresh(self) -> None:
         self.refreshes += 1
 

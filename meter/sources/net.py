@@ -337,6 +337,26 @@ class NetSource:
         for port in self.ports:
             self._attach_port(port)
 
+    def add(self, port: Port) -> None:
+        """Count ``port`` from now on (a port added while metering)."""
+        if all(p.index != port.index for p in self.ports):
+            self.ports.append(port)
+        self._attach_port(port)
+
+    def remove(self, port: Port) -> None:
+        """Stop counting ``port``: its filters go, its counts so far stay
+        (what the kernel counted before is drained with the rest)."""
+        self.ports = [p for p in self.ports if p.index != port.index]
+        self._missing_logged.discard(port.index)
+        att = self._attached.pop(port.index, None)
+        if att is None:
+            return
+        try:
+            self._remove_filters(self._iproute(port.netns), att.ifindex, port)
+        except Exception as err:  # noqa: BLE001  (interface or namespace already gone)
+            log.info("meter: %s already gone when it was removed (%s)", port.label, err)
+        self.events.append(f"meter: stopped metering {port.label}")
+
     def _attach_port(self, port: Port) -> None:
         ifindex = self._ifindex(port)
         current = self._attached.get(port.index)

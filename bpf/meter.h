@@ -50,9 +50,9 @@
 #define METER_MAX_COMPARTMENTS 4096
 #endif
 #define METER_MAX_LEVEL 16
-/* A compartments map value with this bit is a discovery root, not a
- * compartment: a task below it is charged to its ancestor (value & 0xff)
- * levels below the root, the unit a discovery rule names (or its own
+/* A compartments map value above this is a discovery root, not a
+ * compartment: a task below it is charged to its ancestor at cgroup level
+ * (value - METER_ROOT_BIT), the unit a discovery rule names (or its own
  * cgroup when that is shallower). A compartment's value is 1. */
 #define METER_ROOT_BIT (1ULL << 32)
 

@@ -240,16 +240,22 @@ static __always_inline u64 current_cgid(struct meter_cpu *st)
 		if (!(levels & (1ULL << l)))
 			continue;
 		a = bpf_get_current_ancestor_cgroup_id(l);
-		v = a ? compartments.lookup(&a) : 0;
-		if (!v)
-			continue;
-		id = a;
-		if (*v & METER_ROOT_BIT) {
-			id = bpf_get_current_ancestor_cgroup_id(l + (int)(*v & 0xff));
+		if (a && compartments.lookup(&a)) {
+			id = a;
+			break;
+		}
+	}
+	/* A discovery root (its value: the level of the cgroups its rules
+	 * name): charge the task's ancestor at that level, or its own cgroup
+	 * when that is shallower. Looked up again rather than carried out of
+	 * the loop: the verifier then walks the loop as for compartments. */
+	if (id) {
+		v = compartments.lookup(&id);
+		if (v && *v > METER_ROOT_BIT) {
+			id = bpf_get_current_ancestor_cgroup_id((int)(*v - METER_ROOT_BIT));
 			if (!id)
 				id = leaf;
 		}
-		break;
 	}
 	if (!id)
 		id = control_get(METER_CTL_OTHER);

@@ -77,7 +77,7 @@ KIND_RX, KIND_TX, KIND_SOFTIRQ = 0, 1, 2
 #: METER_MAX_COMPARTMENTS, METER_MAX_LEVEL: compartments the kernel resolves, deepest cgroup level.
 MAX_COMPARTMENTS = 4096
 MAX_LEVEL = 16
-#: METER_ROOT_BIT: a compartments map value for a discovery root (| its depth).
+#: METER_ROOT_BIT: a compartments map value for a discovery root is this + the level its rules name.
 ROOT_BIT = 1 << 32
 #: enum meter_stat, in order (lower case, without METER_STAT_).
 STATS = ("late_ns", "counter_errors", "net_late_packets", "span_unattributed_ns", "unplaced_ns", "unsettled",

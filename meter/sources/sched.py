@@ -337,7 +337,7 @@ class SchedSource:
         kc = self._compartments
         table = self.bpf[b"compartments"]
         want = {cgid: 1 for cgid in kc.levels}
-        want.update({cgid: ROOT_BIT | depth for cgid, (_lvl, depth) in kc.roots.items()})
+        want.update({cgid: ROOT_BIT + lvl + depth for cgid, (lvl, depth) in kc.roots.items()})
         have = {int(k.value): int(v.value) for k, v in table.items()}
         for cgid in set(have) - set(want):
             del table[table.Key(cgid)]

@@ -76,10 +76,15 @@ LIBVIRT = r"machine.slice/machine-qemu\x2d3\x2dacme\x2dvm1.scope"
     ("containerd", [f"system.slice/nerdctl-{CID}.scope", f"default/{CID[::-1]}", "default/not-a-container"],
      {(CID[:12], CID[:12], f"system.slice/nerdctl-{CID}.scope"), (CID[::-1][:12], CID[::-1][:12], f"default/{CID[::-1]}")}),
 ])
-def test_each_preset_names_its_managers_cgroups(tmp_path, mount, preset, dirs, want):
-    _mk(mount, *dirs)
-    topo = _topo(tmp_path, mount, f'[[discover]]\npreset = "{preset}"\n')
-    assert _found(topo, mount) == want
+@pytest.mark.bpf
+def test_each_preset_names_its_managers_cgroups(tmp_path, cgroups, preset, dirs, want):
+    """Each manager's layout made under the real cgroup v2 mount, with the
+    names it gives (escapes included), below a private root."""
+    for rel in dirs:
+        cgroups.make(rel)
+    mount = cgroups.root.parent
+    topo = _topo(tmp_path, mount, f'[[discover]]\npreset = "{preset}"\nroot = "{cgroups.root.name}"\n')
+    assert _found(topo, cgroups.root) == want
 
 
 def test_kubernetes_pods_are_named_from_the_pod_list_else_by_uid(tmp_path, mount):

@@ -120,8 +120,10 @@ class Resolver:
     def present(self) -> list[bool]:
         """Per row: whether it can still receive usage (meter's own rows, and
         compartments of the current topology whose cgroup exists)."""
-        current = {(c.tenant, c.name) for c in self.topology.compartments}
-        return [c is None or ((c.tenant, c.name) in current and c.cgroup.is_dir()) for c in self.compartments]
+        # The current topology's cgroup: a restarted VM's row is its new scope's.
+        current = {(c.tenant, c.name): c.cgroup for c in self.topology.compartments}
+        return [c is None or ((c.tenant, c.name) in current and current[(c.tenant, c.name)].is_dir())
+                for c in self.compartments]
 
     def refresh_ids(self) -> None:
         """Follow compartments whose cgroup was removed and made again under the

@@ -13,7 +13,9 @@
 * a UDP traffic generator a -> b at a tenant-specific rate;
 
 and writes a topology (``/run/meter-demo/topology.toml``) whose compartment
-for each tenant owns the cgroup and the two switch ports. ``down()``
+for each tenant is its cgroup and its Open vSwitch database (``ovsdb``):
+meter finds the switch ports on the bridge itself, and follows ports added
+and removed while it runs. ``down()``
 removes every process, namespace, veth, cgroup and file it made. A set-up
 that fails midway removes what it made and raises DemoError saying what
 failed.
@@ -148,9 +150,8 @@ def up(tenants: int = 3) -> Path:
         raise DemoError(f"setting up tenant t{len(made)} failed, everything made was removed: {err}") from None
     lines = []
     for t in made:
-        ifaces = ", ".join(f'"{i}"' for i in t["interfaces"])  # type: ignore[attr-defined]
         lines += ["[[tenant]]", f'name = "{t["tenant"]}"', "", "[[tenant.compartment]]", 'name = "vswitch"',
-                  f'cgroup = "{t["cgroup"]}"', f"interfaces = [{ifaces}]", ""]
+                  f'cgroup = "{t["cgroup"]}"', f'ovsdb = "unix:{Path(str(t["rundir"])) / "db.sock"}"', ""]
     topo = STATE / "topology.toml"
     topo.write_text("\n".join(lines))
     (STATE / "state.json").write_text(json.dumps({"tenants": made}, indent=2))

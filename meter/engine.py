@@ -154,12 +154,12 @@ class Meter(DrainLoop):
         ports, _ = self._ports.plan(wanted)
         try:
             sched = self._sources.cpu(self._cpu_spec(self._ports.capacity))
+            sched.set_compartments(self._resolver.kernel_compartments())
+            self._pushed_generation = self._resolver.generation
+            sched.open()
         except BaseException:
-            self._ports.close()
+            self._ports.close()  # the databases' sockets: nothing else is open yet
             raise
-        sched.set_compartments(self._resolver.kernel_compartments())
-        self._pushed_generation = self._resolver.generation
-        sched.open()
         self._sched = sched
         try:
             vfs = self._resolver.owned_vfs()

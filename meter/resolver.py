@@ -188,8 +188,11 @@ class Resolver:
         unknown = [int(i) for i in uniq if int(i) not in self._rows]
         if unknown:
             if self.topology.discovers:
-                self.topology = self.topology.refresh()
-                self._add(self.topology.compartments)
+                fresh = self.topology.refresh()
+                if fresh.compartments != self.topology.compartments:
+                    # Only then: a new generation makes every CPU resolve again in the kernel.
+                    self.topology = fresh
+                    self._add(fresh.compartments)
             for cgid, path in self.index.resolve(unknown).items():
                 if path is None:
                     self.unresolved += 1

@@ -164,6 +164,14 @@ def test_a_vm_started_while_metering_is_billed_from_its_first_slice(tmp_path, mo
     try:
         assert cpu.compartments.roots == {cgroup_id(mount / "machine.slice"): (1, 1)}
         assert cpu.compartments.other == cgroup_id(mount)
+        # An id no rule names (what a partly resolved kernel would charge): the host's, and
+        # the kernel is not told anything new (each new generation re-resolves every CPU).
+        gen = meter._resolver.generation
+        cpu.charge(cpu.now, cgroup_id(mount / "system.slice/sshd.service"), 50_000)
+        cpu.advance(1)
+        batch = meter.drain()
+        assert int(batch["cpu_ns"][batch["tenant"] == "host"].sum()) == 50_000
+        assert meter._resolver.generation == gen
         _mk(mount, LIBVIRT + "/libvirt/vcpu0")
         cpu.charge(cpu.now, cgroup_id(mount / LIBVIRT), 400_000)  # what the kernel charges: depth 1 below the root
         cpu.advance(1)

@@ -44,28 +44,37 @@ def pick_step(start_ns: int, end_ns: int) -> int:
     return next((s for s in STEPS if -(-span_s // s) <= MAX_POINTS), STEPS[-1])
 
 
+#: The record fields behind each measured chart (cost is computed, so always there).
+_FIELDS = {"cpu": ("cpu_ns",), "packets": ("rx_wire_packets", "tx_wire_packets"), "energy": ("energy_uj",)}
+_SCALE = {"cpu": _NS, "packets": 1, "energy": 10**6}
+
+
 def series(by_period: dict[int, dict[Any, dict[str, int | None]]], sheet: PriceSheet, start_ns: int, end_ns: int,
-           step: int, tenants: Sequence[str]) -> dict[str, dict[str, list[float]]]:
+           step: int, tenants: Sequence[str]) -> dict[str, dict[str, list[float] | None]]:
     """Per tenant, per chart key, one value per step from start to end:
-    CPU cores, wire packets/s, watts, and cost (currency per step)."""
+    CPU cores, wire packets/s, watts, and cost (currency per step). A chart
+    the tenant has no measurement for in the whole span (packets of a
+    tenant without ports) is None, never a line of zeros."""
     period = step * _NS
     first, last = start_ns // period, (end_ns - 1) // period
     n = last - first + 1
-    out = {t: {key: [0.0] * n for key, _, _ in CHARTS} for t in tenants}
+    vals = {t: {key: [0.0] * n for key, _, _ in CHARTS} for t in tenants}
+    measured: set[tuple[str, str]] = {(t, "cost") for t in tenants}
     for k, usage in by_period.items():
         i = k - first
         width_s = (min((k + 1) * period, end_ns) - max(k * period, start_ns)) / _NS
         for (tenant, _host, _comp), u in usage.items():
-            if tenant not in out:
+            if tenant not in vals:
                 continue
-            s = out[tenant]
-            s["cpu"][i] += (u.get("cpu_ns") or 0) / _NS / width_s
-            s["packets"][i] += sum(u.get(f) or 0 for f in ("rx_wire_packets", "tx_wire_packets")) / width_s
-            s["energy"][i] += (u.get("energy_uj") or 0) / 1e6 / width_s
+            for key, fields in _FIELDS.items():
+                values = [v for v in (u.get(f) for f in fields) if v is not None]
+                if values:
+                    measured.add((tenant, key))
+                    vals[tenant][key][i] += sum(values) / _SCALE[key] / width_s
     for ch in charges(by_period, sheet, start_ns, end_ns, period):
-        if ch.tenant in out:
-            out[ch.tenant]["cost"][ch.start_ns // period - first] += float(ch.line.cost)
-    return out
+        if ch.tenant in vals:
+            vals[ch.tenant]["cost"][ch.start_ns // period - first] += float(ch.line.cost)
+    return {t: {key: v if (t, key) in measured else None for key, v in by_key.items()} for t, by_key in vals.items()}
 
 
 def _svg(fig: Any) -> str:
@@ -81,7 +90,7 @@ def _times(start_ns: int, end_ns: int, step: int) -> list[datetime.datetime]:
     return [datetime.datetime.fromtimestamp(k * step, datetime.UTC) for k in range(first, last + 1)]
 
 
-def _charts(data: dict[str, dict[str, list[float]]], times: list[datetime.datetime], colors: dict[str, str],
+def _charts(data: dict[str, dict[str, list[float] | None]], times: list[datetime.datetime], colors: dict[str, str],
             currency: str, *, stacked: bool) -> str:
     """One figure of the four charts: stacked areas of every tenant, or one tenant's areas."""
     import matplotlib
@@ -93,11 +102,14 @@ def _charts(data: dict[str, dict[str, list[float]]], times: list[datetime.dateti
     with matplotlib.rc_context({"svg.fonttype": "none", "font.size": 9, "axes.spines.top": False,
                                 "axes.spines.right": False}):
         fig, axes = plt.subplots(1, 4, figsize=(15, 2.8), layout="constrained")
-        names = list(data)
         for ax, (key, title, unit) in zip(axes, CHARTS):
             unit = f"{currency} per step" if key == "cost" else unit
+            names = [t for t in data if data[t][key] is not None]
             ys = [data[t][key] for t in names]
-            if stacked:
+            if not names:
+                ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes, color="#777")
+                ax.set_yticks([])
+            elif stacked:
                 ax.stackplot(times, ys, labels=names, colors=[colors[t] for t in names], step="post")
             else:
                 for t, y in zip(names, ys):
@@ -109,7 +121,7 @@ def _charts(data: dict[str, dict[str, list[float]]], times: list[datetime.dateti
             ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
             ax.margins(x=0)
         if stacked:
-            handles, labels = axes[0].get_legend_handles_labels()
+            handles, labels = axes[-1].get_legend_handles_labels()  # cost: every tenant's
             fig.legend(handles[::-1], labels[::-1], loc="outside right upper", frameon=False)
         svg = _svg(fig)
         plt.close(fig)

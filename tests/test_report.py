@@ -171,3 +171,20 @@ def test_a_period_without_usage_is_one_clear_error(tmp_path, meter_bin):
                          capture_output=True, text=True)
     assert res.returncode == 1 and res.stderr.count("\n") == 1 and "no tenant has usage" in res.stderr
     assert not (tmp_path / "x.html").exists()
+
+
+def test_a_tenant_without_ports_has_no_packet_chart_not_a_line_of_zeros(tmp_path, page):
+    """initech has no ports (its packet fields are null): its packet chart says
+    'not measured' instead of drawing 0 packets/s; the others' are drawn."""
+    from meter.bill import PriceSheet, usage_from_store
+    from meter.page import series
+
+    out, _ = page
+    assert out.read_text().count("not measured") == 1
+    _store(tmp_path / "r2.db")
+    (tmp_path / "p2.toml").write_text(PRICES)
+    with Store(tmp_path / "r2.db") as s:
+        by_period = usage_from_store(s, T0, T0 + SPAN_S * 10**9, 5 * 10**9, by_resource=True)
+    got = series(by_period, PriceSheet.from_file(tmp_path / "p2.toml"), T0, T0 + SPAN_S * 10**9, 5, TENANTS)
+    assert got["initech"]["packets"] is None and got["initech"]["cpu"] is not None
+    assert min(got["globex"]["packets"]) == 1200.0 and len(got["acme"]["packets"]) == SPAN_S // 5

@@ -89,6 +89,8 @@ PRESETS: dict[str, Preset] = {
 
 #: Keys a [[discover]] entry may have.
 RULE_KEYS = {"preset", "root", "cgroup", "match", "tenant", "compartment", "pods"}
+#: Cgroups whose names a rule could not make, already warned about.
+_UNNAMED: set[Path] = set()
 #: Template fields a kubernetes rule adds from the pod list.
 _POD_FIELDS = ("pod", "namespace")
 
@@ -227,5 +229,12 @@ class Rule:
             fields["namespace"], fields["pod"] = found if found else (uid, uid)
         try:
             return self.tenant.format(**fields), self.compartment.format(**fields)
-        except (KeyError, IndexError, ValueError):
-            return None  # an optional group the template needs did not match
+        except (KeyError, IndexError, ValueError) as err:
+            # An optional group the template needs did not match: say so once,
+            # its usage is the host's until the rule is fixed.
+            if cgroup not in _UNNAMED:
+                _UNNAMED.add(cgroup)
+                log.warning("meter: cgroup %s matches a discovery rule but its names cannot be made (%s: %s); "
+                            "its usage is billed to host: fix the rule's match or templates",
+                            cgroup, type(err).__name__, err)
+            return None

@@ -68,6 +68,7 @@ class Ports:
         self.active: set[int] = set()
         self._watches: dict[tuple[str, str], _Watch] = {}
         self._full_said: set[tuple[int, str]] = set()
+        self._overlap_said: set[tuple[str, int]] = set()
 
     # -- Open vSwitch databases --------------------------------------------------------------
 
@@ -112,15 +113,20 @@ class Ports:
         then each database's kernel interfaces (an interface both listed and
         on a bridge counts once, for the listing)."""
         out = list(resolver.owned_interfaces())
-        taken = {spec for _row, spec in out}
+        taken = dict((spec, row) for row, spec in out)
         for (tenant, name), watch in self._watches.items():
             row = resolver.row_of(tenant, name)
             if row is None:
                 continue
             for spec in watch.specs():
                 if spec not in taken:
-                    taken.add(spec)
+                    taken[spec] = row
                     out.append((row, spec))
+                elif taken[spec] != row and (spec, row) not in self._overlap_said:
+                    self._overlap_said.add((spec, row))
+                    log.warning("meter: interface %s is on %s/%s's Open vSwitch but belongs to %s/%s (listed, or "
+                                "on another's bridge first): billed to the latter", spec, tenant, name,
+                                resolver.tenants[taken[spec]], resolver.names[taken[spec]])
         return out
 
     def plan(self, wanted: list[tuple[int, str]]) -> tuple[list[Port], list[Port]]:

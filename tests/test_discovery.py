@@ -287,3 +287,19 @@ def test_pod_names_come_from_the_kubelets_pods_endpoint(tmp_path, mount):
         assert asked == ["/pods"]  # the second pod is unknown, but within REFETCH_S: not asked again
     finally:
         server.shutdown()
+
+
+def test_a_cgroup_a_rule_cannot_name_is_said_not_silently_the_hosts(tmp_path, mount, caplog):
+    """A template that needs an optional group the path did not have: the
+    cgroup stays the host's, and a warning names it and the fix."""
+    _mk(mount, "vms/acme-vm1", "vms/plain")
+    topo = _topo(tmp_path, mount, """\
+[[discover]]
+cgroup = "vms/*"
+match = '(?:(?P<tenant>[a-z]+)-)?(?P<vm>[a-z0-9]+)'
+tenant = "{tenant}"
+compartment = "{vm}"
+""")
+    assert _found(topo, mount) == {("acme", "vm1", "vms/acme-vm1")}
+    said = [r.message for r in caplog.records if "names cannot be made" in r.message]
+    assert len(said) == 1 and str(mount / "vms/plain") in said[0] and "billed to host" in said[0]

@@ -135,3 +135,56 @@ def test_the_servers_echo_probes_are_answered_over_tcp(tmp_path):
     finally:
         server.proc.terminate()
         server.proc.wait(10)
+
+
+def test_an_interface_on_one_vswitch_listed_for_another_compartment_is_said(tmp_path, server, caplog):
+    """p1 is on b's bridge but listed for a: a's (the listing wins, as two
+    listings of one interface are refused), and a warning says so."""
+    from meter import Topology
+    from meter.engine import Meter
+    from meter.sources.fake import FakeCPU, FakePackets, FakeSources
+
+    server.vsctl("add-br", "br0", "--", "add-port", "br0", "p1", "--", "add-port", "br0", "p2")
+    mount = tmp_path / "cg"
+    for c in ("a", "b"):
+        (mount / c).mkdir(parents=True)
+    cfg = tmp_path / "t.toml"
+    cfg.write_text(f'[[tenant]]\nname = "a"\n[[tenant.compartment]]\nname = "vs"\ncgroup = "a"\ninterfaces = ["p1"]\n'
+                   f'[[tenant]]\nname = "b"\n[[tenant.compartment]]\nname = "vs"\ncgroup = "b"\n'
+                   f'ovsdb = "unix:{server.sock}"\n')
+    packets = FakePackets()
+    meter = Meter(Topology.from_file(cfg, mount=mount), sources=FakeSources(FakeCPU(), packets))
+    meter.open()
+    try:
+        owners = {p.label: meter.row_names[row] for p, row in zip(meter._ports.known, meter._ports.rows)}
+        assert owners == {"p1": ("a", "vs"), "p2": ("b", "vs")}
+        said = [r.message for r in caplog.records if "p1 is on b/vs's Open vSwitch" in r.message]
+        assert len(said) == 1 and "belongs to a/vs" in said[0]
+    finally:
+        meter.close()
+
+
+@pytest.mark.parametrize("junk", [b"[", b"x"], ids=["deep-nesting", "never-a-message"])
+def test_a_peer_that_is_no_ovsdb_server_is_refused_not_buffered_forever(tmp_path, junk):
+    import socket
+    import threading
+
+    from meter.sources.ovsdb import MAX_MESSAGE
+
+    path = str(tmp_path / "junk.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(1)
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        try:
+            conn.sendall(junk * (MAX_MESSAGE + 65536))  # never a whole JSON message
+        except OSError:
+            pass
+        conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    with pytest.raises(OSError, match="not an OVSDB server"):
+        OvsdbPorts(f"unix:{path}").connect(timeout=20)
+    srv.close()

@@ -37,6 +37,8 @@ log = logging.getLogger("meter")
 KERNEL_TYPES = ("", "system", "tap")
 #: Seconds between two attempts to reach a database that went away.
 RETRY_S = 1.0
+#: Bytes of one message at most (a bridge with thousands of ports is well below).
+MAX_MESSAGE = 16 << 20
 
 
 def address_problem(address: str) -> str | None:
@@ -161,9 +163,13 @@ class OvsdbPorts:
                     msg, end = self._decoder.raw_decode(text)
                 except ValueError:
                     break  # the rest has not arrived yet
+                except RecursionError:
+                    raise OSError(errno.EPROTO, "nesting no JSON-RPC message has: not an OVSDB server") from None
                 out.append(msg)
                 text = text[end:].lstrip()
             self._buf = text.encode()
+            if len(self._buf) > MAX_MESSAGE:
+                raise OSError(errno.EPROTO, f"no whole JSON message in {len(self._buf)} bytes: not an OVSDB server")
             if out or not block:
                 return out
             left = deadline - time.monotonic()

@@ -133,6 +133,8 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], handler: type, *, max_connections: int, timeout: float) -> None:
         self.timeout_s = timeout
         self.outcomes = {"served": 0, "rejected": 0, "timed_out": 0, "aborted": 0}
+        #: Responses served, by exposition format.
+        self.formats = {"openmetrics": 0, "text": 0}
         self._slots = threading.BoundedSemaphore(max_connections)
         self._deadlines: dict[socket.socket, float] = {}
         self._lock = threading.Lock()
@@ -140,9 +142,11 @@ class _Server(ThreadingHTTPServer):
         self.peak = 0
         super().__init__(address, handler)
 
-    def count(self, outcome: str) -> None:
+    def count(self, outcome: str, fmt: str | None = None) -> None:
         with self._lock:
             self.outcomes[outcome] += 1
+            if fmt is not None:
+                self.formats[fmt] += 1
 
     def timed_out(self, request: Any) -> None:
         """Count a connection's time-out once, whether its own read or the deadline ended it."""
@@ -212,8 +216,6 @@ class Exporter:
         self._gone_since: dict[tuple[str, str], float] = {}
         self._gone_lock = threading.Lock()
         self._started: float | None = None
-        #: Responses served, by exposition format.
-        self.formats = {"openmetrics": 0, "text": 0}
         self.meter = meter
         self.host, self.port = parse_listen(listen, allow_remote=allow_remote)
         self.max_connections = max_connections
@@ -255,9 +257,7 @@ class Exporter:
                 self.end_headers()
                 self.wfile.write(body)
                 self.wfile.flush()
-                exporter.count("served")
-                with exporter._gone_lock:
-                    exporter.formats["openmetrics" if openmetrics else "text"] += 1
+                exporter.count("served", "openmetrics" if openmetrics else "text")
 
             def log_error(self, format: str, *args: Any) -> None:
                 if format.startswith("Request timed out"):
@@ -291,13 +291,18 @@ class Exporter:
             self.meter.close()
             self._own_meter = False
 
-    def count(self, outcome: str) -> None:
+    def count(self, outcome: str, fmt: str | None = None) -> None:
         if self._server is not None:
-            self._server.count(outcome)
+            self._server.count(outcome, fmt)
 
     def _server_timed_out(self, request: Any) -> None:
         if self._server is not None:
             self._server.timed_out(request)
+
+    @property
+    def formats(self) -> dict[str, int]:
+        """Responses served so far by exposition format: openmetrics, text."""
+        return dict(self._server.formats) if self._server is not None else {}
 
     @property
     def connections(self) -> dict[str, int]:

@@ -157,6 +157,10 @@ def render(by_period: dict[int, dict[Any, dict[str, int | None]]], sheet: PriceS
            step: int, *, tenant: str | None = None, source: str = "") -> str:
     """The page for usage per step (``usage_from_store(..., step x 1e9,
     by_resource=True)``) priced with ``sheet``."""
+    try:
+        import matplotlib  # noqa: F401  (the charts; checked before any work)
+    except ImportError as err:
+        raise MeterError("meter report draws its charts with matplotlib: pip install -e .[report]") from err
     invs = invoices(merge_periods(by_period), sheet, start_ns, end_ns, tenant=tenant)
     if not invs:
         raise MeterError("no tenant has usage in this period: nothing to report (check --from/--to and the store)")

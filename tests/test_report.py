@@ -188,3 +188,16 @@ def test_a_tenant_without_ports_has_no_packet_chart_not_a_line_of_zeros(tmp_path
     got = series(by_period, PriceSheet.from_file(tmp_path / "p2.toml"), T0, T0 + SPAN_S * 10**9, 5, TENANTS)
     assert got["initech"]["packets"] is None and got["initech"]["cpu"] is not None
     assert min(got["globex"]["packets"]) == 1200.0 and len(got["acme"]["packets"]) == SPAN_S // 5
+
+
+def test_without_matplotlib_the_report_says_what_to_install(tmp_path, monkeypatch):
+    import sys
+
+    from meter.bill import PriceSheet
+    from meter.errors import MeterError
+    from meter.page import render
+
+    (tmp_path / "p.toml").write_text(PRICES)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    with pytest.raises(MeterError, match=r"matplotlib: pip install -e \.\[report\]"):
+        render({}, PriceSheet.from_file(tmp_path / "p.toml"), T0, T0 + 10**9, 1)

@@ -48,10 +48,14 @@ class _Watch:
         except OSError as err:
             raise MeterError(f"cannot read the Open vSwitch database {self.address} ({err.strerror or err}): "
                              "start its ovsdb-server, or fix ovsdb in the topology") from None
-        if not self.named:
-            self.netns = vswitchd_netns(self.cgroup)
 
     def specs(self) -> list[str]:
+        """The bridges' kernel interfaces as port specs. Unless named, their
+        namespace is looked up again each time (only when ports may have
+        changed): an ovs-vswitchd started after meter, or restarted
+        elsewhere, is followed."""
+        if not self.named:
+            self.netns = vswitchd_netns(self.cgroup)
         return [f"{self.netns}:{name}" if self.netns else name for name in sorted(self.ports.names)]
 
 

@@ -91,8 +91,9 @@ def _times(start_ns: int, end_ns: int, step: int) -> list[datetime.datetime]:
 
 
 def _charts(data: dict[str, dict[str, list[float] | None]], times: list[datetime.datetime], colors: dict[str, str],
-            currency: str, *, stacked: bool) -> str:
-    """One figure of the four charts: stacked areas of every tenant, or one tenant's areas."""
+            currency: str, *, stacked: bool, estimated: frozenset[str] = frozenset()) -> str:
+    """One figure of the four charts: stacked areas of every tenant, or one
+    tenant's areas; a chart key in ``estimated`` says so in its title."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -114,7 +115,7 @@ def _charts(data: dict[str, dict[str, list[float] | None]], times: list[datetime
             else:
                 for t, y in zip(names, ys):
                     ax.fill_between(times, y, step="post", color=colors[t], label=t)
-            ax.set_title(f"{title} ({unit})", loc="left")
+            ax.set_title(f"{title} ({unit}){', estimated' if key in estimated else ''}", loc="left")
             ax.set_ylim(bottom=0)
             locator = mdates.AutoDateLocator(maxticks=5)
             ax.xaxis.set_major_locator(locator)
@@ -145,12 +146,24 @@ def _table(inv: Invoice) -> str:
     rows = "".join(
         f'<tr><td class="meter">{html.escape(line.meter)}</td><td class="num quantity">{quantity_text(line.quantity)}</td>'
         f'<td class="unit">{html.escape(line.unit)}</td><td class="num unit_price">{price_text(line.unit_price)}</td>'
-        f'<td class="num cost">{money(line.cost)}</td></tr>' for line in inv.lines)
+        f'<td class="num cost">{money(line.cost)}</td><td class="estimated">{html.escape(line.estimated)}</td></tr>'
+        for line in inv.lines)
+    empty = "<td></td>" * 3
     return (f'<table class="invoice" data-tenant="{html.escape(inv.tenant)}"><thead><tr><th>meter</th>'
             f'<th class="num">quantity</th><th>unit</th><th class="num">unit price</th>'
-            f'<th class="num">cost ({html.escape(inv.currency)})</th></tr></thead><tbody>{rows}</tbody>'
-            f'<tfoot><tr><td>subtotal</td><td></td><td></td><td></td><td class="num subtotal">{money(inv.subtotal)}</td></tr>'
-            f'<tr><td>total</td><td></td><td></td><td></td><td class="num total">{inv.total}</td></tr></tfoot></table>')
+            f'<th class="num">cost ({html.escape(inv.currency)})</th><th>estimated</th></tr></thead><tbody>{rows}</tbody>'
+            f'<tfoot><tr><td>subtotal</td>{empty}<td class="num subtotal">{money(inv.subtotal)}</td><td></td></tr>'
+            f'<tr><td>total</td>{empty}<td class="num total">{inv.total}</td><td></td></tr></tfoot></table>')
+
+
+#: The chart that shows each invoice meter's figure (an estimated line makes its chart say so).
+_CHART_OF = {"kwh": "energy"}
+
+
+def _estimated(invs: Sequence[Invoice]) -> frozenset[str]:
+    """Chart keys whose figure some line of ``invs`` says was estimated."""
+    return frozenset(_CHART_OF[line.meter] for inv in invs for line in inv.lines
+                     if line.estimated and line.meter in _CHART_OF)
 
 
 def render(by_period: dict[int, dict[Any, dict[str, int | None]]], sheet: PriceSheet, start_ns: int, end_ns: int,
@@ -180,12 +193,13 @@ def render(by_period: dict[int, dict[Any, dict[str, int | None]]], sheet: PriceS
              f"made {when(int(datetime.datetime.now(datetime.UTC).timestamp() * _NS))}.</p>"]
     if len(names) > 1:
         parts.append(f'<section id="all"><h2>All tenants, stacked</h2><figure class="chart" id="chart-all">'
-                     f"{_charts(data, times, colors, sheet.currency, stacked=True)}</figure></section>")
+                     f"{_charts(data, times, colors, sheet.currency, stacked=True, estimated=_estimated(invs))}"
+                     "</figure></section>")
     for inv in invs:
         t = inv.tenant
         swatch = f'<span class="swatch" style="background:{colors[t]}"></span>'
         parts.append(f'<section class="tenant" id="tenant-{html.escape(t)}"><h2>{swatch}{html.escape(t)}</h2>'
-                     f'<figure class="chart">{_charts({t: data[t]}, times, colors, sheet.currency, stacked=False)}'
+                     f'<figure class="chart">{_charts({t: data[t]}, times, colors, sheet.currency, stacked=False, estimated=_estimated([inv]))}'
                      f"</figure>{_table(inv)}</section>")
     parts.append("</body></html>\n")
     return "".join(parts)

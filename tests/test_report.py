@@ -40,7 +40,8 @@ def _store(path: Path) -> None:
     batch = build(len(w), {"window_start_ns": T0 + w * 10**9, "window_ms": 1000, "host": "h1", "tenant": tenant,
                            "compartment": "vswitch", "cpu_ns": cpu, "cycles": cpu * 2, "rx_packets": pkts // 10,
                            "rx_bytes": nbytes, "rx_wire_packets": pkts, "rx_wire_bytes": nbytes,
-                           "energy_uj": cpu // 100, "seq": np.arange(len(w)), "cpu_source": "kernel"})
+                           "energy_uj": cpu // 100, "seq": np.arange(len(w)), "cpu_source": "kernel",
+                           "counters_source": "cpu-clock estimate", "energy_source": "model"})
     with Store(path) as s:
         s.write(batch)
 
@@ -138,8 +139,12 @@ def test_chromium_draws_every_tenants_charts_and_the_bills_numbers(tmp_path, pag
     for inv in bill:
         shown = tables.tables[inv["tenant"]]
         assert (shown["subtotal"], shown["total"]) == (inv["subtotal"], inv["total"])
-        assert [(r["meter"], r["quantity"], r["unit_price"], r["cost"]) for r in shown["lines"]] == [  # type: ignore[union-attr]
-            (line["meter"], line["quantity"], line["unit_price"], line["cost"]) for line in inv["lines"]]
+        assert [(r["meter"], r["quantity"], r["unit_price"], r["cost"], r.get("estimated", ""))
+                for r in shown["lines"]] == [  # type: ignore[union-attr]
+            (line["meter"], line["quantity"], line["unit_price"], line["cost"], line["estimated"]) for line in inv["lines"]]
+    # Modelled energy and estimated cycles say so, in the table and on the energy chart.
+    assert {line["meter"]: line["estimated"] for line in bill[0]["lines"]}["kwh"] == "energy from a power model"
+    assert dom.count("Energy (W), estimated") == 1 + len(TENANTS)
 
 
 def test_cost_over_time_adds_up_to_the_invoice(tmp_path):

@@ -187,6 +187,13 @@ def sh(*cmd: str) -> str:
     return res.stdout
 
 
+def iface_counters(ns: str | None, dev: str) -> dict[str, int]:
+    """The interface's own packet and byte counters (ns None: this namespace)."""
+    pre = ["ip", "netns", "exec", ns] if ns else []
+    return {key: int(sh(*pre, "cat", f"/sys/class/net/{dev}/statistics/{key}"))
+            for key in ("rx_packets", "tx_packets", "rx_bytes", "tx_bytes")}
+
+
 class Net:
     """Network namespaces and veth pairs made for one test, all removed after it."""
 
@@ -226,11 +233,7 @@ class Net:
         return sh(*(["ip", "-n", ns] if ns else ["ip"]), *args)
 
     def counters(self, ns: str | None, dev: str) -> dict[str, int]:
-        pre = ["ip", "netns", "exec", ns] if ns else []
-        out = {}
-        for key in ("rx_packets", "tx_packets", "rx_bytes", "tx_bytes"):
-            out[key] = int(sh(*pre, "cat", f"/sys/class/net/{dev}/statistics/{key}"))
-        return out
+        return iface_counters(ns, dev)
 
     def udp(self, ns: str, dst: str, count: int, size: int = 100) -> list[str]:
         code = (f"import socket\ns=socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"

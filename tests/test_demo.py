@@ -18,6 +18,8 @@ from meter.cgroup import cpu_usage_usec
 from meter.engine import Meter, window_totals
 from meter.sinks.store import Store
 
+from .conftest import iface_counters
+
 pytestmark = pytest.mark.bpf
 
 
@@ -51,10 +53,8 @@ def _port_counters(topo: Topology, state: Path) -> dict[str, dict[str, int]]:
         total = {"rx_packets": 0, "tx_packets": 0, "rx_bytes": 0, "tx_bytes": 0}
         for spec in ports[c.tenant]:
             ns, _, dev = spec.rpartition(":")
-            for key in total:
-                total[key] += int(subprocess.run(["ip", "netns", "exec", ns, "cat",
-                                                  f"/sys/class/net/{dev}/statistics/{key}"],
-                                                 capture_output=True, text=True, check=True).stdout)
+            for key, n in iface_counters(ns, dev).items():
+                total[key] += n
         out[c.tenant] = total
     return out
 
@@ -151,12 +151,6 @@ def test_failed_setup_cleans_up_and_says_what_failed(tmp_path, meter_bin):
     assert not (tmp_path / "demo").exists()
 
 
-def _counters(ns: str, dev: str) -> dict[str, int]:
-    return {key: int(subprocess.run(["ip", "netns", "exec", ns, "cat", f"/sys/class/net/{dev}/statistics/{key}"],
-                                    capture_output=True, text=True, check=True).stdout)
-            for key in ("rx_packets", "tx_packets", "rx_bytes", "tx_bytes")}
-
-
 def _until(what: str, cond, meter: Meter, timeout: float = 20.0) -> None:
     """Drain until ``cond()`` holds (a port attached or detached): a drain is when meter looks."""
     deadline = time.monotonic() + timeout
@@ -203,12 +197,12 @@ def test_ports_come_from_each_vswitchs_own_database_and_follow_it_live(tmp_path,
                             "nud", "permanent"], check=True)
             subprocess.run([*vsctl, "add-port", "br0", "pc"], check=True)
             _until("pc attached", lambda: "md-t0-sw:pc" in {p.label for p in src.attached}, meter)
-            before = _counters(sw, "pc")
+            before = iface_counters(sw, "pc")
             send = ("import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
                     "for i in range(700): s.sendto(b'y' * 300, ('10.90.0.2', 9999))\n")
             subprocess.run(["ip", "netns", "exec", extra, "python3", "-S", "-c", send], check=True)
             time.sleep(0.3)  # through the userspace datapath, and b's ICMP answers back
-            after = _counters(sw, "pc")
+            after = iface_counters(sw, "pc")
             subprocess.run([*vsctl, "del-port", "br0", "pc"], check=True)
             _until("pc detached", lambda: "md-t0-sw:pc" not in {p.label for p in src.ports}, meter)
             # Off the bridge, pc still carries packets: meter no longer counts them.
@@ -218,7 +212,7 @@ def test_ports_come_from_each_vswitchs_own_database_and_follow_it_live(tmp_path,
         assert after["rx_packets"] - before["rx_packets"] >= 700  # c sends through pc into the bridge
         for key in ("rx_packets", "tx_packets", "rx_bytes", "tx_bytes"):
             assert ports["md-t0-sw:pc"][key] == after[key] - before[key], (key, ports["md-t0-sw:pc"], after, before)
-        assert _counters(sw, "pc")["rx_packets"] - after["rx_packets"] >= 700
+        assert iface_counters(sw, "pc")["rx_packets"] - after["rx_packets"] >= 700
     finally:
         subprocess.run(["ip", "netns", "del", extra], capture_output=True)
         down = subprocess.run([*meter_bin, "demo", "down"], capture_output=True, text=True, env=env, timeout=60)

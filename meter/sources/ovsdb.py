@@ -53,6 +53,10 @@ def address_problem(address: str) -> str | None:
     return f"{address!r} is not an OVSDB address (\"unix:PATH\" or \"tcp:HOST:PORT\")"
 
 
+#: Compartments whose ovs-vswitchd runs in an unnamed namespace, already said.
+_UNNAMED_SAID: set[Path] = set()
+
+
 def vswitchd_netns(cgroup: Path) -> str | None:
     """The named network namespace (under /run/netns) of the ``ovs-vswitchd``
     running in ``cgroup``'s subtree; None: meter's own namespace, or none found."""
@@ -77,8 +81,10 @@ def vswitchd_netns(cgroup: Path) -> str | None:
                         return entry.name
                 except OSError:
                     continue
-            log.warning("meter: the ovs-vswitchd of %s runs in a network namespace with no name under %s: "
-                        "give the compartment ovsdb_netns", cgroup, NETNS_DIR)
+            if cgroup not in _UNNAMED_SAID:
+                _UNNAMED_SAID.add(cgroup)
+                log.warning("meter: the ovs-vswitchd of %s runs in a network namespace with no name under %s: "
+                            "give the compartment ovsdb_netns", cgroup, NETNS_DIR)
             return None
     return None
 

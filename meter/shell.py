@@ -11,6 +11,7 @@ import contextlib
 import math
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -118,11 +119,40 @@ class Seconds(click.ParamType):
 SECONDS = Seconds()
 
 
+#: Where meter's own code lives: its warnings are shown, whatever their kind.
+_OWN = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _for_developers(category: type[Warning], filename: str) -> bool:
+    """A dependency's notice that it, or a library under it, uses an API due to go.
+
+    Only that dependency's developers can act on it (the cryptography release of
+    2026-11 warns about Debian's pyOpenSSL that botocore imports); printed, it
+    would break the one-line error a ``meter`` command promises.
+    """
+    dated = issubclass(category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning)) \
+        or "Deprecat" in category.__name__
+    return dated and not os.path.abspath(filename).startswith(_OWN)
+
+
+def quiet_dependency_notices() -> None:
+    """Leave the deprecation notices of meter's dependencies unprinted (see _for_developers)."""
+    show = warnings.showwarning
+
+    def showwarning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                    file: Any = None, line: str | None = None) -> None:
+        if not _for_developers(category, filename):
+            show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = showwarning
+
+
 class MeterGroup(click.Group):
     """The command group, with click's usage errors in meter's one-line form, exit 1."""
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         kwargs["standalone_mode"] = False
+        quiet_dependency_notices()
         try:
             rv = super().main(*args, **kwargs)
         except click.UsageError as err:

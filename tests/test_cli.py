@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -35,6 +36,32 @@ def test_missing_cgroup_root_is_one_line(meter_bin):
     res = run(meter_bin, "record", "--cgroup-root", "/sys/fs/cgroup/unified/no-such-meter-cgroup", "--duration", "1")
     assert res.returncode == 1
     assert res.stderr.count("\n") == 1 and "does not exist" in res.stderr
+
+
+def test_a_dependencys_deprecation_notice_does_not_reach_the_user():
+    """What CI met when cryptography 51 came out: Debian's pyOpenSSL, imported by botocore,
+    printed a CryptographyDeprecationWarning above `meter ship`'s one-line error."""
+    script = """
+import sys, warnings
+from meter import shell
+class CryptographyDeprecationWarning(UserWarning): pass
+warnings.warn_explicit("DSA is deprecated", CryptographyDeprecationWarning, "/usr/lib/python3/dist-packages/OpenSSL/crypto.py", 83)
+shell.quiet_dependency_notices()
+warnings.warn_explicit("second DSA notice", CryptographyDeprecationWarning, "/usr/lib/python3/dist-packages/OpenSSL/crypto.py", 84)
+warnings.warn_explicit("pandas inplace", FutureWarning, "/venv/pandas/frame.py", 9)
+warnings.warn_explicit("meter's own notice", DeprecationWarning, shell.__file__, 1)
+warnings.warn_explicit("a dependency's plain warning", UserWarning, "/venv/lib/x.py", 2)
+"""
+    res = subprocess.run([sys.executable, "-W", "always::DeprecationWarning",
+                          "-c", script], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    # Before the hook the notice shows (so the check below can fail); after it, only meter's own
+    # notices and warnings that are not about deprecation.
+    assert "DSA is deprecated" in res.stderr
+    for gone in ("second DSA notice", "pandas inplace"):
+        assert gone not in res.stderr
+    for kept in ("meter's own notice", "a dependency's plain warning"):
+        assert kept in res.stderr
 
 
 def test_config_and_root_together_is_a_usage_error(meter_bin, tmp_path):

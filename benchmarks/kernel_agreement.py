@@ -90,11 +90,11 @@ def main() -> list[Result]:
     devs = {}
     for name in LOADS:
         kernel = (after[name] - before[name]) * 1000
-        metered = int(batch["cpu_ns"][batch["tenant"] == name].sum())
+        metered = int(batch["cpu_ns"][batch["tenant"] == code(name)].sum())
         devs[name] = {"metered_ns": metered, "kernel_ns": kernel, "deviation_pct": (metered - kernel) / kernel * 100}
     worst = max(devs, key=lambda n: abs(devs[n]["deviation_pct"]))
     covered = meter.ncpu * (len(np.unique(batch["window_start_ns"])) * meter.window_ns)
-    rows = {r: int(batch["cpu_ns"][batch["tenant"] == r].sum()) for r in ("steal", "sched")}
+    rows = {r: int(batch["cpu_ns"][batch["tenant"] == code(r)].sum()) for r in ("steal", "sched")}
     w = devs[worst]
     return [
         Result(f"worst cpu_ns vs cpu.stat over {args.seconds:g} s ({worst})", abs(w["deviation_pct"]), "%",

@@ -27,6 +27,7 @@ from _common import Result, cgroup_tree, namespace_pair, report, spawn_in
 
 from meter.cgroup import cpu_usage_usec
 from meter.engine import Meter, window_sums
+from meter.records import code
 from meter.topology import Topology
 
 BURN = ("import time\nwhile True:\n    t = time.monotonic() + 0.01 * {d}\n"
@@ -79,8 +80,8 @@ def main() -> list[Result]:
                     windows += len(starts)
                     violations += int(np.count_nonzero(cpu + sirq != meter.ncpu * 1_000_000))
                     for n in cgs:
-                        sums[n] += int(batch["cpu_ns"][batch["tenant"] == n].sum())
-                    sel = batch["tenant"] == "net"
+                        sums[n] += int(batch["cpu_ns"][batch["tenant"] == code(n)].sum())
+                    sel = batch["tenant"] == code("net")
                     tx += int(np.where(batch["tx_packets"][sel] < 0, 0, batch["tx_packets"][sel]).sum())
                     if time.monotonic() >= next_rss:
                         rss.append(rss_kb())
@@ -93,8 +94,8 @@ def main() -> list[Result]:
                                          capture_output=True, text=True).stdout)
                 for batch in meter.batches(0.3):
                     for n in cgs:
-                        sums[n] += int(batch["cpu_ns"][batch["tenant"] == n].sum())
-                    sel = batch["tenant"] == "net"
+                        sums[n] += int(batch["cpu_ns"][batch["tenant"] == code(n)].sum())
+                    sel = batch["tenant"] == code("net")
                     tx += int(np.where(batch["tx_packets"][sel] < 0, 0, batch["tx_packets"][sel]).sum())
         finally:
             for p in procs:

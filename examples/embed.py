@@ -15,7 +15,9 @@ import threading
 import time
 from collections import defaultdict
 
-from meter import Meter, MeterError, Topology
+import numpy as np
+
+from meter import NAMES, Meter, MeterError, Topology
 
 
 def main() -> int:
@@ -26,8 +28,9 @@ def main() -> int:
 
     def on_batch(batch):  # runs in meter's drain thread
         with lock:
-            for tenant in set(batch["tenant"]):
-                usage[tenant] += int(batch["cpu_ns"][batch["tenant"] == tenant].sum())
+            # Text fields are codes into meter.NAMES: sum by code, name once per tenant.
+            for code in np.unique(batch["tenant"]).tolist():
+                usage[NAMES.text(code)] += int(batch["cpu_ns"][batch["tenant"] == code].sum())
 
     try:
         meter = Meter(Topology.discover(root), window_ms=1)

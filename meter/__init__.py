@@ -20,7 +20,7 @@ from .errors import (
     PrivilegeError,
     SinkError,
 )
-from .records import FIELDS, NULL, RECORD_DTYPE
+from .records import FIELDS, NAMES, NULL, RECORD_DTYPE, code, text
 from .topology import Compartment, Topology
 
 if TYPE_CHECKING:  # the engine pulls in the BPF machinery: imported when asked for (below)
@@ -35,6 +35,7 @@ __all__ = [
     "PrivilegeError",
     "SinkError",
     "FIELDS",
+    "NAMES",
     "NULL",
     "RECORD_DTYPE",
     "Compartment",
@@ -42,6 +43,8 @@ __all__ = [
     "MeterError",
     "Topology",
     "__version__",
+    "code",
+    "text",
 ]
 
 __version__ = "0.1.0"

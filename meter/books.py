@@ -152,7 +152,7 @@ class EnergyBooks:
             cycles_measured="cycles" in self.plan.events and "cycles" not in self.plan.estimated,
             misses_measured="cache_misses" in self.plan.events, policy=self.policy, by_domain=domains)
         out["energy_uj"] = energy
-        out["energy_source"] = reader.source
+        out["energy_source"] = records.code(reader.source)
         self.attributed += int(energy.sum())
         self.pending = 0
         return domains

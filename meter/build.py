@@ -29,6 +29,8 @@ _PACKET_SUMS = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes",
 SUMS = ("cpu_ns", "softirq_ns", "softirq_given_ns", *_PACKET_SUMS,
         "vf_rx_packets", "vf_rx_bytes", "vf_tx_packets", "vf_tx_bytes")
 _NET_SUMS = ("softirq_ns", *_PACKET_SUMS)
+#: Provenance texts' codes (records.NAMES).
+_LATE, _CLOCK, _KERNEL, _TC = (records.code(t) for t in ("late", "clock", "kernel", "tc"))
 
 
 class Rows(Protocol):
@@ -270,14 +272,14 @@ def _records(g_window: np.ndarray, g_row: np.ndarray, g: np.ndarray, rows: Rows,
         "window_start_ns": g_window * ctx.window_ns + ctx.offset_ns,
         "window_ms": ctx.window_ns // 1_000_000,
         "host": ctx.host,
-        "tenant": np.asarray(rows.tenants, dtype=object)[g_row],
-        "compartment": np.asarray(rows.names, dtype=object)[g_row],
+        "tenant": records.NAMES.codes(rows.tenants)[g_row],
+        "compartment": records.NAMES.codes(rows.names)[g_row],
         "cgroup_id": np.asarray(rows.cgroup_ids, np.uint64)[g_row],
         "cpu_ns": g_ns,
         "seq": np.arange(ctx.first_seq, ctx.first_seq + n),
         # host's tasks are kernel-charged like any compartment's; idle, sched, steal are clock time.
-        "cpu_source": np.where(late, "late", np.where((g_row >= IDLE_ROW) & (g_row < PSEUDO_ROWS), "clock",
-                                                      "kernel" if ctx.kernel_charge else "clock")).astype(object),
+        "cpu_source": np.where(late, _LATE, np.where((g_row >= IDLE_ROW) & (g_row < PSEUDO_ROWS), _CLOCK,
+                                                     _KERNEL if ctx.kernel_charge else _CLOCK)),
         "counters_source": plan.source,
     }
     for i, field in enumerate(plan.events):
@@ -293,14 +295,14 @@ def _records(g_window: np.ndarray, g_row: np.ndarray, g: np.ndarray, rows: Rows,
         has_ports = _flag(ctx.row_has_ports, g_row)
         for name in _NET_SUMS:
             cols[name] = np.where(has_ports, g[:, SUMS.index(name)], records.NULL)
-        cols["net_source"] = np.where(has_ports, "tc", "").astype(object)
+        cols["net_source"] = np.where(has_ports, _TC, 0)
         # Any row's time can be interrupted by packet work for others' ports.
         cols["softirq_given_ns"] = g[:, SUMS.index("softirq_given_ns")]
     if ctx.row_has_vfs is not None:
         has_vfs = _flag(ctx.row_has_vfs, g_row)
         for name in VF_FIELDS:
             cols[name] = np.where(has_vfs, g[:, SUMS.index(name)], records.NULL)
-        cols["vf_source"] = np.where(has_vfs, ctx.vf_source, "").astype(object)
+        cols["vf_source"] = np.where(has_vfs, records.code(ctx.vf_source), 0)
     return records.build(n, cols)
 
 

@@ -60,7 +60,7 @@ class Meter(DrainLoop):
 
     >>> with Meter(Topology.discover()) as m:        # doctest: +SKIP
     ...     for batch in m.batches(duration=5):
-    ...         print(batch["compartment"], batch["cpu_ns"])
+    ...         print(meter.text(batch, "compartment"), batch["cpu_ns"])
 
     ``window_ms`` (default: the topology's, else 1) is the record width.
     ``counters`` maps record fields to perf event specs (see

@@ -1,8 +1,13 @@
 """The billable record: one compartment x one window.
 
-Records travel as numpy structured arrays of :data:`RECORD_DTYPE`; the
-string fields (host, tenant, compartment, provenance) are ``str`` objects.
-Field meanings (all counters are integers so any rollup is an exact sum):
+Records travel as numpy structured arrays of :data:`RECORD_DTYPE`, numbers
+only: the text fields (host, tenant, compartment, provenance) hold int32
+codes into :data:`NAMES`, the process's one dictionary of record strings,
+so no stage between the kernel and the store makes a Python object per
+record. Text is for people and foreign formats: :func:`text` gives a text
+field's strings, :func:`to_dicts` whole rows (docs/architecture.md,
+"Records"). Field meanings (all counters are integers so any rollup is an
+exact sum):
 
 ==================  ===========================================================
 window_start_ns     window start, wall-clock UTC ns (monotonic start + offset)
@@ -40,7 +45,8 @@ family is not measured.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -49,16 +55,21 @@ __all__ = [
     "COUNTER_COLUMNS",
     "ESTIMATE_COLUMNS",
     "FIELDS",
+    "NAMES",
     "NULL",
+    "TEXT_FIELDS",
+    "Names",
     "PROVENANCE_FIELDS",
     "RECORD_DTYPE",
     "build",
+    "code",
     "empty",
     "estimate_counts",
     "estimate_sql",
     "factorize",
     "group_sums",
     "null_sums",
+    "text",
     "to_dicts",
     "window_sums",
     "zeroed",
@@ -68,10 +79,62 @@ __all__ = [
 #: The array value of an unavailable number.
 NULL = -1
 
-# Strings are Python objects shared by every record of a compartment (8
-# bytes a field): fixed-width unicode would cost 256 bytes a field.
-_NAME = object
-_SRC = object
+
+class Names:
+    """Record strings <-> int32 codes: append-only for the process's life, code 0 is ``""``.
+
+    A code never changes meaning, so a batch's codes stay readable after
+    any later batch; the table grows with the distinct names ever met
+    (hosts, tenants, compartments, provenance texts), not with records.
+    Thread-safe (the drain thread and readers intern alike).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._text: list[str] = [""]
+        self._code: dict[str, int] = {"": 0}
+        self._table = np.array([""], dtype=object)
+
+    def __len__(self) -> int:
+        return len(self._text)
+
+    def code(self, text: str) -> int:
+        """The code of ``text`` (given one the first time it is met)."""
+        got = self._code.get(text)
+        if got is not None:
+            return got
+        if not isinstance(text, str):
+            raise TypeError(f"record names are strings, not {type(text).__name__}")
+        with self._lock:
+            got = self._code.get(text)
+            if got is None:
+                got = self._code[text] = len(self._text)
+                self._text.append(text)
+        return got
+
+    def codes(self, texts: Iterable[str]) -> np.ndarray:
+        """int32 codes of many strings (each distinct one looked up once)."""
+        texts = list(texts)
+        uniq = {t: self.code(t) for t in set(texts)}
+        return np.fromiter((uniq[t] for t in texts), np.int32, len(texts))
+
+    def text(self, code: int) -> str:
+        return self._text[code]
+
+    def table(self) -> np.ndarray:
+        """Every string by its code, as an object array (``table()[codes]`` decodes)."""
+        if len(self._table) != len(self._text):
+            with self._lock:
+                self._table = np.array(self._text, dtype=object)
+        return self._table
+
+
+#: The one dictionary of record strings.
+NAMES = Names()
+
+# A text field is an int32 code into NAMES (4 bytes, no object per record).
+_NAME = np.int32
+_SRC = np.int32
 
 #: Integer counter columns, in record order.
 COUNTER_COLUMNS = (
@@ -123,37 +186,60 @@ RECORD_DTYPE = np.dtype(
 #: Field names in record order (the keys of ``meter record --format jsonl``).
 FIELDS: tuple[str, ...] = tuple(RECORD_DTYPE.names or ())
 
-_INT_FIELDS = {name for name in FIELDS if RECORD_DTYPE[name].kind in "iu"}
 _NULLABLE = set(COUNTER_COLUMNS)
 
 
-_STRING_FIELDS = tuple(name for name in FIELDS if RECORD_DTYPE[name].kind == "O")
+#: Fields whose numbers are :data:`NAMES` codes.
+TEXT_FIELDS: tuple[str, ...] = ("host", "tenant", "compartment", *PROVENANCE_FIELDS)
+
+
+def code(text: str) -> int:
+    """The code of a record string (``batch["tenant"] == code("t0")`` selects a tenant's records)."""
+    return NAMES.code(text)
+
+
+def text(batch: np.ndarray, field: str) -> np.ndarray:
+    """A text field's strings (an object array): for people and foreign formats, not the hot path."""
+    if field not in TEXT_FIELDS:
+        raise KeyError(f"{field} is not a text field of the records")
+    return NAMES.table()[batch[field]]
+
+
+def _as_codes(value: Any) -> Any:
+    """A text column given as strings (or already as codes) as codes."""
+    if isinstance(value, str):
+        return NAMES.code(value)
+    arr = np.asarray(value)
+    if arr.dtype.kind in "OUS":
+        return NAMES.codes(arr.astype(str).tolist() if arr.dtype.kind != "O" else arr.tolist())
+    return arr
 
 
 def build(n: int, columns: dict[str, Any] | None = None) -> np.ndarray:
     """``n`` records, each field from ``columns`` (an array or a scalar) or its default.
 
-    Defaults: counters NULL, strings empty, other numbers 0. Every field is
+    Defaults: counters NULL, strings empty, other numbers 0. A text field
+    may be given as strings or as :data:`NAMES` codes. Every field is
     written exactly once (this is on the drain path).
     """
     columns = columns or {}
     unknown = set(columns) - set(FIELDS)
     if unknown:
         raise KeyError(f"not record fields: {', '.join(sorted(unknown))}")
-    # np.zeros, not np.empty: empty initialises object fields one by one (~10x slower).
-    out = np.zeros(n, dtype=RECORD_DTYPE)
+    out = np.empty(n, dtype=RECORD_DTYPE)
     for name in FIELDS:
         if name in columns:
-            out[name] = columns[name]
+            out[name] = _as_codes(columns[name]) if name in TEXT_FIELDS else columns[name]
         elif name in _NULLABLE:
             out[name] = NULL
-        elif name in _STRING_FIELDS:
-            out[name] = ""
+        else:
+            out[name] = 0  # numbers 0, text "" (code 0)
     return out
 
 
 def factorize(col: np.ndarray) -> tuple[list[str], np.ndarray]:
-    """(distinct strings, int32 code per element) of a string (object) column.
+    """(distinct strings, sorted; int32 index into them per element) of a text
+    column (codes): a batch's own small table, in the order people sort names.
 
     The common case, one value in the whole column (host, provenance), costs
     one vectorised comparison.
@@ -162,9 +248,13 @@ def factorize(col: np.ndarray) -> tuple[list[str], np.ndarray]:
         return [], np.zeros(0, np.int32)
     first = col[0]
     if bool((col == first).all()):
-        return [first], np.zeros(len(col), np.int32)
-    uniq, code = np.unique(col.astype(str), return_inverse=True)
-    return uniq.tolist(), code.astype(np.int32)
+        return [NAMES.text(int(first))], np.zeros(len(col), np.int32)
+    uniq, index = np.unique(col, return_inverse=True)
+    texts = [NAMES.text(c) for c in uniq.tolist()]
+    order = sorted(range(len(texts)), key=texts.__getitem__)
+    rank = np.empty(len(order), np.int32)
+    rank[order] = np.arange(len(order), dtype=np.int32)
+    return [texts[i] for i in order], rank[index]
 
 
 def empty(n: int) -> np.ndarray:
@@ -173,8 +263,8 @@ def empty(n: int) -> np.ndarray:
 
 
 def to_dicts(batch: np.ndarray) -> Iterator[dict[str, Any]]:
-    """Plain-Python dicts (NULL -> None, empty provenance -> None), for output."""
-    columns = {name: batch[name].tolist() for name in FIELDS}
+    """Plain-Python dicts (NULL -> None, text fields as strings, empty provenance -> None), for output."""
+    columns = {name: (text(batch, name) if name in TEXT_FIELDS else batch[name]).tolist() for name in FIELDS}
     for i in range(len(batch)):
         row: dict[str, Any] = {}
         for name in FIELDS:
@@ -231,7 +321,8 @@ def window_totals(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     another window's, billed in this one) are not this window's time; the
     window they came from has a ``late`` row for them.
     """
-    own = batch[batch["cpu_source"] != "late"] if np.any(batch["cpu_source"] == "late") else batch
+    late = batch["cpu_source"] == NAMES.code("late")
+    own = batch[~late] if np.any(late) else batch
     starts, cpu = window_sums(own, "cpu_ns")
     _, softirq = window_sums(own, "softirq_ns")
     _, given = window_sums(own, "softirq_given_ns")

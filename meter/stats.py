@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .records import window_totals
+from .records import code, window_totals
 from .topology import UNATTRIBUTED
 
 __all__ = ["MeterStats"]
@@ -72,7 +72,7 @@ class MeterStats:
         """
         self.records += len(batch)
         if len(batch):
-            self.unattributed_ns += int(batch["cpu_ns"][batch["tenant"] == UNATTRIBUTED].sum())
+            self.unattributed_ns += int(batch["cpu_ns"][batch["tenant"] == code(UNATTRIBUTED)].sum())
         starts = np.zeros(0, np.int64)
         if len(batch):
             # Every CPU-ns of a window is some row's cpu_ns, or softirq_ns given by another row.

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .records import factorize, null_sums
+from .records import NAMES, factorize, null_sums
 
 __all__ = ["TopRow", "TopSnapshot", "snapshot"]
 
@@ -84,7 +84,7 @@ def snapshot(batch: np.ndarray, ncpu: int) -> TopSnapshot:
     seconds = windows * int(batch["window_ms"][0]) / 1000
     prov = {}
     for f in ("cpu_source", "counters_source", "energy_source", "net_source", "vf_source"):
-        vals = [v for v in np.unique(batch[f]).tolist() if v]
+        vals = [NAMES.text(v) for v in np.unique(batch[f]).tolist() if v]
         if vals:
             prov[f.removesuffix("_source")] = ", ".join(vals)
     return TopSnapshot(seconds, ncpu, _rows(batch, ["tenant"], seconds), _rows(batch, ["tenant", "compartment"], seconds), prov)

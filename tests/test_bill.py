@@ -27,7 +27,7 @@ from meter.bill import (
 from meter.economics import Assumptions, model, tenant_charges
 from meter.errors import ConfigError, MeterError, SinkError
 from meter.focus import FOCUS_COLUMNS, focus_rows
-from meter.records import NULL, build
+from meter.records import NULL, build, code
 from meter.sinks.parquet import write_parquet
 from meter.sinks.store import Store
 
@@ -140,7 +140,7 @@ def test_packets_and_bytes_are_billed_on_the_wire(tmp_path, sheet):
     wire figures; rollups stored before wire counting (null wire figures) bill
     their skb counts."""
     new = records("h", 10)
-    acme = new["tenant"] == "acme"
+    acme = new["tenant"] == code("acme")
     new["rx_wire_packets"] = np.where(acme, 45 * new["rx_packets"], NULL)
     new["rx_wire_bytes"] = np.where(acme, new["rx_bytes"] + 44 * 66, NULL)
     old = records("h", 10, seq0=len(new), t0=T0 + 10**9)  # no wire figures: an older meter's
@@ -174,7 +174,7 @@ def test_invoices_lines_totals_and_overrides(tmp_path, sheet):
     # Nor are meter's other rows: unattributed usage and late rows (the late time
     # itself is in its tenant's own records, cpu_source late).
     extra = records("h", 10, seq0=20_000)
-    extra["tenant"] = np.where(extra["tenant"] == "host", "unattributed", np.where(extra["tenant"] == "idle", "late",
+    extra["tenant"] = np.where(extra["tenant"] == code("host"), code("unattributed"), np.where(extra["tenant"] == code("idle"), code("late"),
                                                                                  extra["tenant"]))
     with Store(tmp_path / "r2.db") as s2:
         s2.write(extra)

@@ -16,6 +16,7 @@ from meter import Topology
 from meter.bill import PriceSheet, invoices, merge_periods, usage_from_store
 from meter.cgroup import cpu_usage_usec
 from meter.engine import Meter, window_totals
+from meter.records import code
 from meter.sinks.store import Store
 
 from .conftest import iface_counters
@@ -92,7 +93,7 @@ def test_tenant_vswitches_metered_and_billed(tmp_path, meter_bin):
             _freeze(topo, False)
         batch = np.concatenate(batches)
         for c in topo.compartments:
-            mine = batch[(batch["tenant"] == c.tenant) & (batch["window_start_ns"] >= cut_ns)]
+            mine = batch[(batch["tenant"] == code(c.tenant)) & (batch["window_start_ns"] >= cut_ns)]
             kernel_ns = (after_cpu[c.tenant] - before_cpu[c.tenant]) * 1000
             # cpu_ns is what the kernel charged the vswitch's tasks (packet work
             # run in them for other ports included, and given away in
@@ -105,11 +106,11 @@ def test_tenant_vswitches_metered_and_billed(tmp_path, meter_bin):
             for key in ("rx_packets", "tx_packets", "rx_bytes", "tx_bytes"):
                 counted = after_net[c.tenant][key] - before_net[c.tenant][key]
                 assert int(mine[key].sum()) == counted, (c.tenant, key, int(mine[key].sum()), counted,
-                                                          int(batch[batch["tenant"] == c.tenant][key].sum()))
+                                                          int(batch[batch["tenant"] == code(c.tenant)][key].sum()))
         # Per window, every CPU-ns is accounted once: cpu + softirq - given = CPUs x W.
         _, total = window_totals(batch)
         assert np.all(total == meter.ncpu * 1_000_000)
-        pkts = {t: int(batch["rx_packets"][batch["tenant"] == t].sum()) for t in ("t0", "t1", "t2")}
+        pkts = {t: int(batch["rx_packets"][batch["tenant"] == code(t)].sum()) for t in ("t0", "t1", "t2")}
         assert pkts["t0"] > pkts["t2"] > pkts["t1"] > 500  # 2000, 1000 and 500 packets/s
         # Bill it: more traffic, more money; lines add up.
         with Store(tmp_path / "r.db") as store:

@@ -20,6 +20,7 @@ from meter.cgroup import cgroup_id, cpu_usage_usec
 from meter.discovery import systemd_unescape
 from meter.engine import Meter
 from meter.errors import ConfigError
+from meter.records import code, text
 from meter.sources.fake import FakeCPU, FakeSources
 
 CID = "4f1c2a9e8b7d6c5a4f1c2a9e8b7d6c5a4f1c2a9e8b7d6c5a4f1c2a9e8b7d6c5a"
@@ -170,14 +171,14 @@ def test_a_vm_started_while_metering_is_billed_from_its_first_slice(tmp_path, mo
         cpu.charge(cpu.now, cgroup_id(mount / "system.slice/sshd.service"), 50_000)
         cpu.advance(1)
         batch = meter.drain()
-        assert int(batch["cpu_ns"][batch["tenant"] == "host"].sum()) == 50_000
+        assert int(batch["cpu_ns"][batch["tenant"] == code("host")].sum()) == 50_000
         assert meter._resolver.generation == gen
         _mk(mount, LIBVIRT + "/libvirt/vcpu0")
         cpu.charge(cpu.now, cgroup_id(mount / LIBVIRT), 400_000)  # what the kernel charges: depth 1 below the root
         cpu.advance(1)
         batch = meter.drain()
-        vm = batch[batch["tenant"] == "acme-vm1"]
-        assert int(vm["cpu_ns"].sum()) == 400_000 and set(vm["compartment"]) == {"acme-vm1"}
+        vm = batch[batch["tenant"] == code("acme-vm1")]
+        assert int(vm["cpu_ns"].sum()) == 400_000 and set(text(vm, "compartment")) == {"acme-vm1"}
         assert cpu.compartments.levels == {cgroup_id(mount / LIBVIRT): 2}
         again = r"machine.slice/machine-qemu\x2d4\x2dacme\x2dvm1.scope"
         _mk(mount, again)  # made first: a plain directory's inode (its id here) is not reused
@@ -187,7 +188,7 @@ def test_a_vm_started_while_metering_is_billed_from_its_first_slice(tmp_path, mo
         cpu.charge(cpu.now, cgroup_id(mount / again), 300_000)
         cpu.advance(1)
         batch = meter.drain()
-        assert int(batch["cpu_ns"][batch["tenant"] == "acme-vm1"].sum()) == 300_000
+        assert int(batch["cpu_ns"][batch["tenant"] == code("acme-vm1")].sum()) == 300_000
         (vm_row,) = [r for r in meter.totals() if r["tenant"] == "acme-vm1"]
         # One row, present: its cgroup now is the new scope (the exporter keeps its series).
         assert vm_row["cpu_ns"] == 700_000 and vm_row["present"]
@@ -233,10 +234,10 @@ pods = "{pods}"
         parts = list(meter.batches(0.1))
     batch = np.concatenate(parts)
     for tenant, want in used.items():
-        got = int(batch["cpu_ns"][batch["tenant"] == tenant].sum())
+        got = int(batch["cpu_ns"][batch["tenant"] == code(tenant)].sum())
         # The billing target, 0.2 %, and cpu.stat's 1 us unit.
         assert abs(got - want) <= 0.002 * want + 1_000, (tenant, got, want)
-    assert set(batch["compartment"][batch["tenant"] == "acme"]) == {"ovs-acme"}
+    assert set(text(batch, "compartment")[batch["tenant"] == code("acme")]) == {"ovs-acme"}
     assert meter.stats.unresolved_cgroups == 0
 
 

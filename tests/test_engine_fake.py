@@ -20,6 +20,7 @@ from meter.cgroup import cgroup_id
 from meter.engine import Meter, window_totals
 from meter.errors import ConfigError, MeterError
 from meter.perf import CounterPlan
+from meter.records import NAMES, code, text
 from meter.resolver import PSEUDO_ROWS
 from meter.sources.fake import FakeCPU, FakeEnergy, FakePackets, FakeSources, FakeVFs, steady_load
 from meter.sources.sched import SchedDrain
@@ -48,7 +49,7 @@ def _id(tree: Path, rel: str) -> int:
 
 
 def _rows(batch: np.ndarray, tenant: str) -> np.ndarray:
-    return batch[batch["tenant"] == tenant]
+    return batch[batch["tenant"] == code(tenant)]
 
 
 def _open(topo: Topology, cpu: FakeCPU | None = None, **kw) -> tuple[Meter, FakeSources]:
@@ -69,9 +70,9 @@ def test_one_record_per_window_and_row_and_idle_takes_the_rest(tree):
     cpu.charge(w, _id(tree, "globex/vswitch"), 700_000)
     cpu.advance(1)
     batch = meter.drain()
-    assert [(r["tenant"], r["cpu_ns"]) for r in batch] == [("idle", 800_000), ("acme", 500_000), ("globex", 700_000)]
+    assert [(NAMES.text(r["tenant"]), r["cpu_ns"]) for r in batch] == [("idle", 800_000), ("acme", 500_000), ("globex", 700_000)]
     assert np.all(batch["window_start_ns"] == batch["window_start_ns"][0])
-    assert set(batch["compartment"]) == {"idle", "vswitch"}
+    assert set(text(batch, "compartment")) == {"idle", "vswitch"}
     meter.close()
 
 
@@ -103,17 +104,17 @@ def test_pseudo_rows_hold_scheduler_and_steal_time_as_clock_time(tree):
     cpu.charge(cpu.now, _id(tree, "acme/vswitch"), 10_000)
     cpu.advance(1)
     batch = meter.drain()
-    by = {r["tenant"]: r for r in batch}
+    by = {NAMES.text(r["tenant"]): r for r in batch}
     assert by["sched"]["cpu_ns"] == 3_000 and by["steal"]["cpu_ns"] == 40_000
-    assert {by[t]["cpu_source"] for t in ("idle", "sched", "steal")} == {"clock"}
-    assert by["acme"]["cpu_source"] == "kernel"
+    assert {by[t]["cpu_source"] for t in ("idle", "sched", "steal")} == {code("clock")}
+    assert by["acme"]["cpu_source"] == code("kernel")
 
 
 def test_cpu_source_says_clock_without_the_kernels_charge(tree):
     meter, src = _open(_topology(tree), FakeCPU(kernel_charge=False))
     src.cpu_source.charge(src.cpu_source.now, _id(tree, "acme/vswitch"), 10_000)
     src.cpu_source.advance(1)
-    assert set(meter.drain()["cpu_source"]) == {"clock"}
+    assert set(text(meter.drain(), "cpu_source")) == {"clock"}
 
 
 def test_start_up_windows_are_skipped_and_counted(tree):
@@ -208,7 +209,7 @@ def test_late_packets_are_billed_to_the_port_owner_as_late(tree):
     src.cpu_source.advance(2)
     batch = meter.drain()
     acme = _rows(batch, "acme")
-    late = acme[acme["cpu_source"] == "late"]
+    late = acme[acme["cpu_source"] == code("late")]
     assert len(late) == 1 and (late["tx_packets"][0], late["tx_bytes"][0], late["cpu_ns"][0]) == (4, 400, 0)
     assert (late["tx_wire_packets"][0], late["tx_wire_bytes"][0]) == (90, 400 + 86 * 66)
     assert int(late["window_start_ns"][0]) == int(batch["window_start_ns"].max())
@@ -277,10 +278,10 @@ def test_packets_land_on_the_port_owner_and_portless_rows_are_null(tree):
     assert (acme["rx_packets"], acme["rx_bytes"], acme["tx_packets"], acme["tx_bytes"]) == (10, 1000, 3, 300)
     assert (acme["rx_wire_packets"], acme["rx_wire_bytes"], acme["tx_wire_packets"], acme["tx_wire_bytes"]) == (
         10, 1000, 120, 300 + 117 * 54)
-    assert acme["net_source"] == "tc"
+    assert acme["net_source"] == code("tc")
     for t in ("globex", "idle"):
         if len(_rows(batch, t)):
-            assert _rows(batch, t)[0]["rx_packets"] == NULL and _rows(batch, t)[0]["net_source"] == ""
+            assert _rows(batch, t)[0]["rx_packets"] == NULL and _rows(batch, t)[0]["net_source"] == code("")
     assert packets.refreshes == 1
     src.cpu_source.advance(5)
     assert int(meter.drain()["rx_packets"].clip(0).sum()) == 1
@@ -298,7 +299,7 @@ def test_vf_counters_land_in_the_newest_closed_window(tree):
     batch = meter.drain()
     acme = _rows(batch, "acme")
     assert len(acme) == 1 and acme[0]["window_start_ns"] == batch["window_start_ns"].max()
-    assert (acme[0]["vf_rx_packets"], acme[0]["vf_tx_bytes"], acme[0]["vf_source"]) == (7, 200, "vf")
+    assert (acme[0]["vf_rx_packets"], acme[0]["vf_tx_bytes"], acme[0]["vf_source"]) == (7, 200, code("vf"))
     assert np.all(_rows(batch, "idle")["vf_rx_packets"] == NULL)
 
 
@@ -371,7 +372,7 @@ def test_measured_energy_is_split_exactly_and_carried_over_empty_drains(tree):
     energy.add(package=7)
     batch = meter.drain()
     assert int(batch["energy_uj"].sum()) == 1_000_003 + 50_001 + 7
-    assert set(batch["energy_source"]) == {"fake"}
+    assert set(text(batch, "energy_source")) == {"fake"}
     st = meter.stats
     assert st.energy_measured_uj == st.energy_attributed_uj == 1_050_011 and st.energy_pending_uj == 0
     meter.close()
@@ -398,7 +399,7 @@ def test_close_flushes_the_last_windows_to_callbacks(tree):
     cpu.charge(cpu.now, _id(tree, "acme/vswitch"), 42)
     cpu.advance(1)
     meter.close()
-    assert sum(int(b["cpu_ns"][b["tenant"] == "acme"].sum()) for b in got) == 42
+    assert sum(int(b["cpu_ns"][b["tenant"] == code("acme")].sum()) for b in got) == 42
     assert not meter.is_open and not cpu.is_open
 
 
@@ -453,9 +454,9 @@ def test_build_estimates_cycles_from_cpu_and_softirq_time_and_nulls_idle():
     d = SchedDrain(cgid=np.array([99, IDLE_CGID, GIVEN_BIT | 99], np.uint64), window=np.array([3, 3, 3]),
                    ns=np.array([1_000, 5_000, 400]), counts=np.zeros((3, 0), np.int64))
     out = build.build(d, None, None, _Rows({99: 4, 0: 1}), _ctx(plan=plan)).records
-    t = out[out["tenant"] == "t"][0]
-    assert t["cycles"] == (1_000 - 400) * 2 and out[out["tenant"] == "idle"][0]["cycles"] == NULL
-    assert t["counters_source"] == "cpu-clock estimate"
+    t = out[out["tenant"] == code("t")][0]
+    assert t["cycles"] == (1_000 - 400) * 2 and out[out["tenant"] == code("idle")][0]["cycles"] == NULL
+    assert t["counters_source"] == code("cpu-clock estimate")
 
 
 def test_build_copies_measured_counters_per_field():
@@ -596,10 +597,10 @@ def test_late_time_is_billed_to_its_row_and_named_in_the_window_it_left(tree):
     cpu.charge_late(1001, acme, 300_000)
     cpu.advance(3)
     batch = meter.drain()
-    late = batch[batch["cpu_source"] == "late"]
-    assert list(late["tenant"]) == ["acme"] and int(late["cpu_ns"][0]) == 300_000
+    late = batch[batch["cpu_source"] == code("late")]
+    assert list(text(late, "tenant")) == ["acme"] and int(late["cpu_ns"][0]) == 300_000
     assert int(late["window_start_ns"][0]) == int(batch["window_start_ns"].max())  # the newest window
-    named = batch[batch["tenant"] == "late"]
+    named = batch[batch["tenant"] == code("late")]
     assert len(named) == 1 and int(named["cpu_ns"][0]) == 300_000
     assert int(named["window_start_ns"][0]) == int(batch["window_start_ns"].min()) + W  # window 1001
     starts, total = window_totals(batch)
@@ -645,10 +646,10 @@ def test_late_time_no_window_is_short_of_is_kept_for_the_next_ones(tree):
     cpu.charge_late(1002, acme, 100_000)
     cpu.advance(2)  # windows 1000, 1001 close: neither is short
     first = meter.drain()
-    assert not np.any(first["tenant"] == "late") and int(first["cpu_ns"][first["cpu_source"] == "late"].sum()) == 100_000
+    assert not np.any(first["tenant"] == code("late")) and int(first["cpu_ns"][first["cpu_source"] == code("late")].sum()) == 100_000
     cpu.advance(1)  # 1002 closes, short by 100 us
     second = meter.drain()
-    assert int(second["cpu_ns"][second["tenant"] == "late"].sum()) == 100_000
+    assert int(second["cpu_ns"][second["tenant"] == code("late")].sum()) == 100_000
     for b in (first, second):
         assert np.all(window_totals(b)[1] == 2 * W)
 

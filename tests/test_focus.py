@@ -28,6 +28,7 @@ from meter.bill import (
     usage_from_store,
 )
 from meter.focus import FOCUS_COLUMNS, focus_rows
+from meter.records import code
 from meter.sinks.store import Store
 
 from .conftest import wait_for_records
@@ -125,7 +126,7 @@ def test_store_and_parquet_bill_the_same(tmp_path_factory, cpu, windows, negotia
         for i, host in enumerate(("h1", "h2")):
             b = records(host, windows + 500 * i)
             b["cpu_ns"] = np.tile(np.array(cpu), len(b) // 4)
-            b["counters_source"] = "cpu-clock estimate"
+            b["counters_source"] = code("cpu-clock estimate")
             parts.append(b)
         args = (T0, T0 + 3 * 10**9, 10**9)
         if src == "store":
@@ -148,7 +149,7 @@ def test_store_and_parquet_bill_the_same(tmp_path_factory, cpu, windows, negotia
 
 def test_a_sheet_can_leave_estimated_meters_unbilled(tmp_path):
     b = records("h", 100)
-    b["counters_source"] = "cpu-clock estimate"
+    b["counters_source"] = code("cpu-clock estimate")
     with Store(tmp_path / "r.db") as s:
         s.write(b)
         usage = merge_periods(usage_from_store(s, T0, T0 + 10**9, 10**9))

@@ -22,6 +22,7 @@ import pytest
 from meter import Topology
 from meter.cgroup import cpu_usage_usec
 from meter.engine import Meter, window_totals
+from meter.records import code, text
 
 pytestmark = pytest.mark.bpf
 
@@ -97,13 +98,13 @@ def test_cpu_ns_equals_cpu_stat(workload, tmp_path, cgroups, cgroup_mount, busy_
         batches += list(meter.batches(0.05))
     assert all(p.returncode == 0 for p in procs)
     batch = np.concatenate(batches)
-    mine = batch[(batch["tenant"] == "t") & (batch["window_start_ns"] >= cut_ns)]
+    mine = batch[(batch["tenant"] == code("t")) & (batch["window_start_ns"] >= cut_ns)]
     kernel_ns = (after - before) * 1000
     metered = int(mine["cpu_ns"].sum())
     assert kernel_ns > RAN_NS[workload], "the workload did not run"
     assert abs(metered - kernel_ns) <= BILLING_TARGET * kernel_ns + KERNEL_RESOLUTION_NS, (
         workload, metered, kernel_ns, f"{(metered - kernel_ns) / kernel_ns:+.4%}")
-    assert set(mine["cpu_source"]) == {"kernel"}
+    assert set(text(mine, "cpu_source")) == {"kernel"}
     # Every CPU-ns of every window is in exactly one row, the sched/steal rows included.
     _, total = window_totals(batch)
     assert np.all(total == meter.ncpu * meter.window_ns)

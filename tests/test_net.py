@@ -16,6 +16,7 @@ from meter import NULL, Topology
 from meter.bpfsys import held_prog_ids
 from meter.cgroup import cpu_usage_usec
 from meter.engine import Meter, window_totals
+from meter.records import code, text
 from meter.sources.net import parse_port
 
 pytestmark = pytest.mark.bpf
@@ -34,7 +35,7 @@ def _topology(tmp_path, mount, comps):
 
 
 def _sum(batch, tenant, field):
-    col = batch[field][batch["tenant"] == tenant]
+    col = batch[field][batch["tenant"] == code(tenant)]
     assert np.all(col != NULL), f"{tenant}.{field} unavailable"
     return int(col.sum())
 
@@ -73,9 +74,9 @@ def test_packets_and_bytes_equal_the_interfaces_own_counters(tmp_path, cgroups, 
             assert _sum(batch, tenant, field) == after[tenant][field] - before[tenant][field], (tenant, field)
     assert _sum(batch, "left", "rx_packets") >= 3000  # a's packets arrive on the host side
     assert _sum(batch, "right", "rx_packets") >= 3000
-    assert set(batch["net_source"][batch["tenant"] == "left"]) == {"tc"}
+    assert set(text(batch, "net_source")[batch["tenant"] == code("left")]) == {"tc"}
     # Rows without ports: not measured, so null, never 0.
-    assert np.all(batch["rx_packets"][batch["tenant"] == "idle"] == NULL)
+    assert np.all(batch["rx_packets"][batch["tenant"] == code("idle")] == NULL)
     assert meter.stats.net_late_packets == 0
 
 
@@ -110,7 +111,7 @@ def test_bridge_softirq_is_charged_to_the_bridge_owner(tmp_path, cgroups, cgroup
         pending = [(c, int(st.adj_cgid[i]), int(st.adj_ns[i])) for c, st in enumerate(t[t.Key(0)])
                    for i in range(len(st.adj_cgid)) if st.adj_ns[i]]
         diag = (kernel, pending, os.stat(sender).st_ino,
-                {r: _sum(batch, r, "cpu_ns") for r in set(batch["tenant"])})
+                {r: _sum(batch, r, "cpu_ns") for r in set(text(batch, "tenant"))})
     softirq = _sum(batch, "tenant", "softirq_ns")
     sender_cpu = _sum(batch, "sender", "cpu_ns")
     given = _sum(batch, "sender", "softirq_given_ns")

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from meter.records import FIELDS, NULL, RECORD_DTYPE, empty, to_dicts
+from meter.records import FIELDS, NULL, RECORD_DTYPE, code, empty, to_dicts
 
 README_FIELDS = (
     "window_start_ns window_ms host tenant compartment cgroup_id cpu_ns cycles instructions cache_misses "
@@ -31,8 +31,9 @@ def test_unavailable_is_null_not_zero():
     rec = empty(1)
     rec["cpu_ns"] = 5
     rec["cycles"] = 0
-    rec["tenant"] = "acme"
+    rec["tenant"] = code("acme")
     (row,) = to_dicts(rec)
+    assert row["tenant"] == "acme"  # a text field's code comes out as its text
     assert row["cpu_ns"] == 5 and row["cycles"] == 0
     assert row["instructions"] is None and row["energy_uj"] is None
     assert row["energy_source"] is None
@@ -61,7 +62,7 @@ def test_csv_records_and_bills_never_hold_a_formula(tmp_path):
     from .test_bill import T0, records
 
     batch = records("h", 2)
-    batch["tenant"] = np.where(batch["tenant"] == "acme", "@SUM", batch["tenant"])
+    batch["tenant"] = np.where(batch["tenant"] == code("acme"), code("@SUM"), batch["tenant"])
     out = tmp_path / "r.csv"
     sink = FileSink(str(out), "csv")
     sink.write(batch)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 
+from meter.records import code, text
 from meter.sources.sriov import VFSource, parse_vf_stats
 
 
@@ -117,9 +118,9 @@ def test_vf_counts_land_in_records(tmp_path, cgroups, cgroup_mount):
             k.pfs["pf0"] = {3: (1000 + 10 * (i + 1), 10_000 + 100 * (i + 1), 2000, 20_000 + 7 * (i + 1))}
             time.sleep(0.01)
     batch = np.concatenate(batches)
-    mine = batch[batch["tenant"] == "acme"]
+    mine = batch[batch["tenant"] == code("acme")]
     total_rx = int(mine["vf_rx_packets"].sum())
     last_i = max(0, len(batches) - 2)
     assert total_rx in (10 * (last_i + 1), 10 * (last_i + 2))
-    assert set(mine["vf_source"]) == {"vf"}
-    assert np.all(batch["vf_rx_packets"][batch["tenant"] == "idle"] == NULL)
+    assert set(text(mine, "vf_source")) == {"vf"}
+    assert np.all(batch["vf_rx_packets"][batch["tenant"] == code("idle")] == NULL)

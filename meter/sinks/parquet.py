@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import MeterError
 from ..paths import private_dir, write_whole
-from ..records import COUNTER_COLUMNS, FIELDS, NULL, RECORD_DTYPE
+from ..records import COUNTER_COLUMNS, FIELDS, NULL, TEXT_FIELDS, factorize
 
 __all__ = ["record_table", "write_parquet"]
 
@@ -36,8 +36,11 @@ def record_table(batch: np.ndarray, *, skip: tuple[str, ...] = ()) -> Any:
         col = batch[name]
         if name in COUNTER_COLUMNS:
             cols[name] = pa.array(col, mask=col == NULL, type=pa.int64())
-        elif RECORD_DTYPE[name].kind == "O":
-            cols[name] = pa.array([v if v else None for v in col.tolist()], type=pa.string())
+        elif name in TEXT_FIELDS:
+            # A dictionary-encoded column written as plain strings ("" as null).
+            table, index = factorize(col)
+            strings = pa.array([v if v else None for v in table], type=pa.string())
+            cols[name] = pa.DictionaryArray.from_arrays(pa.array(index, pa.int32()), strings).cast(pa.string())
         else:
             cols[name] = pa.array(col)
     return pa.table(cols)
@@ -54,9 +57,10 @@ def write_parquet(batch: np.ndarray, root: str | Path) -> list[Path]:
     if len(batch) == 0:
         return written
     days = (batch["window_start_ns"] // 86_400_000_000_000).astype(np.int64)
-    for host in sorted(set(batch["host"].tolist())):
-        for day in np.unique(days[batch["host"] == host]).tolist():
-            part = batch[(batch["host"] == host) & (days == day)]
+    hosts, index = factorize(batch["host"])
+    for h, host in sorted(enumerate(hosts), key=lambda p: p[1]):
+        for day in np.unique(days[index == h]).tolist():
+            part = batch[(index == h) & (days == day)]
             date = datetime.date(1970, 1, 1) + datetime.timedelta(days=int(day))
             directory = private_dir(root / f"host={host}" / f"date={date.isoformat()}")
             path = directory / f"part-{int(part['seq'].min()):012d}.parquet"

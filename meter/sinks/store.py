@@ -45,7 +45,8 @@ from ..records import (
     COUNTER_COLUMNS,
     ESTIMATE_COLUMNS,
     FIELDS,
-    RECORD_DTYPE,
+    NAMES,
+    TEXT_FIELDS,
     build,
     estimate_counts,
     factorize,
@@ -172,7 +173,7 @@ class Store:
         if len(batch) == 0:
             return 0
         if self._lock_fd is None:
-            self.claim(str(batch["host"][0]))
+            self.claim(NAMES.text(int(batch["host"][0])))
         try:
             self.db.execute("BEGIN IMMEDIATE")
             try:
@@ -269,7 +270,7 @@ class Store:
         if end_ns is not None:
             keep &= out["window_start_ns"] < end_ns
         if tenant is not None:
-            keep &= out["tenant"] == tenant
+            keep &= out["tenant"] == NAMES.code(tenant)
         return out[keep]
 
     def chunk_ranges(self, host: str, after_seq: int) -> list[tuple[int, int]]:
@@ -430,8 +431,8 @@ _MAGIC = b"MTRC1"
 class _Columns:
     """A batch's columns, computed once per write: int64 matrix and factorized strings."""
 
-    int_names = [name for name in FIELDS if RECORD_DTYPE[name].kind in "iu"]
-    str_names = [name for name in FIELDS if RECORD_DTYPE[name].kind == "O"]
+    int_names = [name for name in FIELDS if name not in TEXT_FIELDS]
+    str_names = list(TEXT_FIELDS)
 
     def __init__(self, batch: np.ndarray) -> None:
         self.n = len(batch)
@@ -466,5 +467,5 @@ def _decode(blob: bytes) -> np.ndarray:
     for name, table in strs.items():
         code = np.frombuffer(blob, "<i4", count=n, offset=off)
         off += code.nbytes
-        data[name] = np.asarray(table, dtype=object)[code] if table else np.full(n, "", dtype=object)
+        data[name] = NAMES.codes(table)[code] if table else np.zeros(n, np.int32)
     return build(n, data)

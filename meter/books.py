@@ -26,6 +26,7 @@ __all__ = ["ENERGY_DOMAINS", "Books", "EnergyBooks"]
 
 #: Energy domains apportioned to records (cores/uncore are parts of the package).
 ENERGY_DOMAINS = ("package", "dram")
+_COUNTER_AT = [records.COLUMN[name] for name in records.COUNTER_COLUMNS]
 _PORT_FIELDS = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes",
                 "rx_wire_packets", "rx_wire_bytes", "tx_wire_packets", "tx_wire_bytes")
 
@@ -58,10 +59,21 @@ class Books:
         """Add a batch (records with their rows) and its packet drain."""
         if len(out):
             self.grow(int(row.max()) + 1)
-            values = np.stack([out[name] for name in records.COUNTER_COLUMNS], axis=1)
-            first, sums, seen = records.null_sums(row, values)
-            self.tot[row[first]] += sums
-            self.avail[row[first]] |= seen
+            # Which counters each record has measured: one pass over the batch for all
+            # of them; then each measured column summed in place by row (np.add.at:
+            # exact, no sort).
+            values = records.matrix(out)[:, _COUNTER_AT]
+            measured = values != records.NULL
+            every, some = measured.all(axis=0), measured.any(axis=0)
+            for j in np.flatnonzero(some).tolist():
+                col = values[:, j]
+                if every[j]:
+                    np.add.at(self.tot[:, j], row, col)
+                    self.avail[row, j] = True
+                else:
+                    mine = measured[:, j]
+                    np.add.at(self.tot[:, j], row[mine], col[mine])
+                    self.avail[row[mine], j] = True
         if nd is not None:
             for port, kind, *figures in ((nd.port, nd.kind, nd.packets, nd.bytes, nd.wire_packets, nd.wire_bytes),
                                          (nd.late_port, nd.late_kind, nd.late_packets, nd.late_bytes,

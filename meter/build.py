@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from . import records
-from .bpfabi import GIVEN_BIT, KIND_RX, PORT_CGID_BIT
+from .bpfabi import GIVEN_BIT, KIND_RX, MAX_COUNTERS, PORT_CGID_BIT
 from .perf import CounterPlan
 from .resolver import IDLE_ROW, LATE_ROW, PSEUDO_ROWS, SCHED_ROW
 from .sources.net import NetDrain
@@ -29,6 +29,10 @@ _PACKET_SUMS = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes",
 SUMS = ("cpu_ns", "softirq_ns", "softirq_given_ns", *_PACKET_SUMS,
         "vf_rx_packets", "vf_rx_bytes", "vf_tx_packets", "vf_tx_bytes")
 _NET_SUMS = ("softirq_ns", *_PACKET_SUMS)
+#: The counter columns' names among the sums (counter i of the plan).
+_COUNT = tuple(f"count{i}" for i in range(MAX_COUNTERS))
+#: One source's entries: window, row, and the columns it has (the others are 0).
+_Part = tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]
 #: Provenance texts' codes (records.NAMES).
 _LATE, _CLOCK, _KERNEL, _TC = (records.code(t) for t in ("late", "clock", "kernel", "tc"))
 
@@ -97,22 +101,23 @@ def build(d: SchedDrain, nd: NetDrain | None, vf: dict[int, tuple[int, int, int,
           rows: Rows, ctx: Context) -> Built:
     """Merge one drain of every source into records, sorted by (window, row)."""
     ncount = d.counts.shape[1]
-    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    parts: list[_Part] = []
 
     def add(window: np.ndarray, row: np.ndarray, **cols: np.ndarray) -> None:
-        vals = np.zeros((len(window), len(SUMS) + ncount), np.int64)
-        for name, col in cols.items():
-            if name == "counts":
-                vals[:, len(SUMS):] = col
-            else:
-                vals[:, SUMS.index(name)] = col
-        parts.append((window, row, vals))
+        if "counts" in cols:
+            counts = cols.pop("counts")
+            cols.update({_COUNT[i]: counts[:, i] for i in range(ncount)})
+        parts.append((window, row, cols))
 
     def charged(window: np.ndarray, cgid: np.ndarray, ns: np.ndarray, counts: np.ndarray, off: int) -> int:
         """Add CPU-source entries (rows shifted by ``off``: late ones); returns
         what they add to their windows' ncpu x W."""
         is_port = cgid >= np.uint64(PORT_CGID_BIT)
         is_given = ~is_port & (cgid >= np.uint64(GIVEN_BIT))
+        if not is_given.any() and not is_port.any():  # the usual drain: CPU time only, no copies
+            if len(cgid):
+                add(window, rows.rows(cgid) + off, cpu_ns=ns, counts=counts)
+            return int(ns.sum())
         is_cpu = ~is_port & ~is_given
         if np.any(is_cpu):
             add(window[is_cpu], rows.rows(cgid[is_cpu]) + off, cpu_ns=ns[is_cpu], counts=counts[is_cpu])
@@ -126,8 +131,12 @@ def build(d: SchedDrain, nd: NetDrain | None, vf: dict[int, tuple[int, int, int,
         return int(ns[~is_given].sum() - ns[is_given].sum())
 
     keep = d.window >= ctx.first_window
-    warmup = int(np.unique(d.window[~keep]).size)
-    charged(d.window[keep], d.cgid[keep], d.ns[keep], d.counts[keep], 0)
+    if keep.all():
+        warmup = 0
+        charged(d.window, d.cgid, d.ns, d.counts, 0)
+    else:
+        warmup = int(np.unique(d.window[~keep]).size)
+        charged(d.window[keep], d.cgid[keep], d.ns[keep], d.counts[keep], 0)
     budget = ctx.late_budget_ns
     if len(d.late_cgid) and ctx.closed_window >= ctx.first_window:
         # Late: billed to its row in the newest window closed, as a record of its own.
@@ -160,12 +169,18 @@ def build(d: SchedDrain, nd: NetDrain | None, vf: dict[int, tuple[int, int, int,
         return Built(records.empty(0), empty, empty, warmup, budget, spill)
     window = np.concatenate([p[0] for p in parts])
     row = np.concatenate([p[1] for p in parts])
-    vals = np.concatenate([p[2] for p in parts])
-    first, g = records.group_sums((window - window.min()) * (2 * rows.nrows) + row, vals)
+    names = [name for name in (*SUMS, *_COUNT[:ncount]) if any(name in p[2] for p in parts)]
+    vals = np.empty((len(window), len(names)), np.int64)
+    for j, name in enumerate(names):
+        vals[:, j] = np.concatenate([p[2].get(name, np.zeros(len(p[0]), np.int64)) for p in parts])
+    w0 = int(window.min())
+    first, g = records.group_sums((window - w0) * (2 * rows.nrows) + row, vals)
+    sums = dict(zip(names, g.T))
     g_row = row[first]
     late = g_row >= rows.nrows
-    out = _records(window[first], g_row - np.where(late, rows.nrows, 0), g, rows, ctx, late)
-    return Built(out, window[first], g_row - np.where(late, rows.nrows, 0), warmup, budget, spill)
+    g_row = g_row - np.where(late, rows.nrows, 0)
+    out = _records(window[first], g_row, sums, ncount, rows, ctx, late)
+    return Built(out, window[first], g_row, warmup, budget, spill)
 
 
 def _directions(rx: np.ndarray, packets: np.ndarray, nbytes: np.ndarray, wire_packets: np.ndarray,
@@ -178,16 +193,17 @@ def _directions(rx: np.ndarray, packets: np.ndarray, nbytes: np.ndarray, wire_pa
     return out
 
 
-def _row_times(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], rows: list[int], lo: int,
-               hi: int) -> dict[int, np.ndarray]:
+def _row_times(parts: list[_Part], rows: list[int], lo: int, hi: int) -> dict[int, np.ndarray]:
     """cpu_ns of each of ``rows`` in each window lo..hi of the parts, in one pass."""
     index = np.full(max(rows) + 1, -1, np.int64)
     index[rows] = np.arange(len(rows))
     have = np.zeros((len(rows), hi - lo + 1), np.int64)
-    for window, r, vals in parts:
+    for window, r, cols in parts:
+        if "cpu_ns" not in cols:
+            continue
         pick = np.where(r <= index.size - 1, index[np.minimum(r, index.size - 1)], -1)
         inside = (pick >= 0) & (window >= lo) & (window <= hi)
-        np.add.at(have, (pick[inside], window[inside] - lo), vals[inside, SUMS.index("cpu_ns")])
+        np.add.at(have, (pick[inside], window[inside] - lo), cols["cpu_ns"][inside])
     return {row: have[i] for i, row in enumerate(rows)}
 
 
@@ -198,7 +214,7 @@ def _greedy(avail: np.ndarray, want: int) -> np.ndarray:
     return take[::-1]
 
 
-def _settle(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], spill: dict[int, int], nrows: int,
+def _settle(parts: list[_Part], spill: dict[int, int], nrows: int,
             ctx: Context, add: Any) -> dict[int, int]:
     """Settle kernel/clock differences the kernel had no per-CPU entry for
     (docs/architecture.md, "CPU time"): a row owed time gets it out of idle's,
@@ -236,7 +252,7 @@ def _settle(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], spill: dict[
     return left
 
 
-def _late_rows(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], budget: int, nrows: int, ctx: Context,
+def _late_rows(parts: list[_Part], budget: int, nrows: int, ctx: Context,
                add: Any) -> int:
     """Give each window this drain closed that is short of ncpu x W a ``late``
     row for what it is short, out of ``budget`` (late time billed in other
@@ -248,10 +264,11 @@ def _late_rows(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], budget: i
     if hi < lo:
         return budget
     have = np.zeros(hi - lo + 1, np.int64)
-    for window, row, vals in parts:
+    for window, row, cols in parts:
         inside = (row < nrows) & (window >= lo) & (window <= hi)
-        net = vals[inside, SUMS.index("cpu_ns")] + vals[inside, SUMS.index("softirq_ns")] - vals[
-            inside, SUMS.index("softirq_given_ns")]
+        net = sum((sign * cols[name][inside] for name, sign in (("cpu_ns", 1), ("softirq_ns", 1),
+                                                                 ("softirq_given_ns", -1)) if name in cols),
+                  np.zeros(int(inside.sum()), np.int64))
         np.add.at(have, window[inside] - lo, net)
     short = np.maximum(ctx.ncpu * ctx.window_ns - have, 0)
     fill = np.minimum(short, np.maximum(budget - (np.cumsum(short) - short), 0))
@@ -261,12 +278,18 @@ def _late_rows(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], budget: i
     return budget - int(fill.sum())
 
 
-def _records(g_window: np.ndarray, g_row: np.ndarray, g: np.ndarray, rows: Rows, ctx: Context,
-             late: np.ndarray) -> np.ndarray:
-    """Records from per-(window, row) sums (``g``: columns :data:`SUMS`, then
-    counters); ``late`` marks records of late time (cpu_source ``late``)."""
+def _records(g_window: np.ndarray, g_row: np.ndarray, sums: dict[str, np.ndarray], ncount: int, rows: Rows,
+             ctx: Context, late: np.ndarray) -> np.ndarray:
+    """Records from per-(window, row) sums (``sums``: the :data:`SUMS` and
+    counter columns any entry had; the others are 0); ``late`` marks records
+    of late time (cpu_source ``late``)."""
     n = len(g_row)
-    g_ns = g[:, 0]
+    zero = np.zeros(n, np.int64)
+
+    def g(name: str) -> np.ndarray:
+        return sums.get(name, zero)
+
+    g_ns = g("cpu_ns")
     plan = ctx.plan
     cols: dict[str, Any] = {
         "window_start_ns": g_window * ctx.window_ns + ctx.offset_ns,
@@ -283,10 +306,10 @@ def _records(g_window: np.ndarray, g_row: np.ndarray, g: np.ndarray, rows: Rows,
         "counters_source": plan.source,
     }
     for i, field in enumerate(plan.events):
-        cols[field] = g[:, len(SUMS) + i]
+        cols[field] = g(_COUNT[i])
     if "cycles" in plan.estimated and plan.hz:
         # Softirq time spent for the compartment runs cycles too (and time given away does not).
-        cycles = (g_ns + g[:, 1] - g[:, 2]) * plan.hz // 1_000_000_000
+        cycles = (g_ns + g("softirq_ns") - g("softirq_given_ns")) * plan.hz // 1_000_000_000
         # Idle ran none; the late row's time is billed (with its cycles) in another window.
         cycles[(g_row == IDLE_ROW) | ((g_row == LATE_ROW) & ~late)] = records.NULL
         cols["cycles"] = cycles
@@ -294,14 +317,14 @@ def _records(g_window: np.ndarray, g_row: np.ndarray, g: np.ndarray, rows: Rows,
         # Net fields are measured (0 when quiet) for rows with ports, absent for the rest.
         has_ports = _flag(ctx.row_has_ports, g_row)
         for name in _NET_SUMS:
-            cols[name] = np.where(has_ports, g[:, SUMS.index(name)], records.NULL)
+            cols[name] = np.where(has_ports, g(name), records.NULL)
         cols["net_source"] = np.where(has_ports, _TC, 0)
         # Any row's time can be interrupted by packet work for others' ports.
-        cols["softirq_given_ns"] = g[:, SUMS.index("softirq_given_ns")]
+        cols["softirq_given_ns"] = g("softirq_given_ns")
     if ctx.row_has_vfs is not None:
         has_vfs = _flag(ctx.row_has_vfs, g_row)
         for name in VF_FIELDS:
-            cols[name] = np.where(has_vfs, g[:, SUMS.index(name)], records.NULL)
+            cols[name] = np.where(has_vfs, g(name), records.NULL)
         cols["vf_source"] = np.where(has_vfs, records.code(ctx.vf_source), 0)
     return records.build(n, cols)
 

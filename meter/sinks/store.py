@@ -14,9 +14,12 @@ root, ``$XDG_DATA_HOME/meter/records.db`` otherwise, or ``$METER_STORE``.
   (default 7 days) and are deleted.
 
 Raw records are stored as one *chunk* per batch (the batch's columns as
-compact binary: integer columns as little-endian int64, strings as a
-table plus int32 codes; no pickle), which appends at millions of records
-per second; rollups are ordinary SQL tables.
+compact binary, no pickle: each number column as its least value and the
+offsets from it in the narrowest width that holds them, a column with one
+value as that value alone; text as the chunk's own string table and
+indexes into it), about 5 bytes a record for a busy host's 1 ms records;
+rollups are ordinary SQL tables, computed from the columns in one grouped
+pass for 1 s and from those groups for 1 h.
 
 The file is created mode 0600: it holds billing data. One process writes
 a store at a time (:meth:`Store.claim`, an advisory lock on
@@ -42,15 +45,20 @@ import numpy as np
 from ..errors import SinkError
 from ..paths import meter_path, open_private, private_dir
 from ..records import (
+    COLUMN,
     COUNTER_COLUMNS,
     ESTIMATE_COLUMNS,
     FIELDS,
     NAMES,
+    NULL,
     TEXT_FIELDS,
     build,
     estimate_counts,
     factorize,
-    null_sums,
+    from_matrix,
+    group_sums,
+    matrix,
+    unique_ints,
 )
 
 __all__ = ["ROLLUPS", "ROLLUP_COLUMNS", "Store", "default_path", "rollup_rows"]
@@ -180,10 +188,10 @@ class Store:
                 new = self._new_only(batch)
                 if len(new):
                     cols = _Columns(new)
-                    seconds = rollup_rows(new, ROLLUPS["rollup_1s"], cols)
-                    self._insert(new, cols, seconds)
-                    self._rollup(new, cols, seconds)
-                    self._expire(int(new["window_start_ns"].max()))
+                    periods = _rollups(cols, tuple(ROLLUPS.values()))
+                    self._insert(new, cols, periods[ROLLUPS["rollup_1s"]])
+                    self._rollup(periods)
+                    self._expire(int(cols.hi[COLUMN["window_start_ns"]]))
                 self.db.execute("COMMIT")
                 self.count += len(new)
             except BaseException:
@@ -203,10 +211,11 @@ class Store:
 
     def _new_only(self, batch: np.ndarray) -> np.ndarray:
         """Rows not stored yet: per host, seq above the highest stored."""
-        parts = [part[part["seq"] >= self.next_seq(host)] for host, part in self._by_host(batch)]
-        if len(parts) == 1:
-            return parts[0] if len(parts[0]) < len(batch) else batch
-        return np.concatenate(parts)
+        parts = []
+        for host, part in self._by_host(batch):
+            seq, first = part["seq"], self.next_seq(host)
+            parts.append(part if int(seq.min()) >= first else part[seq >= first])  # the usual case: no copy
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def _insert(self, batch: np.ndarray, cols: _Columns, seconds: list[tuple[Any, ...]]) -> None:
         import json
@@ -223,9 +232,9 @@ class Store:
         self.db.executemany("INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
         self.db.executemany("INSERT OR IGNORE INTO chunk_rollups VALUES (?, ?, ?, ?)", rollups)
 
-    def _rollup(self, batch: np.ndarray, cols_: _Columns, seconds: list[tuple[Any, ...]]) -> None:
-        """Add the batch's integer sums into every rollup (same transaction as the insert);
-        ``seconds`` is its 1 s rollup, computed once."""
+    def _rollup(self, periods: dict[int, list[tuple[Any, ...]]]) -> None:
+        """Add the batch's integer sums (its rollup rows per period) into every rollup
+        (same transaction as the insert)."""
         cols = ", ".join(ROLLUP_COLUMNS)
         marks = ", ".join("?" * (5 + len(ROLLUP_COLUMNS)))
         # NULL + n stays n; n + NULL stays n: a family measured anywhere in a period is summed.
@@ -236,7 +245,7 @@ class Store:
                 f"INSERT INTO {table} (host, tenant, compartment, period_start_ns, records, {cols}) VALUES ({marks}) "
                 f"ON CONFLICT (host, tenant, compartment, period_start_ns) DO UPDATE SET "
                 f"records = records + excluded.records, {updates}",
-                seconds if period == ROLLUPS["rollup_1s"] else rollup_rows(batch, period, cols_),
+                periods[period],
             )
 
     def _expire(self, newest_ns: int) -> None:
@@ -385,27 +394,84 @@ def rollup_rows(batch: np.ndarray, period: int, cols_: _Columns | None = None) -
     ``cols_`` is the batch's columns when the caller has them already."""
     if len(batch) == 0:
         return []
-    cols_ = cols_ if cols_ is not None else _Columns(batch)
-    window_start_ns = batch["window_start_ns"]
-    (hosts, h), (tenants, t), (comps, c) = (cols_.strings[f] for f in ("host", "tenant", "compartment"))
-    combined = (h.astype(np.int64) * len(tenants) + t) * len(comps) + c
-    uniq, who = np.unique(combined, return_inverse=True)
-    labels = [(hosts[u // (len(tenants) * len(comps))], tenants[u // len(comps) % len(tenants)], comps[u % len(comps)])
-              for u in uniq.tolist()]
-    values = np.concatenate([cols_.ints[[cols_.int_names.index(n) for n in COUNTER_COLUMNS]],
-                             estimate_counts(cols_.strings, cols_.n)]).T
-    pstart = window_start_ns // period
-    base = pstart.min()
-    key = (pstart - base) * len(labels) + who
-    first, sums, seen = null_sums(key, values)
-    counts = np.bincount(np.searchsorted(key[first], key), minlength=len(first))
-    g_who = (key[first] % len(labels)).tolist()
-    g_start = ((key[first] // len(labels) + base) * period).tolist()
-    sums_l, seen_l = sums.tolist(), seen.tolist()
-    return [
-        (*labels[g_who[g]], g_start[g], int(counts[g]), *[v if ok else None for v, ok in zip(sums_l[g], seen_l[g])])
-        for g in range(len(first))
-    ]
+    return _rollups(cols_ if cols_ is not None else _Columns(batch), (period,))[period]
+
+
+def _rollups(cols: _Columns, periods: tuple[int, ...]) -> dict[int, list[tuple[Any, ...]]]:
+    """Rollup rows (as :func:`rollup_rows`) for each period, each a multiple of the
+    first: one grouped pass over the records for the first period, and each
+    other period summed from its groups (a few per compartment, not per record).
+
+    Only columns measured somewhere in the batch are summed; a column with
+    NULLs in it is summed as 0 there, and a group in which it was never
+    measured gets None.
+    """
+    finest = periods[0]
+    (hosts, h), (tenants, t), (comps, c) = (cols.strings[f] for f in ("host", "tenant", "compartment"))
+    labels, who = unique_ints((h.astype(np.int64) * len(tenants) + t) * len(comps) + c)
+    nlab = len(labels)
+    names = [hosts[u // (len(tenants) * len(comps))] for u in labels.tolist()], \
+        [tenants[u // len(comps) % len(tenants)] for u in labels.tolist()], [comps[u % len(comps)] for u in labels.tolist()]
+    # Columns: the record count, each measured rollup column, then a "measured here" count
+    # for each column with NULLs in it.
+    parts: list[np.ndarray] = [np.ones(cols.n, np.int64)]
+    summed: list[str] = []
+    partial: list[str] = []
+    for name in COUNTER_COLUMNS:
+        state = cols.measured(name)
+        if state == "none":
+            continue
+        col = cols.column(name)
+        summed.append(name)
+        if state == "some":
+            present = col != NULL
+            parts.append(np.where(present, col, 0))
+            partial.append(name)
+        else:
+            parts.append(col)
+    est = estimate_counts(cols.strings, cols.n)
+    for i, name in enumerate(ESTIMATE_COLUMNS):
+        summed.append(name)
+        parts.append(est[i])
+    parts += [(cols.column(name) != NULL).astype(np.int64) for name in partial]
+    values = np.stack(parts, axis=1)
+    p = cols.column("window_start_ns") // finest
+    base = int(p.min())
+    first, sums = group_sums((p - base) * nlab + who, values)
+    g_key = ((p - base) * nlab + who)[first]
+    g_who, g_p = g_key % nlab, g_key // nlab + base
+    out = {finest: _rollup_tuples(names, g_who, g_p * finest, sums, summed, partial)}
+    for period in periods[1:]:
+        q = (g_p * finest) // period
+        qbase = int(q.min())
+        key = (q - qbase) * nlab + g_who
+        first2, sums2 = group_sums(key, sums)
+        k2 = key[first2]
+        out[period] = _rollup_tuples(names, k2 % nlab, (k2 // nlab + qbase) * period, sums2, summed, partial)
+    return out
+
+
+def _rollup_tuples(names: tuple[list[str], list[str], list[str]], who: np.ndarray, start: np.ndarray,
+                   sums: np.ndarray, summed: list[str], partial: list[str]) -> list[tuple[Any, ...]]:
+    """Rollup rows from group sums (columns: records, ``summed``, then the measured
+    counts of ``partial``), sorted by (period start, host, tenant, compartment)."""
+    g = len(who)
+    columns: list[list[Any]] = []
+    for name in ROLLUP_COLUMNS:
+        if name not in summed:
+            columns.append([None] * g)
+            continue
+        v = sums[:, 1 + summed.index(name)]
+        if name in partial:
+            seen = sums[:, 1 + len(summed) + partial.index(name)] > 0
+            columns.append([x if ok else None for x, ok in zip(v.tolist(), seen.tolist())])
+        else:
+            columns.append(v.tolist())
+    w = who.tolist()
+    rows = list(zip([names[0][i] for i in w], [names[1][i] for i in w], [names[2][i] for i in w], start.tolist(),
+                    sums[:, 0].tolist(), *columns))
+    rows.sort(key=lambda r: (r[3], r[0], r[1], r[2]))
+    return rows
 
 
 def merge_rollup_rows(rows: Any) -> list[tuple[Any, ...]]:
@@ -425,38 +491,106 @@ def merge_rollup_rows(rows: Any) -> list[tuple[Any, ...]]:
     return [tuple(out[k]) for k in sorted(out)]
 
 
-_MAGIC = b"MTRC1"
+_MAGIC = b"MTRC1"  # every column int64, text as table + int32 index
+_MAGIC2 = b"MTRC2"  # each column as its base and the narrowest width that holds it
+_WIDTHS = ((1 << 8, "<u1"), (1 << 16, "<u2"), (1 << 32, "<u4"))
 
 
 class _Columns:
-    """A batch's columns, computed once per write: int64 matrix and factorized strings."""
-
-    int_names = [name for name in FIELDS if name not in TEXT_FIELDS]
-    str_names = list(TEXT_FIELDS)
+    """A batch's columns, computed once per write: its int64 matrix, each column's
+    range (one pass over memory for all of them) and its text fields factorized."""
 
     def __init__(self, batch: np.ndarray) -> None:
         self.n = len(batch)
-        self.ints = np.empty((len(self.int_names), self.n), "<i8")
-        for i, name in enumerate(self.int_names):
-            self.ints[i] = batch[name]
-        self.strings = {name: factorize(batch[name]) for name in self.str_names}
+        self.m = matrix(batch)
+        self.lo = self.m.min(axis=0)
+        self.hi = self.m.max(axis=0)
+        self.strings = {}
+        for name in TEXT_FIELDS:
+            j = COLUMN[name]
+            if self.lo[j] == self.hi[j]:  # one value in the batch: no pass over it
+                self.strings[name] = ([NAMES.text(int(self.lo[j]))], np.zeros(self.n, np.int32))
+            else:
+                self.strings[name] = factorize(np.ascontiguousarray(self.m[:, j]))
+
+    def column(self, name: str) -> np.ndarray:
+        return self.m[:, COLUMN[name]]
+
+    def measured(self, name: str) -> str:
+        """``none``, ``some`` or ``all`` of the batch's records have ``name`` measured."""
+        j = COLUMN[name]
+        if self.lo[j] == NULL and self.hi[j] == NULL:
+            return "none"
+        return "some" if self.lo[j] <= NULL <= self.hi[j] and bool((self.m[:, j] == NULL).any()) else "all"
+
+
+def _width(span: int) -> str:
+    return next((dt for limit, dt in _WIDTHS if span < limit), "<u8")
 
 
 def _encode(batch: np.ndarray, cols: _Columns) -> bytes:
-    """A batch as bytes: JSON header, int64 columns, int32 string codes."""
+    """A batch as bytes: JSON header, then each column that varies as its offsets
+    from its least value in the narrowest width (a constant column is its value
+    alone); text as a table and indexes into it."""
     import json
 
-    tables = {name: cols.strings[name][0] for name in cols.str_names}
-    header = json.dumps({"n": cols.n, "ints": cols.int_names, "strs": tables}).encode()
-    body = cols.ints.tobytes() + b"".join(cols.strings[name][1].astype("<i4").tobytes() for name in cols.str_names)
-    return _MAGIC + len(header).to_bytes(4, "little") + header + body
+    header: dict[str, Any] = {"n": cols.n, "ints": [], "strs": {}}
+    body: list[bytes] = []
+    texts: list[bytes] = []  # after the numbers
+    for name in FIELDS:
+        j = COLUMN[name]
+        if name in TEXT_FIELDS:
+            table, index = cols.strings[name]
+            dt = None if len(table) == 1 else _width(len(table))
+            header["strs"][name] = [table, dt]
+            if dt is not None:
+                texts.append(index.astype(dt).tobytes())
+            continue
+        lo, hi = int(cols.lo[j]), int(cols.hi[j])
+        dt = None if lo == hi else _width(hi - lo)
+        header["ints"].append([name, lo, dt])
+        if dt is not None:  # wrapping int64 arithmetic: exact bits for any span
+            body.append((cols.m[:, j] - cols.lo[j]).astype(dt).tobytes())
+    head = json.dumps(header, separators=(",", ":")).encode()
+    return _MAGIC2 + len(head).to_bytes(4, "little") + head + b"".join(body + texts)
 
 
 def _decode(blob: bytes) -> np.ndarray:
     import json
 
-    if not blob.startswith(_MAGIC):
+    if blob.startswith(_MAGIC):
+        return _decode1(blob)
+    if not blob.startswith(_MAGIC2):
         raise SinkError("a chunk in the record store is not in meter's format")
+    hlen = int.from_bytes(blob[5:9], "little")
+    header = json.loads(blob[9 : 9 + hlen])
+    n = header["n"]
+    m = np.empty((n, len(FIELDS)), np.int64)
+    off = 9 + hlen
+    for name, base, dt in header["ints"]:
+        j = COLUMN[name]
+        if dt is None:
+            m[:, j] = np.int64(base) if base < 2**63 else np.uint64(base).view(np.int64)
+            continue
+        v = np.frombuffer(blob, dt, count=n, offset=off)
+        off += v.nbytes
+        m[:, j] = (v.view(np.int64) if dt == "<u8" else v.astype(np.int64)) + np.int64(base)
+    for name in TEXT_FIELDS:
+        table, dt = header["strs"][name]
+        codes = NAMES.codes(table)
+        if dt is None:
+            m[:, COLUMN[name]] = codes[0]
+            continue
+        index = np.frombuffer(blob, dt, count=n, offset=off)
+        off += index.nbytes
+        m[:, COLUMN[name]] = codes[index]
+    return from_matrix(m)
+
+
+def _decode1(blob: bytes) -> np.ndarray:
+    """A chunk written before stop 32 (every column int64)."""
+    import json
+
     hlen = int.from_bytes(blob[5:9], "little")
     header = json.loads(blob[9 : 9 + hlen])
     n, ints, strs = header["n"], header["ints"], header["strs"]
@@ -467,5 +601,5 @@ def _decode(blob: bytes) -> np.ndarray:
     for name, table in strs.items():
         code = np.frombuffer(blob, "<i4", count=n, offset=off)
         off += code.nbytes
-        data[name] = NAMES.codes(table)[code] if table else np.zeros(n, np.int32)
+        data[name] = NAMES.codes(table)[code] if table else np.zeros(n, np.int64)
     return build(n, data)

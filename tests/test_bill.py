@@ -27,7 +27,7 @@ from meter.bill import (
 from meter.economics import Assumptions, model, tenant_charges
 from meter.errors import ConfigError, MeterError, SinkError
 from meter.focus import FOCUS_COLUMNS, focus_rows
-from meter.records import NULL, build, code
+from meter.records import NULL, build, code, text
 from meter.sinks.parquet import write_parquet
 from meter.sinks.store import Store
 
@@ -343,7 +343,7 @@ def test_kill_9_loses_at_most_the_batch_in_flight_and_restart_continues(tmp_path
     p.wait()
     with Store(store) as s:
         first = s.records()
-        nxt = s.next_seq(first["host"][0])
+        nxt = s.next_seq(text(first, "host")[0])
     assert len(first) > 500 and nxt == int(first["seq"].max()) + 1
     p = subprocess.Popen([*cmd, "--duration", "1.5"], stderr=subprocess.PIPE, text=True)
     _, err = p.communicate(timeout=60)

@@ -253,7 +253,7 @@ def test_cgroups_beyond_the_ring_keep_their_usage_as_unattributed(cgroups):
             p.wait()
         kernel_ns = sum(cpu_usage_usec(cgroups.root / f"c{i}") for i in range(12)) * 1000
     un = int(batch["cpu_ns"][batch["tenant"] == code("unattributed")].sum())
-    rowed = int(batch["cpu_ns"][np.char.startswith(batch["tenant"].astype(str), "c")].sum())
+    rowed = int(batch["cpu_ns"][np.char.startswith(text(batch, "tenant").astype(str), "c")].sum())
     assert un > 0 and len(np.unique(batch["tenant"][batch["cpu_ns"] > 0])) <= 6
     # The burners' work is in their rows or in unattributed (0.2 %, and cpu.stat's 1 us per cgroup).
     assert rowed + un >= kernel_ns * 0.998 - 12_000, (rowed, un, kernel_ns)

@@ -9,7 +9,7 @@ wall time, i.e. the baseline is one core over the same run.
 
     sudo .venv/bin/python benchmarks/drain_cpu.py [--seconds 10] [--compartments 100]
 
-Goal: < 2% of one core.
+Goal (issue "Big hosts"): < 1% of one core (it was < 2% before).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def main() -> list[Result]:
     pct = cpu / wall * 100
     busy = len(meter.row_names) - PSEUDO_ROWS  # less meter's own rows
     return [Result(f"drain loop CPU, {args.compartments} compartments, 1 ms windows", pct, "% of a core",
-                   100.0, "one core over the same run", pct / 100, "< 2%", pct < 2,
+                   100.0, "one core over the same run", pct / 100, "< 1%", pct < 1,
                    {"records": records, "records_per_s": records / wall, "compartments_seen": busy,
                     "drain_interval_s": meter.drain_interval})]
 

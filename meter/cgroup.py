@@ -11,12 +11,13 @@ Readers take an overridable root so tests can point them at a fake tree.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from . import host
 from .errors import CgroupError
 
-__all__ = ["CgroupIndex", "cgroup_id", "cpu_usage_usec", "find_mount"]
+__all__ = ["CgroupIndex", "DirWatch", "cgroup_id", "cpu_usage_usec", "find_mount"]
 
 
 def find_mount(root: str | Path | None = None) -> Path:
@@ -51,6 +52,50 @@ def cgroup_id(path: str | Path) -> int:
         raise CgroupError(f"cgroup {path} does not exist: create it or fix the topology", path=str(path)) from err
     except OSError as err:
         raise CgroupError(f"cannot stat cgroup {path}: {err.strerror}", path=str(path)) from err
+
+
+class DirWatch:
+    """Has any directory been made, removed or moved in these directories (inotify)?
+
+    cgroupfs reports mkdir and rmdir to inotify like any filesystem, so a
+    compartment whose cgroup was removed and made again (a new id) shows up
+    as an event in its parent: following ids costs one non-blocking read a
+    drain instead of a stat per compartment (3 % of a core for 1,000 at 4
+    drains a second). ``changed()`` is True on its first call, after any
+    event, while a directory could not be watched (not there yet), and if
+    the kernel's event queue overflowed; so a caller that rescans on True
+    misses nothing.
+    """
+
+    _MASK = 0x100 | 0x200 | 0x40 | 0x80 | 0x400 | 0x800  # CREATE, DELETE, MOVED_FROM/TO, DELETE/MOVE_SELF
+
+    def __init__(self, dirs: Iterable[Path]) -> None:
+        import ctypes
+
+        self.dirs = frozenset(dirs)
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self._fd = self._libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._blind = self._fd < 0
+        self._first = True
+        for d in self.dirs:
+            if self._fd < 0 or self._libc.inotify_add_watch(self._fd, os.fsencode(d), self._MASK) < 0:
+                self._blind = True  # not there yet (or no inotify): rescan every time
+
+    def changed(self) -> bool:
+        first, self._first = self._first, False
+        seen = False
+        if self._fd >= 0:
+            while True:
+                try:
+                    seen = bool(os.read(self._fd, 65536)) or seen
+                except BlockingIOError:
+                    break
+        return first or seen or self._blind
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 def cpu_usage_usec(path: str | Path) -> int:

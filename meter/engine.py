@@ -274,6 +274,8 @@ class Meter(DrainLoop):
     def _close_sources(self) -> None:
         """Detach tc filters first (they use the sched object's maps), then the rest."""
         self._ports.close()
+        if self._resolver is not None:
+            self._resolver.close()
         if self._vf is not None:
             self._vf.close()
             self._vf = None

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .bpfabi import IDLE_CGID, SCHED_CGID, STEAL_CGID, UNATTRIBUTED_CGID
-from .cgroup import CgroupIndex, cgroup_id
+from .cgroup import CgroupIndex, DirWatch, cgroup_id
 from .errors import CgroupError
 from .sources.base import KernelCompartments
 from .topology import HOST, IDLE, LATE, SCHED, STEAL, UNATTRIBUTED, Compartment, Topology
@@ -56,6 +56,8 @@ class Resolver:
         self.created: list[float] = [time.time()] * PSEUDO_ROWS
         self._rows: dict[int, int] = dict(_PSEUDO)
         self._table: _IdTable | None = None
+        self._watch: DirWatch | None = None
+        self._parents: tuple[Topology | None, frozenset[Path]] = (None, frozenset())
         self.unresolved = 0  # ids no scan could name (charged to host)
         #: Bumped whenever the compartments (and so their cgroup ids) change.
         self.generation = 0
@@ -126,6 +128,12 @@ class Resolver:
         return [c is None or ((c.tenant, c.name) in current and current[(c.tenant, c.name)].is_dir())
                 for c in self.compartments]
 
+    def close(self) -> None:
+        """Stop watching the compartments' directories (open again by the next refresh_ids)."""
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
+
     def refresh_ids(self) -> None:
         """Follow compartments whose cgroup was removed and made again under the
         same path (a restarted systemd service or container): a new id. The
@@ -133,6 +141,15 @@ class Resolver:
         would bill the compartment's new cgroup to the host without a word.
         The old id keeps its row (usage charged to it is still the
         compartment's)."""
+        if self._parents[0] is not self.topology:  # the directories to watch: once per topology
+            self._parents = (self.topology, frozenset(c.cgroup.parent for c in self.topology.compartments))
+        parents = self._parents[1]
+        if self._watch is not None and self._watch.dirs == parents and not self._watch.changed():
+            return  # no directory made or removed beside any compartment's since the last look
+        # Watch afresh first (a removed directory's watch is gone with it), then look.
+        self.close()
+        self._watch = DirWatch(parents)
+        self._watch.changed()
         rows = self._compartment_rows()
         changed = False
         for c in self.topology.compartments:

@@ -74,3 +74,26 @@ def test_cgroup_id_matches_what_bpf_sees(cgroups):
     finally:
         bpf.cleanup()
     assert cgroup_id(cg) in seen
+
+
+@pytest.mark.bpf
+def test_a_dir_watch_sees_cgroups_made_and_removed_on_the_real_cgroupfs(cgroups):
+    """Following compartments' ids rests on this: cgroupfs reports mkdir/rmdir to inotify."""
+    from meter.cgroup import DirWatch
+
+    parent = cgroups.make("tenant")
+    watch = DirWatch([parent])
+    try:
+        assert watch.changed()  # the first look is always a full one
+        assert not watch.changed()
+        cgroups.make("tenant/vswitch")
+        assert watch.changed() and not watch.changed()
+        (parent / "vswitch").rmdir()
+        assert watch.changed() and not watch.changed()
+    finally:
+        watch.close()
+    blind = DirWatch([parent, cgroups.root / "not-made-yet"])
+    try:  # a directory that cannot be watched yet: every look is a full one
+        assert blind.changed() and blind.changed()
+    finally:
+        blind.close()

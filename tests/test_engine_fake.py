@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from meter import NULL, Topology, build, records
+from meter import resolver as resolver_mod
 from meter.bpfabi import GIVEN_BIT, IDLE_CGID, KIND_RX, KIND_TX, PORT_CGID_BIT, SCHED_CGID, STEAL_CGID
 from meter.cgroup import cgroup_id
 from meter.engine import Meter, window_totals
@@ -741,3 +742,24 @@ def test_a_compartment_cgroup_made_again_under_its_path_is_followed(tree):
     src.cpu_source.charge(src.cpu_source.now, new, 22)
     src.cpu_source.advance(1)
     assert int(_rows(meter.drain(), "globex")["cpu_ns"].sum()) == 22 and meter.stats.unresolved_cgroups == 0
+    # Quiet drains look at no cgroup (the directory watch saw nothing) ...
+    looked = []
+    real = resolver_mod.cgroup_id
+    resolver_mod.cgroup_id = lambda path: looked.append(path) or real(path)
+    try:
+        src.cpu_source.advance(1)
+        meter.drain()
+        assert looked == []
+        # ... and a second restart, after the watch was set, is followed all the same.
+        (tree / "globex/vswitch").rmdir()
+        (tree / "keep-the-inode-2").mkdir()
+        (tree / "globex/vswitch").mkdir()
+        newer = _id(tree, "globex/vswitch")
+        src.cpu_source.advance(1)
+        meter.drain()
+        assert looked and newer in src.cpu_source.compartments.levels
+    finally:
+        resolver_mod.cgroup_id = real
+    src.cpu_source.charge(src.cpu_source.now, newer, 33)
+    src.cpu_source.advance(1)
+    assert int(_rows(meter.drain(), "globex")["cpu_ns"].sum()) == 33

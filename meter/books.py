@@ -26,7 +26,9 @@ __all__ = ["ENERGY_DOMAINS", "Books", "EnergyBooks"]
 
 #: Energy domains apportioned to records (cores/uncore are parts of the package).
 ENERGY_DOMAINS = ("package", "dram")
-_COUNTER_AT = [records.COLUMN[name] for name in records.COUNTER_COLUMNS]
+#: The counters are adjacent in a record: a slice of the batch's matrix is a view, not a copy.
+_COUNTERS = slice(records.COLUMN[records.COUNTER_COLUMNS[0]], records.COLUMN[records.COUNTER_COLUMNS[-1]] + 1)
+assert _COUNTERS.stop - _COUNTERS.start == len(records.COUNTER_COLUMNS)
 _PORT_FIELDS = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes",
                 "rx_wire_packets", "rx_wire_bytes", "tx_wire_packets", "tx_wire_bytes")
 
@@ -62,7 +64,7 @@ class Books:
             # Which counters each record has measured: one pass over the batch for all
             # of them; then each measured column summed in place by row (np.add.at:
             # exact, no sort).
-            values = records.matrix(out)[:, _COUNTER_AT]
+            values = records.matrix(out)[:, _COUNTERS]
             measured = values != records.NULL
             every, some = measured.all(axis=0), measured.any(axis=0)
             for j in np.flatnonzero(some).tolist():

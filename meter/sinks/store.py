@@ -492,7 +492,7 @@ def merge_rollup_rows(rows: Any) -> list[tuple[Any, ...]]:
 
 
 _MAGIC = b"MTRC1"  # every column int64, text as table + int32 index
-_MAGIC2 = b"MTRC2"  # each column as its base and the narrowest width that holds it
+_MAGIC2 = b"MTRC2"  # each column as its base, step and the narrowest width that holds it
 _WIDTHS = ((1 << 8, "<u1"), (1 << 16, "<u2"), (1 << 32, "<u4"))
 
 
@@ -528,6 +528,14 @@ def _width(span: int) -> str:
     return next((dt for limit, dt in _WIDTHS if span < limit), "<u8")
 
 
+def _step(name: str, cols: _Columns) -> int:
+    """What ``name``'s values are multiples of apart: window starts, the batch's window width."""
+    j = COLUMN["window_ms"]
+    if name == "window_start_ns" and cols.lo[j] == cols.hi[j] and cols.lo[j] > 0:
+        return int(cols.lo[j]) * 1_000_000
+    return 1
+
+
 def _encode(batch: np.ndarray, cols: _Columns) -> bytes:
     """A batch as bytes: JSON header, then each column that varies as its offsets
     from its least value in the narrowest width (a constant column is its value
@@ -547,10 +555,21 @@ def _encode(batch: np.ndarray, cols: _Columns) -> bytes:
                 texts.append(index.astype(dt).tobytes())
             continue
         lo, hi = int(cols.lo[j]), int(cols.hi[j])
-        dt = None if lo == hi else _width(hi - lo)
-        header["ints"].append([name, lo, dt])
-        if dt is not None:  # wrapping int64 arithmetic: exact bits for any span
-            body.append((cols.m[:, j] - cols.lo[j]).astype(dt).tobytes())
+        if lo == hi:
+            header["ints"].append([name, lo, None, 1])
+            continue
+        delta = cols.m[:, j] - cols.lo[j]  # wrapping int64 arithmetic: exact bits for any span
+        step = _step(name, cols)
+        if step > 1 and bool((delta % step == 0).all()):
+            delta //= step  # window starts: whole windows apart
+        else:
+            step = 1
+        if name == "seq" and hi - lo == cols.n - 1 and np.array_equal(delta, np.arange(cols.n)):
+            header["ints"].append([name, lo, "arange", 1])  # the usual batch: seq numbers in a row
+            continue
+        dt = _width((hi - lo) // step)
+        header["ints"].append([name, lo, dt, step])
+        body.append(delta.astype(dt).tobytes())
     head = json.dumps(header, separators=(",", ":")).encode()
     return _MAGIC2 + len(head).to_bytes(4, "little") + head + b"".join(body + texts)
 
@@ -567,14 +586,17 @@ def _decode(blob: bytes) -> np.ndarray:
     n = header["n"]
     m = np.empty((n, len(FIELDS)), np.int64)
     off = 9 + hlen
-    for name, base, dt in header["ints"]:
+    for name, base, dt, step in header["ints"]:
         j = COLUMN[name]
         if dt is None:
-            m[:, j] = np.int64(base) if base < 2**63 else np.uint64(base).view(np.int64)
+            m[:, j] = base
+            continue
+        if dt == "arange":
+            m[:, j] = np.arange(base, base + n, dtype=np.int64)
             continue
         v = np.frombuffer(blob, dt, count=n, offset=off)
         off += v.nbytes
-        m[:, j] = (v.view(np.int64) if dt == "<u8" else v.astype(np.int64)) + np.int64(base)
+        m[:, j] = (v.view(np.int64) if dt == "<u8" else v.astype(np.int64)) * np.int64(step) + np.int64(base)
     for name in TEXT_FIELDS:
         table, dt = header["strs"][name]
         codes = NAMES.codes(table)

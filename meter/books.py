@@ -139,7 +139,7 @@ class EnergyBooks:
         idle = row == IDLE_ROW
         if isinstance(reader, ModelReader):
             # Per window: the model's energy for that window's utilisation.
-            uniq, groups = np.unique(window, return_inverse=True)
+            uniq, groups = records.unique_ints(window)
             busy = np.bincount(groups, weights=np.where(idle, 0, out["cpu_ns"]), minlength=len(uniq))
             package = reader.window_energy(busy, ncpu, window_ns)
             dram = None

@@ -36,11 +36,11 @@ GROWTH_MB = 5.0
 
 def main() -> list[Result]:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--minutes", type=float, default=10.0)
-    ap.add_argument("--cpus", type=int, default=128)
-    ap.add_argument("--compartments", type=int, default=1000)
-    ap.add_argument("--window-ms", type=int, default=1)
-    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--minutes", type=float, default=10.0, help="simulated minutes (2,400 drains for 10)")
+    ap.add_argument("--cpus", type=int, default=128, help="CPUs of the simulated host")
+    ap.add_argument("--compartments", type=int, default=1000, help="its compartments")
+    ap.add_argument("--window-ms", type=int, default=1, help="record width")
+    ap.add_argument("--json", action="store_true", help="also print the results as JSON")
     args = ap.parse_args()
     proc = psutil.Process()
     per_drain = 250

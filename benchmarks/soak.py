@@ -26,7 +26,7 @@ import numpy as np
 from _common import Result, cgroup_tree, namespace_pair, report, spawn_in
 
 from meter.cgroup import cpu_usage_usec
-from meter.engine import Meter, window_sums
+from meter.engine import Meter, window_totals
 from meter.records import code
 from meter.topology import Topology
 
@@ -75,10 +75,13 @@ def main() -> list[Result]:
                                          capture_output=True, text=True).stdout)
                 next_rss = time.monotonic() + 60
                 for batch in meter.batches(args.minutes * 60):
-                    starts, cpu = window_sums(batch, "cpu_ns")
-                    _, sirq = window_sums(batch, "softirq_ns")
+                    # The books' own rule (records.window_totals): a window's own records' cpu_ns +
+                    # softirq_ns - softirq_given_ns is ncpu x W. (This check used to leave out the
+                    # softirq time given away and count late records, billed in another window's
+                    # name: with packets flowing it found ~1 "violation" in 1,000 windows.)
+                    starts, total = window_totals(batch)
                     windows += len(starts)
-                    violations += int(np.count_nonzero(cpu + sirq != meter.ncpu * 1_000_000))
+                    violations += int(np.count_nonzero(total != meter.ncpu * 1_000_000))
                     for n in cgs:
                         sums[n] += int(batch["cpu_ns"][batch["tenant"] == code(n)].sum())
                     sel = batch["tenant"] == code("net")
@@ -92,6 +95,7 @@ def main() -> list[Result]:
                 end = {n: cpu_usage_usec(cg) for n, cg in cgs.items()}
                 tx1 = int(subprocess.run(["ip", "netns", "exec", a, "cat", "/sys/class/net/va/statistics/tx_packets"],
                                          capture_output=True, text=True).stdout)
+                engine_violations = meter.stats.conservation_violations
                 for batch in meter.batches(0.3):
                     for n in cgs:
                         sums[n] += int(batch["cpu_ns"][batch["tenant"] == code(n)].sum())
@@ -108,7 +112,7 @@ def main() -> list[Result]:
         Result("soak RSS growth after the first minute", growth_mb, "MB", rss[0] / 1024, "RSS after one minute",
                growth_mb / max(rss[0] / 1024, 1e-9), "< 5 MB", growth_mb < 5, {"rss_kb": rss}),
         Result("soak conservation violations", violations, "windows", windows, "windows checked", violations / max(windows, 1),
-               "0", violations == 0),
+               "0", violations == 0 and engine_violations == 0, {"engine_stats_violations": engine_violations}),
         Result("soak drift of Σ cpu_ns from cpu.stat", drift * 100, "%", 1.0, "goal", drift, "< 1 %", drift < 0.01,
                {"sums": sums, "packets_metered": tx, "packets_counted": tx1 - tx0}),
     ]

@@ -266,10 +266,9 @@ def _late_rows(parts: list[_Part], budget: int, nrows: int, ctx: Context,
     have = np.zeros(hi - lo + 1, np.int64)
     for window, row, cols in parts:
         inside = (row < nrows) & (window >= lo) & (window <= hi)
-        net = sum((sign * cols[name][inside] for name, sign in (("cpu_ns", 1), ("softirq_ns", 1),
-                                                                 ("softirq_given_ns", -1)) if name in cols),
-                  np.zeros(int(inside.sum()), np.int64))
-        np.add.at(have, window[inside] - lo, net)
+        for name, sign in (("cpu_ns", 1), ("softirq_ns", 1), ("softirq_given_ns", -1)):
+            if name in cols:
+                np.add.at(have, window[inside] - lo, sign * cols[name][inside])
     short = np.maximum(ctx.ncpu * ctx.window_ns - have, 0)
     fill = np.minimum(short, np.maximum(budget - (np.cumsum(short) - short), 0))
     idx = np.flatnonzero(fill)
@@ -295,8 +294,8 @@ def _records(g_window: np.ndarray, g_row: np.ndarray, sums: dict[str, np.ndarray
         "window_start_ns": g_window * ctx.window_ns + ctx.offset_ns,
         "window_ms": ctx.window_ns // 1_000_000,
         "host": ctx.host,
-        "tenant": _codes(rows.tenants)[g_row],
-        "compartment": _codes(rows.names)[g_row],
+        "tenant": records.NAMES.codes(rows.tenants)[g_row],
+        "compartment": records.NAMES.codes(rows.names)[g_row],
         "cgroup_id": np.asarray(rows.cgroup_ids, np.uint64)[g_row],
         "cpu_ns": g_ns,
         "seq": np.arange(ctx.first_seq, ctx.first_seq + n),
@@ -327,20 +326,6 @@ def _records(g_window: np.ndarray, g_row: np.ndarray, sums: dict[str, np.ndarray
             cols[name] = np.where(has_vfs, g(name), records.NULL)
         cols["vf_source"] = np.where(has_vfs, records.code(ctx.vf_source), 0)
     return records.build(n, cols)
-
-
-_CODES: dict[int, tuple[list[str], np.ndarray]] = {}
-
-
-def _codes(names: list[str]) -> np.ndarray:
-    """The codes of a row-name list (tenants or compartments), made again only when
-    the list changed (rows are appended, never renamed: compared by length)."""
-    got = _CODES.get(id(names))
-    if got is None or got[0] is not names or len(got[1]) != len(names):
-        if len(_CODES) > 8:  # lists of meters closed since: not kept alive
-            _CODES.clear()
-        got = _CODES[id(names)] = (names, records.NAMES.codes(names))
-    return got[1]
 
 
 def _flag(per_row: np.ndarray, row: np.ndarray) -> np.ndarray:

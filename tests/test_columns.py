@@ -190,3 +190,33 @@ def test_a_busy_hosts_chunks_are_a_few_bytes_a_record_and_hours_sum_the_seconds(
         tuple(d) for d in sorted(direct, key=lambda d: (d[3], d[0], d[1], d[2]))]
     cpu = sum(r["cpu_ns"] for r in hours)
     assert cpu == int(batch["cpu_ns"].sum())
+
+
+def test_a_damaged_chunk_is_one_error_naming_it_not_a_traceback(tmp_path):
+    batch = build(50, {"host": "h", "tenant": "t", "compartment": "c", "cpu_ns": np.arange(50), "seq": np.arange(50),
+                       "window_ms": 1, "window_start_ns": 10**18 + np.arange(50) * 10**6})
+    with Store(tmp_path / "r.db", clock=lambda: 10**18) as s:
+        s.write(batch)
+        s.db.execute("UPDATE chunks SET data = substr(data, 1, length(data) - 40)")  # cut short
+        from meter.errors import SinkError
+
+        with pytest.raises(SinkError, match=r"chunk h seq 0 is damaged .*restore the store"):
+            s.records()
+        with pytest.raises(SinkError, match=r"chunk h seq 0 is damaged"):
+            s.records_seq("h", 0, 49)
+        # A query for a tenant never met adds no name and finds nothing.
+        size = len(NAMES)
+        s.db.execute("DELETE FROM chunks")
+        s.write(build(0))
+        assert len(s.records(tenant="a-tenant-nobody-has")) == 0 and len(NAMES) == size
+
+
+def test_windows_of_two_runs_a_fraction_of_a_window_apart_are_not_merged():
+    """Two runs of a meter on one host have clock offsets that differ by less than a window:
+    their windows must stay apart in window_sums, not share a window number."""
+    from meter.records import window_sums
+
+    starts = np.array([0, 1_000_000, 400_000, 1_400_000], np.int64) + 10**18
+    batch = build(4, {"window_start_ns": starts, "window_ms": 1, "cpu_ns": np.array([1, 2, 4, 8])})
+    got_starts, sums = window_sums(batch, "cpu_ns")
+    assert list(got_starts - 10**18) == [0, 400_000, 1_000_000, 1_400_000] and list(sums) == [1, 4, 2, 8]

@@ -57,8 +57,8 @@ def write_parquet(batch: np.ndarray, root: str | Path) -> list[Path]:
     if len(batch) == 0:
         return written
     days = (batch["window_start_ns"] // 86_400_000_000_000).astype(np.int64)
-    hosts, index = factorize(batch["host"])
-    for h, host in sorted(enumerate(hosts), key=lambda p: p[1]):
+    hosts, index = factorize(batch["host"])  # sorted by name
+    for h, host in enumerate(hosts):
         for day in np.unique(days[index == h]).tolist():
             part = batch[(index == h) & (days == day)]
             date = datetime.date(1970, 1, 1) + datetime.timedelta(days=int(day))

@@ -17,7 +17,8 @@ Raw records are stored as one *chunk* per batch (the batch's columns as
 compact binary, no pickle: each number column as its least value and the
 offsets from it in the narrowest width that holds them, a column with one
 value as that value alone; text as the chunk's own string table and
-indexes into it), about 5 bytes a record for a busy host's 1 ms records;
+indexes into it), 18 bytes a record for the 1 ms records of a host with
+1,000 compartments (248 in memory);
 rollups are ordinary SQL tables, computed from the columns in one grouped
 pass for 1 s and from those groups for 1 h.
 
@@ -269,7 +270,8 @@ class Store:
             clauses.append("start_ns < ?")
             args.append(end_ns)
         where = " WHERE " + " AND ".join(clauses) if clauses else ""
-        parts = [_decode(blob) for (blob,) in self.db.execute(f"SELECT data FROM chunks{where} ORDER BY host, first_seq", args)]
+        parts = [_decode(blob, f"{host} seq {seq}") for host, seq, blob in
+                 self.db.execute(f"SELECT host, first_seq, data FROM chunks{where} ORDER BY host, first_seq", args)]
         if not parts:
             return build(0)
         out = np.concatenate(parts)
@@ -279,7 +281,8 @@ class Store:
         if end_ns is not None:
             keep &= out["window_start_ns"] < end_ns
         if tenant is not None:
-            keep &= out["tenant"] == NAMES.code(tenant)
+            known = NAMES.find(tenant)  # a name never met is in no record (and is not added)
+            keep &= out["tenant"] == (known if known is not None else -1)
         return out[keep]
 
     def chunk_ranges(self, host: str, after_seq: int) -> list[tuple[int, int]]:
@@ -290,9 +293,9 @@ class Store:
 
     def records_seq(self, host: str, first_seq: int, last_seq: int) -> np.ndarray:
         """``host``'s raw records with seq in [first_seq, last_seq]."""
-        cur = self.db.execute("SELECT data FROM chunks WHERE host = ? AND last_seq >= ? AND first_seq <= ? "
+        cur = self.db.execute("SELECT first_seq, data FROM chunks WHERE host = ? AND last_seq >= ? AND first_seq <= ? "
                               "ORDER BY first_seq", (host, first_seq, last_seq))
-        parts = [_decode(blob) for (blob,) in cur.fetchall()]
+        parts = [_decode(blob, f"{host} seq {seq}") for seq, blob in cur.fetchall()]
         if not parts:
             return build(0)
         out = np.concatenate(parts)
@@ -410,8 +413,9 @@ def _rollups(cols: _Columns, periods: tuple[int, ...]) -> dict[int, list[tuple[A
     (hosts, h), (tenants, t), (comps, c) = (cols.strings[f] for f in ("host", "tenant", "compartment"))
     labels, who = unique_ints((h.astype(np.int64) * len(tenants) + t) * len(comps) + c)
     nlab = len(labels)
-    names = [hosts[u // (len(tenants) * len(comps))] for u in labels.tolist()], \
-        [tenants[u // len(comps) % len(tenants)] for u in labels.tolist()], [comps[u % len(comps)] for u in labels.tolist()]
+    hc, rest = np.divmod(labels, len(tenants) * len(comps))
+    tc, cc = np.divmod(rest, len(comps))
+    names = ([hosts[i] for i in hc.tolist()], [tenants[i] for i in tc.tolist()], [comps[i] for i in cc.tolist()])
     # Columns: the record count, each measured rollup column, then a "measured here" count
     # for each column with NULLs in it.
     parts: list[np.ndarray] = [np.ones(cols.n, np.int64)]
@@ -437,8 +441,9 @@ def _rollups(cols: _Columns, periods: tuple[int, ...]) -> dict[int, list[tuple[A
     values = np.stack(parts, axis=1)
     p = cols.column("window_start_ns") // finest
     base = int(p.min())
-    first, sums = group_sums((p - base) * nlab + who, values)
-    g_key = ((p - base) * nlab + who)[first]
+    key = (p - base) * nlab + who
+    first, sums = group_sums(key, values)
+    g_key = key[first]
     g_who, g_p = g_key % nlab, g_key // nlab + base
     out = {finest: _rollup_tuples(names, g_who, g_p * finest, sums, summed, partial)}
     for period in periods[1:]:
@@ -574,13 +579,20 @@ def _encode(batch: np.ndarray, cols: _Columns) -> bytes:
     return _MAGIC2 + len(head).to_bytes(4, "little") + head + b"".join(body + texts)
 
 
-def _decode(blob: bytes) -> np.ndarray:
+def _decode(blob: bytes, chunk: str = "") -> np.ndarray:
+    """A chunk's records; ``chunk`` names it (host and first seq) in the error a damaged one gives."""
+    name = f"the record store's chunk {chunk}".rstrip()
+    if not blob.startswith((_MAGIC, _MAGIC2)):
+        raise SinkError(f"{name} is not in meter's format")
+    try:
+        return _decode1(blob) if blob.startswith(_MAGIC) else _decode2(blob)
+    except (ValueError, KeyError, TypeError, IndexError) as err:  # json.JSONDecodeError is a ValueError
+        raise SinkError(f"{name} is damaged ({err}): restore the store from a copy") from err
+
+
+def _decode2(blob: bytes) -> np.ndarray:
     import json
 
-    if blob.startswith(_MAGIC):
-        return _decode1(blob)
-    if not blob.startswith(_MAGIC2):
-        raise SinkError("a chunk in the record store is not in meter's format")
     hlen = int.from_bytes(blob[5:9], "little")
     header = json.loads(blob[9 : 9 + hlen])
     n = header["n"]

@@ -37,6 +37,7 @@ from meter.books import Books, EnergyBooks
 from meter.cgroup import cgroup_id
 from meter.engine import Meter
 from meter.perf import plan_counters
+from meter.records import column_ranges, matrix
 from meter.resolver import Resolver
 from meter.sinks.store import Store
 from meter.sources.fake import FakeCPU, FakeEnergy, FakeSources, steady_load
@@ -84,9 +85,10 @@ def measure(ncpu: int, ncomp: int, windows: int, window_ms: int) -> dict[str, fl
             t2 = time.perf_counter()
             domains = ebooks.apportion(built.records, built.window, built.row, ncpu, w)
             t3 = time.perf_counter()
-            books.add(built.records, built.row, None)
+            ranges = column_ranges(matrix(built.records))  # as the engine: once, for books and stats
+            books.add(built.records, built.row, None, ranges)
             books.add_energy(built.row, domains)
-            stats.take_batch(built.records, ncpu=ncpu, window_ns=w)
+            stats.take_batch(built.records, ncpu=ncpu, window_ns=w, ranges=ranges)
             t4 = time.perf_counter()
             store.write(built.records)
             t5 = time.perf_counter()

@@ -57,23 +57,25 @@ class Books:
         if extra > 0:
             self.ports = np.vstack([self.ports, np.zeros((extra, self.ports.shape[1]), np.int64)])
 
-    def add(self, out: np.ndarray, row: np.ndarray, nd: NetDrain | None) -> None:
-        """Add a batch (records with their rows) and its packet drain."""
+    def add(self, out: np.ndarray, row: np.ndarray, nd: NetDrain | None,
+            ranges: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """Add a batch (records with their rows) and its packet drain; ``ranges``:
+        the batch's :func:`records.column_ranges`, when the caller has them."""
         if len(out):
             self.grow(int(row.max()) + 1)
-            # Which counters each record has measured: one pass over the batch for all
-            # of them; then each measured column summed in place by row (np.add.at:
-            # exact, no sort).
-            values = records.matrix(out)[:, _COUNTERS]
-            measured = values != records.NULL
-            every, some = measured.all(axis=0), measured.any(axis=0)
-            for j in np.flatnonzero(some).tolist():
+            # Which counters are measured, in every record or some: each column's range
+            # (one pass over the batch for all of them); then each measured column
+            # summed in place by row (np.add.at: exact, no sort).
+            m = records.matrix(out)
+            values = m[:, _COUNTERS]
+            lo, hi = (r[_COUNTERS] for r in (ranges if ranges is not None else records.column_ranges(m)))
+            for j in np.flatnonzero((lo != records.NULL) | (hi != records.NULL)).tolist():
                 col = values[:, j]
-                if every[j]:
+                if lo[j] > records.NULL:  # no NULL below the least value: measured in every record
                     np.add.at(self.tot[:, j], row, col)
                     self.avail[row, j] = True
                 else:
-                    mine = measured[:, j]
+                    mine = col != records.NULL
                     np.add.at(self.tot[:, j], row[mine], col[mine])
                     self.avail[row[mine], j] = True
         if nd is not None:

@@ -28,7 +28,7 @@ from .host import realtime_offset_ns
 from .loop import DrainLoop
 from .perf import CounterPlan, plan_counters
 from .ports import PORT_ROOM, Ports
-from .records import window_sums, window_totals
+from .records import column_ranges, matrix, window_sums, window_totals
 from .resolver import Resolver
 from .sources.base import CPUSource, CPUSpec, KernelSources, PacketSource, SourceFactory, VFPoller
 from .sources.energy import EnergyReader, EnergySettings
@@ -395,16 +395,18 @@ class Meter(DrainLoop):
                 net = self._net.drain(self._sched.closed_window)
             vf = self._vf.poll() if self._vf is not None else None
             self._flushed = self._flushed or final
-            batch = self._build(drained, net, vf)
-            self._account(batch, closed_before)
+            batch, ranges = self._build(drained, net, vf)
+            self._account(batch, closed_before, ranges)
         self.stats.drains += 1
         self.stats.drain_seconds += time.perf_counter() - t0
         return batch
 
     def _build(self, d: SchedDrain, nd: NetDrain | None = None,
-               vf: dict[int, tuple[int, int, int, int]] | None = None) -> np.ndarray:
+               vf: dict[int, tuple[int, int, int, int]] | None = None
+               ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
         """Merge one drain of every source into records (``meter.build``), then
-        apportion energy and add them to the running totals."""
+        apportion energy and add them to the running totals. Returns the records
+        and their column ranges (None for no records)."""
         assert self._sched is not None and self._resolver is not None
         ctx = build.Context(
             window_ns=self.window_ns, host=self.host, plan=self.plan, offset_ns=self._offset_ns,
@@ -426,14 +428,15 @@ class Meter(DrainLoop):
         self.stats.warmup_windows_skipped += built.warmup_windows
         out = built.records
         domains = self._energy.apportion(out, built.window, built.row, self.ncpu, self.window_ns)
-        self._books.add(out, built.row, nd)
+        ranges = column_ranges(matrix(out)) if len(out) else None  # once, for the books and the stats
+        self._books.add(out, built.row, nd, ranges)
         self._books.add_energy(built.row, domains)
         self._seq += len(out)
         st = self.stats
         st.energy_measured_uj, st.energy_attributed_uj = self._energy.measured, self._energy.attributed
         st.energy_pending_uj = self._energy.pending
         self.stats.unresolved_cgroups = self._resolver.unresolved
-        return out
+        return out, ranges
 
     # -- cumulative totals (for exporters and embedding agents) --------------------------
 
@@ -461,13 +464,13 @@ class Meter(DrainLoop):
             r["created"], r["present"] = made, here
         return rows
 
-    def _account(self, batch: np.ndarray, closed_before: int) -> None:
+    def _account(self, batch: np.ndarray, closed_before: int, ranges: tuple[np.ndarray, np.ndarray] | None) -> None:
         assert self._sched is not None
         src = self._sched
         self.stats.take_kernel(src.stats(), nudges=src.nudges)
         self.stats.pending_adjustment_ns = int(getattr(src, "pending_adjustment_ns", 0))
         # Every window closed since the last drain must have records.
         expected = max(0, src.closed_window - max(closed_before, src.first_window - 1))
-        self.stats.take_batch(batch, ncpu=self.ncpu, window_ns=self.window_ns, expected_windows=expected)
+        self.stats.take_batch(batch, ncpu=self.ncpu, window_ns=self.window_ns, expected_windows=expected, ranges=ranges)
         self.stats.first_window_start_ns = src.first_window * self.window_ns + self._offset_ns
         self.stats.covered_ns = max(0, src.closed_window + 1 - src.first_window) * self.window_ns

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .records import code, window_totals
+from .records import COLUMN, code, column_ranges, matrix, window_totals, zeroed
 from .topology import UNATTRIBUTED
 
 __all__ = ["MeterStats"]
@@ -64,19 +64,24 @@ class MeterStats:
             setattr(self, field, int(counts.get(name, 0)))
         self.nudges = nudges
 
-    def take_batch(self, batch: np.ndarray, *, ncpu: int, window_ns: int, expected_windows: int | None = None) -> None:
+    def take_batch(self, batch: np.ndarray, *, ncpu: int, window_ns: int, expected_windows: int | None = None,
+                   ranges: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         """Count a batch's records and windows, and check each window adds up to ncpu x W.
 
         ``expected_windows``: how many windows the drain closed; each one
         without any record is a violation too (and a missing window).
+        ``ranges``: the batch's :func:`records.column_ranges`, when the caller has them.
         """
         self.records += len(batch)
-        if len(batch):
-            self.unattributed_ns += int(batch["cpu_ns"][batch["tenant"] == code(UNATTRIBUTED)].sum())
         starts = np.zeros(0, np.int64)
         if len(batch):
+            if ranges is None:
+                ranges = column_ranges(matrix(batch))  # one pass: which columns need one
+            unattributed, j = code(UNATTRIBUTED), COLUMN["tenant"]
+            if ranges[0][j] <= unattributed <= ranges[1][j]:
+                self.unattributed_ns += int(zeroed(batch["cpu_ns"][batch["tenant"] == unattributed]).sum())
             # Every CPU-ns of a window is some row's cpu_ns, or softirq_ns given by another row.
-            starts, sums = window_totals(batch)
+            starts, sums = window_totals(batch, ranges)
             self.windows += len(starts)
             self.conservation_violations += int(np.count_nonzero(sums != ncpu * window_ns))
             self.last_window_end_ns = int(starts[-1]) + window_ns

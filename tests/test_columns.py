@@ -220,3 +220,11 @@ def test_windows_of_two_runs_a_fraction_of_a_window_apart_are_not_merged():
     batch = build(4, {"window_start_ns": starts, "window_ms": 1, "cpu_ns": np.array([1, 2, 4, 8])})
     got_starts, sums = window_sums(batch, "cpu_ns")
     assert list(got_starts - 10**18) == [0, 400_000, 1_000_000, 1_400_000] and list(sums) == [1, 4, 2, 8]
+
+
+def test_a_window_too_wide_for_ns_in_int64_still_encodes(tmp_path):
+    """Window starts are stored in whole windows only when the width in ns fits int64
+    (hypothesis found a window_ms of 2**63 - 1 overflowing the step)."""
+    batch = build(6, {"window_ms": 2**63 - 1, "window_start_ns": [0, 0, 0, 0, 0, 1], "seq": np.arange(6)})
+    blob = store_mod._encode(batch, store_mod._Columns(batch))
+    assert np.array_equal(store_mod._decode(blob).view(np.int64), batch.view(np.int64))

@@ -8,10 +8,11 @@ root, ``$XDG_DATA_HOME/meter/records.db`` otherwise, or ``$METER_STORE``.
 * **Idempotent**: records are keyed by (host, seq); a batch written twice
   adds nothing, and :meth:`Store.next_seq` lets a restarted meter continue
   the sequence.
-* **Rollups**: every batch also adds its integer sums into 1 s and 1 h
-  rollups in the same transaction, so rollups always equal the sum of the
-  raw records they cover, also after raw records pass their retention
-  (default 7 days) and are deleted.
+* **Rollups**: integer sums by 1 s and 1 h, equal to the sum of the raw
+  records they cover, also after raw records pass their retention (default
+  7 days) and are deleted. A second's rows are written once, when a later
+  second begins; until then the writer holds them in memory and readers
+  roll those records up from the chunks (docs/architecture.md, "The store").
 
 Raw records are stored as one *chunk* per batch (the batch's columns as
 compact binary, no pickle: each number column as its least value and the
@@ -54,6 +55,7 @@ from ..records import (
     NULL,
     TEXT_FIELDS,
     build,
+    column_ranges,
     estimate_counts,
     factorize,
     from_matrix,
@@ -68,6 +70,11 @@ __all__ = ["ROLLUPS", "ROLLUP_COLUMNS", "Store", "default_path", "rollup_rows"]
 ROLLUPS = {"rollup_1s": 1_000_000_000, "rollup_1h": 3_600_000_000_000}
 #: What a rollup sums: every counter, and how many records had each estimated figure.
 ROLLUP_COLUMNS = COUNTER_COLUMNS + ESTIMATE_COLUMNS
+_SECOND = ROLLUPS["rollup_1s"]
+_NEVER = -(2**63)  # a host's boundary before any: every record of it is in the tables
+#: No groups: (who, start, sums, seen).
+_NO_GROUPS = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 1 + len(ROLLUP_COLUMNS)), np.int64),
+              np.zeros((0, len(ROLLUP_COLUMNS)), np.int64))
 DEFAULT_RETENTION_S = 7 * 24 * 3600
 #: A batch dated further ahead of the clock than this is stored, and said.
 FUTURE_SLACK_NS = 3600 * 1_000_000_000
@@ -90,6 +97,12 @@ class Store:
         #: Records this store object has newly stored (the Sink protocol).
         self.count = 0
         self.retention_ns = int(retention_s) * 1_000_000_000
+        # The writer's rollups of its latest second(s), not in the rollup tables yet, and
+        # each host's boundary: its records before it are in the tables, from it on not.
+        self._label: dict[tuple[str, str, str], int] = {}
+        self._names: list[tuple[str, str, str]] = []
+        self._pending = _Groups(self._names, *_NO_GROUPS)
+        self._rolled: dict[str, int] = {}
         if must_exist and not self.path.is_file():
             raise SinkError(f"no record store at {self.path}: run meter record first, or name the store",
                             target=str(self.path), setting="store")
@@ -137,6 +150,8 @@ class Store:
                     self.db.execute(f"ALTER TABLE {table} ADD COLUMN {name} INTEGER")
 
     def close(self) -> None:
+        if self._lock_fd is not None:
+            self._flush_all()
         self.db.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the writer's lock
@@ -187,13 +202,16 @@ class Store:
             self.db.execute("BEGIN IMMEDIATE")
             try:
                 new = self._new_only(batch)
+                rolled = None
                 if len(new):
                     cols = _Columns(new)
-                    periods = _rollups(cols, tuple(ROLLUPS.values()))
-                    self._insert(new, cols, periods[ROLLUPS["rollup_1s"]])
-                    self._rollup(periods)
+                    seconds = _seconds(cols)
+                    rolled = self._roll(seconds, cols)  # first: a host's first batch reads the records before it
+                    self._insert(new, cols, seconds.tuples())
                     self._expire(int(cols.hi[COLUMN["window_start_ns"]]))
                 self.db.execute("COMMIT")
+                if rolled is not None:  # the rollups in memory follow the transaction, not the attempt
+                    self._pending, self._rolled = rolled
                 self.count += len(new)
             except BaseException:
                 self.db.execute("ROLLBACK")
@@ -233,9 +251,41 @@ class Store:
         self.db.executemany("INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
         self.db.executemany("INSERT OR IGNORE INTO chunk_rollups VALUES (?, ?, ?, ?)", rollups)
 
-    def _rollup(self, periods: dict[int, list[tuple[Any, ...]]]) -> None:
-        """Add the batch's integer sums (its rollup rows per period) into every rollup
-        (same transaction as the insert)."""
+    def _roll(self, seconds: _Groups, cols: _Columns) -> tuple[_Groups, dict[str, int]]:
+        """Add a batch's 1 s groups to the rollups in memory, and write to the rollup
+        tables every period no later batch will add to (docs/architecture.md, "The
+        store"): per host, the seconds before the batch's newest one. Returns the
+        rollups left in memory and each host's boundary (kept once committed)."""
+        rolled = dict(self._rolled)
+        parts = [self._pending]
+        hosts, index = cols.strings["host"]
+        starts = cols.column("window_start_ns")
+        for i, host in enumerate(hosts):
+            if host not in rolled:  # first batch of a host: what a meter before this one left in memory
+                tail, rolled[host] = self._tail(host)
+                parts.append(self._relabel(tail))
+            newest = int(cols.hi[COLUMN["window_start_ns"]]) if len(hosts) == 1 else int(starts[index == i].max())
+            rolled[host] = max(rolled[host], newest // _SECOND * _SECOND)
+            self.db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                            (f"rolled:{host}", rolled[host]))
+        parts.append(self._relabel(seconds))
+        merged = _Groups(self._names, *(np.concatenate(x) for x in zip(*((g.who, g.start, g.sums, g.seen)
+                                                                           for g in parts)))).regroup(_SECOND)
+        cut = np.array([rolled.get(host, _NEVER) for host, _, _ in self._names], np.int64)[merged.who]
+        done = merged.start < cut
+        self._flush(merged.select(done))
+        return merged.select(~done), rolled
+
+    def _relabel(self, g: _Groups) -> _Groups:
+        """``g`` with its labels as this store's (one label list for every group it keeps)."""
+        ids = np.array([self._label.setdefault(name, len(self._label)) for name in g.names], np.int64)
+        self._names.extend(list(self._label)[len(self._names):])
+        return _Groups(self._names, ids[g.who] if len(g) else g.who, g.start, g.sums, g.seen)
+
+    def _flush(self, g: _Groups) -> None:
+        """Add groups (1 s) into both rollup tables (in the caller's transaction)."""
+        if len(g) == 0:
+            return
         cols = ", ".join(ROLLUP_COLUMNS)
         marks = ", ".join("?" * (5 + len(ROLLUP_COLUMNS)))
         # NULL + n stays n; n + NULL stays n: a family measured anywhere in a period is summed.
@@ -246,8 +296,45 @@ class Store:
                 f"INSERT INTO {table} (host, tenant, compartment, period_start_ns, records, {cols}) VALUES ({marks}) "
                 f"ON CONFLICT (host, tenant, compartment, period_start_ns) DO UPDATE SET "
                 f"records = records + excluded.records, {updates}",
-                periods[period],
+                (g if period == _SECOND else g.regroup(period)).tuples(),
             )
+
+    def _tail(self, host: str) -> tuple[_Groups, int]:
+        """(1 s groups of ``host``'s stored records not in the rollup tables yet, the
+        boundary they start at): records from the boundary on (none for a store
+        written before the boundary was kept: every record there is rolled up)."""
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (f"rolled:{host}",)).fetchone()
+        if row is None:  # a store written before the boundary was kept: all of its records are in the tables
+            end = self.db.execute("SELECT max(end_ns) FROM chunks WHERE host = ?", (host,)).fetchone()[0]
+            return _Groups([], *_NO_GROUPS), _NEVER if end is None else -(-int(end) // _SECOND) * _SECOND
+        since = int(row[0])
+        parts = [_decode(blob, f"{host} seq {seq}") for seq, blob in self.db.execute(
+            "SELECT first_seq, data FROM chunks WHERE host = ? AND end_ns > ? ORDER BY first_seq", (host, since))]
+        recs = np.concatenate(parts) if parts else build(0)
+        recs = recs[recs["window_start_ns"] >= since]
+        return (_seconds(_Columns(recs)) if len(recs) else _Groups([], *_NO_GROUPS)), since
+
+    def _flush_all(self) -> None:
+        """Write every rollup still in memory (closing): each host's boundary moves past them."""
+        if len(self._pending) == 0:
+            return
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            g = self._pending
+            self._flush(g)
+            for host, since in self._rolled.items():
+                mine = np.array([n[0] == host for n in self._names], bool)[g.who]
+                if mine.any():
+                    since = max(since, int(g.start[mine].max()) + _SECOND)
+                    self.db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                                    (f"rolled:{host}", since))
+            self.db.execute("COMMIT")
+        except sqlite3.Error as err:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            # Nothing is lost: the records are stored, and the rollups read them until a writer adds them.
+            log.warning("meter: could not add the last second's rollups to %s (%s); they are read from its "
+                        "records until the next meter writes it", self.path, err)
 
     def _expire(self, newest_ns: int) -> None:
         now = self._clock()
@@ -367,13 +454,28 @@ class Store:
 
     def rollup(self, table: str, start_ns: int | None = None, end_ns: int | None = None,
                *, tenant: str | None = None) -> list[dict[str, Any]]:
-        """Rollup rows (dicts) with period_start_ns in [start_ns, end_ns)."""
+        """Rollup rows (dicts) with period_start_ns in [start_ns, end_ns): the rollup
+        table's rows plus what its writer holds in memory still (read from the
+        records; docs/architecture.md, "The store")."""
         if table not in ROLLUPS:
             raise SinkError(f"no rollup {table!r}: use one of {', '.join(ROLLUPS)}")
         where, args = self._where(start_ns, end_ns, tenant, "period_start_ns")
-        cur = self.db.execute(f"SELECT * FROM {table}{where} ORDER BY period_start_ns, host, tenant, compartment", args)
-        names = [d[0] for d in cur.description]
-        return [dict(zip(names, row)) for row in cur.fetchall()]
+        names = ["host", "tenant", "compartment", "period_start_ns", "records", *ROLLUP_COLUMNS]
+        rows = self.db.execute(f"SELECT {', '.join(names)} FROM {table}{where} "
+                               "ORDER BY period_start_ns, host, tenant, compartment", args).fetchall()
+        tail = [r for host in self._rolled_hosts() for r in self._tail_rows(host, ROLLUPS[table])
+                if (start_ns is None or r[3] >= start_ns) and (end_ns is None or r[3] < end_ns)
+                and (tenant is None or r[1] == tenant)]
+        if tail:
+            rows = merge_rollup_rows(rows + tail)
+        return [dict(zip(names, row)) for row in rows]
+
+    def _rolled_hosts(self) -> list[str]:
+        return [key.split(":", 1)[1] for (key,) in self.db.execute("SELECT key FROM meta WHERE key LIKE 'rolled:%'")]
+
+    def _tail_rows(self, host: str, period: int) -> list[tuple[Any, ...]]:
+        g, _ = self._tail(host)
+        return (g if period == _SECOND else g.regroup(period)).tuples()
 
     @staticmethod
     def _where(start: int | None, end: int | None, tenant: str | None, col: str) -> tuple[str, list[Any]]:
@@ -397,86 +499,114 @@ def rollup_rows(batch: np.ndarray, period: int, cols_: _Columns | None = None) -
     ``cols_`` is the batch's columns when the caller has them already."""
     if len(batch) == 0:
         return []
-    return _rollups(cols_ if cols_ is not None else _Columns(batch), (period,))[period]
+    g = _seconds(cols_ if cols_ is not None else _Columns(batch))
+    return (g if period == _SECOND else g.regroup(period)).tuples()
 
 
-def _rollups(cols: _Columns, periods: tuple[int, ...]) -> dict[int, list[tuple[Any, ...]]]:
-    """Rollup rows (as :func:`rollup_rows`) for each period, each a multiple of the
-    first: one grouped pass over the records for the first period, and each
-    other period summed from its groups (a few per compartment, not per record).
+class _Groups:
+    """Rollup groups: each group's labels (``who``: an index into ``names``, the
+    (host, tenant, compartment) triples), period start, sums (records, then every
+    ROLLUP_COLUMN, 0 where not measured) and measured counts (per ROLLUP_COLUMN:
+    how many of its records had it measured; 0 makes the rollup's value None)."""
+
+    __slots__ = ("names", "who", "start", "sums", "seen")
+
+    def __init__(self, names: list[tuple[str, str, str]], who: np.ndarray, start: np.ndarray, sums: np.ndarray,
+                 seen: np.ndarray) -> None:
+        self.names, self.who, self.start, self.sums, self.seen = names, who, start, sums, seen
+
+    def __len__(self) -> int:
+        return len(self.who)
+
+    def regroup(self, period: int) -> _Groups:
+        """The same sums by a period that is a multiple of this one's (a few groups
+        per label, not a pass over records)."""
+        if len(self) == 0:
+            return self
+        q = self.start // period
+        base, nlab = int(q.min()), len(self.names)
+        key = (q - base) * nlab + self.who
+        first, both = group_sums(key, np.concatenate([self.sums, self.seen], axis=1))
+        k = key[first]
+        w = self.sums.shape[1]
+        return _Groups(self.names, k % nlab, (k // nlab + base) * period, both[:, :w], both[:, w:])
+
+    def select(self, keep: np.ndarray) -> _Groups:
+        return _Groups(self.names, self.who[keep], self.start[keep], self.sums[keep], self.seen[keep])
+
+    def tuples(self) -> list[tuple[Any, ...]]:
+        """Rollup rows (as :func:`rollup_rows`), sorted by (period start, host, tenant, compartment)."""
+        columns: list[list[Any]] = []
+        for j in range(len(ROLLUP_COLUMNS)):
+            v, seen = self.sums[:, 1 + j], self.seen[:, j]
+            if not seen.any():
+                columns.append([None] * len(self))
+            elif seen.all():
+                columns.append(v.tolist())
+            else:
+                columns.append([x if ok else None for x, ok in zip(v.tolist(), seen.tolist())])
+        labels = [self.names[i] for i in self.who.tolist()]
+        rows = [(*lab, *rest) for lab, rest in zip(labels, zip(self.start.tolist(), self.sums[:, 0].tolist(),
+                                                                   *columns))]
+        rows.sort(key=lambda r: (r[3], r[0], r[1], r[2]))
+        return rows
+
+
+def _seconds(cols: _Columns) -> _Groups:
+    """A batch's 1 s rollup groups: one grouped pass over its records.
 
     Only columns measured somewhere in the batch are summed; a column with
-    NULLs in it is summed as 0 there, and a group in which it was never
-    measured gets None.
+    NULLs in it is summed as 0 there, with a count of where it was measured.
     """
-    finest = periods[0]
     (hosts, h), (tenants, t), (comps, c) = (cols.strings[f] for f in ("host", "tenant", "compartment"))
-    labels, who = unique_ints((h.astype(np.int64) * len(tenants) + t) * len(comps) + c)
-    nlab = len(labels)
-    hc, rest = np.divmod(labels, len(tenants) * len(comps))
-    tc, cc = np.divmod(rest, len(comps))
-    names = ([hosts[i] for i in hc.tolist()], [tenants[i] for i in tc.tolist()], [comps[i] for i in cc.tolist()])
-    # Columns: the record count, each measured rollup column, then a "measured here" count
-    # for each column with NULLs in it.
+    # One key per record for (second, host, tenant, compartment): grouped once.
+    nlab = len(hosts) * len(tenants) * len(comps)
+    label = c.astype(np.int64)
+    if len(tenants) > 1:
+        label += t.astype(np.int64) * len(comps)
+    if len(hosts) > 1:
+        label += h.astype(np.int64) * (len(tenants) * len(comps))
+    # Summed: the record count, each column measured anywhere, then a "measured
+    # here" count for each column with NULLs in it.
     parts: list[np.ndarray] = [np.ones(cols.n, np.int64)]
-    summed: list[str] = []
-    partial: list[str] = []
-    for name in COUNTER_COLUMNS:
+    summed: list[int] = []  # index into ROLLUP_COLUMNS of each summed column
+    partial: list[int] = []
+    for j, name in enumerate(COUNTER_COLUMNS):
         state = cols.measured(name)
         if state == "none":
             continue
         col = cols.column(name)
-        summed.append(name)
+        summed.append(j)
         if state == "some":
-            present = col != NULL
-            parts.append(np.where(present, col, 0))
-            partial.append(name)
+            parts.append(np.where(col != NULL, col, 0))
+            partial.append(j)
         else:
             parts.append(col)
     est = estimate_counts(cols.strings, cols.n)
-    for i, name in enumerate(ESTIMATE_COLUMNS):
-        summed.append(name)
+    for i in range(len(ESTIMATE_COLUMNS)):
+        summed.append(len(COUNTER_COLUMNS) + i)
         parts.append(est[i])
-    parts += [(cols.column(name) != NULL).astype(np.int64) for name in partial]
-    values = np.stack(parts, axis=1)
-    p = cols.column("window_start_ns") // finest
+    parts += [(cols.column(COUNTER_COLUMNS[j]) != NULL).astype(np.int64) for j in partial]
+    p = cols.column("window_start_ns") // _SECOND
     base = int(p.min())
-    key = (p - base) * nlab + who
-    first, sums = group_sums(key, values)
-    g_key = key[first]
-    g_who, g_p = g_key % nlab, g_key // nlab + base
-    out = {finest: _rollup_tuples(names, g_who, g_p * finest, sums, summed, partial)}
-    for period in periods[1:]:
-        q = (g_p * finest) // period
-        qbase = int(q.min())
-        key = (q - qbase) * nlab + g_who
-        first2, sums2 = group_sums(key, sums)
-        k2 = key[first2]
-        out[period] = _rollup_tuples(names, k2 % nlab, (k2 // nlab + qbase) * period, sums2, summed, partial)
-    return out
-
-
-def _rollup_tuples(names: tuple[list[str], list[str], list[str]], who: np.ndarray, start: np.ndarray,
-                   sums: np.ndarray, summed: list[str], partial: list[str]) -> list[tuple[Any, ...]]:
-    """Rollup rows from group sums (columns: records, ``summed``, then the measured
-    counts of ``partial``), sorted by (period start, host, tenant, compartment)."""
-    g = len(who)
-    columns: list[list[Any]] = []
-    for name in ROLLUP_COLUMNS:
-        if name not in summed:
-            columns.append([None] * g)
-            continue
-        v = sums[:, 1 + summed.index(name)]
-        if name in partial:
-            seen = sums[:, 1 + len(summed) + partial.index(name)] > 0
-            columns.append([x if ok else None for x, ok in zip(v.tolist(), seen.tolist())])
-        else:
-            columns.append(v.tolist())
-    w = who.tolist()
-    rows = list(zip([names[0][i] for i in w], [names[1][i] for i in w], [names[2][i] for i in w], start.tolist(),
-                    sums[:, 0].tolist(), *columns))
-    rows.sort(key=lambda r: (r[3], r[0], r[1], r[2]))
-    return rows
+    key = (p - base) * nlab + label
+    first, got = group_sums(key, np.stack(parts, axis=1))
+    k = key[first]
+    # The labels present, as this batch's (host, tenant, compartment) triples.
+    present, who = unique_ints(k % nlab)
+    hc, rest = np.divmod(present, len(tenants) * len(comps))
+    tc, cc = np.divmod(rest, len(comps))
+    names = list(zip([hosts[i] for i in hc.tolist()], [tenants[i] for i in tc.tolist()],
+                     [comps[i] for i in cc.tolist()]))
+    sums = np.zeros((len(first), 1 + len(ROLLUP_COLUMNS)), np.int64)
+    seen = np.zeros((len(first), len(ROLLUP_COLUMNS)), np.int64)
+    sums[:, 0] = got[:, 0]
+    for i, j in enumerate(summed):
+        sums[:, 1 + j] = got[:, 1 + i]
+        seen[:, j] = got[:, 0]
+    for i, j in enumerate(partial):
+        seen[:, j] = got[:, 1 + len(summed) + i]
+    return _Groups(names, who, (k // nlab + base) * _SECOND, sums, seen)
 
 
 def merge_rollup_rows(rows: Any) -> list[tuple[Any, ...]]:
@@ -508,8 +638,7 @@ class _Columns:
     def __init__(self, batch: np.ndarray) -> None:
         self.n = len(batch)
         self.m = matrix(batch)
-        self.lo = self.m.min(axis=0)
-        self.hi = self.m.max(axis=0)
+        self.lo, self.hi = column_ranges(self.m)
         self.strings = {}
         for name in TEXT_FIELDS:
             j = COLUMN[name]
@@ -533,10 +662,13 @@ def _width(span: int) -> str:
     return next((dt for limit, dt in _WIDTHS if span < limit), "<u8")
 
 
+_MAX_WINDOW_MS = (2**63 - 1) // 1_000_000  # a width in ns that int64 holds
+
+
 def _step(name: str, cols: _Columns) -> int:
     """What ``name``'s values are multiples of apart: window starts, the batch's window width."""
     j = COLUMN["window_ms"]
-    if name == "window_start_ns" and cols.lo[j] == cols.hi[j] and cols.lo[j] > 0:
+    if name == "window_start_ns" and cols.lo[j] == cols.hi[j] and 0 < cols.lo[j] <= _MAX_WINDOW_MS:
         return int(cols.lo[j]) * 1_000_000
     return 1
 

@@ -1,0 +1,155 @@
+"""The store's rollups in memory (issue "Big hosts"): a period's rollup row is written
+once, when no later batch can add to it, yet every reader sees every record
+rolled up, a writer killed with rollups in memory loses none, and nothing is
+counted twice by the next writer or by a store written before the boundary was kept.
+
+The expected sums come from the records by a plain Python loop, not from the
+store's own grouping.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from meter.records import NULL, build, text
+from meter.sinks.store import ROLLUPS, Store
+
+SECOND = ROLLUPS["rollup_1s"]
+T0 = 1_800_000_000 * SECOND  # a whole second, well inside an hour
+COMPS = ("vs-a", "vs-b", "vs-c")
+
+
+def batch(first_window: int, windows: int, seq: int, *, host: str = "h", window_ms: int = 250) -> np.ndarray:
+    """``windows`` windows of ``window_ms`` from window number ``first_window``, one record per compartment
+    each, numbered from ``seq``; cpu_ns and rx_packets (measured for vs-a only) vary by record."""
+    n = windows * len(COMPS)
+    comp = np.tile(np.arange(len(COMPS)), windows)
+    win = np.repeat(np.arange(first_window, first_window + windows), len(COMPS))
+    return build(n, {
+        "window_start_ns": T0 + win * window_ms * 1_000_000, "window_ms": window_ms, "host": host,
+        "tenant": "acme", "compartment": np.array(COMPS, object)[comp], "seq": seq + np.arange(n),
+        "cpu_ns": 1000 + win * 7 + comp, "rx_packets": np.where(comp == 0, win % 5, NULL), "cpu_source": "kernel"})
+
+
+def expected(records: np.ndarray, period: int) -> dict[tuple[str, str, str, int], tuple[int, int, int | None]]:
+    """(host, tenant, compartment, period start) -> (records, cpu_ns, rx_packets or None), by a loop."""
+    out: dict[tuple[str, str, str, int], list] = {}
+    hosts, tenants, comps = (text(records, f) for f in ("host", "tenant", "compartment"))
+    for i, r in enumerate(records):
+        key = (hosts[i], tenants[i], comps[i], int(r["window_start_ns"]) // period * period)
+        acc = out.setdefault(key, [0, 0, None])
+        acc[0] += 1
+        acc[1] += int(r["cpu_ns"])
+        if r["rx_packets"] != NULL:
+            acc[2] = (acc[2] or 0) + int(r["rx_packets"])
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def read(rows: list[dict]) -> dict[tuple[str, str, str, int], tuple[int, int, int | None]]:
+    return {(r["host"], r["tenant"], r["compartment"], r["period_start_ns"]): (r["records"], r["cpu_ns"], r["rx_packets"])
+            for r in rows}
+
+
+def table(s: Store, name: str) -> dict[tuple[str, str, str, int], tuple[int, int, int | None]]:
+    """The rollup table's own rows (without what the writer holds in memory)."""
+    return {(h, t, c, p): (n, cpu, rx) for h, t, c, p, n, cpu, rx in s.db.execute(
+        f"SELECT host, tenant, compartment, period_start_ns, records, cpu_ns, rx_packets FROM {name}")}
+
+
+def test_each_compartment_second_is_written_once_and_every_reader_sees_all(tmp_path):
+    written = []
+    with Store(tmp_path / "r.db", clock=lambda: T0) as s:
+        for i in range(12):  # 3 s of 4 batches of one 250 ms window
+            written.append(batch(i, 1, 3 * i))
+            s.write(written[-1])
+            got = np.concatenate(written)
+            # Every reader (this writer too) sees every record rolled up, by second and by hour...
+            for name, period in ROLLUPS.items():
+                assert read(s.rollup(name)) == expected(got, period)
+            # ...while the 1 s table holds only the seconds before the newest batch's, each written once.
+            newest = (T0 + i * 250_000_000) // SECOND * SECOND
+            assert table(s, "rollup_1s") == {k: v for k, v in expected(got, SECOND).items() if k[3] < newest}
+        assert len(table(s, "rollup_1s")) == 2 * len(COMPS)  # seconds 0 and 1; second 2 is in memory
+        with Store(tmp_path / "r.db", must_exist=True) as other:  # another process's view: the same
+            assert read(other.rollup("rollup_1s")) == expected(got, SECOND)
+            assert read(other.rollup("rollup_1h", tenant="acme")) == expected(got, ROLLUPS["rollup_1h"])
+            assert other.rollup("rollup_1s", tenant="nobody") == []
+    with Store(tmp_path / "r.db", must_exist=True) as s:  # closed: all of it in the tables
+        for name, period in ROLLUPS.items():
+            assert table(s, name) == expected(got, period)
+
+
+WRITER = """
+import os, sys
+sys.path.insert(0, {tests!r})
+from test_store import batch
+from meter.sinks.store import Store
+s = Store({path!r}, clock=lambda: {t0})
+for i in range({first}, {last}):
+    s.write(batch(i, 1, 3 * i))
+os._exit(0)  # killed: no close, the rollups in memory go with the process
+"""
+
+
+def test_a_writer_killed_with_rollups_in_memory_loses_none_and_the_next_counts_none_twice(tmp_path):
+    path = tmp_path / "r.db"
+    tests = str(Path(__file__).parent)
+    subprocess.run([sys.executable, "-c", WRITER.format(tests=tests, path=str(path), t0=T0, first=0, last=7)],
+                   check=True, env={**os.environ, "PYTHONPATH": str(Path(tests).parent)})
+    first = np.concatenate([batch(i, 1, 3 * i) for i in range(7)])
+    with Store(path, must_exist=True) as s:
+        assert table(s, "rollup_1s") != expected(first, SECOND)  # the last second died in memory...
+        assert read(s.rollup("rollup_1s")) == expected(first, SECOND)  # ...and is read from the records
+    with Store(path, clock=lambda: T0) as s:  # the next writer: carries on in the same second
+        for i in range(7, 10):
+            s.write(batch(i, 1, 3 * i))
+    both = np.concatenate([first, *(batch(i, 1, 3 * i) for i in range(7, 10))])
+    with Store(path, must_exist=True) as s:
+        for name, period in ROLLUPS.items():
+            assert table(s, name) == expected(both, period)
+            assert read(s.rollup(name)) == expected(both, period)
+
+
+def test_a_store_written_before_the_boundary_was_kept_is_not_counted_twice(tmp_path):
+    path = tmp_path / "r.db"
+    with Store(path, clock=lambda: T0) as s:
+        for i in range(3):
+            s.write(batch(i, 1, 3 * i))
+    with Store(path, must_exist=True) as s:  # as a meter before this one left it: every record rolled up
+        s.db.execute("DELETE FROM meta WHERE key LIKE 'rolled:%'")
+    got = np.concatenate([batch(0, 3, 0), batch(3, 1, 9), batch(4, 2, 12)])
+    with Store(path, clock=lambda: T0) as s:
+        s.write(batch(3, 1, 9))  # the same second as the records before
+        assert read(s.rollup("rollup_1s")) == expected(got[:12], SECOND)
+        s.write(batch(4, 2, 12))
+        assert read(s.rollup("rollup_1s")) == expected(got, SECOND)
+    with Store(path, must_exist=True) as s:
+        for name, period in ROLLUPS.items():
+            assert table(s, name) == expected(got, period)
+
+
+def test_records_older_than_the_boundary_go_to_the_tables_at_once(tmp_path):
+    """A batch dated before seconds already written (a clock stepped back) is added to their rows."""
+    with Store(tmp_path / "r.db", clock=lambda: T0) as s:
+        s.write(batch(20, 1, 0))  # second 5
+        s.write(batch(0, 4, 3))  # seconds 0: before the boundary
+        got = np.concatenate([batch(20, 1, 0), batch(0, 4, 3)])
+        assert table(s, "rollup_1s") == {k: v for k, v in expected(got, SECOND).items() if k[3] < T0 + 5 * SECOND}
+        assert read(s.rollup("rollup_1s")) == expected(got, SECOND)
+    with Store(tmp_path / "r.db", must_exist=True) as s:
+        assert table(s, "rollup_1s") == expected(got, SECOND)
+
+
+def test_hosts_in_one_store_keep_their_own_boundaries(tmp_path):
+    with Store(tmp_path / "r.db", clock=lambda: T0) as s:
+        a, b = batch(0, 8, 0, host="a"), batch(2, 1, 0, host="b")
+        s.write(np.concatenate([a, b]))
+        assert set(table(s, "rollup_1s")) == {k for k in expected(a, SECOND) if k[3] == T0}  # a's second 0
+        assert read(s.rollup("rollup_1s")) == {**expected(a, SECOND), **expected(b, SECOND)}
+    with Store(tmp_path / "r.db", must_exist=True) as s:
+        assert table(s, "rollup_1s") == {**expected(a, SECOND), **expected(b, SECOND)}

@@ -55,19 +55,23 @@ def apportion(groups: np.ndarray, totals: np.ndarray, weights: np.ndarray) -> np
         weights = np.where(zero, 1, weights)
         wsum = np.bincount(groups, weights=weights, minlength=ngroups)
     wsum_i = wsum.astype(np.int64)
+    bonus = np.zeros(n, np.int64)
+    if ngroups == 1:
+        # One group (a measuring reader's drain): scalar total and divisor, and
+        # the `left` largest remainders found in linear time.
+        total, den1 = int(totals[0]), int(wsum_i[0])
+        num = weights * total
+        share = num // den1
+        k = total - int(share.sum())
+        if k:
+            bonus[np.argpartition(share * den1 - num, k - 1)[:k]] = 1  # -remainder: largest first
+        return share + bonus
     t = totals[groups]
     num = t * weights
     den = wsum_i[groups]
     share = num // den
     rem = num - share * den
     left = totals - np.bincount(groups, weights=share, minlength=ngroups).astype(np.int64)
-    bonus = np.zeros(n, np.int64)
-    if ngroups == 1:
-        # One group: the `left` largest remainders, found in linear time.
-        k = int(left[0])
-        if k:
-            bonus[np.argpartition(-rem, k - 1)[:k]] = 1
-        return share + bonus
     # Largest remainders first within each group: one float sort on
     # group + (1 - fraction) / 2. Near-ties may be ordered either way; any
     # order keeps every group's sum exact and every share within one unit.

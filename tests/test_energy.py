@@ -175,6 +175,17 @@ def test_apportion_is_exact_per_group_and_fair():
     assert np.all(np.abs(shares - exact) < 1.0 + 1e-6)
 
 
+def test_apportion_one_group_is_exact_and_fair():
+    """A measuring reader's drain is one group (its own path: scalar divisor, linear-time remainders)."""
+    rng = np.random.default_rng(2)
+    for n, top, total in ((1, 5, 7), (50_000, 10**6, 10**9 + 7), (1000, 2**40, 2**20 + 1), (7, 3, 0)):
+        weights = rng.integers(0, top, n)
+        shares = apportion(np.zeros(n, np.int64), np.array([total]), weights)
+        assert int(shares.sum()) == total and shares.min() >= 0
+        exact = total * weights / max(weights.sum(), 1) if weights.sum() else np.full(n, total / n)
+        assert np.all(np.abs(shares - exact) < 1.0 + 1e-6)
+
+
 def test_apportion_zero_weights_split_equally_and_huge_values_stay_exact():
     assert apportion(np.zeros(3, np.int64), np.array([10]), np.zeros(3, np.int64)).tolist() in ([4, 3, 3], [3, 4, 3], [3, 3, 4])
     groups = np.array([0, 0, 1])

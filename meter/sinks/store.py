@@ -50,6 +50,7 @@ from ..records import (
     COLUMN,
     COUNTER_COLUMNS,
     ESTIMATE_COLUMNS,
+    ESTIMATES,
     FIELDS,
     NAMES,
     NULL,
@@ -567,8 +568,9 @@ def _seconds(cols: _Columns) -> _Groups:
     if len(hosts) > 1:
         label += h.astype(np.int64) * (len(tenants) * len(comps))
     # Summed: the record count, each column measured anywhere, then a "measured
-    # here" count for each column with NULLs in it.
-    parts: list[np.ndarray] = [np.ones(cols.n, np.int64)]
+    # here" count for each column with NULLs in it. A part is a column, or one
+    # value every record has (an estimate flag mostly is): its sum is count x value.
+    parts: list[np.ndarray | int] = [1]
     summed: list[int] = []  # index into ROLLUP_COLUMNS of each summed column
     partial: list[int] = []
     for j, name in enumerate(COUNTER_COLUMNS):
@@ -582,24 +584,40 @@ def _seconds(cols: _Columns) -> _Groups:
             partial.append(j)
         else:
             parts.append(col)
-    est = estimate_counts(cols.strings, cols.n)
-    for i in range(len(ESTIMATE_COLUMNS)):
+    for i, (field, _) in enumerate(ESTIMATES.values()):
         summed.append(len(COUNTER_COLUMNS) + i)
-        parts.append(est[i])
+        table = cols.strings[field][0]
+        parts.append(int(estimate_counts(cols.strings, 1)[i][0]) if len(table) == 1 else
+                     estimate_counts(cols.strings, cols.n)[i])
     parts += [(cols.column(COUNTER_COLUMNS[j]) != NULL).astype(np.int64) for j in partial]
     p = cols.column("window_start_ns") // _SECOND
     base = int(p.min())
     key = (p - base) * nlab + label
-    first, got = group_sums(key, np.stack(parts, axis=1))
-    k = key[first]
+    space = (int(p.max()) - base + 1) * nlab
+    if space <= max(8 * cols.n, 1 << 20):
+        # Dense (a batch's few seconds x its labels): a slot for every pair, kept if it has records.
+        count = np.bincount(key, minlength=space)
+        k = np.flatnonzero(count)
+        got = np.empty((len(k), len(parts)), np.int64)
+        for i, part in enumerate(parts):
+            if isinstance(part, int):
+                got[:, i] = count[k] * part
+            else:
+                acc = np.zeros(space, np.int64)
+                np.add.at(acc, key, part)
+                got[:, i] = acc[k]
+    else:
+        first, got = group_sums(key, np.stack([np.full(cols.n, v, np.int64) if isinstance(v, int) else v
+                                               for v in parts], axis=1))
+        k = key[first]
     # The labels present, as this batch's (host, tenant, compartment) triples.
     present, who = unique_ints(k % nlab)
     hc, rest = np.divmod(present, len(tenants) * len(comps))
     tc, cc = np.divmod(rest, len(comps))
     names = list(zip([hosts[i] for i in hc.tolist()], [tenants[i] for i in tc.tolist()],
                      [comps[i] for i in cc.tolist()]))
-    sums = np.zeros((len(first), 1 + len(ROLLUP_COLUMNS)), np.int64)
-    seen = np.zeros((len(first), len(ROLLUP_COLUMNS)), np.int64)
+    sums = np.zeros((len(k), 1 + len(ROLLUP_COLUMNS)), np.int64)
+    seen = np.zeros((len(k), len(ROLLUP_COLUMNS)), np.int64)
     sums[:, 0] = got[:, 0]
     for i, j in enumerate(summed):
         sums[:, 1 + j] = got[:, 1 + i]

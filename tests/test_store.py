@@ -153,3 +153,15 @@ def test_hosts_in_one_store_keep_their_own_boundaries(tmp_path):
         assert read(s.rollup("rollup_1s")) == {**expected(a, SECOND), **expected(b, SECOND)}
     with Store(tmp_path / "r.db", must_exist=True) as s:
         assert table(s, "rollup_1s") == {**expected(a, SECOND), **expected(b, SECOND)}
+
+
+def test_one_compartment_name_under_two_tenants_keeps_two_rows(tmp_path):
+    """Labels are (host, tenant, compartment): a name two tenants both use is two rows, not one."""
+    n = 8
+    recs = build(n, {"window_start_ns": T0 + np.arange(n) // 2 * 500_000_000, "window_ms": 500, "host": "h",
+                     "tenant": np.array(["a", "b"] * (n // 2), object), "compartment": "vswitch",
+                     "seq": np.arange(n), "cpu_ns": 10 + np.arange(n), "rx_packets": NULL})
+    with Store(tmp_path / "r.db", clock=lambda: T0) as s:
+        s.write(recs)
+        assert read(s.rollup("rollup_1s")) == expected(recs, SECOND)
+        assert len(expected(recs, SECOND)) == 4  # 2 tenants x 2 seconds

@@ -553,20 +553,34 @@ class _Groups:
         return rows
 
 
+def _labels(cols: _Columns) -> tuple[np.ndarray, list[tuple[str, str, str]]]:
+    """(a label per record, each label's (host, tenant, compartment)): labels 0..L-1 for
+    the batch's L distinct triples. A compartment's name is one tenant's in the usual
+    batch: its name's index is then the label, with no pass over a product of the three."""
+    (hosts, h), (tenants, t), (comps, c) = (cols.strings[f] for f in ("host", "tenant", "compartment"))
+    if len(hosts) == 1:
+        if len(tenants) == 1:
+            return c, [(hosts[0], tenants[0], name) for name in comps]
+        least, most = np.full(len(comps), len(tenants), np.int32), np.full(len(comps), -1, np.int32)
+        np.minimum.at(least, c, t)
+        np.maximum.at(most, c, t)
+        if np.array_equal(least, most):  # every name present (factorized), each of one tenant
+            return c, [(hosts[0], tenants[i], name) for i, name in zip(least.tolist(), comps)]
+    present, label = unique_ints((h.astype(np.int64) * len(tenants) + t) * len(comps) + c)
+    hc, rest = np.divmod(present, len(tenants) * len(comps))
+    tc, cc = np.divmod(rest, len(comps))
+    return label, list(zip([hosts[i] for i in hc.tolist()], [tenants[i] for i in tc.tolist()],
+                           [comps[i] for i in cc.tolist()]))
+
+
 def _seconds(cols: _Columns) -> _Groups:
     """A batch's 1 s rollup groups: one grouped pass over its records.
 
     Only columns measured somewhere in the batch are summed; a column with
     NULLs in it is summed as 0 there, with a count of where it was measured.
     """
-    (hosts, h), (tenants, t), (comps, c) = (cols.strings[f] for f in ("host", "tenant", "compartment"))
-    # One key per record for (second, host, tenant, compartment): grouped once.
-    nlab = len(hosts) * len(tenants) * len(comps)
-    label = c.astype(np.int64)
-    if len(tenants) > 1:
-        label += t.astype(np.int64) * len(comps)
-    if len(hosts) > 1:
-        label += h.astype(np.int64) * (len(tenants) * len(comps))
+    label, triples = _labels(cols)
+    nlab = len(triples)
     # Summed: the record count, each column measured anywhere, then a "measured
     # here" count for each column with NULLs in it. A part is a column, or one
     # value every record has (an estimate flag mostly is): its sum is count x value.
@@ -610,12 +624,7 @@ def _seconds(cols: _Columns) -> _Groups:
         first, got = group_sums(key, np.stack([np.full(cols.n, v, np.int64) if isinstance(v, int) else v
                                                for v in parts], axis=1))
         k = key[first]
-    # The labels present, as this batch's (host, tenant, compartment) triples.
-    present, who = unique_ints(k % nlab)
-    hc, rest = np.divmod(present, len(tenants) * len(comps))
-    tc, cc = np.divmod(rest, len(comps))
-    names = list(zip([hosts[i] for i in hc.tolist()], [tenants[i] for i in tc.tolist()],
-                     [comps[i] for i in cc.tolist()]))
+    names, who = triples, k % nlab
     sums = np.zeros((len(k), 1 + len(ROLLUP_COLUMNS)), np.int64)
     seen = np.zeros((len(k), len(ROLLUP_COLUMNS)), np.int64)
     sums[:, 0] = got[:, 0]

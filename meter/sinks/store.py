@@ -112,8 +112,14 @@ class Store:
             os.close(open_private(self.path, os.O_WRONLY, what="record store"))
         try:
             self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            # 16 KiB pages (a new store; SQLite keeps an old one's): a batch's chunk is a chain
+            # of a quarter as many overflow pages, each framed and checksummed in the WAL
+            # (on a big host's 1.8 MB chunks, 20-50 ns a record less: benchmarks/scale.py).
+            # The WAL is checkpointed every 4 MiB as with SQLite's default 4 KiB pages.
+            self.db.execute("PRAGMA page_size=16384")
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("PRAGMA wal_autocheckpoint=256")
             self._schema()
         except sqlite3.DatabaseError as err:
             raise SinkError(f"{self.path} is not a usable meter store: {err}", target=str(self.path)) from err

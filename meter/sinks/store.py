@@ -706,15 +706,18 @@ def _step(name: str, cols: _Columns) -> int:
     return 1
 
 
-def _encode(batch: np.ndarray, cols: _Columns) -> bytes:
+def _encode(batch: np.ndarray, cols: _Columns) -> bytearray:
     """A batch as bytes: JSON header, then each column that varies as its offsets
     from its least value in the narrowest width (a constant column is its value
-    alone); text as a table and indexes into it."""
+    alone); text as a table and indexes into it. Each column is written straight
+    into the chunk's buffer (one pass, no copy of its own)."""
     import json
 
-    header: dict[str, Any] = {"n": cols.n, "ints": [], "strs": {}}
-    body: list[bytes] = []
-    texts: list[bytes] = []  # after the numbers
+    n = cols.n
+    header: dict[str, Any] = {"n": n, "ints": [], "strs": {}}
+    # (width, source, least value or None for an index, step) of each stored column, in order.
+    plan: list[tuple[str, np.ndarray, int | None, int]] = []
+    texts: list[tuple[str, np.ndarray, int | None, int]] = []  # after the numbers
     for name in FIELDS:
         j = COLUMN[name]
         if name in TEXT_FIELDS:
@@ -722,26 +725,42 @@ def _encode(batch: np.ndarray, cols: _Columns) -> bytes:
             dt = None if len(table) == 1 else _width(len(table))
             header["strs"][name] = [table, dt]
             if dt is not None:
-                texts.append(index.astype(dt).tobytes())
+                texts.append((dt, index, None, 1))
             continue
         lo, hi = int(cols.lo[j]), int(cols.hi[j])
         if lo == hi:
             header["ints"].append([name, lo, None, 1])
             continue
-        delta = cols.m[:, j] - cols.lo[j]  # wrapping int64 arithmetic: exact bits for any span
+        col = cols.m[:, j]
         step = _step(name, cols)
-        if step > 1 and bool((delta % step == 0).all()):
-            delta //= step  # window starts: whole windows apart
-        else:
-            step = 1
-        if name == "seq" and hi - lo == cols.n - 1 and np.array_equal(delta, np.arange(cols.n)):
+        if step > 1:
+            delta = col - cols.lo[j]
+            if bool((delta % step == 0).all()):  # window starts: whole windows apart
+                header["ints"].append([name, lo, _width((hi - lo) // step), step])
+                plan.append((header["ints"][-1][2], delta // step, None, 1))
+                continue
+        if name == "seq" and hi - lo == n - 1 and np.array_equal(col, np.arange(lo, lo + n)):
             header["ints"].append([name, lo, "arange", 1])  # the usual batch: seq numbers in a row
             continue
-        dt = _width((hi - lo) // step)
-        header["ints"].append([name, lo, dt, step])
-        body.append(delta.astype(dt).tobytes())
+        dt = _width(hi - lo)
+        header["ints"].append([name, lo, dt, 1])
+        plan.append((dt, col, lo, 1))
     head = json.dumps(header, separators=(",", ":")).encode()
-    return _MAGIC2 + len(head).to_bytes(4, "little") + head + b"".join(body + texts)
+    prefix = _MAGIC2 + len(head).to_bytes(4, "little") + head
+    parts = plan + texts
+    out = bytearray(len(prefix) + n * sum(np.dtype(dt).itemsize for dt, *_ in parts))
+    out[:len(prefix)] = prefix
+    off = len(prefix)
+    for dt, src, lo_, _ in parts:
+        view = np.frombuffer(out, dt, count=n, offset=off)
+        if lo_ is None:
+            view[:] = src  # an index, or whole windows: already offsets
+        else:
+            # Offsets from the least value in wrapping int64 arithmetic (exact bits for any
+            # span), cast into the width on the way out.
+            np.subtract(src, np.int64(lo_), out=view, casting="unsafe")
+        off += view.nbytes
+    return out  # (sqlite3 stores a bytearray as the blob it is: no copy)
 
 
 def _decode(blob: bytes, chunk: str = "") -> np.ndarray:

@@ -165,3 +165,23 @@ def test_one_compartment_name_under_two_tenants_keeps_two_rows(tmp_path):
         s.write(recs)
         assert read(s.rollup("rollup_1s")) == expected(recs, SECOND)
         assert len(expected(recs, SECOND)) == 4  # 2 tenants x 2 seconds
+
+
+def test_a_close_that_cannot_write_the_last_rollups_says_so_and_loses_nothing(tmp_path, monkeypatch, caplog):
+    import sqlite3
+
+    written = np.concatenate([batch(i, 1, 3 * i) for i in range(6)])
+    s = Store(tmp_path / "r.db", clock=lambda: T0)
+    s.write(written[:9])
+    s.write(written[9:])
+
+    def full(self, g):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(Store, "_flush", full)
+    s.close()
+    assert "could not add the last second's rollups" in caplog.text and "disk is full" in caplog.text
+    monkeypatch.undo()
+    with Store(tmp_path / "r.db", must_exist=True) as r:
+        assert table(r, "rollup_1s") != expected(written, SECOND)  # the last second is not in the table...
+        assert read(r.rollup("rollup_1s")) == expected(written, SECOND)  # ...and is read from the records

@@ -335,7 +335,9 @@ class Store:
                     since = max(since, int(g.start[mine].max()) + _SECOND)
                     self.db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                                     (f"rolled:{host}", since))
+                    self._rolled[host] = since
             self.db.execute("COMMIT")
+            self._pending = _Groups(self._names, *_NO_GROUPS)
         except sqlite3.Error as err:
             if self.db.in_transaction:
                 self.db.execute("ROLLBACK")

@@ -228,3 +228,38 @@ def test_a_window_too_wide_for_ns_in_int64_still_encodes(tmp_path):
     batch = build(6, {"window_ms": 2**63 - 1, "window_start_ns": [0, 0, 0, 0, 0, 1], "seq": np.arange(6)})
     blob = store_mod._encode(batch, store_mod._Columns(batch))
     assert np.array_equal(store_mod._decode(blob).view(np.int64), batch.view(np.int64))
+
+
+def test_a_field_with_one_value_per_compartment_is_kept_once_per_compartment():
+    """Tenant and cgroup id are a list by compartment name when each name has one (MTRC3: 12 bytes a record
+    here, not 18); a name with two cgroup ids (a cgroup made again) keeps the column, and a chunk
+    written before (MTRC2, no such list) still reads."""
+    import json
+
+    comps = np.array([f"vs{i}" for i in range(300)], object)
+    n = 3000
+    c = np.arange(n) % 300
+    base = {"compartment": comps[c], "tenant": np.array([f"t{i % 7}" for i in range(300)], object)[c],
+            "host": "h", "window_ms": 1, "window_start_ns": 10**18 + np.arange(n) // 300 * 10**6, "seq": np.arange(n),
+            "cpu_ns": 1000 + np.arange(n) % 977}
+    one = build(n, {**base, "cgroup_id": (5000 + c * 11).astype(np.uint64)})
+    cols = store_mod._Columns(one)
+    assert set(cols.by_comp) == {"tenant", "cgroup_id"}
+    blob = store_mod._encode(one, cols)
+    assert np.array_equal(store_mod._decode(blob).view(np.int64), one.view(np.int64))
+    body = len(blob) - 9 - int.from_bytes(blob[5:9], "little")
+    assert body == 5 * n  # compartment u2, window u1, cpu_ns u2: no tenant, no cgroup id column
+    again = build(n, {**base, "cgroup_id": (5000 + c * 11 + (np.arange(n) > n // 2)).astype(np.uint64)})
+    cols = store_mod._Columns(again)
+    assert set(cols.by_comp) == {"tenant"}
+    assert np.array_equal(store_mod._decode(store_mod._encode(again, cols)).view(np.int64), again.view(np.int64))
+    # The format before: no per-compartment lists.
+    single = build(5, {"compartment": "vs", "tenant": "t", "host": "h", "cgroup_id": np.arange(5).astype(np.uint64),
+                       "seq": np.arange(5), "cpu_ns": np.arange(5)})
+    blob = bytes(store_mod._encode(single, store_mod._Columns(single)))
+    hlen = int.from_bytes(blob[5:9], "little")
+    header = json.loads(blob[9:9 + hlen])
+    assert header.pop("by_compartment") == {}
+    head = json.dumps(header).encode()
+    old = b"MTRC2" + len(head).to_bytes(4, "little") + head + blob[9 + hlen:]
+    assert np.array_equal(store_mod._decode(old).view(np.int64), single.view(np.int64))

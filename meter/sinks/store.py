@@ -565,15 +565,13 @@ def _labels(cols: _Columns) -> tuple[np.ndarray, list[tuple[str, str, str]]]:
     """(a label per record, each label's (host, tenant, compartment)): labels 0..L-1 for
     the batch's L distinct triples. A compartment's name is one tenant's in the usual
     batch: its name's index is then the label, with no pass over a product of the three."""
-    (hosts, h), (tenants, t), (comps, c) = (cols.strings[f] for f in ("host", "tenant", "compartment"))
+    (hosts, h), (comps, c) = (cols.strings[f] for f in ("host", "compartment"))
     if len(hosts) == 1:
-        if len(tenants) == 1:
-            return c, [(hosts[0], tenants[0], name) for name in comps]
-        least, most = np.full(len(comps), len(tenants), np.int32), np.full(len(comps), -1, np.int32)
-        np.minimum.at(least, c, t)
-        np.maximum.at(most, c, t)
-        if np.array_equal(least, most):  # every name present (factorized), each of one tenant
-            return c, [(hosts[0], tenants[i], name) for i, name in zip(least.tolist(), comps)]
+        if "tenant" in cols.by_comp:  # every name present (factorized), each of one tenant
+            return c, [(hosts[0], NAMES.text(code), name) for code, name in zip(cols.by_comp["tenant"].tolist(), comps)]
+        if len(cols.strings["tenant"][0]) == 1:
+            return c, [(hosts[0], cols.strings["tenant"][0][0], name) for name in comps]
+    tenants, t = cols.strings["tenant"] if "tenant" in cols.strings else factorize(cols.column("tenant").copy())
     present, label = unique_ints((h.astype(np.int64) * len(tenants) + t) * len(comps) + c)
     hc, rest = np.divmod(present, len(tenants) * len(comps))
     tc, cc = np.divmod(rest, len(comps))
@@ -663,6 +661,9 @@ def merge_rollup_rows(rows: Any) -> list[tuple[Any, ...]]:
 
 _MAGIC = b"MTRC1"  # every column int64, text as table + int32 index
 _MAGIC2 = b"MTRC2"  # each column as its base, step and the narrowest width that holds it
+_MAGIC3 = b"MTRC3"  # MTRC2, and fields with one value per compartment name as that list
+#: Fields a chunk may keep as one value per compartment name.
+_BY_COMPARTMENT = ("tenant", "cgroup_id")
 _WIDTHS = ((1 << 8, "<u1"), (1 << 16, "<u2"), (1 << 32, "<u4"))
 
 
@@ -674,13 +675,37 @@ class _Columns:
         self.n = len(batch)
         self.m = matrix(batch)
         self.lo, self.hi = column_ranges(self.m)
-        self.strings = {}
-        for name in TEXT_FIELDS:
+        #: Fields (of :data:`_BY_COMPARTMENT`) with one value per compartment name in this
+        #: batch, as each name's value (int64, by the name's index): a tenant's code,
+        #: a cgroup id. The usual batch: a compartment is one tenant's and one cgroup.
+        self.by_comp: dict[str, np.ndarray] = {}
+        self.strings: dict[str, tuple[list[str], np.ndarray]] = {}
+        for name in ("compartment", *TEXT_FIELDS):
+            if name in self.strings:
+                continue
             j = COLUMN[name]
             if self.lo[j] == self.hi[j]:  # one value in the batch: no pass over it
                 self.strings[name] = ([NAMES.text(int(self.lo[j]))], np.zeros(self.n, np.int32))
-            else:
+            elif not (name in _BY_COMPARTMENT and self._one_per_compartment(name)):
                 self.strings[name] = factorize(np.ascontiguousarray(self.m[:, j]))
+        j = COLUMN["cgroup_id"]
+        if self.lo[j] != self.hi[j]:
+            self._one_per_compartment("cgroup_id")
+
+    def _one_per_compartment(self, name: str) -> bool:
+        """Whether ``name`` has one value per compartment name (kept in :attr:`by_comp`)."""
+        comps, c = self.strings["compartment"]
+        if len(comps) == 1:
+            return False  # one column of values is as cheap as it gets
+        col = self.m[:, COLUMN[name]]
+        least = np.full(len(comps), np.iinfo(np.int64).max, np.int64)
+        most = np.full(len(comps), np.iinfo(np.int64).min, np.int64)
+        np.minimum.at(least, c, col)
+        np.maximum.at(most, c, col)
+        if not np.array_equal(least, most):
+            return False
+        self.by_comp[name] = least
+        return True
 
     def column(self, name: str) -> np.ndarray:
         return self.m[:, COLUMN[name]]
@@ -716,12 +741,17 @@ def _encode(batch: np.ndarray, cols: _Columns) -> bytearray:
     import json
 
     n = cols.n
-    header: dict[str, Any] = {"n": n, "ints": [], "strs": {}}
+    # A field with one value per compartment name is that list (by the name's index), not a column.
+    header: dict[str, Any] = {"n": n, "ints": [], "strs": {}, "by_compartment": {
+        name: [NAMES.text(v) for v in values.tolist()] if name in TEXT_FIELDS else values.tolist()
+        for name, values in cols.by_comp.items()}}
     # (width, source, least value or None for an index, step) of each stored column, in order.
     plan: list[tuple[str, np.ndarray, int | None, int]] = []
     texts: list[tuple[str, np.ndarray, int | None, int]] = []  # after the numbers
     for name in FIELDS:
         j = COLUMN[name]
+        if name in cols.by_comp:
+            continue
         if name in TEXT_FIELDS:
             table, index = cols.strings[name]
             dt = None if len(table) == 1 else _width(len(table))
@@ -748,7 +778,7 @@ def _encode(batch: np.ndarray, cols: _Columns) -> bytearray:
         header["ints"].append([name, lo, dt, 1])
         plan.append((dt, col, lo, 1))
     head = json.dumps(header, separators=(",", ":")).encode()
-    prefix = _MAGIC2 + len(head).to_bytes(4, "little") + head
+    prefix = _MAGIC3 + len(head).to_bytes(4, "little") + head
     parts = plan + texts
     out = bytearray(len(prefix) + n * sum(np.dtype(dt).itemsize for dt, *_ in parts))
     out[:len(prefix)] = prefix
@@ -768,7 +798,7 @@ def _encode(batch: np.ndarray, cols: _Columns) -> bytearray:
 def _decode(blob: bytes, chunk: str = "") -> np.ndarray:
     """A chunk's records; ``chunk`` names it (host and first seq) in the error a damaged one gives."""
     name = f"the record store's chunk {chunk}".rstrip()
-    if not blob.startswith((_MAGIC, _MAGIC2)):
+    if not blob.startswith((_MAGIC, _MAGIC2, _MAGIC3)):
         raise SinkError(f"{name} is not in meter's format")
     try:
         return _decode1(blob) if blob.startswith(_MAGIC) else _decode2(blob)
@@ -795,7 +825,10 @@ def _decode2(blob: bytes) -> np.ndarray:
         v = np.frombuffer(blob, dt, count=n, offset=off)
         off += v.nbytes
         m[:, j] = (v.view(np.int64) if dt == "<u8" else v.astype(np.int64)) * np.int64(step) + np.int64(base)
+    comp: np.ndarray | int = 0  # each record's compartment name's index
     for name in TEXT_FIELDS:
+        if name not in header["strs"]:
+            continue  # one per compartment: below
         table, dt = header["strs"][name]
         codes = NAMES.codes(table)
         if dt is None:
@@ -804,6 +837,10 @@ def _decode2(blob: bytes) -> np.ndarray:
         index = np.frombuffer(blob, dt, count=n, offset=off)
         off += index.nbytes
         m[:, COLUMN[name]] = codes[index]
+        if name == "compartment":
+            comp = index
+    for name, values in header.get("by_compartment", {}).items():  # (MTRC3)
+        m[:, COLUMN[name]] = (NAMES.codes(values) if name in TEXT_FIELDS else np.array(values, np.int64))[comp]
     return from_matrix(m)
 
 

@@ -144,7 +144,7 @@ def main() -> list[Result]:
     ap.add_argument("--windows", type=int, default=250,
                     help="windows per drain (250: meter's default drain interval, 0.25 s, at 1 ms windows)")
     ap.add_argument("--sizes", default=GRID, help="CPUSxCOMPARTMENTS,... (default: 16/64/128/256 x 100/500/1000)")
-    ap.add_argument("--drains", type=int, default=8,
+    ap.add_argument("--drains", type=int, default=24,
                     help="timed drains per size (steady state: a process's first few big batches fault their "
                          "memory in, and a store's first writes grow its file)")
     ap.add_argument("--json", action="store_true")

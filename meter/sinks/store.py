@@ -18,8 +18,9 @@ Raw records are stored as one *chunk* per batch (the batch's columns as
 compact binary, no pickle: each number column as its least value and the
 offsets from it in the narrowest width that holds them, a column with one
 value as that value alone; text as the chunk's own string table and
-indexes into it), 18 bytes a record for the 1 ms records of a host with
-1,000 compartments (248 in memory);
+indexes into it; a field with one value per compartment name, as a tenant
+and a cgroup id have, as that list), 12 bytes a record for the 1 ms
+records of a host with 1,000 compartments (248 in memory);
 rollups are ordinary SQL tables, computed from the columns in one grouped
 pass for 1 s and from those groups for 1 h.
 
@@ -698,13 +699,13 @@ class _Columns:
         if len(comps) == 1:
             return False  # one column of values is as cheap as it gets
         col = self.m[:, COLUMN[name]]
-        least = np.full(len(comps), np.iinfo(np.int64).max, np.int64)
-        most = np.full(len(comps), np.iinfo(np.int64).min, np.int64)
-        np.minimum.at(least, c, col)
-        np.maximum.at(most, c, col)
-        if not np.array_equal(least, most):
+        # Some record's value per name (whichever the scatter kept), then every record
+        # checked against its name's: equal throughout only if each name has one value.
+        value = np.empty(len(comps), np.int64)
+        value[c] = col
+        if not np.array_equal(value[c], col):
             return False
-        self.by_comp[name] = least
+        self.by_comp[name] = value
         return True
 
     def column(self, name: str) -> np.ndarray:

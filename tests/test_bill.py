@@ -22,6 +22,7 @@ from meter.bill import (
     invoices,
     merge_periods,
     usage_from_parquet,
+    usage_from_rollups,
     usage_from_store,
 )
 from meter.economics import Assumptions, model, tenant_charges
@@ -93,6 +94,34 @@ def test_store_is_idempotent_rolls_up_exactly_and_continues_seq(tmp_path):
         assert len(s.rollup("rollup_1s")) == 3 * 4  # 3 seconds x 4 rows
     assert os.stat(path).st_mode & 0o777 == 0o600
     assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_whole_hours_are_billed_from_the_hour_rollups_and_agree_with_the_seconds(tmp_path):
+    """Charge periods of whole hours read the range's whole hours from rollup_1h and only its
+    partial hours from rollup_1s; the usage is the same as from the 1 s rows alone."""
+    hour, minute = 3600 * 10**9, 60 * 10**9
+    t0 = 1_800_000_000 // 3600 * hour  # on an hour
+    n = 3 * 60 * 2  # 3 h of 1-minute windows, two compartments
+    batch = build(n, {"window_start_ns": t0 + np.arange(n) // 2 * minute, "window_ms": 60_000, "host": "h",
+                      "tenant": "acme", "compartment": np.array(["a", "b"] * (n // 2), object), "seq": np.arange(n),
+                      "cpu_ns": 10**9 + np.arange(n), "rx_packets": np.where(np.arange(n) % 2, 7, NULL)})
+    start, end = t0 + 25 * minute, t0 + 2 * hour + 40 * minute
+    with Store(tmp_path / "r.db", clock=lambda: t0) as s:
+        s.write(batch)
+    with Store(tmp_path / "r.db", must_exist=True) as s:
+        def from_seconds(period):
+            rows: dict[int, list] = {}
+            for r in s.rollup("rollup_1s", start, end):
+                rows.setdefault(r["period_start_ns"] // period, []).append(r)
+            return {k: usage_from_rollups(v, by_resource=True) for k, v in sorted(rows.items())}
+
+        got = usage_from_store(s, start, end, hour, by_resource=True)
+        assert got == from_seconds(hour) and len(got) == 3
+        assert usage_from_store(s, start, end, 900 * 10**9, by_resource=True) == from_seconds(900 * 10**9)
+        # The whole hour [t0 + 1 h, t0 + 2 h) is read from rollup_1h: without its 1 s rows, the same bill.
+        s.db.execute("DELETE FROM rollup_1s WHERE period_start_ns >= ? AND period_start_ns < ?", (t0 + hour, t0 + 2 * hour))
+        assert usage_from_store(s, start, end, hour, by_resource=True) == got
+        assert from_seconds(hour) != got
 
 
 def test_retention_keeps_rollups(tmp_path):

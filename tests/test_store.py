@@ -185,3 +185,16 @@ def test_a_close_that_cannot_write_the_last_rollups_says_so_and_loses_nothing(tm
     with Store(tmp_path / "r.db", must_exist=True) as r:
         assert table(r, "rollup_1s") != expected(written, SECOND)  # the last second is not in the table...
         assert read(r.rollup("rollup_1s")) == expected(written, SECOND)  # ...and is read from the records
+
+
+def test_retention_never_deletes_records_the_rollups_do_not_hold_yet(tmp_path):
+    """With a retention shorter than a second, a killed writer's last second lives only in its chunks:
+    they stay until the rollup tables hold them (then retention deletes them as before)."""
+    written = np.concatenate([batch(i, 1, 3 * i) for i in range(6)])
+    s = Store(tmp_path / "r.db", retention_s=1, clock=lambda: T0 + 100 * SECOND)  # everything is past retention
+    s.write(written[:9])
+    s.write(written[9:])  # no close: killed with second 1 in memory
+    with Store(tmp_path / "r.db", must_exist=True) as r:
+        assert read(r.rollup("rollup_1s")) == expected(written, SECOND)
+        assert len(r.records()) == 9  # the chunk reaching into second 1, kept whole; the one before, deleted
+    s.close()

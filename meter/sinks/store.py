@@ -274,8 +274,7 @@ class Store:
                 parts.append(self._relabel(tail))
             newest = int(cols.hi[COLUMN["window_start_ns"]]) if len(hosts) == 1 else int(starts[index == i].max())
             rolled[host] = max(rolled[host], newest // _SECOND * _SECOND)
-            self.db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                            (f"rolled:{host}", rolled[host]))
+            self._set_boundary(host, rolled[host])
         parts.append(self._relabel(seconds))
         merged = _Groups(self._names, *(np.concatenate(x) for x in zip(*((g.who, g.start, g.sums, g.seen)
                                                                            for g in parts)))).regroup(_SECOND)
@@ -283,6 +282,10 @@ class Store:
         done = merged.start < cut
         self._flush(merged.select(done))
         return merged.select(~done), rolled
+
+    def _set_boundary(self, host: str, since: int) -> None:
+        self.db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                        (f"rolled:{host}", since))
 
     def _relabel(self, g: _Groups) -> _Groups:
         """``g`` with its labels as this store's (one label list for every group it keeps)."""
@@ -334,8 +337,7 @@ class Store:
                 mine = np.array([n[0] == host for n in self._names], bool)[g.who]
                 if mine.any():
                     since = max(since, int(g.start[mine].max()) + _SECOND)
-                    self.db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                                    (f"rolled:{host}", since))
+                    self._set_boundary(host, since)
                     self._rolled[host] = since
             self.db.execute("COMMIT")
             self._pending = _Groups(self._names, *_NO_GROUPS)
@@ -352,8 +354,13 @@ class Store:
             log.warning("meter: stored records dated %.0f s ahead of this host's clock (a clock jump?); "
                         "retention counts from the clock, not from them", (newest_ns - now) / 1e9)
         if self.retention_ns > 0:
-            self.db.execute("DELETE FROM chunks WHERE end_ns <= ?", (now - self.retention_ns,))
-            self.db.execute("DELETE FROM chunk_rollups WHERE end_ns <= ?", (now - self.retention_ns,))
+            # Never a chunk with records from its host's boundary on: the rollup tables do
+            # not hold those yet (they are read from the chunk; a store before the
+            # boundary was kept has no boundary, and every record rolled up).
+            for table in ("chunks", "chunk_rollups"):
+                self.db.execute(f"DELETE FROM {table} WHERE end_ns <= ? AND end_ns <= coalesce("
+                                f"(SELECT value FROM meta WHERE key = 'rolled:' || {table}.host), end_ns)",
+                                (now - self.retention_ns,))
 
     # -- reading -----------------------------------------------------------------------------------
 
@@ -605,11 +612,10 @@ def _seconds(cols: _Columns) -> _Groups:
             partial.append(j)
         else:
             parts.append(col)
+    est = estimate_counts(cols.strings, cols.n)
     for i, (field, _) in enumerate(ESTIMATES.values()):
         summed.append(len(COUNTER_COLUMNS) + i)
-        table = cols.strings[field][0]
-        parts.append(int(estimate_counts(cols.strings, 1)[i][0]) if len(table) == 1 else
-                     estimate_counts(cols.strings, cols.n)[i])
+        parts.append(int(est[i][0]) if len(cols.strings[field][0]) == 1 else est[i])
     parts += [(cols.column(COUNTER_COLUMNS[j]) != NULL).astype(np.int64) for j in partial]
     p = cols.column("window_start_ns") // _SECOND
     base = int(p.min())
@@ -746,9 +752,9 @@ def _encode(batch: np.ndarray, cols: _Columns) -> bytearray:
     header: dict[str, Any] = {"n": n, "ints": [], "strs": {}, "by_compartment": {
         name: [NAMES.text(v) for v in values.tolist()] if name in TEXT_FIELDS else values.tolist()
         for name, values in cols.by_comp.items()}}
-    # (width, source, least value or None for an index, step) of each stored column, in order.
-    plan: list[tuple[str, np.ndarray, int | None, int]] = []
-    texts: list[tuple[str, np.ndarray, int | None, int]] = []  # after the numbers
+    # (width, source, least value or None for values already offsets) of each stored column, in order.
+    plan: list[tuple[str, np.ndarray, int | None]] = []
+    texts: list[tuple[str, np.ndarray, int | None]] = []  # after the numbers
     for name in FIELDS:
         j = COLUMN[name]
         if name in cols.by_comp:
@@ -758,7 +764,7 @@ def _encode(batch: np.ndarray, cols: _Columns) -> bytearray:
             dt = None if len(table) == 1 else _width(len(table))
             header["strs"][name] = [table, dt]
             if dt is not None:
-                texts.append((dt, index, None, 1))
+                texts.append((dt, index, None))
             continue
         lo, hi = int(cols.lo[j]), int(cols.hi[j])
         if lo == hi:
@@ -770,21 +776,21 @@ def _encode(batch: np.ndarray, cols: _Columns) -> bytearray:
             delta = col - cols.lo[j]
             if bool((delta % step == 0).all()):  # window starts: whole windows apart
                 header["ints"].append([name, lo, _width((hi - lo) // step), step])
-                plan.append((header["ints"][-1][2], delta // step, None, 1))
+                plan.append((header["ints"][-1][2], delta // step, None))
                 continue
         if name == "seq" and hi - lo == n - 1 and np.array_equal(col, np.arange(lo, lo + n)):
             header["ints"].append([name, lo, "arange", 1])  # the usual batch: seq numbers in a row
             continue
         dt = _width(hi - lo)
         header["ints"].append([name, lo, dt, 1])
-        plan.append((dt, col, lo, 1))
+        plan.append((dt, col, lo))
     head = json.dumps(header, separators=(",", ":")).encode()
     prefix = _MAGIC3 + len(head).to_bytes(4, "little") + head
     parts = plan + texts
     out = bytearray(len(prefix) + n * sum(np.dtype(dt).itemsize for dt, *_ in parts))
     out[:len(prefix)] = prefix
     off = len(prefix)
-    for dt, src, lo_, _ in parts:
+    for dt, src, lo_ in parts:
         view = np.frombuffer(out, dt, count=n, offset=off)
         if lo_ is None:
             view[:] = src  # an index, or whole windows: already offsets

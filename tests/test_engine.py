@@ -305,6 +305,17 @@ def test_five_hundred_compartments_waking_every_ms_lose_nothing(cgroups):
             parts.append(meter.drain())
             time.sleep(meter.drain_interval)
         parts += list(meter.batches(0.3))
+        # The last slices' kernel/clock differences are settled out of idle time
+        # in the windows that follow. On a starved VM 0.3 s was not always
+        # enough (seen: 317 ms still owed at the last drain, so compartments
+        # 1.4-2.4 % under cpu.stat). The wakers are gone, so nothing new is
+        # owed: drain until all of it is settled (bounded), then compare.
+        settle_by = time.monotonic() + 10.0
+        trace = [(meter.stats.unsettled_ns, meter.stats.pending_adjustment_ns)]
+        while (meter.stats.unsettled_ns or meter.stats.pending_adjustment_ns) and time.monotonic() < settle_by:
+            time.sleep(meter.drain_interval)
+            parts.append(meter.drain())
+            trace.append((meter.stats.unsettled_ns, meter.stats.pending_adjustment_ns))
         kernel = {cg.name: cpu_usage_usec(cg) * 1000 for cg in comps}
     assert wakers.returncode == 0
     batch = np.concatenate(parts)
@@ -327,7 +338,7 @@ def test_five_hundred_compartments_waking_every_ms_lose_nothing(cgroups):
     # 1 us unit (measured: every compartment within that 1 us, loaded or not;
     # slices no switch event showed are in, recovered per task: unseen_ns).
     bad = {t: (sums[t], k) for t, k in kernel.items() if abs(sums[t] - k) > 0.01 * k + 1_000}
-    assert not bad, (list(bad.items())[:5], st.notice_line())
+    assert not bad, (list(bad.items())[:5], st.notice_line(), trace)
     assert min(kernel.values()) > 0
 
 

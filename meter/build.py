@@ -193,25 +193,26 @@ def _directions(rx: np.ndarray, packets: np.ndarray, nbytes: np.ndarray, wire_pa
     return out
 
 
-def _row_times(parts: list[_Part], rows: list[int], lo: int, hi: int) -> dict[int, np.ndarray]:
-    """cpu_ns of each of ``rows`` in each window lo..hi of the parts, in one pass."""
-    index = np.full(max(rows) + 1, -1, np.int64)
+def _row_times(parts: list[_Part], rows: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """cpu_ns of each of ``rows`` (distinct) in each window lo..hi of the parts,
+    one line per row, in one pass."""
+    index = np.full(int(rows.max()) + 1, -1, np.int64)
     index[rows] = np.arange(len(rows))
     have = np.zeros((len(rows), hi - lo + 1), np.int64)
     for window, r, cols in parts:
         if "cpu_ns" not in cols:
             continue
-        pick = np.where(r <= index.size - 1, index[np.minimum(r, index.size - 1)], -1)
+        pick = np.where(r < index.size, index[np.minimum(r, index.size - 1)], -1)
         inside = (pick >= 0) & (window >= lo) & (window <= hi)
         np.add.at(have, (pick[inside], window[inside] - lo), cols["cpu_ns"][inside])
-    return {row: have[i] for i, row in enumerate(rows)}
+    return have
 
 
-def _greedy(avail: np.ndarray, want: int) -> np.ndarray:
-    """Take up to ``want`` from ``avail``, from its end back (newest windows first)."""
-    rev = np.maximum(avail[::-1], 0)
-    take = np.minimum(rev, np.maximum(want - (np.cumsum(rev) - rev), 0))
-    return take[::-1]
+def _greedy(avail: np.ndarray, want: np.ndarray) -> np.ndarray:
+    """Per line of ``avail``, take up to its ``want`` from the line's start on."""
+    avail = np.maximum(avail, 0)
+    before = np.cumsum(avail, axis=1) - avail
+    return np.minimum(avail, np.maximum(want[:, None] - before, 0))
 
 
 def _settle(parts: list[_Part], spill: dict[int, int], nrows: int,
@@ -219,36 +220,66 @@ def _settle(parts: list[_Part], spill: dict[int, int], nrows: int,
     """Settle kernel/clock differences the kernel had no per-CPU entry for
     (docs/architecture.md, "CPU time"): a row owed time gets it out of idle's,
     else sched's, time in this drain's windows; a row that owes gives its own
-    time to sched. Each window still adds up. Returns what is left to settle.
+    time to sched (keeping 1 ns a window, so its records stay). Newest
+    windows first, a window's own records before the late records billed in
+    it (moved between late records, so the late rows still name every late
+    ns). Each window still adds up. Returns what is left to settle.
+
+    Rows owed time share idle's and sched's time in row order: laid end to
+    end, those donors' time is cut at the running sum of what each row is
+    owed, so one pass settles them all.
     """
     lo, hi = max(ctx.taken_from, ctx.first_window), ctx.closed_window
     if not spill or hi < lo:
         return spill
-    windows = np.arange(lo, hi + 1, dtype=np.int64)
+    nw = hi - lo + 1
+    # Each donor's time, newest window first: line k is (donor, plane) below.
+    newest = np.arange(hi, lo - 1, -1, dtype=np.int64)
+    keys = np.array(sorted(spill), np.int64)
+    owed = np.array([spill[r] for r in keys.tolist()], np.int64)
     left: dict[int, int] = {}
-    needed = sorted({d + plane for row, v in spill.items() for d in ([IDLE_ROW, SCHED_ROW] if v > 0 else [row])
-                     for plane in (0, nrows)})
-    avail = _row_times(parts, needed, lo, hi)
-    for row, v in sorted(spill.items()):
-        donors = [IDLE_ROW, SCHED_ROW] if v > 0 else [row]
-        want = abs(v)
-        # A window's own records first, then late records billed in it (moved
-        # between late records, so the late rows still name every late ns).
-        for plane in (0, nrows):
-            for donor in donors:
-                if not want:
-                    break
-                take = _greedy(avail[donor + plane] - (1 if donor == row else 0), want)
-                avail[donor + plane] = avail[donor + plane] - take
-                k = np.flatnonzero(take)
-                if not len(k):
-                    continue
-                gain, lose = (row, donor) if v > 0 else (SCHED_ROW, row)
-                add(windows[k], np.full(len(k), gain + plane, np.int64), cpu_ns=take[k])
-                add(windows[k], np.full(len(k), lose + plane, np.int64), cpu_ns=-take[k])
-                want -= int(take.sum())
-        if want:
-            left[row] = want if v > 0 else -want
+    gains: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    pos = owed > 0
+    donors = np.array([IDLE_ROW, SCHED_ROW], np.int64)
+    lines = np.concatenate([donors, donors + nrows])  # plane 0 first, then the late plane
+    owing = keys[~pos]
+    owing_lines = np.concatenate([owing, owing + nrows])
+    need = np.unique(np.concatenate([lines if pos.any() else lines[:0], owing_lines]))
+    have = _row_times(parts, need, lo, hi)[:, ::-1]  # newest window first
+    line_of = {int(r): i for i, r in enumerate(need.tolist())}
+    if pos.any():
+        # The donors' time laid end to end, in the order it is taken.
+        pool = np.concatenate([have[line_of[int(d)]] for d in lines.tolist()])
+        end = np.cumsum(pool)
+        cut = np.cumsum(owed[pos])
+        # Pieces between consecutive cuts of either kind: each is one donor
+        # cell's time going to one row.
+        at = np.union1d(np.concatenate([[0], end]), cut)
+        at = at[at <= min(int(end[-1]), int(cut[-1]))]
+        size = np.diff(at)
+        j = np.searchsorted(end, at[:-1], side="right")
+        i = np.searchsorted(cut, at[:-1], side="right")
+        line = lines[j // nw]
+        plane = np.where(line >= nrows, nrows, 0)
+        w = newest[j % nw]
+        gains += [(w, keys[pos][i] + plane, size), (w, line, -size)]
+        got = np.zeros(len(cut), np.int64)
+        np.add.at(got, i, size)
+        left.update({int(r): int(v) for r, v in zip(keys[pos], owed[pos] - got) if v})
+    if len(owing):
+        # Each owing row's own time, a window's own records then its late ones, less 1 ns a window.
+        own = np.concatenate([have[[line_of[int(r)] for r in owing.tolist()]],
+                              have[[line_of[int(r) + nrows] for r in owing.tolist()]]], axis=1) - 1
+        take = _greedy(own, -owed[~pos])
+        i, j = np.nonzero(take)
+        plane = np.where(j >= nw, nrows, 0)
+        w = newest[j % nw]
+        gains += [(w, SCHED_ROW + plane, take[i, j]), (w, owing[i] + plane, -take[i, j])]
+        got = take.sum(axis=1)
+        left.update({int(r): -int(v) for r, v in zip(owing, -owed[~pos] - got) if v})
+    if gains:
+        add(np.concatenate([g[0] for g in gains]), np.concatenate([g[1] for g in gains]),
+            cpu_ns=np.concatenate([g[2] for g in gains]))
     return left
 
 

@@ -638,6 +638,34 @@ def test_differences_the_kernel_had_no_entry_for_are_settled_in_the_records(tree
     assert meter.stats.unsettled_ns == 0 and meter.stats.notice_line() == ""
 
 
+def test_rows_owed_at_once_share_idle_time_in_row_order_and_the_rest_waits(tree):
+    """Two rows owed more than the drain's idle time holds: they are paid out of
+    it in row order, newest window first, none of it twice; what idle could not
+    pay waits (unsettled) and is paid in the next drain. Every window adds up."""
+    cpu = FakeCPU()
+    meter, _ = _open(_topology(tree), cpu)
+    acme, globex = _id(tree, "acme/vswitch"), _id(tree, "globex/vswitch")
+    cpu.charge(1000, acme, 500_000)     # idle: 1.5 ms in 1000
+    cpu.charge(1001, globex, 200_000)   # idle: 1.8 ms in 1001
+    cpu.spill(acme, 2_500_000)
+    cpu.spill(globex, 1_000_000)        # 3.5 ms owed, 3.3 ms of idle
+    cpu.advance(2)
+    batch = meter.drain()
+    assert int(_rows(batch, "acme")["cpu_ns"].sum()) == 3_000_000
+    assert int(_rows(batch, "globex")["cpu_ns"].sum()) == 1_000_000  # 0.2 + 0.8 of its 1.0 ms
+    # acme, the first row, took the newest window's idle time first: all 1.8 ms of 1001.
+    acme_1001 = _rows(batch, "acme")[batch["window_start_ns"][batch["tenant"] == code("acme")]
+                                     == int(batch["window_start_ns"].max())]
+    assert int(acme_1001["cpu_ns"].sum()) == 1_800_000
+    assert int(_rows(batch, "idle")["cpu_ns"].sum()) == 0
+    assert np.all(window_totals(batch)[1] == 2 * W) and np.all(batch["cpu_ns"] >= 0)
+    assert meter.stats.unsettled_ns == 200_000
+    cpu.advance(1)
+    batch = meter.drain()
+    assert int(_rows(batch, "globex")["cpu_ns"].sum()) == 200_000
+    assert meter.stats.unsettled_ns == 0 and np.all(window_totals(batch)[1] == 2 * W)
+
+
 def test_late_time_no_window_is_short_of_is_kept_for_the_next_ones(tree):
     """Late time can arrive before the window it left closes (a ring full of
     undrained windows takes charges of the newest ones): the late row waits for it."""

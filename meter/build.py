@@ -40,10 +40,9 @@ _LATE, _CLOCK, _KERNEL, _TC = (records.code(t) for t in ("late", "clock", "kerne
 class Rows(Protocol):
     """Row names and the cgroup id -> row mapping (``meter.resolver.Resolver``)."""
 
-    tenants: list[str]
-    names: list[str]
-    cgroup_ids: list[int]
     unresolved: int
+
+    def columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
 
     @property
     def nrows(self) -> int: ...
@@ -321,13 +320,14 @@ def _records(g_window: np.ndarray, g_row: np.ndarray, sums: dict[str, np.ndarray
 
     g_ns = g("cpu_ns")
     plan = ctx.plan
+    tenants, names, cgroup_ids = rows.columns()
     cols: dict[str, Any] = {
         "window_start_ns": g_window * ctx.window_ns + ctx.offset_ns,
         "window_ms": ctx.window_ns // 1_000_000,
         "host": ctx.host,
-        "tenant": records.NAMES.codes(rows.tenants)[g_row],
-        "compartment": records.NAMES.codes(rows.names)[g_row],
-        "cgroup_id": np.asarray(rows.cgroup_ids, np.uint64)[g_row],
+        "tenant": tenants[g_row],
+        "compartment": names[g_row],
+        "cgroup_id": cgroup_ids[g_row],
         "cpu_ns": g_ns,
         "seq": np.arange(ctx.first_seq, ctx.first_seq + n),
         # host's tasks are kernel-charged like any compartment's; idle, sched, steal are clock time.

@@ -22,6 +22,7 @@ import numpy as np
 from .bpfabi import IDLE_CGID, SCHED_CGID, STEAL_CGID, UNATTRIBUTED_CGID
 from .cgroup import CgroupIndex, DirWatch, cgroup_id
 from .errors import CgroupError
+from .records import NAMES
 from .sources.base import KernelCompartments
 from .topology import HOST, IDLE, LATE, SCHED, STEAL, UNATTRIBUTED, Compartment, Topology
 
@@ -61,6 +62,7 @@ class Resolver:
         self.unresolved = 0  # ids no scan could name (charged to host)
         #: Bumped whenever the compartments (and so their cgroup ids) change.
         self.generation = 0
+        self._columns: tuple[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
         self._add(topology.compartments)
 
     def row_of(self, tenant: str, name: str) -> int | None:
@@ -192,6 +194,16 @@ class Resolver:
     @property
     def nrows(self) -> int:
         return len(self.names)
+
+    def columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per row: its tenant's and its name's codes (``records.NAMES``) and
+        its cgroup id, as arrays for the records (made again only when the
+        rows change: a drain's records gather from them)."""
+        key = (len(self.names), self.generation)
+        if self._columns is None or self._columns[0] != key:
+            self._columns = key, (NAMES.codes(self.tenants), NAMES.codes(self.names),
+                                  np.asarray(self.cgroup_ids, np.uint64))
+        return self._columns[1]
 
     def _owner(self, path: Path) -> int:
         text = str(path).rstrip("/") + "/"

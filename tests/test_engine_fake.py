@@ -440,6 +440,9 @@ class _Rows:
     def nrows(self) -> int:
         return 5
 
+    def columns(self):
+        return NAMES.codes(self.tenants), NAMES.codes(self.names), np.asarray(self.cgroup_ids, np.uint64)
+
     def rows(self, cgids):
         return np.array([self._ids.get(int(c), 0) for c in cgids], np.int64)
 

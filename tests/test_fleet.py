@@ -3,6 +3,7 @@ each exactly once, and DuckDB and Dask bill it to the last decimal of the per-ho
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -25,6 +26,7 @@ from meter import fleet, ship
 from meter.bill import PriceSheet, charges, invoices, merge_periods, usage_from_store
 from meter.errors import MeterError
 from meter.focus import focus_rows
+from meter.sinks import store as store_mod
 from meter.sinks.store import Store
 
 from .test_bill import T0, records
@@ -293,8 +295,15 @@ def test_segments_are_deterministic_and_local_files_private(tmp_path):
         done = ship.ship(s, str(out), raw=True)
         again = ship.segment_bytes(s, "h3", *ship.parse_key(done.segments[0])[1:])[0]
         assert ship.ship(s, str(out)).segments == []
-        # From the chunks' kept 1 s rollups or from the raw records (a store written before
-        # chunks kept them): the same bytes.
+        # From the chunks' kept 1 s rollups (binary, MTRG1), from them as JSON rows (a store
+        # written before MTRG1), or from the raw records (a store written before chunks
+        # kept them): the same bytes.
+        kept = s.db.execute("SELECT host, first_seq, data FROM chunk_rollups").fetchall()
+        assert kept and all(bytes(data[:5]) == b"MTRG1" for _, _, data in kept)
+        for host, first, data in kept:
+            as_json = json.dumps(store_mod._decode_groups(data).tuples(), separators=(",", ":"))
+            s.db.execute("UPDATE chunk_rollups SET data = ? WHERE host = ? AND first_seq = ?", (as_json, host, first))
+        assert ship.segment_bytes(s, "h3", *ship.parse_key(done.segments[0])[1:])[0] == again
         s.db.execute("DELETE FROM chunk_rollups")
         assert ship.segment_bytes(s, "h3", *ship.parse_key(done.segments[0])[1:])[0] == again
     files = sorted(p for p in out.rglob("*") if p.is_file())

@@ -198,3 +198,23 @@ def test_retention_never_deletes_records_the_rollups_do_not_hold_yet(tmp_path):
         assert read(r.rollup("rollup_1s")) == expected(written, SECOND)
         assert len(r.records()) == 9  # the chunk reaching into second 1, kept whole; the one before, deleted
     s.close()
+
+
+def test_a_chunks_own_rollups_are_kept_in_binary_and_read_back_as_rows(tmp_path):
+    """Each chunk keeps its own 1 s rollup rows (for shipping segments) in binary
+    (MTRG1): read back, they are the rows the records give, measured and NULL
+    columns alike, per host when a batch has two."""
+    from meter.sinks.store import _SECOND, rollup_rows
+
+    two = np.concatenate([batch(0, 12, 0), batch(0, 12, 0, host="g")])
+    with Store(tmp_path / "r.db") as s:
+        s.write(two)
+        kept = s.db.execute("SELECT data FROM chunk_rollups").fetchall()
+        assert len(kept) == 2 and all(bytes(d[:5]) == b"MTRG1" for (d,) in kept)
+        for host in ("h", "g"):
+            mine = two[text(two, "host") == host]
+            got = s.rollups_seq(host, 0, 10**6)
+            assert got == rollup_rows(mine, _SECOND)
+            # The loop's sums, rx_packets None where no record of the group measured it.
+            assert {(r[0], r[1], r[2], r[3]): (r[4], r[5], r[12]) for r in got} == expected(mine, SECOND)
+            assert any(r[12] is None for r in got) and any(r[12] is not None for r in got)

@@ -215,7 +215,7 @@ class Store:
                     cols = _Columns(new)
                     seconds = _seconds(cols)
                     rolled = self._roll(seconds, cols)  # first: a host's first batch reads the records before it
-                    self._insert(new, cols, seconds.tuples())
+                    self._insert(new, cols, seconds)
                     self._expire(int(cols.hi[COLUMN["window_start_ns"]]))
                 self.db.execute("COMMIT")
                 if rolled is not None:  # the rollups in memory follow the transaction, not the attempt
@@ -244,16 +244,15 @@ class Store:
             parts.append(part if int(seq.min()) >= first else part[seq >= first])  # the usual case: no copy
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def _insert(self, batch: np.ndarray, cols: _Columns, seconds: list[tuple[Any, ...]]) -> None:
-        import json
-
+    def _insert(self, batch: np.ndarray, cols: _Columns, seconds: _Groups) -> None:
         rows, rollups = [], []
+        hosts = [name[0] for name in seconds.names]
         for host, part in self._by_host(batch):
             end = part["window_start_ns"] + part["window_ms"].astype(np.int64) * 1_000_000
             rows.append((host, int(part["seq"].min()), int(part["seq"].max()), int(part["window_start_ns"].min()),
                          int(end.max()), len(part), _encode(part, cols if part is batch else _Columns(part))))
-            rollups.append((host, rows[-1][1], rows[-1][4],
-                            json.dumps([r for r in seconds if r[0] == host], separators=(",", ":"))))
+            mine = seconds if part is batch else seconds.select(np.array([h == host for h in hosts])[seconds.who])
+            rollups.append((host, rows[-1][1], rows[-1][4], _encode_groups(mine)))
             self.db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = max(value, excluded.value)",
                             (f"last_seq:{host}", int(part["seq"].max())))
         self.db.executemany("INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
@@ -417,7 +416,15 @@ class Store:
                                  (host, first_seq, last_seq)).fetchall()
         if any(data is None for _, data in chunks):
             return None
-        rows = [row for _, data in chunks for row in json.loads(data)]
+        rows = []
+        for _, data in chunks:
+            if isinstance(data, str):  # rows as JSON (a meter before MTRG1)
+                rows += json.loads(data)
+                continue
+            groups = _decode_groups(data)
+            if groups is None:
+                return None
+            rows += groups.tuples()
         if any(len(row) != 5 + len(ROLLUP_COLUMNS) for row in rows):
             return None  # kept by a meter with other columns: the raw records say it again
         return merge_rollup_rows(rows)
@@ -664,6 +671,50 @@ def merge_rollup_rows(rows: Any) -> list[tuple[Any, ...]]:
             if v is not None:
                 acc[i] = v if acc[i] is None else acc[i] + v
     return [tuple(out[k]) for k in sorted(out)]
+
+
+_GROUPS_MAGIC = b"MTRG1"  # a chunk's 1 s rollup groups: a JSON header, then who, start, sums, measured bits
+
+
+def _encode_groups(g: _Groups) -> bytes:
+    """A chunk's own 1 s rollup groups (``chunk_rollups.data``), in binary: the
+    header names the labels and the columns measured somewhere in them; then
+    per group its label (int32), period start and record count (int64), those
+    columns' sums (int64) and a bit each for whether it was measured there.
+    About 0.1 µs a group to write, where JSON rows took ~3 µs."""
+    import json
+
+    present = np.flatnonzero(g.seen.any(axis=0)) if len(g) else np.zeros(0, np.int64)
+    head = json.dumps({"columns": [ROLLUP_COLUMNS[j] for j in present.tolist()], "names": g.names, "n": len(g)},
+                      separators=(",", ":")).encode()
+    return b"".join((_GROUPS_MAGIC, len(head).to_bytes(4, "little"), head, g.who.astype("<i4").tobytes(),
+                     g.start.astype("<i8").tobytes(), g.sums[:, np.concatenate(([0], 1 + present))].astype("<i8").tobytes(),
+                     np.packbits(g.seen[:, present] != 0, axis=None).tobytes()))
+
+
+def _decode_groups(blob: bytes) -> _Groups | None:
+    """What :func:`_encode_groups` wrote; None for a column this meter does not roll up."""
+    import json
+
+    blob = bytes(blob)
+    if blob[:5] != _GROUPS_MAGIC:
+        raise SinkError("a chunk's rollups are not in meter's format (written by a newer meter?)")
+    size = int.from_bytes(blob[5:9], "little")
+    head = json.loads(blob[9:9 + size])
+    if any(c not in ROLLUP_COLUMNS for c in head["columns"]):
+        return None
+    n, present = head["n"], [ROLLUP_COLUMNS.index(c) for c in head["columns"]]
+    at = 9 + size
+    who = np.frombuffer(blob, "<i4", n, at).astype(np.int64)
+    start = np.frombuffer(blob, "<i8", n, at + 4 * n).astype(np.int64)
+    at += 12 * n
+    got = np.frombuffer(blob, "<i8", n * (1 + len(present)), at).reshape(n, 1 + len(present))
+    bits = np.unpackbits(np.frombuffer(blob, np.uint8, offset=at + got.nbytes), count=n * len(present))
+    sums = np.zeros((n, 1 + len(ROLLUP_COLUMNS)), np.int64)
+    seen = np.zeros((n, len(ROLLUP_COLUMNS)), np.int64)
+    sums[:, np.concatenate(([0], 1 + np.array(present, np.int64)))] = got
+    seen[:, present] = bits.reshape(n, len(present))
+    return _Groups([tuple(name) for name in head["names"]], who, start, sums, seen)
 
 
 _MAGIC = b"MTRC1"  # every column int64, text as table + int32 index

@@ -36,9 +36,11 @@ def apportion(groups: np.ndarray, totals: np.ndarray, weights: np.ndarray) -> np
     n = len(groups)
     if n == 0:
         return np.zeros(0, np.int64)
-    if np.any(weights < 0) or np.any(totals < 0):
+    if int(weights.min()) < 0 or int(totals.min(initial=0)) < 0:
         raise ValueError("apportion needs totals and weights >= 0")
     ngroups = len(totals)
+    if ngroups == 1:
+        return _apportion_one(int(totals[0]), weights)
     wsum = np.bincount(groups, weights=weights, minlength=ngroups)
     # Zero-weight groups: split equally.
     empty = wsum[groups] == 0
@@ -56,16 +58,6 @@ def apportion(groups: np.ndarray, totals: np.ndarray, weights: np.ndarray) -> np
         wsum = np.bincount(groups, weights=weights, minlength=ngroups)
     wsum_i = wsum.astype(np.int64)
     bonus = np.zeros(n, np.int64)
-    if ngroups == 1:
-        # One group (a measuring reader's drain): scalar total and divisor, and
-        # the `left` largest remainders found in linear time.
-        total, den1 = int(totals[0]), int(wsum_i[0])
-        num = weights * total
-        share = num // den1
-        k = total - int(share.sum())
-        if k:
-            bonus[np.argpartition(share * den1 - num, k - 1)[:k]] = 1  # -remainder: largest first
-        return share + bonus
     t = totals[groups]
     num = t * weights
     den = wsum_i[groups]
@@ -85,6 +77,29 @@ def apportion(groups: np.ndarray, totals: np.ndarray, weights: np.ndarray) -> np
     rank = np.arange(n) - starts[g_sorted]
     bonus[order] = rank < left[g_sorted]
     return share + bonus
+
+
+def _apportion_one(total: int, weights: np.ndarray) -> np.ndarray:
+    """:func:`apportion` for one group (a measuring reader's drain): integer sums
+    and a scalar divisor, no per-item gathers, and the largest remainders
+    found in linear time."""
+    n = len(weights)
+    top = int(weights.max())
+    if top == 0:
+        weights, top = np.ones(n, np.int64), 1
+    # total x weight, and the weights' sum, within int64 (drop low weight bits if not).
+    shift = max(max(total, 1).bit_length() + top.bit_length() - 62, top.bit_length() + n.bit_length() - 62, 0)
+    if shift:
+        weights = weights >> shift
+        if not weights.any():
+            weights = np.ones(n, np.int64)
+    den = int(weights.sum())
+    num = weights * total
+    share = num // den
+    k = total - int(share.sum())
+    if k:
+        share[np.argpartition(share * den - num, k - 1)[:k]] += 1  # -remainder: largest first
+    return share
 
 
 def _weights(batch: np.ndarray, measured_field: str, measured: bool) -> np.ndarray:

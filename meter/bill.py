@@ -53,6 +53,8 @@ from .records import ESTIMATE_COLUMNS
 from .sinks.store import ROLLUPS
 from .topology import RESERVED
 
+_HOUR_NS = ROLLUPS["rollup_1h"]
+
 __all__ = [
     "COST_DECIMALS",
     "METERS",
@@ -560,8 +562,6 @@ def usage_from_store(store: Any, start_ns: int, end_ns: int, period_ns: int, *,
                 out.setdefault(row["period_start_ns"] // period_ns, []).append(row)
     return {k: usage_from_rollups(v, by_resource=by_resource) for k, v in sorted(out.items())}
 
-
-_HOUR_NS = ROLLUPS["rollup_1h"]
 
 
 def usage_from_parquet(root: str | Path, start_ns: int, end_ns: int, period_ns: int, *,

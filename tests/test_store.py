@@ -218,3 +218,18 @@ def test_a_chunks_own_rollups_are_kept_in_binary_and_read_back_as_rows(tmp_path)
             # The loop's sums, rx_packets None where no record of the group measured it.
             assert {(r[0], r[1], r[2], r[3]): (r[4], r[5], r[12]) for r in got} == expected(mine, SECOND)
             assert any(r[12] is None for r in got) and any(r[12] is not None for r in got)
+
+
+def test_damaged_chunk_rollups_are_one_clear_error_naming_the_chunk(tmp_path):
+    """A chunk's kept rollups cut short (a damaged store) end in one sentence that names
+    the chunk and what to do, not a traceback from the decoder."""
+    import pytest
+
+    from meter.errors import SinkError
+
+    with Store(tmp_path / "r.db") as s:
+        s.write(batch(0, 12, 0))
+        (data,) = s.db.execute("SELECT data FROM chunk_rollups").fetchone()
+        s.db.execute("UPDATE chunk_rollups SET data = ?", (bytes(data)[:-40],))
+        with pytest.raises(SinkError, match=r"chunk h seq 0 are damaged .*restore the store from a copy"):
+            s.rollups_seq("h", 0, 10**6)

@@ -417,11 +417,11 @@ class Store:
         if any(data is None for _, data in chunks):
             return None
         rows = []
-        for _, data in chunks:
+        for seq, data in chunks:
             if isinstance(data, str):  # rows as JSON (a meter before MTRG1)
                 rows += json.loads(data)
                 continue
-            groups = _decode_groups(data)
+            groups = _decode_groups(data, f"{host} seq {seq}")
             if groups is None:
                 return None
             rows += groups.tuples()
@@ -692,13 +692,22 @@ def _encode_groups(g: _Groups) -> bytes:
                      np.packbits(g.seen[:, present] != 0, axis=None).tobytes()))
 
 
-def _decode_groups(blob: bytes) -> _Groups | None:
-    """What :func:`_encode_groups` wrote; None for a column this meter does not roll up."""
-    import json
-
+def _decode_groups(blob: bytes, chunk: str = "") -> _Groups | None:
+    """What :func:`_encode_groups` wrote; None for a column this meter does not roll up.
+    ``chunk`` names it (host and first seq) in the error a damaged one gives."""
+    name = f"the rollups of the record store's chunk {chunk}".rstrip()
     blob = bytes(blob)
     if blob[:5] != _GROUPS_MAGIC:
-        raise SinkError("a chunk's rollups are not in meter's format (written by a newer meter?)")
+        raise SinkError(f"{name} are not in meter's format (written by a newer meter?)")
+    try:
+        return _decode_groups1(blob)
+    except (ValueError, KeyError, TypeError, IndexError) as err:  # json.JSONDecodeError is a ValueError
+        raise SinkError(f"{name} are damaged ({err}): restore the store from a copy") from err
+
+
+def _decode_groups1(blob: bytes) -> _Groups | None:
+    import json
+
     size = int.from_bytes(blob[5:9], "little")
     head = json.loads(blob[9:9 + size])
     if any(c not in ROLLUP_COLUMNS for c in head["columns"]):

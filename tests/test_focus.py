@@ -166,7 +166,10 @@ def _focus(meter_bin, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_charge_periods_start_on_utc_hours_and_billing_periods_are_months(tmp_path, meter_bin):
-    hour = (int(time.time()) // 3600 - 3) * 3600  # inside the store's retention
+    # 01:00 UTC yesterday: inside the store's retention, and the whole range
+    # (00:30 to 03:00) in one UTC day and month whatever the time the test runs
+    # (three hours back from now crossed midnight when run between 02:00 and 03:00).
+    hour = (int(time.time()) // 86400 - 1) * 86400 + 3600
     b = records("h", 4, t0=hour * 10**9)
     late = records("h", 4, seq0=100, t0=(hour + 5400) * 10**9)  # 1.5 h later
     with Store(tmp_path / "r.db") as s:

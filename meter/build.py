@@ -21,7 +21,7 @@ from .sources.net import NetDrain
 from .sources.sched import SchedDrain
 from .sources.sriov import VF_FIELDS
 
-__all__ = ["SUMS", "Built", "Context", "Rows", "build"]
+__all__ = ["SUMS", "Built", "Context", "Rows", "build", "cgroup_ids"]
 
 #: Columns summed per (window, row) before records are built, then the counters.
 _PACKET_SUMS = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes",
@@ -94,6 +94,26 @@ class Built:
     late_budget_ns: int = 0
     #: Per row, what is still to settle (Context.spill), for the next drain.
     spill: dict[int, int] = dataclasses.field(default_factory=dict)
+
+
+def cgroup_ids(d: SchedDrain) -> np.ndarray:
+    """The cgroup ids a CPU drain met for the first time (all it charges when
+    its source does not say), a given-away entry's as its own id, a port's
+    pseudo id not at all: the ids ``Rows.rows`` must learn. Repeats in a row
+    are left out (a kernel drain comes grouped by cgroup)."""
+    if d.met_cgid is not None:
+        if not len(d.met_cgid):
+            return d.met_cgid
+        ids = d.met_cgid
+    else:
+        ids = np.concatenate([d.cgid, d.late_cgid, d.spill_cgid])
+    ids = ids[ids < np.uint64(PORT_CGID_BIT)] & ~np.uint64(GIVEN_BIT)
+    if len(ids) < 2:
+        return ids
+    first = np.empty(len(ids), bool)
+    first[0] = True
+    np.not_equal(ids[1:], ids[:-1], out=first[1:])
+    return ids[first]
 
 
 def build(d: SchedDrain, nd: NetDrain | None, vf: dict[int, tuple[int, int, int, int]] | None,

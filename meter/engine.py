@@ -11,6 +11,7 @@ callbacks (``on_batch``).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import threading
@@ -30,7 +31,7 @@ from .perf import CounterPlan, plan_counters
 from .ports import PORT_ROOM, Ports
 from .records import column_ranges, matrix, window_sums, window_totals
 from .resolver import Resolver
-from .sources.base import CPUSource, CPUSpec, KernelSources, PacketSource, SourceFactory, VFPoller
+from .sources.base import CPUSource, CPUSpec, KernelSources, PacketSource, SourceFactory, VFPoller, concat
 from .sources.energy import EnergyReader, EnergySettings
 from .sources.net import NetDrain
 from .sources.sched import SchedDrain
@@ -64,7 +65,10 @@ class Meter(DrainLoop):
 
     ``window_ms`` (default: the topology's, else 1) is the record width.
     ``counters`` maps record fields to perf event specs (see
-    :func:`plan_counters`). Batches come every ``drain_interval`` seconds.
+    :func:`plan_counters`). Batches come every ``batch_interval`` seconds;
+    the kernel's rings are taken into this process every ``drain_interval``
+    seconds or less (a whole number of times per batch), which the kernel's
+    window split bounds (docs/architecture.md, "Takes and batches").
     ``vf_links(pf)`` replaces the netlink query for a PF's VF counters
     (for agents that have them already, and for tests). ``sources`` builds
     the sources (default: :class:`~meter.sources.base.KernelSources`, the
@@ -78,6 +82,7 @@ class Meter(DrainLoop):
         *,
         counters: dict[str, str] | None = None,
         drain_interval: float = 0.25,
+        batch_interval: float = 1.0,
         host: str | None = None,
         first_seq: int = 0,
         max_rows: int | None = None,
@@ -93,15 +98,23 @@ class Meter(DrainLoop):
                               "in the kernel; split the host's tenants over fewer compartments")
         if drain_interval <= 0:
             raise ConfigError(f"drain_interval must be positive, not {drain_interval!r}")
+        if batch_interval <= 0:
+            raise ConfigError(f"batch_interval must be positive, not {batch_interval!r}")
+        # A whole number of takes per batch, none further apart than drain_interval.
+        takes = max(1, math.ceil(batch_interval / drain_interval - 1e-9))
+        drain_interval = batch_interval / takes
         if 2 * drain_interval * 1000 / window_ms + 16 > MAX_SPAN_LIMIT:
             raise ConfigError(
                 f"a drain interval of {drain_interval} s is too long for {window_ms} ms windows "
-                f"(at most {(MAX_SPAN_LIMIT - 16) * window_ms / 2000:g} s): idle CPUs are closed only at drains"
+                f"(at most {(MAX_SPAN_LIMIT - 16) * window_ms / 2000:g} s): idle CPUs are closed only at drains; "
+                "batches can still come less often (batch_interval)"
             )
         self.topology = topology
         self.window_ms = window_ms
         self.window_ns = window_ms * 1_000_000
         self.drain_interval = float(drain_interval)
+        self.batch_interval = float(batch_interval)
+        self.takes_per_batch = takes
         self.host = host or socket.gethostname()
         self.plan = plan_counters(counters)
         src = str(topology.source) if topology.source else None
@@ -114,6 +127,10 @@ class Meter(DrainLoop):
         self._lock = threading.Lock()
         self._max_rows = max_rows
         self._taken_from = 0
+        #: Takes since the last batch (what the sources drained), built at the next batch.
+        self._pending: list[tuple[SchedDrain, NetDrain | None]] = []
+        #: The CPU source's closed window before the first of them.
+        self._closed_before = 0
         #: Late time billed and not yet matched by a late row (meter.build).
         self._late_budget = 0
         #: Per row, kernel/clock differences still to settle (meter.build).
@@ -375,24 +392,55 @@ class Meter(DrainLoop):
     # -- producing batches ---------------------------------------------------------
 
     def drain(self, *, final: bool = False) -> np.ndarray:
-        """Drain the sources once and return the closed windows' records."""
+        """Drain the sources once and return the closed windows' records (those of
+        the takes since the last batch too)."""
         return self._drain(final=final)
+
+    def _take(self, *, final: bool = False) -> None:
+        """Take what the sources hold for closed windows into this process (their
+        rings open again for later windows); the records are built at the next
+        batch (docs/architecture.md, "Takes and batches")."""
+        if self._sched is None:
+            raise MeterError("the meter is not open: use it as a context manager or call open()")
+        t0 = time.perf_counter()
+        with self._lock:
+            self._take_locked(final)
+        self.stats.drain_seconds += time.perf_counter() - t0
+
+    def _take_locked(self, final: bool) -> None:
+        assert self._sched is not None and self._resolver is not None
+        if not self._pending:
+            self._closed_before = self._sched.closed_window
+        drained = self._sched.drain(final=final)
+        net = None
+        if self._net is not None:
+            if self._ports.poll():
+                self._sync_ports()
+            self._net.refresh()
+            self.stats.filter_reattachments = self._net.reattachments
+            net = self._net.drain(self._sched.closed_window)
+        self._pending.append((drained, net))
+        self.stats.takes += 1
+        # At every take, not only at batches: a cgroup met for the first time is
+        # named while it still exists, and a compartment's cgroup made again
+        # (or found by discovery) is charged to it in the kernel from now on.
+        cgids = build.cgroup_ids(drained)
+        if len(cgids):
+            self._resolver.rows(cgids)
+        self._resolver.refresh_ids()
+        self._push_compartments()
 
     def _drain(self, *, final: bool) -> np.ndarray:
         if self._sched is None:
             raise MeterError("the meter is not open: use it as a context manager or call open()")
         t0 = time.perf_counter()
         with self._lock:
-            closed_before = self._sched.closed_window
-            self._taken_from = closed_before + 1
-            drained = self._sched.drain(final=final)
-            net = None
-            if self._net is not None:
-                if self._ports.poll():
-                    self._sync_ports()
-                self._net.refresh()
-                self.stats.filter_reattachments = self._net.reattachments
-                net = self._net.drain(self._sched.closed_window)
+            self._take_locked(final)
+            closed_before, self._taken_from = self._closed_before, self._closed_before + 1
+            pending, self._pending = self._pending, []
+            drained = concat([d for d, _ in pending])
+            nets = [n for _, n in pending if n is not None]
+            net = concat(nets) if nets else None
             vf = self._vf.poll() if self._vf is not None else None
             self._flushed = self._flushed or final
             batch, ranges = self._build(drained, net, vf)
@@ -423,8 +471,6 @@ class Meter(DrainLoop):
         self.stats.late_unmatched_ns = max(built.late_budget_ns, 0)
         self._spill = built.spill
         self.stats.unsettled_ns = sum(abs(v) for v in built.spill.values())
-        self._resolver.refresh_ids()
-        self._push_compartments()
         self.stats.warmup_windows_skipped += built.warmup_windows
         out = built.records
         domains = self._energy.apportion(out, built.window, built.row, self.ncpu, self.window_ns)

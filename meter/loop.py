@@ -1,12 +1,15 @@
 """The drain loop: when a meter drains and who is handed the batches.
 
 :class:`DrainLoop` is the half of :class:`meter.engine.Meter` that is about
-time and delivery, not about what a drain is: ``batches()`` drains every
-``drain_interval`` seconds until a duration or :meth:`stop`, then once more
-with ``final=True`` (the flush up to the last complete window, see
-docs/architecture.md, "Closing windows"); ``abatches()`` does the same for
-asyncio; ``start()`` runs it in a thread feeding ``on_batch`` callbacks.
-A subclass provides ``open()``, ``_drain(final=...)`` and ``drain_interval``.
+time and delivery, not about what a drain is: ``batches()`` takes what the
+sources hold every ``drain_interval`` seconds and, every
+``takes_per_batch``-th time, drains (takes and builds the records of every
+take since the last batch), until a duration or :meth:`stop`, then once
+more with ``final=True`` (the flush up to the last complete window, see
+docs/architecture.md, "Closing windows" and "Takes and batches");
+``abatches()`` does the same for asyncio; ``start()`` runs it in a thread
+feeding ``on_batch`` callbacks. A subclass provides ``open()``,
+``_take()``, ``_drain(final=...)``, ``drain_interval`` and ``takes_per_batch``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ class DrainLoop:
     """Drain on a period; hand batches to the caller and to callbacks."""
 
     drain_interval: float
+    takes_per_batch: int = 1
 
     def __init__(self) -> None:
         self._callbacks: list[BatchCallback] = []
@@ -41,6 +45,9 @@ class DrainLoop:
         """Open the sources; must be a no-op when they are open."""
         raise NotImplementedError
 
+    def _take(self) -> None:
+        raise NotImplementedError
+
     def _drain(self, *, final: bool) -> np.ndarray:
         raise NotImplementedError
 
@@ -50,7 +57,7 @@ class DrainLoop:
         return self._thread is not None and self._thread.is_alive()
 
     def batches(self, duration: float | None = None) -> Iterator[np.ndarray]:
-        """Yield record batches every drain interval until ``duration`` or :meth:`stop`.
+        """Yield record batches every batch interval until ``duration`` or :meth:`stop`.
 
         The last batch is a final flush up to the last complete window.
         Empty batches are not yielded.
@@ -58,6 +65,7 @@ class DrainLoop:
         self.open()  # a no-op when open
         deadline = None if duration is None else time.monotonic() + duration
         next_at = time.monotonic() + self.drain_interval
+        takes = 0
         while not self._stop.is_set():
             now = time.monotonic()
             if deadline is not None and now >= deadline:
@@ -68,6 +76,10 @@ class DrainLoop:
             if deadline is not None and time.monotonic() >= deadline:
                 break
             next_at += self.drain_interval
+            takes += 1
+            if takes % self.takes_per_batch:
+                self._take()
+                continue
             batch = self._drain(final=False)
             if len(batch):
                 self._dispatch(batch)

@@ -29,8 +29,9 @@ class MeterStats:
 
     windows: int = 0
     records: int = 0
-    drains: int = 0
-    drain_seconds: float = 0.0
+    drains: int = 0  # batches built
+    takes: int = 0  # the sources' rings taken into this process (one or more per batch)
+    drain_seconds: float = 0.0  # spent taking and building
     late_ns: int = 0  # billed in a later window than its own (named: cpu_source late, and the late row)
     late_unmatched_ns: int = 0  # of late_ns, what no window closed so far was short of (no late row for it yet)
     unattributed_ns: int = 0  # usage of cgroups beyond the kernel ring's rows (the unattributed row)

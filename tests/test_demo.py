@@ -73,7 +73,7 @@ def test_tenant_vswitches_metered_and_billed(tmp_path, meter_bin):
         time.sleep(0.5)  # ARP and MAC learning done
         _generators(state, signal.SIGSTOP)
         time.sleep(0.1)
-        with Meter(topo, drain_interval=0.1) as meter:
+        with Meter(topo, drain_interval=0.1, batch_interval=0.1) as meter:
             # Each vswitch is frozen while cpu.stat is read, so the kernel's
             # figures and the records cover exactly the same usage.
             _freeze(topo, True)
@@ -179,7 +179,7 @@ def test_ports_come_from_each_vswitchs_own_database_and_follow_it_live(tmp_path,
         vsctl = ["ovs-vsctl", f"--db=unix:{state / 't0' / 'db.sock'}", "--timeout=10"]
         time.sleep(0.5)
         _generators(state, signal.SIGSTOP)
-        with Meter(topo, drain_interval=0.1) as meter:
+        with Meter(topo, drain_interval=0.1, batch_interval=0.1) as meter:
             src = meter.packet_source
             assert src is not None
             assert sorted(p.label for p in src.ports) == sorted(i for ports in _interfaces(state).values() for i in ports)

@@ -89,7 +89,7 @@ def test_asyncio_iterator(cgroups):
 
         t = asyncio.create_task(ticker())
         out = []
-        with Meter(Topology.discover(cgroups.root), drain_interval=0.1) as m:
+        with Meter(Topology.discover(cgroups.root), drain_interval=0.1, batch_interval=0.1) as m:
             async for batch in m.abatches(0.5):
                 out.append(batch)
         t.cancel()

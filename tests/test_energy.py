@@ -245,7 +245,7 @@ def test_meter_books_balance_with_a_fake_powercap(powercap, monkeypatch, cgroups
     from meter.engine import Meter
 
     cg = cgroups.make("e")
-    meter = Meter(Topology.discover(cgroups.root), drain_interval=0.1,
+    meter = Meter(Topology.discover(cgroups.root), drain_interval=0.1, batch_interval=0.1,
                   energy=EnergySettings(powercap_root=str(powercap.root)))
     per_drain = []
     with meter:

@@ -408,7 +408,7 @@ def test_the_exporter_serves_a_fake_meters_totals(tree):
     from meter.sinks.prometheus import Exporter
 
     cpu = FakeCPU()
-    meter = Meter(_topology(tree), sources=FakeSources(cpu), drain_interval=0.05)
+    meter = Meter(_topology(tree), sources=FakeSources(cpu), drain_interval=0.05, batch_interval=0.05)
     exporter = Exporter(meter, "127.0.0.1:0")
     exporter.start()
     try:
@@ -473,6 +473,18 @@ def test_build_copies_measured_counters_per_field():
     assert list(out["instructions"]) == [7, 8] and np.all(out["cache_misses"] == NULL)
 
 
+def test_the_ids_a_take_must_name_are_its_cgroups_once_without_ports_and_given_bits():
+    ids = np.array([7, 7, 9, 9, 7, PORT_CGID_BIT | 2, GIVEN_BIT | 11], np.uint64)
+    d = SchedDrain(cgid=ids, window=np.zeros(7, np.int64), ns=np.ones(7, np.int64), counts=np.zeros((7, 0), np.int64),
+                   late_cgid=np.array([5], np.uint64), late_ns=np.array([1]), late_counts=np.zeros((1, 0), np.int64))
+    assert build.cgroup_ids(d).tolist() == [7, 9, 7, 11, 5]  # repeats in a row only: the first is kept
+    # A source that says which cgroups it met for the first time: only those.
+    d.met_cgid = np.array([9, GIVEN_BIT | 12], np.uint64)
+    assert build.cgroup_ids(d).tolist() == [9, 12]
+    d.met_cgid = np.zeros(0, np.uint64)
+    assert build.cgroup_ids(d).tolist() == []
+
+
 def test_build_of_nothing_is_an_empty_batch_of_the_record_dtype():
     d = SchedDrain(cgid=np.zeros(0, np.uint64), window=np.zeros(0, np.int64), ns=np.zeros(0, np.int64),
                    counts=np.zeros((0, 0), np.int64))
@@ -511,6 +523,79 @@ def test_meter_settings_are_checked_before_anything_opens(tree):
         Meter(_topology(tree), window_ms=0, sources=FakeSources(FakeCPU()))
     with pytest.raises(ConfigError, match="drain_interval"):
         Meter(_topology(tree), drain_interval=0, sources=FakeSources(FakeCPU()))
+    with pytest.raises(ConfigError, match="batch_interval"):
+        Meter(_topology(tree), batch_interval=0, sources=FakeSources(FakeCPU()))
+
+
+def test_batches_may_be_long_while_takes_stay_within_the_kernels_split(tree):
+    # 2 s between batches at 1 ms windows: takes every 0.25 s (a drain interval of 2 s is refused).
+    meter = Meter(_topology(tree), window_ms=1, batch_interval=2.0, sources=FakeSources(FakeCPU()))
+    assert (meter.drain_interval, meter.takes_per_batch) == (0.25, 8)
+    # Never further apart than asked, and a whole number of takes per batch.
+    meter = Meter(_topology(tree), window_ms=1, drain_interval=0.3, sources=FakeSources(FakeCPU()))
+    assert (meter.drain_interval, meter.takes_per_batch, meter.batch_interval) == (0.25, 4, 1.0)
+    with pytest.raises(ConfigError, match="too long for 1 ms windows"):
+        Meter(_topology(tree), window_ms=1, drain_interval=2.0, batch_interval=2.0, sources=FakeSources(FakeCPU()))
+
+
+def _script(cpu: FakeCPU, tree: Path, step: int) -> None:
+    """Two windows of charges, different at each step (a nested cgroup, the host, counters of ns)."""
+    ids = [_id(tree, "acme/vswitch"), _id(tree, "acme/vswitch/pmd"), _id(tree, "globex/vswitch"), _id(tree, ".")]
+    for k in range(2):
+        for i, cgid in enumerate(ids):
+            if (step + k + i) % 3:
+                cpu.charge(cpu.now + k, cgid, 1000 * (step + 1) + 10 * k + i)
+    cpu.advance(2)
+
+
+def test_takes_between_batches_give_the_records_a_batch_per_take_would(tree):
+    one = FakeCPU(ncpu=2)
+    batched, _ = _open(_topology(tree), one)
+    other = FakeCPU(ncpu=2)
+    each, _ = _open(_topology(tree), other)
+    parts = []
+    for step in range(4):
+        _script(one, tree, step)
+        _script(other, tree, step)
+        if step < 3:
+            batched._take()
+        parts.append(each.drain())
+    batch, ref = batched.drain(), np.concatenate(parts)
+    # Each meter dates windows with its own wall-clock offset, read at open.
+    assert np.array_equal(batch["window_start_ns"] - batched.offset_ns, ref["window_start_ns"] - each.offset_ns)
+    batch["window_start_ns"] = ref["window_start_ns"]
+    assert len(batch) > 20 and np.array_equal(batch, ref)  # seq numbers included
+    assert (batched.stats.takes, batched.stats.drains, each.stats.drains) == (4, 1, 4)
+    assert batched.stats.conservation_violations == 0 and batched.stats.windows == each.stats.windows
+
+
+def test_a_cgroup_met_at_a_take_is_named_then_though_gone_by_the_batch(tmp_path):
+    """A short-lived discovered compartment: its cgroup is gone before the batch
+    is built, but it was named while it existed (at the take), so its usage is
+    its own, not the host's."""
+    root = tmp_path / "cg"
+    root.mkdir()
+    meter, src = _open(Topology.discover(root, mount=root))
+    (root / "brief").mkdir()  # made after the meter opened
+    cpu = src.cpu_source
+    cpu.charge(cpu.now, cgroup_id(root / "brief"), 321)
+    cpu.advance(1)
+    meter._take()
+    (root / "brief").rmdir()
+    cpu.advance(1)
+    batch = meter.drain()
+    assert int(_rows(batch, "brief")["cpu_ns"].sum()) == 321
+    assert len(_rows(batch, "host")) == 0 and meter.stats.unresolved_cgroups == 0
+
+
+def test_the_loop_takes_every_drain_interval_and_builds_every_batch_interval(tree):
+    meter = Meter(_topology(tree), drain_interval=0.02, batch_interval=0.08, sources=FakeSources(FakeCPU()))
+    assert meter.takes_per_batch == 4
+    with meter:
+        list(meter.batches(0.5))
+    # Each wake takes; every 4th also builds; the final flush does both once more.
+    st = meter.stats
+    assert st.drains >= 3 and (st.takes - 1) // 4 == st.drains - 1, (st.takes, st.drains)
 
 
 def test_records_become_json_ready_dicts_with_null_as_none(tree):
@@ -733,7 +818,7 @@ def test_a_failing_drain_thread_stops_and_the_exporter_says_so(tree):
     from meter.sinks.prometheus import Exporter
 
     cpu = FakeCPU(ncpu=2)
-    meter = Meter(_topology(tree), sources=FakeSources(cpu), drain_interval=0.01)
+    meter = Meter(_topology(tree), sources=FakeSources(cpu), drain_interval=0.01, batch_interval=0.01)
     real = cpu.drain
 
     def failing(**kw):

@@ -60,7 +60,7 @@ def test_prometheus_scrapes_meter_and_promql_matches(tmp_path, cgroups):
     assert prometheus, "Debian's prometheus package is required (make setup installs it)"
     cg = cgroups.make("busy")
     cgroups.make("quiet")
-    meter = Meter(Topology.discover(cgroups.root), drain_interval=0.1)
+    meter = Meter(Topology.discover(cgroups.root), drain_interval=0.1, batch_interval=0.1)
     port, prom_port = _free_port(), _free_port()
     exporter = Exporter(meter, f"127.0.0.1:{port}")
     (tmp_path / "prometheus.yml").write_text(
@@ -138,7 +138,8 @@ def _fake_exporter(tmp_path, **kw):
     (tmp_path / "cg" / "a").mkdir(parents=True, exist_ok=True)
     cfg = tmp_path / "topology.toml"
     cfg.write_text('[[tenant]]\nname = "a"\n[[tenant.compartment]]\nname = "a"\ncgroup = "a"\n')
-    meter = Meter(Topology.from_file(cfg, mount=tmp_path / "cg"), sources=FakeSources(FakeCPU()), drain_interval=0.05)
+    meter = Meter(Topology.from_file(cfg, mount=tmp_path / "cg"), sources=FakeSources(FakeCPU()),
+                  drain_interval=0.05, batch_interval=0.05)
     return Exporter(meter, "127.0.0.1:0", **kw)
 
 
@@ -273,7 +274,8 @@ def _loaded_meter(tmp_path, names=("acme", "globex")):
     for n in names:
         (root / n).mkdir(parents=True)
     cpu = FakeCPU(ncpu=2)
-    meter = Meter(Topology.discover(root, mount=root), sources=FakeSources(cpu), drain_interval=0.05)
+    meter = Meter(Topology.discover(root, mount=root), sources=FakeSources(cpu), drain_interval=0.05,
+                  batch_interval=0.05)
     meter.open()
     for _ in range(100):
         cpu.charge(cpu.now, cgroup_id(root / names[0]), 900_000, (1,))
@@ -361,7 +363,7 @@ def test_bpf_stats_cover_this_meters_programs_only(cgroups):
     stats = Path("/proc/sys/kernel/bpf_stats_enabled")
     old = stats.read_text().strip()
     cgroups.make("a")
-    meter = Meter(Topology.discover(cgroups.root), drain_interval=0.1)
+    meter = Meter(Topology.discover(cgroups.root), drain_interval=0.1, batch_interval=0.1)
     exporter = Exporter(meter, "127.0.0.1:0")
     bpf = Bpf()
     stats.write_text("0")
@@ -430,7 +432,7 @@ def test_every_dashboard_panel_returns_data_from_meter_serve(tmp_path, cgroups, 
     cfg = tmp_path / "topology.toml"
     cfg.write_text(f'[[tenant]]\nname = "acme"\n[[tenant.compartment]]\nname = "vswitch"\n'
                    f'cgroup = "{cg}"\ninterfaces = ["{host_end}"]\n')
-    meter = Meter(Topology.from_file(cfg, mount=cgroup_mount), drain_interval=0.1)
+    meter = Meter(Topology.from_file(cfg, mount=cgroup_mount), drain_interval=0.1, batch_interval=0.1)
     port, prom_port = _free_port(), _free_port()
     exporter = Exporter(meter, f"127.0.0.1:{port}")
     (tmp_path / "prometheus.yml").write_text(

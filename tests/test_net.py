@@ -148,7 +148,8 @@ def test_a_reload_attaches_and_detaches_interfaces_without_a_restart(tmp_path, c
     meter's filters and keeps what it counted; nothing is restarted."""
     a, b, a0, b0 = _routed_pair(net)
     cg = cgroups.make("t")
-    with Meter(_topology(tmp_path, cgroup_mount, {"t": (cg, [a0])}), drain_interval=0.1) as meter:
+    with Meter(_topology(tmp_path, cgroup_mount, {"t": (cg, [a0])}), drain_interval=0.1,
+               batch_interval=0.1) as meter:
         time.sleep(0.02)
         first = net.counters(None, a0)
         subprocess.run(net.udp(a, "10.77.2.2", 400), check=True)
@@ -176,7 +177,7 @@ def test_interfaces_that_appear_vanish_and_namespaces_that_die(tmp_path, cgroups
         "t1": (cgroups.make("t1"), [a0, late]),
         "t2": (cgroups.make("t2"), [f"{doomed}:lo", f"{b}:eth0"]),
     })
-    meter = Meter(topo, drain_interval=0.1)
+    meter = Meter(topo, drain_interval=0.1, batch_interval=0.1)
     with meter:
         src = meter.packet_source
         assert src is not None
@@ -410,7 +411,7 @@ def test_a_refresh_looks_again_only_where_netlink_saw_a_change(tmp_path, cgroups
 def test_a_qdisc_meter_made_stays_while_another_tool_uses_it(tmp_path, cgroups, cgroup_mount, net):
     a, b, a0, b0 = _routed_pair(net)
     topo = _topology(tmp_path, cgroup_mount, {"t": (cgroups.make("t"), [a0, b0])})
-    with Meter(topo, drain_interval=0.1) as meter:
+    with Meter(topo, drain_interval=0.1, batch_interval=0.1) as meter:
         # meter made a0's qdisc; another tool adds its filter to it meanwhile.
         subprocess.run(["tc", "filter", "add", "dev", a0, "ingress", "pref", "100", "bpf", "bytecode",
                         "1,6 0 0 4294967295,", "classid", "1"], check=True)

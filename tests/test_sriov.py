@@ -111,7 +111,7 @@ def test_vf_counts_land_in_records(tmp_path, cgroups, cgroup_mount):
                    f'cgroup = "{cg.relative_to(cgroup_mount)}"\nvfs = [{{ pf = "pf0", vf = 3 }}]\n')
     k = FakeKernel()
     k.pfs["pf0"] = {3: (1000, 10_000, 2000, 20_000)}
-    with Meter(Topology.from_file(cfg), vf_links=k.get_links, drain_interval=0.1) as meter:
+    with Meter(Topology.from_file(cfg), vf_links=k.get_links, drain_interval=0.1, batch_interval=0.1) as meter:
         batches = []
         for i, batch in enumerate(meter.batches(0.6)):
             batches.append(batch)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+import numpy as np
 
 if TYPE_CHECKING:
     from ..perf import PerfEvent
@@ -19,7 +21,10 @@ if TYPE_CHECKING:
     from .net import NetDrain, Port
     from .sched import SchedDrain
 
-__all__ = ["CPUSource", "CPUSpec", "KernelCompartments", "KernelSources", "PacketSource", "SourceFactory", "VFPoller"]
+__all__ = ["CPUSource", "CPUSpec", "KernelCompartments", "KernelSources", "PacketSource", "SourceFactory", "VFPoller",
+           "concat"]
+
+_Drain = TypeVar("_Drain")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +40,22 @@ class KernelCompartments:
     #: (and below no deeper compartment) is charged to its ancestor ``depth``
     #: levels below the root, the cgroup a discovery rule names.
     roots: dict[int, tuple[int, int]] = dataclasses.field(default_factory=dict)
+
+
+def concat(parts: list[_Drain]) -> _Drain:
+    """One drain out of a source's drains in order (``SchedDrain``, ``NetDrain``:
+    dataclasses of parallel arrays): every array joined (None where a part has None)."""
+    if len(parts) == 1:
+        return parts[0]
+    joined: dict[str, Any] = {}
+    for field in dataclasses.fields(parts[0]):  # type: ignore[arg-type]
+        arrays = [getattr(p, field.name) for p in parts]
+        if any(a is None for a in arrays):  # not known for one of them: for none
+            joined[field.name] = None
+            continue
+        # An empty default may lack the counters' columns: leave it out.
+        joined[field.name] = np.concatenate([a for a in arrays if len(a)] or arrays[:1])
+    return dataclasses.replace(parts[0], **joined)  # type: ignore[type-var]
 
 
 class CPUSource(Protocol):

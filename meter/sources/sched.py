@@ -136,6 +136,11 @@ def _none(dtype: Any, *shape: int) -> Any:
     return dataclasses.field(default_factory=lambda: np.zeros((0, *shape), dtype))
 
 
+#: No cgroup met for the first time.
+_NONE_MET = np.zeros(0, np.uint64)
+_NONE_MET.flags.writeable = False
+
+
 @dataclasses.dataclass
 class SchedDrain:
     """One drain: parallel arrays, one entry per (cgroup, window).
@@ -157,6 +162,8 @@ class SchedDrain:
     #: since the last drain (> 0: owed to it; < 0: it owes), settled in the records.
     spill_cgid: np.ndarray = _none(np.uint64)
     spill_ns: np.ndarray = _none(np.int64)
+    #: The cgroup ids this drain met for the first time (None: not known, so any of them).
+    met_cgid: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.cgid)
@@ -229,6 +236,8 @@ class SchedSource:
         self._maps: list[mmap.mmap] = []
         self._row_cgid = np.zeros(0, np.uint64)
         self._row_known = np.zeros(0, bool)
+        #: Rows below this one all have their cgroup known (_learn_rows).
+        self._rows_learned = 0
         self._compartments = KernelCompartments()
         self._gen = 0
 
@@ -399,16 +408,21 @@ class SchedSource:
             return 0
         return min(self._control_get(CTL_NEXT_ROW), self.max_rows)
 
-    def _learn_rows(self, rows: np.ndarray) -> None:
+    def _learn_rows(self, rows: np.ndarray) -> np.ndarray:
         """Know the cgroup of each of ``rows`` (read after their cells: the
-        kernel names a row before it writes the row's first cell)."""
-        if np.all(self._row_known[rows]):
-            return
-        keys = np.zeros(self.max_rows, np.uint64)
-        vals = np.zeros(self.max_rows, np.uint32)
-        got = program.lookup_batch(program.map_fd(self.bpf, b"rows"), keys, vals)
-        self._row_cgid[vals[:got]] = keys[:got]
-        self._row_known[vals[:got]] = True
+        kernel names a row before it writes the row's first cell); returns the
+        cgroup ids of the rows learned now."""
+        met = _NONE_MET
+        if not np.all(self._row_known[rows]):
+            keys = np.zeros(self.max_rows, np.uint64)
+            vals = np.zeros(self.max_rows, np.uint32)
+            got = program.lookup_batch(program.map_fd(self.bpf, b"rows"), keys, vals)
+            met = keys[:got][~self._row_known[vals[:got]]]
+            self._row_cgid[vals[:got]] = keys[:got]
+            self._row_known[vals[:got]] = True
+        unknown = np.flatnonzero(~self._row_known)
+        self._rows_learned = int(unknown[0]) if len(unknown) else self.max_rows
+        return met
 
     def _attach_settle(self) -> None:
         """meter_settle into meter_switch's tail-call slot: it settles, in windows not
@@ -569,25 +583,34 @@ class SchedSource:
 
     def _take(self, closable: int) -> SchedDrain:
         """Read the cells of windows (taken, closable] and the late totals; zero
-        those cells and open them for the windows one ring later."""
-        assert self._ring is not None and self._late is not None
+        those cells and open them for the windows one ring later.
+
+        Run four times a second after a sleep, so each numpy call costs
+        tens of microseconds here whatever its size: the cells are read in
+        place (no program writes a closed window's cells), and unchanged late
+        and spill totals cost one comparison each."""
+        assert self._ring is not None and self._late is not None and self._spill is not None
         ncount = len(self.counters)
         n = self.rows_used()
         lo, hi = self._taken + 1, min(closable, self._taken + self.ring_windows)
-        wins = np.arange(lo, hi + 1, dtype=np.int64)
-        # The windows' cells are one run of the ring, or two when it wraps: slices, not a gather.
         a, b = lo % self.ring_windows, hi % self.ring_windows
-        runs = [] if not len(wins) else [slice(a, b + 1)] if a <= b else [slice(a, None), slice(0, b + 1)]
-        cells = np.concatenate([self._ring[:n, run] for run in runs], axis=1) if runs else np.zeros((n, 0), np.uint64)
-        counts = None
-        if self._ring_counts is not None and runs:
-            counts = np.concatenate([self._ring_counts[:n, run]["count"][:, :, :ncount] for run in runs], axis=1)
-        used = cells != 0
-        if counts is None and self._ring_counts is not None:
-            counts = np.zeros((n, 0, ncount), np.uint64)
-        if counts is not None:
-            used |= np.any(counts != 0, axis=2)
-        r, j = np.nonzero(used)
+        # The windows' cells are one run of the ring, or two when it wraps.
+        runs = [] if hi < lo else [slice(a, b + 1)] if a <= b else [slice(a, None), slice(0, b + 1)]
+
+        def cells_of(ring: np.ndarray) -> np.ndarray:
+            if len(runs) == 1:
+                return ring[:n, runs[0]]
+            return np.concatenate([ring[:n, run] for run in runs], axis=1) if runs else ring[:n, :0]
+
+        cells = cells_of(self._ring)
+        if self._ring_counts is None:
+            r, j = np.nonzero(cells)
+            counts = np.zeros((len(r), ncount), np.int64)
+        else:
+            all_counts = cells_of(self._ring_counts)["count"][:, :, :ncount]
+            r, j = np.nonzero((cells != 0) | np.any(all_counts != 0, axis=2))
+            counts = all_counts[r, j].astype(np.int64)
+        ns = cells[r, j].astype(np.int64)
         # Zeroed before the kernel is told: then the cells are open for windows one ring later.
         for run in runs:
             self._ring[:n, run] = 0
@@ -596,27 +619,30 @@ class SchedSource:
         if closable > self._taken:
             self._set_taken(closable)
         late = self._late[:n].copy()
-        d_ns = late["ns"].astype(np.int64) - self._late_seen["ns"][:n].astype(np.int64)
-        d_counts = (late["count"][:, :ncount].astype(np.int64)
-                    - self._late_seen["count"][:n, :ncount].astype(np.int64))
-        self._late_seen[:n] = late
-        lr = np.flatnonzero((d_ns != 0) | np.any(d_counts != 0, axis=1))
-        assert self._spill is not None
+        if late.tobytes() == self._late_seen[:n].tobytes():
+            lr, d_ns, d_counts = np.zeros(0, np.intp), np.zeros(0, np.int64), np.zeros((0, ncount), np.int64)
+        else:
+            d_ns = late["ns"].astype(np.int64) - self._late_seen["ns"][:n].astype(np.int64)
+            d_counts = (late["count"][:, :ncount].astype(np.int64)
+                        - self._late_seen["count"][:n, :ncount].astype(np.int64))
+            self._late_seen[:n] = late
+            lr = np.flatnonzero((d_ns != 0) | np.any(d_counts != 0, axis=1))
+            d_ns, d_counts = d_ns[lr], d_counts[lr]
         spill = self._spill[:n].copy()
-        d_spill = spill - self._spill_seen[:n]
-        self._spill_seen[:n] = spill
-        sr = np.flatnonzero(d_spill)
-        self._learn_rows(np.concatenate([r, lr, sr]))
+        if spill.tobytes() == self._spill_seen[:n].tobytes():
+            sr, d_spill = np.zeros(0, np.intp), np.zeros(0, np.int64)
+        else:
+            d_spill = spill - self._spill_seen[:n]
+            self._spill_seen[:n] = spill
+            sr = np.flatnonzero(d_spill)
+            d_spill = d_spill[sr]
+        # Each index list is sorted: a row past those known has its cgroup looked up.
+        top = max(int(r[-1]) if len(r) else -1, int(lr[-1]) if len(lr) else -1, int(sr[-1]) if len(sr) else -1)
+        met = self._learn_rows(np.concatenate([r, lr, sr])) if top >= self._rows_learned else _NONE_MET
         return SchedDrain(
-            cgid=self._row_cgid[r],
-            window=wins[j],
-            ns=cells[r, j].astype(np.int64),
-            counts=(counts[r, j] if counts is not None else np.zeros((len(r), 0), np.uint64)).astype(np.int64),
-            late_cgid=self._row_cgid[lr],
-            late_ns=d_ns[lr],
-            late_counts=d_counts[lr],
-            spill_cgid=self._row_cgid[sr],
-            spill_ns=d_spill[sr],
+            cgid=self._row_cgid[r], window=j + lo, ns=ns, counts=counts,
+            late_cgid=self._row_cgid[lr], late_ns=d_ns, late_counts=d_counts,
+            spill_cgid=self._row_cgid[sr], spill_ns=d_spill, met_cgid=met,
         )
 
     def _kernel_stats(self) -> dict[str, int]:

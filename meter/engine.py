@@ -131,6 +131,8 @@ class Meter(DrainLoop):
         self._pending: list[tuple[SchedDrain, NetDrain | None]] = []
         #: The CPU source's closed window before the first of them.
         self._closed_before = 0
+        #: Records built before the next batch (at a reload), handed out with it.
+        self._held: list[np.ndarray] = []
         #: Late time billed and not yet matched by a late row (meter.build).
         self._late_budget = 0
         #: Per row, kernel/clock differences still to settle (meter.build).
@@ -200,6 +202,7 @@ class Meter(DrainLoop):
         # _stop is not cleared here: a stop asked for while opening (SIGTERM
         # during start-up) must still stop the meter. close() clears it.
         self._flushed = False
+        self._pending, self._held = [], []
 
     def _push_compartments(self) -> None:
         """Tell the CPU source the compartments again if they changed (reload, discovery)."""
@@ -368,7 +371,9 @@ class Meter(DrainLoop):
         """Switch to a new topology between drains (SIGHUP); no count is lost.
 
         Kept compartments keep their running totals; added ones start; removed
-        ones stop receiving (their tasks count as host from the next drain).
+        ones stop receiving (their tasks count as host from now: what was
+        taken before is built at once, under the old compartments, and its
+        records come with the next batch).
         Interfaces (listed, or on an ``ovsdb``'s bridges) added are attached
         and removed ones detached, their counts kept; VFs are fixed at open
         (a change needs a restart, and is logged), as are interfaces for a
@@ -380,6 +385,11 @@ class Meter(DrainLoop):
             self.topology = topology
             if self._resolver is None:
                 return
+            if self._sched is not None:
+                # What was charged under the old compartments is named under them:
+                # taken and built now, its records held for the next batch.
+                self._take_locked(False)
+                self._held.append(self._build_pending())
             self._resolver.update(topology)
             self._push_compartments()
             self._books.grow(self._resolver.nrows)
@@ -436,17 +446,25 @@ class Meter(DrainLoop):
         t0 = time.perf_counter()
         with self._lock:
             self._take_locked(final)
-            closed_before, self._taken_from = self._closed_before, self._closed_before + 1
-            pending, self._pending = self._pending, []
-            drained = concat([d for d, _ in pending])
-            nets = [n for _, n in pending if n is not None]
-            net = concat(nets) if nets else None
-            vf = self._vf.poll() if self._vf is not None else None
             self._flushed = self._flushed or final
-            batch, ranges = self._build(drained, net, vf)
-            self._account(batch, closed_before, ranges)
+            batch = self._build_pending()
+            if self._held:
+                batch = np.concatenate([*self._held, batch])
+                self._held = []
         self.stats.drains += 1
         self.stats.drain_seconds += time.perf_counter() - t0
+        return batch
+
+    def _build_pending(self) -> np.ndarray:
+        """The records of the takes since the last batch (the caller holds the lock)."""
+        closed_before, self._taken_from = self._closed_before, self._closed_before + 1
+        pending, self._pending = self._pending, []
+        drained = concat([d for d, _ in pending])
+        nets = [n for _, n in pending if n is not None]
+        net = concat(nets) if nets else None
+        vf = self._vf.poll() if self._vf is not None else None
+        batch, ranges = self._build(drained, net, vf)
+        self._account(batch, closed_before, ranges)
         return batch
 
     def _build(self, d: SchedDrain, nd: NetDrain | None = None,

@@ -332,6 +332,23 @@ def test_a_removed_compartments_tasks_count_as_host_after_a_reload(tree):
     assert int(_rows(batch, "host")["cpu_ns"].sum()) == 77 and len(_rows(batch, "acme")) == 0
 
 
+def test_usage_taken_before_a_reload_stays_with_the_compartment_it_removes(tree):
+    """Taken while acme was a compartment, built after the reload that removes
+    it: still acme's (the reload builds what was taken, under the old rows)."""
+    meter, src = _open(_topology(tree))
+    cpu = src.cpu_source
+    cpu.charge(cpu.now, _id(tree, "acme/vswitch"), 77)
+    cpu.advance(1)
+    meter._take()
+    meter.set_topology(_topology(tree, names=("globex",)))
+    cpu.charge(cpu.now, _id(tree, "acme/vswitch"), 5)  # after it: the host's
+    cpu.advance(1)
+    batch = meter.drain()
+    assert int(_rows(batch, "acme")["cpu_ns"].sum()) == 77 and int(_rows(batch, "host")["cpu_ns"].sum()) == 5
+    assert np.all(np.diff(batch["seq"]) == 1) and meter.stats.conservation_violations == 0
+    assert np.all(np.diff(batch["window_start_ns"]) >= 0)
+
+
 def test_rows_added_after_open_get_null_port_fields_not_an_index_error(tree):
     packets = FakePackets()
     topo = Topology.discover(tree, mount=tree)

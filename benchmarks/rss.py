@@ -3,10 +3,11 @@
 
 The simulated CPU source (``meter.sources.fake.FakeCPU`` with
 ``steady_load``, as scale.py) plays a host of 128 CPUs and 1,000
-compartments; the real engine drains it every 250 windows (meter's 0.25 s
-at 1 ms) and the real store takes every batch with its rollups, as
-``meter record`` does. Time is simulated: 10 minutes are 2,400 drains, run
-as fast as this machine does them. RSS is read after each simulated
+compartments; the real engine takes it every 250 windows (meter's 0.25 s
+at 1 ms) and builds a batch every 1,000 (a second), and the real store
+takes every batch with its rollups, as ``meter record`` does. Time is
+simulated: 10 minutes are 600 batches, run as fast as this machine does
+them. RSS is read after each simulated
 minute.
 
     .venv/bin/python benchmarks/rss.py [--minutes 10] [--cpus 128] [--compartments 1000]
@@ -36,15 +37,15 @@ GROWTH_MB = 5.0
 
 def main() -> list[Result]:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--minutes", type=float, default=10.0, help="simulated minutes (2,400 drains for 10)")
+    ap.add_argument("--minutes", type=float, default=10.0, help="simulated minutes (600 batches for 10)")
     ap.add_argument("--cpus", type=int, default=128, help="CPUs of the simulated host")
     ap.add_argument("--compartments", type=int, default=1000, help="its compartments")
     ap.add_argument("--window-ms", type=int, default=1, help="record width")
     ap.add_argument("--json", action="store_true", help="also print the results as JSON")
     args = ap.parse_args()
     proc = psutil.Process()
-    per_drain = 250
-    drains_per_minute = int(60_000 / (per_drain * args.window_ms))
+    per_take, takes = 250, 4  # meter's defaults: a take every 0.25 s, a batch every second
+    drains_per_minute = int(60_000 / (per_take * takes * args.window_ms))
     rss: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         topo, ids = _host(Path(tmp) / "cg", args.compartments)
@@ -55,7 +56,10 @@ def main() -> list[Result]:
         with Store(Path(tmp) / "records.db") as store, \
                 Meter(topo, args.window_ms, counters={}, sources=FakeSources(cpu, energy=FakeEnergy())) as meter:
             for i in range(int(args.minutes * drains_per_minute)):
-                cpu.advance(per_drain)
+                for _ in range(takes - 1):
+                    cpu.advance(per_take)
+                    meter._take()
+                cpu.advance(per_take)
                 batch = meter.drain()
                 store.write(batch)
                 records += len(batch)

@@ -11,14 +11,15 @@ and the store (SQLite append with rollups); and projects the agent's CPU
 % of one core at 1 ms and 10 ms windows from records per second.
 
 End to end is the agent's own path over the same load, one timer around
-``Meter.drain()`` (the simulated source's drain included) and
-``Store.write()`` as ``meter record`` calls them; the stages timed one by
-one are its breakdown.
+the takes and ``Meter.drain()`` of a batch (the simulated source's drains
+included) and ``Store.write()``, as ``meter record`` runs them: a batch
+of 1,000 windows (a second at 1 ms) in four takes; the stages timed one
+by one are its breakdown.
 
 The baseline, measured in the same run on the same entries, is one numpy
 stable sort of the drain's keys: the least any grouping must cost.
 
-    .venv/bin/python benchmarks/scale.py [--windows 250] [--sizes 16x100,128x1000]
+    .venv/bin/python benchmarks/scale.py [--windows 1000] [--takes 4] [--sizes 16x100,128x1000]
 
 Goals (issue "Big hosts"): end to end <= 500 ns a record (2 M records/s
 on one core), build alone <= 200 ns (5 M/s), and 1 ms records for 1,000
@@ -57,14 +58,15 @@ def _host(root: Path, ncomp: int) -> tuple[Topology, list[int]]:
     return topo, [cgroup_id(c.cgroup) for c in topo.compartments]
 
 
-def measure(ncpu: int, ncomp: int, windows: int, window_ms: int, drains: int) -> dict[str, float]:
-    """Seconds per record of each stage, over ``windows`` windows per drain, ``drains`` timed
-    drains after one that is not (it resolves every cgroup once and makes the store's file).
+def measure(ncpu: int, ncomp: int, windows: int, window_ms: int, drains: int, takes: int = 1) -> dict[str, float]:
+    """Seconds per record of each stage, over ``windows`` windows per batch (the agent
+    takes them in ``takes`` takes), ``drains`` timed batches after one that is not (it
+    resolves every cgroup once and makes the store's file).
 
     The stages are the engine's own modules called in its order (build,
     energy, books, stats), then the store; ``agent`` is the agent's own path
-    over the same load (``Meter.drain()`` then ``Store.write()``), and
-    ``engine`` its ``Meter.drain()`` part.
+    over the same load (the takes and ``Meter.drain()``, then ``Store.write()``),
+    and ``engine`` its takes and ``Meter.drain()`` part.
     """
     with tempfile.TemporaryDirectory() as tmp:
         topo, ids = _host(Path(tmp) / "cg", ncomp)
@@ -109,20 +111,27 @@ def measure(ncpu: int, ncomp: int, windows: int, window_ms: int, drains: int) ->
         store.close()  # its last second's rollups, held in memory until now, are the timed batches' too
         times["store"] += time.perf_counter() - t0
         assert stats.conservation_violations == 0
-        # The agent's own path, as `meter record` runs it: Meter.drain() (the simulated
-        # source's drain included, as a real host's ring read is), then Store.write().
+        # The agent's own path, as `meter record` runs it: takes, then Meter.drain() (the
+        # simulated source's drains included, as a real host's ring reads are), then Store.write().
         cpu = FakeCPU(ncpu=ncpu, window_ns=w, load=steady_load(ids, ncpu, w, busy=0.8, per_cpu=4))
         agent_store, n_agent = Store(Path(tmp) / "agent.db"), 0
+        step = -(-windows // takes)
         with Meter(topo, window_ms, counters={}, sources=FakeSources(cpu, energy=FakeEnergy())) as meter:
             for rep in range(1 + drains):
-                cpu.advance(windows)
+                taking = 0.0  # the takes' time (not the simulated load's, made by advance)
+                for _ in range(takes - 1):
+                    cpu.advance(step)
+                    t0 = time.perf_counter()
+                    meter._take()
+                    taking += time.perf_counter() - t0
+                cpu.advance(windows - step * (takes - 1))
                 t0 = time.perf_counter()
                 batch = meter.drain()
                 t1 = time.perf_counter()
                 agent_store.write(batch)
                 if rep:
-                    times["engine"] += t1 - t0
-                    times["agent"] += time.perf_counter() - t0
+                    times["engine"] += taking + t1 - t0
+                    times["agent"] += taking + time.perf_counter() - t0
                     n_agent += len(batch)
             t0 = time.perf_counter()
             agent_store.close()
@@ -141,18 +150,20 @@ GRID = ",".join(f"{c}x{m}" for c in (16, 64, 128, 256) for m in (100, 500, 1000)
 
 def main() -> list[Result]:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--windows", type=int, default=250,
-                    help="windows per drain (250: meter's default drain interval, 0.25 s, at 1 ms windows)")
+    ap.add_argument("--windows", type=int, default=1000,
+                    help="windows per batch (1,000: meter's default batch interval, 1 s, at 1 ms windows)")
+    ap.add_argument("--takes", type=int, default=4,
+                    help="takes per batch on the agent's path (4: meter's default drain interval, 0.25 s)")
     ap.add_argument("--sizes", default=GRID, help="CPUSxCOMPARTMENTS,... (default: 16/64/128/256 x 100/500/1000)")
-    ap.add_argument("--drains", type=int, default=24,
-                    help="timed drains per size (steady state: a process's first few big batches fault their "
+    ap.add_argument("--drains", type=int, default=6,
+                    help="timed batches per size (steady state: a process's first few big batches fault their "
                          "memory in, and a store's first writes grow its file)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     results = []
     for size in args.sizes.split(","):
         ncpu, ncomp = (int(x) for x in size.split("x"))
-        m = measure(ncpu, ncomp, args.windows, 1, args.drains)
+        m = measure(ncpu, ncomp, args.windows, 1, args.drains, args.takes)
         # End to end is the agent's own path (Meter.drain() then Store.write(), one timer);
         # the stages, each timed alone, are its breakdown (their sum is a little more:
         # each stage starts with cold caches).

@@ -36,6 +36,7 @@ class DrainLoop:
 
     def __init__(self) -> None:
         self._callbacks: list[BatchCallback] = []
+        self._take_callbacks: list[Callable[[], None]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         #: Why the background drain thread stopped, if a drain failed (None: it did not).
@@ -79,8 +80,10 @@ class DrainLoop:
             takes += 1
             if takes % self.takes_per_batch:
                 self._take()
+                self._after_take()
                 continue
             batch = self._drain(final=False)
+            self._after_take()
             if len(batch):
                 self._dispatch(batch)
                 yield batch
@@ -111,6 +114,17 @@ class DrainLoop:
         """Call ``fn(batch)`` for every batch produced; usable as a decorator."""
         self._callbacks.append(fn)
         return fn
+
+    def on_take(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """Call ``fn()`` in the loop after every take (every drain interval, batches
+        included): for what should not wait a whole batch interval, e.g. a
+        reload (``meter record`` on SIGHUP). Usable as a decorator."""
+        self._take_callbacks.append(fn)
+        return fn
+
+    def _after_take(self) -> None:
+        for fn in list(self._take_callbacks):
+            fn()
 
     def _dispatch(self, batch: np.ndarray) -> None:
         for fn in list(self._callbacks):

@@ -608,11 +608,15 @@ def test_a_cgroup_met_at_a_take_is_named_then_though_gone_by_the_batch(tmp_path)
 def test_the_loop_takes_every_drain_interval_and_builds_every_batch_interval(tree):
     meter = Meter(_topology(tree), drain_interval=0.02, batch_interval=0.08, sources=FakeSources(FakeCPU()))
     assert meter.takes_per_batch == 4
+    woke = []
+    meter.on_take(lambda: woke.append(meter.stats.takes))
     with meter:
         list(meter.batches(0.5))
     # Each wake takes; every 4th also builds; the final flush does both once more.
     st = meter.stats
     assert st.drains >= 3 and (st.takes - 1) // 4 == st.drains - 1, (st.takes, st.drains)
+    # on_take callbacks run after every wake's take (not after the final flush).
+    assert woke == list(range(1, st.takes))
 
 
 def test_records_become_json_ready_dicts_with_null_as_none(tree):

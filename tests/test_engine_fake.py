@@ -566,14 +566,17 @@ def _script(cpu: FakeCPU, tree: Path, step: int) -> None:
 
 
 def test_takes_between_batches_give_the_records_a_batch_per_take_would(tree):
-    one = FakeCPU(ncpu=2)
-    batched, _ = _open(_topology(tree), one)
-    other = FakeCPU(ncpu=2)
-    each, _ = _open(_topology(tree), other)
+    ports = 'interfaces = ["veth-a"]\n'
+    one, one_packets = FakeCPU(ncpu=2), FakePackets()
+    batched, _ = _open(_topology(tree, ports), one, packets=one_packets)
+    other, other_packets = FakeCPU(ncpu=2), FakePackets()
+    each, _ = _open(_topology(tree, ports), other, packets=other_packets)
     parts = []
     for step in range(4):
-        _script(one, tree, step)
-        _script(other, tree, step)
+        for cpu, packets in ((one, one_packets), (other, other_packets)):
+            packets.count(0, KIND_RX, cpu.now, 10 + step, 1000 * (step + 1), wire_packets=20 + step)
+            packets.count(0, KIND_TX, cpu.now + 1, 3, 300)
+            _script(cpu, tree, step)
         if step < 3:
             batched._take()
         parts.append(each.drain())
@@ -582,6 +585,7 @@ def test_takes_between_batches_give_the_records_a_batch_per_take_would(tree):
     assert np.array_equal(batch["window_start_ns"] - batched.offset_ns, ref["window_start_ns"] - each.offset_ns)
     batch["window_start_ns"] = ref["window_start_ns"]
     assert len(batch) > 20 and np.array_equal(batch, ref)  # seq numbers included
+    assert int(batch["rx_wire_packets"].clip(0).sum()) == 20 + 21 + 22 + 23
     assert (batched.stats.takes, batched.stats.drains, each.stats.drains) == (4, 1, 4)
     assert batched.stats.conservation_violations == 0 and batched.stats.windows == each.stats.windows
 

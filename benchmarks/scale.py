@@ -11,10 +11,11 @@ and the store (SQLite append with rollups); and projects the agent's CPU
 % of one core at 1 ms and 10 ms windows from records per second.
 
 End to end is the agent's own path over the same load, one timer around
-the takes and ``Meter.drain()`` of a batch (the simulated source's drains
-included) and ``Store.write()``, as ``meter record`` runs them: a batch
-of 1,000 windows (a second at 1 ms) in four takes; the stages timed one
-by one are its breakdown.
+the takes and batches (the simulated source's drains included) and
+``Store.write()``, as ``meter record`` runs them: a take every 250
+windows, a batch every 1,000 (a second at 1 ms) or as soon as the takes
+hold ``BATCH_ENTRIES``; the stages timed one by one (over batches of
+``--windows``) are its breakdown.
 
 The baseline, measured in the same run on the same entries, is one numpy
 stable sort of the drain's keys: the least any grouping must cost.
@@ -59,9 +60,10 @@ def _host(root: Path, ncomp: int) -> tuple[Topology, list[int]]:
 
 
 def measure(ncpu: int, ncomp: int, windows: int, window_ms: int, drains: int, takes: int = 1) -> dict[str, float]:
-    """Seconds per record of each stage, over ``windows`` windows per batch (the agent
-    takes them in ``takes`` takes), ``drains`` timed batches after one that is not (it
-    resolves every cgroup once and makes the store's file).
+    """Seconds per record of the agent's path and of each stage: ``drains`` timed rounds of
+    ``windows`` windows after one that is not (it resolves every cgroup once and makes the
+    store's file). The agent takes each round in ``takes`` takes and builds a batch at the
+    last, or sooner (BATCH_ENTRIES); the stages are timed over batches of the size it built.
 
     The stages are the engine's own modules called in its order (build,
     energy, books, stats), then the store; ``agent`` is the agent's own path
@@ -73,6 +75,37 @@ def measure(ncpu: int, ncomp: int, windows: int, window_ms: int, drains: int, ta
         w = window_ms * 1_000_000
         plan = plan_counters({})
         times = dict.fromkeys(("build", "energy", "books", "store", "floor", "engine", "agent"), 0.0)
+        # The agent's own path, as `meter record` runs it: takes, then Meter.drain() (the
+        # simulated source's drains included, as a real host's ring reads are), then Store.write().
+        cpu = FakeCPU(ncpu=ncpu, window_ns=w, load=steady_load(ids, ncpu, w, busy=0.8, per_cpu=4))
+        agent_store, n_agent, n_batches = Store(Path(tmp) / "agent.db"), 0, 0
+        step = -(-windows // takes)
+        with Meter(topo, window_ms, counters={}, sources=FakeSources(cpu, energy=FakeEnergy())) as meter:
+            for rep in range(1 + drains):
+                # As meter's loop: a take every `step` windows; a batch at the last, or
+                # sooner when the takes hold BATCH_ENTRIES (Meter._take says so).
+                for k in range(takes):
+                    cpu.advance(step if k < takes - 1 else windows - step * (takes - 1))
+                    t0 = time.perf_counter()
+                    if k < takes - 1 and not meter._take():
+                        t1 = t2 = time.perf_counter()
+                    else:
+                        batch = meter._batch() if k < takes - 1 else meter.drain()
+                        t1 = time.perf_counter()
+                        agent_store.write(batch)
+                        t2 = time.perf_counter()
+                        n_agent += len(batch) if rep else 0
+                        n_batches += 1 if rep else 0
+                    if rep:
+                        times["engine"] += t1 - t0
+                        times["agent"] += t2 - t0
+            t0 = time.perf_counter()
+            agent_store.close()
+            times["agent"] += time.perf_counter() - t0
+        # The stages, one by one, over as many windows, in batches of the size the agent built.
+        total = drains * windows
+        windows = max(1, total // max(n_batches, 1))
+        drains = max(1, total // windows)
         store = Store(Path(tmp) / "records.db")
         cpu = FakeCPU(ncpu=ncpu, window_ns=w, load=steady_load(ids, ncpu, w, busy=0.8, per_cpu=4))
         energy = FakeEnergy()
@@ -111,31 +144,6 @@ def measure(ncpu: int, ncomp: int, windows: int, window_ms: int, drains: int, ta
         store.close()  # its last second's rollups, held in memory until now, are the timed batches' too
         times["store"] += time.perf_counter() - t0
         assert stats.conservation_violations == 0
-        # The agent's own path, as `meter record` runs it: takes, then Meter.drain() (the
-        # simulated source's drains included, as a real host's ring reads are), then Store.write().
-        cpu = FakeCPU(ncpu=ncpu, window_ns=w, load=steady_load(ids, ncpu, w, busy=0.8, per_cpu=4))
-        agent_store, n_agent = Store(Path(tmp) / "agent.db"), 0
-        step = -(-windows // takes)
-        with Meter(topo, window_ms, counters={}, sources=FakeSources(cpu, energy=FakeEnergy())) as meter:
-            for rep in range(1 + drains):
-                taking = 0.0  # the takes' time (not the simulated load's, made by advance)
-                for _ in range(takes - 1):
-                    cpu.advance(step)
-                    t0 = time.perf_counter()
-                    meter._take()
-                    taking += time.perf_counter() - t0
-                cpu.advance(windows - step * (takes - 1))
-                t0 = time.perf_counter()
-                batch = meter.drain()
-                t1 = time.perf_counter()
-                agent_store.write(batch)
-                if rep:
-                    times["engine"] += taking + t1 - t0
-                    times["agent"] += taking + time.perf_counter() - t0
-                    n_agent += len(batch)
-            t0 = time.perf_counter()
-            agent_store.close()
-            times["agent"] += time.perf_counter() - t0
     out = {k: v / n for k, v in times.items() if k not in ("engine", "agent")}
     out["engine"], out["agent"] = times["engine"] / n_agent, times["agent"] / n_agent
     out["records_per_window"] = n / (drains * windows)

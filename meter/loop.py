@@ -3,13 +3,15 @@
 :class:`DrainLoop` is the half of :class:`meter.engine.Meter` that is about
 time and delivery, not about what a drain is: ``batches()`` takes what the
 sources hold every ``drain_interval`` seconds and, every
-``takes_per_batch``-th time, drains (takes and builds the records of every
-take since the last batch), until a duration or :meth:`stop`, then once
+``takes_per_batch``-th time (or sooner, when a take says the takes hold
+enough for a batch), drains (builds the records of every take since the
+last batch), until a duration or :meth:`stop`, then once
 more with ``final=True`` (the flush up to the last complete window, see
 docs/architecture.md, "Closing windows" and "Takes and batches");
 ``abatches()`` does the same for asyncio; ``start()`` runs it in a thread
 feeding ``on_batch`` callbacks. A subclass provides ``open()``,
-``_take()``, ``_drain(final=...)``, ``drain_interval`` and ``takes_per_batch``.
+``_take()``, ``_batch()``, ``_drain(final=...)``, ``drain_interval`` and
+``takes_per_batch``.
 """
 
 from __future__ import annotations
@@ -46,7 +48,12 @@ class DrainLoop:
         """Open the sources; must be a no-op when they are open."""
         raise NotImplementedError
 
-    def _take(self) -> None:
+    def _take(self) -> bool:
+        """Take; True when a batch is due before its time (the takes hold enough)."""
+        raise NotImplementedError
+
+    def _batch(self) -> np.ndarray:
+        """The records of the takes since the last batch."""
         raise NotImplementedError
 
     def _drain(self, *, final: bool) -> np.ndarray:
@@ -78,12 +85,16 @@ class DrainLoop:
                 break
             next_at += self.drain_interval
             takes += 1
-            if takes % self.takes_per_batch:
-                self._take()
+            if takes < self.takes_per_batch:
+                due = self._take()
                 self._after_take()
-                continue
-            batch = self._drain(final=False)
-            self._after_take()
+                if not due:
+                    continue
+                batch = self._batch()
+            else:
+                batch = self._drain(final=False)
+                self._after_take()
+            takes = 0
             if len(batch):
                 self._dispatch(batch)
                 yield batch

@@ -590,6 +590,24 @@ def test_takes_between_batches_give_the_records_a_batch_per_take_would(tree):
     assert batched.stats.conservation_violations == 0 and batched.stats.windows == each.stats.windows
 
 
+def test_takes_holding_enough_entries_make_a_batch_due_early(tree, monkeypatch):
+    """Batches much bigger than BATCH_ENTRIES cost more a record: a take says
+    when the takes since the last batch hold that many, and the loop builds."""
+    import meter.engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "BATCH_ENTRIES", 12)
+    meter, src = _open(_topology(tree))
+    cpu = src.cpu_source
+    _script(cpu, tree, 0)
+    assert meter._take() is False
+    _script(cpu, tree, 1)
+    assert meter._take() is True
+    batch = meter._batch()
+    assert meter.stats.drains == 1 and len(batch) == 13
+    _script(cpu, tree, 2)
+    assert meter._take() is False  # counted afresh after the batch
+
+
 def test_a_cgroup_met_at_a_take_is_named_then_though_gone_by_the_batch(tmp_path):
     """A short-lived discovered compartment: its cgroup is gone before the batch
     is built, but it was named while it existed (at the take), so its usage is

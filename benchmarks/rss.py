@@ -4,7 +4,8 @@
 The simulated CPU source (``meter.sources.fake.FakeCPU`` with
 ``steady_load``, as scale.py) plays a host of 128 CPUs and 1,000
 compartments; the real engine takes it every 250 windows (meter's 0.25 s
-at 1 ms) and builds a batch every 1,000 (a second), and the real store
+at 1 ms) and builds a batch every 1,000 (a second) or sooner (at every
+take on a host this big: ``BATCH_ENTRIES``), and the real store
 takes every batch with its rollups, as ``meter record`` does. Time is
 simulated: 10 minutes are 600 batches, run as fast as this machine does
 them. RSS is read after each simulated
@@ -56,14 +57,14 @@ def main() -> list[Result]:
         with Store(Path(tmp) / "records.db") as store, \
                 Meter(topo, args.window_ms, counters={}, sources=FakeSources(cpu, energy=FakeEnergy())) as meter:
             for i in range(int(args.minutes * drains_per_minute)):
-                for _ in range(takes - 1):
+                for k in range(takes):  # as meter's loop: a batch at the last take, or when one is due
                     cpu.advance(per_take)
-                    meter._take()
-                cpu.advance(per_take)
-                batch = meter.drain()
-                store.write(batch)
-                records += len(batch)
-                del batch
+                    if k < takes - 1 and not meter._take():
+                        continue
+                    batch = meter._batch() if k < takes - 1 else meter.drain()
+                    store.write(batch)
+                    records += len(batch)
+                    del batch
                 if (i + 1) % drains_per_minute == 0:
                     rss.append(proc.memory_info().rss / 2**20)
                     print(f"minute {len(rss)}: RSS {rss[-1]:.1f} MB, {records:,} records", flush=True)

@@ -10,13 +10,14 @@ callbacks (``on_batch``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -418,14 +419,21 @@ class Meter(DrainLoop):
         rings open again for later windows); the records are built at the next
         batch (docs/architecture.md, "Takes and batches"). True when the takes
         since the last batch hold BATCH_ENTRIES entries or more: a batch is due."""
+        with self._working():
+            self._take_locked(final)
+            return self._pending_entries >= BATCH_ENTRIES
+
+    @contextlib.contextmanager
+    def _working(self) -> Iterator[None]:
+        """The lock, for a take or a batch: its time counted in ``stats.drain_seconds``."""
         if self._sched is None:
             raise MeterError("the meter is not open: use it as a context manager or call open()")
         t0 = time.perf_counter()
-        with self._lock:
-            self._take_locked(final)
-            due = self._pending_entries >= BATCH_ENTRIES
-        self.stats.drain_seconds += time.perf_counter() - t0
-        return due
+        try:
+            with self._lock:
+                yield
+        finally:
+            self.stats.drain_seconds += time.perf_counter() - t0
 
     def _take_locked(self, final: bool) -> None:
         assert self._sched is not None and self._resolver is not None
@@ -452,23 +460,15 @@ class Meter(DrainLoop):
         self._push_compartments()
 
     def _drain(self, *, final: bool) -> np.ndarray:
-        if self._sched is None:
-            raise MeterError("the meter is not open: use it as a context manager or call open()")
-        t0 = time.perf_counter()
-        with self._lock:
+        with self._working():
             self._take_locked(final)
             self._flushed = self._flushed or final
-            batch = self._batch_locked()
-        self.stats.drain_seconds += time.perf_counter() - t0
-        return batch
+            return self._batch_locked()
 
     def _batch(self) -> np.ndarray:
         """The records of the takes since the last batch, without another take."""
-        t0 = time.perf_counter()
-        with self._lock:
-            batch = self._batch_locked()
-        self.stats.drain_seconds += time.perf_counter() - t0
-        return batch
+        with self._working():
+            return self._batch_locked()
 
     def _batch_locked(self) -> np.ndarray:
         batch = self._build_pending()

@@ -13,9 +13,10 @@ and the store (SQLite append with rollups); and projects the agent's CPU
 End to end is the agent's own path over the same load, one timer around
 the takes and batches (the simulated source's drains included) and
 ``Store.write()``, as ``meter record`` runs them: a take every 250
-windows, a batch every 1,000 (a second at 1 ms) or as soon as the takes
-hold ``BATCH_ENTRIES``; the stages timed one by one (over batches of
-``--windows``) are its breakdown.
+windows (fewer when a take would hold more than a batch,
+``DrainLoop.next_interval``), a batch every 1,000 (a second at 1 ms) or
+as soon as the takes hold ``BATCH_ENTRIES``; the stages timed one by one
+(over batches of the size the agent built) are its breakdown.
 
 The baseline, measured in the same run on the same entries, is one numpy
 stable sort of the drain's keys: the least any grouping must cost.
@@ -75,30 +76,37 @@ def measure(ncpu: int, ncomp: int, windows: int, window_ms: int, drains: int, ta
         w = window_ms * 1_000_000
         plan = plan_counters({})
         times = dict.fromkeys(("build", "energy", "books", "store", "floor", "engine", "agent"), 0.0)
-        # The agent's own path, as `meter record` runs it: takes, then Meter.drain() (the
-        # simulated source's drains included, as a real host's ring reads are), then Store.write().
+        # The agent's own path, as `meter record` runs it: takes and batches (the simulated
+        # source's drains included, as a real host's ring reads are), then Store.write().
         cpu = FakeCPU(ncpu=ncpu, window_ns=w, load=steady_load(ids, ncpu, w, busy=0.8, per_cpu=4))
         agent_store, n_agent, n_batches = Store(Path(tmp) / "agent.db"), 0, 0
-        step = -(-windows // takes)
         with Meter(topo, window_ms, counters={}, sources=FakeSources(cpu, energy=FakeEnergy())) as meter:
-            for rep in range(1 + drains):
-                # As meter's loop: a take every `step` windows; a batch at the last, or
-                # sooner when the takes hold BATCH_ENTRIES (Meter._take says so).
-                for k in range(takes):
-                    cpu.advance(step if k < takes - 1 else windows - step * (takes - 1))
-                    t0 = time.perf_counter()
-                    if k < takes - 1 and not meter._take():
-                        t1 = t2 = time.perf_counter()
-                    else:
-                        batch = meter._batch() if k < takes - 1 else meter.drain()
-                        t1 = time.perf_counter()
-                        agent_store.write(batch)
-                        t2 = time.perf_counter()
-                        n_agent += len(batch) if rep else 0
-                        n_batches += 1 if rep else 0
-                    if rep:
-                        times["engine"] += t1 - t0
-                        times["agent"] += t2 - t0
+            # As meter's loop (DrainLoop.batches), on simulated time: a take every `step`
+            # windows (fewer when takes would hold more than a batch: next_interval), a
+            # batch at every `takes`-th take or when the takes hold a batch's worth. The
+            # first `windows` windows are not timed.
+            total, done, step, since, before = (1 + drains) * windows, 0, -(-windows // takes), 0, 0.0
+            while done < total:
+                step = min(step, total - done)
+                cpu.advance(step)
+                done, since = done + step, since + 1
+                t0 = time.perf_counter()
+                full = meter._take()
+                t1 = t2 = time.perf_counter()
+                built = since >= takes or full >= 1.0 or done == total
+                if built:
+                    batch = meter._batch()
+                    t1 = time.perf_counter()
+                    agent_store.write(batch)
+                    t2 = time.perf_counter()
+                    if done > windows:
+                        n_agent, n_batches = n_agent + len(batch), n_batches + 1
+                if done > windows:
+                    times["engine"] += t1 - t0
+                    times["agent"] += t2 - t0
+                seconds = meter.next_interval(step * w / 1e9, full - before)
+                step = max(1, round(seconds * 1e9 / w))
+                since, before = (0, 0.0) if built else (since, full)
             t0 = time.perf_counter()
             agent_store.close()
             times["agent"] += time.perf_counter() - t0

@@ -51,10 +51,12 @@ log = logging.getLogger("meter")
 MAX_SPAN_LIMIT = 560
 
 #: Entries (cgroup or port x window) taken since the last batch that make a batch
-#: due before its interval: a batch much bigger leaves the caches and costs more
-#: a record (benchmarks/scale.py, 128 CPUs x 1,000 compartments: 450 ns a record
-#: in batches of 50,000, 557 in batches of 100,000, 800 in batches of 400,000).
-BATCH_ENTRIES = 50_000
+#: due before its interval, and that the loop keeps a take under (DrainLoop.next_interval):
+#: a batch much bigger leaves the caches and costs more a record (benchmarks/scale.py,
+#: 128 CPUs x 1,000 compartments, ns a record: 800 in batches of 400,000 records, 557-600
+#: of 100,000; with takes kept under 50,000 / 65,536 / 100,000 entries: 464-501 / 439-452
+#: / 494-497).
+BATCH_ENTRIES = 65_536
 
 #: Ring rows a file topology keeps free for compartments added by reloads.
 RELOAD_ROOM = 64
@@ -414,14 +416,14 @@ class Meter(DrainLoop):
         the takes since the last batch too)."""
         return self._drain(final=final)
 
-    def _take(self, *, final: bool = False) -> bool:
+    def _take(self, *, final: bool = False) -> float:
         """Take what the sources hold for closed windows into this process (their
         rings open again for later windows); the records are built at the next
-        batch (docs/architecture.md, "Takes and batches"). True when the takes
-        since the last batch hold BATCH_ENTRIES entries or more: a batch is due."""
+        batch (docs/architecture.md, "Takes and batches"). Returns the entries
+        taken since the last batch over BATCH_ENTRIES: from 1.0 a batch is due."""
         with self._working():
             self._take_locked(final)
-            return self._pending_entries >= BATCH_ENTRIES
+            return self._pending_entries / BATCH_ENTRIES
 
     @contextlib.contextmanager
     def _working(self) -> Iterator[None]:

@@ -2,10 +2,11 @@
 
 :class:`DrainLoop` is the half of :class:`meter.engine.Meter` that is about
 time and delivery, not about what a drain is: ``batches()`` takes what the
-sources hold every ``drain_interval`` seconds and, every
+sources hold every ``drain_interval`` seconds (more often when takes that
+far apart would each hold more than a batch) and, every
 ``takes_per_batch``-th time (or sooner, when a take says the takes hold
-enough for a batch), drains (builds the records of every take since the
-last batch), until a duration or :meth:`stop`, then once
+a batch's worth), builds the records of every take since the last batch,
+until a duration or :meth:`stop`, then once
 more with ``final=True`` (the flush up to the last complete window, see
 docs/architecture.md, "Closing windows" and "Takes and batches");
 ``abatches()`` does the same for asyncio; ``start()`` runs it in a thread
@@ -48,9 +49,19 @@ class DrainLoop:
         """Open the sources; must be a no-op when they are open."""
         raise NotImplementedError
 
-    def _take(self) -> bool:
-        """Take; True when a batch is due before its time (the takes hold enough)."""
+    def _take(self) -> float:
+        """Take; returns how full the takes since the last batch are (1.0: a batch's
+        worth: build now, before its time)."""
         raise NotImplementedError
+
+    def next_interval(self, elapsed: float, took: float) -> float:
+        """Seconds to the next take, after a take ``elapsed`` s after the one before
+        that filled ``took`` of a batch: the drain interval, or less when takes that
+        far apart would each hold more than a batch (a big host: a batch that big
+        costs more a record), down to an eighth of it."""
+        if took <= 0 or elapsed <= 0:
+            return self.drain_interval
+        return min(self.drain_interval, max(self.drain_interval / 8, elapsed / took))
 
     def _batch(self) -> np.ndarray:
         """The records of the takes since the last batch."""
@@ -72,8 +83,9 @@ class DrainLoop:
         """
         self.open()  # a no-op when open
         deadline = None if duration is None else time.monotonic() + duration
-        next_at = time.monotonic() + self.drain_interval
-        takes = 0
+        last = time.monotonic()
+        next_at = last + self.drain_interval
+        takes, before = 0, 0.0
         while not self._stop.is_set():
             now = time.monotonic()
             if deadline is not None and now >= deadline:
@@ -83,18 +95,17 @@ class DrainLoop:
                 break
             if deadline is not None and time.monotonic() >= deadline:
                 break
-            next_at += self.drain_interval
             takes += 1
-            if takes < self.takes_per_batch:
-                due = self._take()
-                self._after_take()
-                if not due:
-                    continue
-                batch = self._batch()
-            else:
-                batch = self._drain(final=False)
-                self._after_take()
-            takes = 0
+            full = self._take()
+            self._after_take()
+            now = time.monotonic()
+            next_at += self.next_interval(now - last, full - before)
+            last = now
+            if takes < self.takes_per_batch and full < 1.0:
+                before = full
+                continue
+            batch = self._batch()
+            takes, before = 0, 0.0
             if len(batch):
                 self._dispatch(batch)
                 yield batch

@@ -599,13 +599,16 @@ def test_takes_holding_enough_entries_make_a_batch_due_early(tree, monkeypatch):
     meter, src = _open(_topology(tree))
     cpu = src.cpu_source
     _script(cpu, tree, 0)
-    assert meter._take() is False
+    assert meter._take() < 1
     _script(cpu, tree, 1)
-    assert meter._take() is True
+    assert meter._take() >= 1
     batch = meter._batch()
     assert meter.stats.drains == 1 and len(batch) == 13
     _script(cpu, tree, 2)
-    assert meter._take() is False  # counted afresh after the batch
+    assert meter._take() < 1  # counted afresh after the batch
+    # Takes that would each hold more than a batch come sooner, down to an eighth of the interval.
+    assert meter.next_interval(0.25, 0.0) == meter.next_interval(0.25, 0.5) == meter.drain_interval == 0.25
+    assert meter.next_interval(0.25, 2.0) == 0.125 and meter.next_interval(0.25, 100.0) == 0.25 / 8
 
 
 def test_a_cgroup_met_at_a_take_is_named_then_though_gone_by_the_batch(tmp_path):

@@ -22,7 +22,6 @@ again, for the windows ``ring_windows`` later.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import logging
 import mmap
@@ -492,24 +491,20 @@ class SchedSource:
         self._published = watermark
 
     def _cpu_windows(self) -> list[int]:
-        """Each online CPU's oldest open window: its CPU slots' or its packet slots'.
-
-        One lookup of every CPU's state, its fields read as columns (a big
-        host's 128 CPUs cost no more Python than 2)."""
+        """Each online CPU's oldest open window: its CPU slots' or its packet slots'."""
         table = self.bpf[b"cpu_state"]
         per_cpu = table[table.Key(0)]
-        leaf = per_cpu._type_  # one CPU's struct meter_cpu (bcc's Leaf is the per-CPU array)
-        raw = np.frombuffer(bytes(per_cpu), np.uint8).reshape(-1, ctypes.sizeof(leaf))[self._cpus]
-
-        def column(name: str, dtype: Any, n: int = 1) -> np.ndarray:
-            off = getattr(leaf, name).offset
-            return np.ascontiguousarray(raw[:, off:off + n * np.dtype(dtype).itemsize]).view(dtype)
-
-        window = column("window", np.uint64)[:, 0]
-        net = column("net_ndirty", np.uint32)[:, 0] != 0
-        windows = np.where(net, np.minimum(window, column("net_window", np.uint64)[:, 0]), window)
-        self.pending_adjustment_ns = int(np.abs(column("adj_ns", np.int64, len(leaf().adj_ns))).sum())
-        return windows.astype(np.int64).tolist()
+        out = []
+        pending = 0
+        for c in self._cpus:
+            st = per_cpu[c]
+            w = int(st.window)
+            if st.net_ndirty:
+                w = min(w, int(st.net_window))
+            out.append(w)
+            pending += sum(abs(int(v)) for v in st.adj_ns)
+        self.pending_adjustment_ns = pending
+        return out
 
     def _pending_adjustments(self) -> tuple[np.ndarray, np.ndarray]:
         """(cgroup ids, ns) of every CPU's adjustments not settled yet (see

@@ -180,7 +180,7 @@ def main() -> list[Result]:
     for size in args.sizes.split(","):
         ncpu, ncomp = (int(x) for x in size.split("x"))
         m = measure(ncpu, ncomp, args.windows, 1, args.drains, args.takes)
-        # End to end is the agent's own path (Meter.drain() then Store.write(), one timer);
+        # End to end is the agent's own path (takes and batches, then Store.write(), one timer);
         # the stages, each timed alone, are its breakdown (their sum is a little more:
         # each stage starts with cold caches).
         per = m["agent"]
@@ -189,7 +189,7 @@ def main() -> list[Result]:
         big = (ncpu, ncomp) == (128, 1000)
         if big:
             results.append(Result(
-                f"end to end per record (Meter.drain, then Store.write with rollups), {ncpu} CPUs x {ncomp}",
+                f"end to end per record (takes and batches, then Store.write with rollups), {ncpu} CPUs x {ncomp}",
                 per * 1e9, "ns/record", m["floor"] * 1e9, "one stable sort of the same entries", per / m["floor"],
                 f"<= {END_TO_END_NS} ns (2 M records/s)", per * 1e9 <= END_TO_END_NS, {"ns_per_record": ns}))
             results.append(Result(

@@ -59,7 +59,7 @@ def main() -> list[Result]:
             for i in range(int(args.minutes * drains_per_minute)):
                 for k in range(takes):  # as meter's loop: a batch at the last take, or when one is due
                     cpu.advance(per_take)
-                    if k < takes - 1 and meter._take() < 1:
+                    if k < takes - 1 and not meter.batch_due(k + 1, meter._take()):
                         continue
                     batch = meter._batch() if k < takes - 1 else meter.drain()
                     store.write(batch)

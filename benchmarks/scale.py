@@ -80,7 +80,8 @@ def measure(ncpu: int, ncomp: int, windows: int, window_ms: int, drains: int, ta
         # source's drains included, as a real host's ring reads are), then Store.write().
         cpu = FakeCPU(ncpu=ncpu, window_ns=w, load=steady_load(ids, ncpu, w, busy=0.8, per_cpu=4))
         agent_store, n_agent, n_batches = Store(Path(tmp) / "agent.db"), 0, 0
-        with Meter(topo, window_ms, counters={}, sources=FakeSources(cpu, energy=FakeEnergy())) as meter:
+        with Meter(topo, window_ms, counters={}, sources=FakeSources(cpu, energy=FakeEnergy()),
+                   drain_interval=0.25, batch_interval=0.25 * takes) as meter:  # `takes` takes a batch
             # As meter's loop (DrainLoop.batches), on simulated time: a take every `step`
             # windows (fewer when takes would hold more than a batch: next_interval), a
             # batch at every `takes`-th take or when the takes hold a batch's worth. The
@@ -93,7 +94,7 @@ def measure(ncpu: int, ncomp: int, windows: int, window_ms: int, drains: int, ta
                 t0 = time.perf_counter()
                 full = meter._take()
                 t1 = t2 = time.perf_counter()
-                built = since >= takes or full >= 1.0 or done == total
+                built = meter.batch_due(since, full) or done == total
                 if built:
                     batch = meter._batch()
                     t1 = time.perf_counter()

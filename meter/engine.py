@@ -105,10 +105,9 @@ class Meter(DrainLoop):
         if len(topology.compartments) > MAX_COMPARTMENTS:
             raise ConfigError(f"{len(topology.compartments)} compartments: meter resolves at most {MAX_COMPARTMENTS} "
                               "in the kernel; split the host's tenants over fewer compartments")
-        if drain_interval <= 0:
-            raise ConfigError(f"drain_interval must be positive, not {drain_interval!r}")
-        if batch_interval <= 0:
-            raise ConfigError(f"batch_interval must be positive, not {batch_interval!r}")
+        for name, value in (("drain_interval", drain_interval), ("batch_interval", batch_interval)):
+            if not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ConfigError(f"{name} must be a positive number of seconds, not {value!r}", setting=name)
         # A whole number of takes per batch, none further apart than drain_interval.
         takes = max(1, math.ceil(batch_interval / drain_interval - 1e-9))
         drain_interval = batch_interval / takes
@@ -138,7 +137,6 @@ class Meter(DrainLoop):
         self._taken_from = 0
         #: Takes since the last batch (what the sources drained), built at the next batch.
         self._pending: list[tuple[SchedDrain, NetDrain | None]] = []
-        self._pending_entries = 0
         #: The CPU source's closed window before the first of them.
         self._closed_before = 0
         #: Records built before the next batch (at a reload), handed out with it.
@@ -212,7 +210,7 @@ class Meter(DrainLoop):
         # _stop is not cleared here: a stop asked for while opening (SIGTERM
         # during start-up) must still stop the meter. close() clears it.
         self._flushed = False
-        self._pending, self._held, self._pending_entries = [], [], 0
+        self._pending, self._held = [], []
 
     def _push_compartments(self) -> None:
         """Tell the CPU source the compartments again if they changed (reload, discovery)."""
@@ -423,7 +421,7 @@ class Meter(DrainLoop):
         taken since the last batch over BATCH_ENTRIES: from 1.0 a batch is due."""
         with self._working():
             self._take_locked(final)
-            return self._pending_entries / BATCH_ENTRIES
+            return sum(len(d) + (len(n) if n is not None else 0) for d, n in self._pending) / BATCH_ENTRIES
 
     @contextlib.contextmanager
     def _working(self) -> Iterator[None]:
@@ -450,7 +448,6 @@ class Meter(DrainLoop):
             self.stats.filter_reattachments = self._net.reattachments
             net = self._net.drain(self._sched.closed_window)
         self._pending.append((drained, net))
-        self._pending_entries += len(drained) + (len(net) if net is not None else 0)
         self.stats.takes += 1
         # At every take, not only at batches: a cgroup met for the first time is
         # named while it still exists, and a compartment's cgroup made again
@@ -483,7 +480,7 @@ class Meter(DrainLoop):
     def _build_pending(self) -> np.ndarray:
         """The records of the takes since the last batch (the caller holds the lock)."""
         closed_before, self._taken_from = self._closed_before, self._closed_before + 1
-        pending, self._pending, self._pending_entries = self._pending, [], 0
+        pending, self._pending = self._pending, []
         drained = concat([d for d, _ in pending])
         nets = [n for _, n in pending if n is not None]
         net = concat(nets) if nets else None

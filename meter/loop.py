@@ -54,6 +54,11 @@ class DrainLoop:
         worth: build now, before its time)."""
         raise NotImplementedError
 
+    def batch_due(self, takes: int, full: float) -> bool:
+        """Whether the loop builds a batch after the ``takes``-th take since the last
+        one, the takes ``full`` of a batch's worth (what ``_take`` returned)."""
+        return takes >= self.takes_per_batch or full >= 1.0
+
     def next_interval(self, elapsed: float, took: float) -> float:
         """Seconds to the next take, after a take ``elapsed`` s after the one before
         that filled ``took`` of a batch: the drain interval, or less when takes that
@@ -101,7 +106,7 @@ class DrainLoop:
             now = time.monotonic()
             next_at += self.next_interval(now - last, full - before)
             last = now
-            if takes < self.takes_per_batch and full < 1.0:
+            if not self.batch_due(takes, full):
                 before = full
                 continue
             batch = self._batch()

@@ -540,8 +540,9 @@ def test_meter_settings_are_checked_before_anything_opens(tree):
         Meter(_topology(tree), window_ms=0, sources=FakeSources(FakeCPU()))
     with pytest.raises(ConfigError, match="drain_interval"):
         Meter(_topology(tree), drain_interval=0, sources=FakeSources(FakeCPU()))
-    with pytest.raises(ConfigError, match="batch_interval"):
-        Meter(_topology(tree), batch_interval=0, sources=FakeSources(FakeCPU()))
+    for bad in (0, -1, float("nan"), float("inf"), "1"):
+        with pytest.raises(ConfigError, match="batch_interval must be a positive number of seconds"):
+            Meter(_topology(tree), batch_interval=bad, sources=FakeSources(FakeCPU()))
 
 
 def test_batches_may_be_long_while_takes_stay_within_the_kernels_split(tree):

@@ -75,20 +75,25 @@ def prog_stats(names: list[str]) -> dict[str, tuple[int, int]]:
     return {n: (v[1], v[2]) for n, v in found.items()}
 
 
-def switch_load(seconds: float) -> str:
-    """Generate context switches for ``seconds``: perf bench sched pipe, else a Python pipe ping-pong."""
+def switch_load(seconds: float, pin: str | None = None) -> str:
+    """Generate context switches for ``seconds``: perf bench sched pipe (under
+    ``taskset -c pin`` when given: then every switch is between its two
+    tasks), else a Python pipe ping-pong."""
     perf = shutil.which("perf")
     if perf:
+        cmd = [perf, "bench", "sched", "pipe", "-l", "100000000"]
+        if pin:
+            cmd = ["taskset", "-c", pin, *cmd]
         # Its own process group: perf forks a worker, and killing perf alone
         # left that worker running for hours.
-        proc = subprocess.Popen([perf, "bench", "sched", "pipe", "-l", "100000000"],
+        proc = subprocess.Popen(cmd,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
             time.sleep(seconds)
         finally:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        return "perf bench sched pipe"
+        return "perf bench sched pipe" + (f" (taskset -c {pin})" if pin else "")
     r1, w1 = os.pipe()
     r2, w2 = os.pipe()
     pid = os.fork()

@@ -46,13 +46,14 @@ def _as_a_tenant() -> Iterator[dict[int, int]]:
             (home / "cgroup.procs").write_text(str(os.getpid()))
 
 
-def _round(seconds: float, counters: list, floor_first: bool, resolve: bool) -> tuple[float, float, int, str]:
+def _round(seconds: float, counters: list, floor_first: bool, resolve: bool, pin: str | None) -> tuple[float, float, int, str, int]:
     """One round with both programs on sched_switch; returns (meter ns, floor ns, events, load)."""
     with _as_a_tenant() as compartments:
-        return _round_in(seconds, counters, floor_first, compartments if resolve else {})
+        return _round_in(seconds, counters, floor_first, compartments if resolve else {}, pin)
 
 
-def _round_in(seconds: float, counters: list, floor_first: bool, compartments: dict) -> tuple[float, float, int, str]:
+def _round_in(seconds: float, counters: list, floor_first: bool, compartments: dict,
+              pin: str | None) -> tuple[float, float, int, str, int]:
     floor = program.load("floor", {"METER_NR_COUNTERS": len(counters)})
     src = SchedSource(1_000_000, counters)
     src.set_compartments(KernelCompartments(compartments))
@@ -64,31 +65,34 @@ def _round_in(seconds: float, counters: list, floor_first: bool, compartments: d
         src.open()
         if not floor_first:
             floor.attach_raw_tracepoint(tp=b"sched_switch", fn_name=b"floor_switch")
-        load = switch_load(seconds)
+        load = switch_load(seconds, pin)
         src.drain()
         stats = prog_stats(["meter_switch", "floor_switch"])
+        in_runs = src.same_run_switches
     finally:
         floor.cleanup()
         src.close()
     # meter's cost per switch: meter_switch's run time includes meter_settle, its
     # tail call (a tail-called program has no run time of its own in bpf_stats).
     (m_ns, m_cnt), (f_ns, f_cnt) = stats["meter_switch"], stats["floor_switch"]
-    return m_ns / max(m_cnt, 1), f_ns / max(f_cnt, 1), m_cnt, load
+    return m_ns / max(m_cnt, 1), f_ns / max(f_cnt, 1), m_cnt, load, in_runs
 
 
-def measure(seconds: float, ncounters: int, resolve: bool = True) -> Result:
+def measure(seconds: float, ncounters: int, resolve: bool = True, pin: str | None = None) -> Result:
     """Two rounds, each program first once: the first program on a tracepoint
     pays the cache misses both share (task, cgroup), so order is averaged out."""
     counters = [parse_event("sw:cpu-clock")] * ncounters
     with bpf_stats():
-        a = _round(seconds / 2, counters, floor_first=False, resolve=resolve)
-        b = _round(seconds / 2, counters, floor_first=True, resolve=resolve)
+        a = _round(seconds / 2, counters, floor_first=False, resolve=resolve, pin=pin)
+        b = _round(seconds / 2, counters, floor_first=True, resolve=resolve, pin=pin)
     meter_ns, floor_ns = (a[0] + b[0]) / 2, (a[1] + b[1]) / 2
     ratio = meter_ns / floor_ns
+    what = ", ".join([f"{ncounters} counters"] + (["compartments resolved"] if resolve else []) + ([f"pinned to CPU {pin}"] if pin else []))
     return Result(
-        f"sched_switch cost ({ncounters} counters{', compartments resolved' if resolve else ''})", meter_ns, "ns/event", floor_ns, "floor program, same events",
+        f"sched_switch cost ({what})", meter_ns, "ns/event", floor_ns, "floor program, same events",
         ratio, "<= 1.3x floor and <= 150 ns", ratio <= 1.3 and meter_ns <= 150,
-        {"events": a[2] + b[2], "load": a[3], "meter_first": a[:2], "floor_first": b[:2]},
+        {"events": a[2] + b[2], "load": a[3], "meter_first": a[:2], "floor_first": b[:2],
+         "in_runs": round((a[4] + b[4]) / max(a[2] + b[2], 1), 4)},
     )
 
 
@@ -96,11 +100,14 @@ def main() -> list[Result]:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--counters", type=int, default=None, help="software counters read per event (default: 0 and 2)")
+    ap.add_argument("--pin", default=None, metavar="CPUS",
+                    help="run the switch load under taskset -c CPUS (e.g. 0: every switch is between its two tasks, one cgroup)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     sets = [args.counters] if args.counters is not None else [0, 2]
     # With 0 counters also without compartments: the cost of resolving them in the kernel.
-    return [measure(args.seconds, n) for n in sets] + ([measure(args.seconds, 0, resolve=False)] if 0 in sets else [])
+    return ([measure(args.seconds, n, pin=args.pin) for n in sets]
+            + ([measure(args.seconds, 0, resolve=False, pin=args.pin)] if 0 in sets else []))
 
 
 if __name__ == "__main__":

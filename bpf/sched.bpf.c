@@ -44,6 +44,12 @@
 #else
 #define METER_STEAL 0
 #endif
+/* Switches inside one css_set skip the clock (same_run()). */
+#if METER_KERNEL_CHARGE && defined(METER_TASK_CGROUPS_OFF)
+#define METER_SAME_RUN 1
+#else
+#define METER_SAME_RUN 0
+#endif
 
 /* Shared by all CPUs: written only when a CPU's slots are flushed or
  * evicted (about once per cgroup per window per CPU), with atomic adds, so
@@ -484,6 +490,25 @@ static __always_inline void adj_add(struct meter_cpu *st, u64 cgid, s64 v)
 	st->adj_cgid[free & (METER_ADJ - 1)] = cgid;
 	st->adj_ns[free & (METER_ADJ - 1)] = v;
 }
+
+#if METER_SAME_RUN
+/* A run's finished slices (same_run()) when the run ended unseen: owed to
+ * its cgroup, as its switches would have charged them had they been seen.
+ * Rare (a switch no program saw), so to the row's spill total, which user
+ * space settles in the records (docs/architecture.md, "The ring"), rather
+ * than a per-CPU entry: that search here would cost the verifier more than
+ * meter_switch has left. */
+static __always_inline void owe_carry(struct meter_cpu *st)
+{
+	u32 row = row_of(st->run_cgid);
+	s64 *sp = spill.lookup(&row);
+
+	stat_add(METER_STAT_UNPLACED_NS, st->carry);
+	if (sp)
+		__sync_fetch_and_add(sp, (s64)st->carry);
+	st->carry = 0;
+}
+#endif
 
 /* Take cgid's pending adjustment (with only_negative: only what it owes back). */
 static __always_inline s64 adj_take(struct meter_cpu *st, u64 cgid, int only_negative)
@@ -984,8 +1009,82 @@ static __always_inline int settle_due(struct meter_cpu *st)
 }
 #endif
 
-/* Attached by user space to the raw tracepoint sched_switch(preempt, prev, next). */
-int meter_switch(struct bpf_raw_tracepoint_args *ctx)
+#if METER_SAME_RUN
+/*
+ * A switch between two tasks of one css_set (so of one cgroup on every
+ * hierarchy: one compartment) has nothing to place. What the kernel charged
+ * prev's slice joins the run's carry, and the next switch out of the run, or
+ * the next tick, places the carry with one clock read, as one slice: the
+ * span it places holds the run's slices and the scheduler's time between
+ * them, which goes to `sched` as for any slice (docs/architecture.md, "Runs
+ * of one cgroup"). No clock read and no map write here. Not taken when the
+ * switch has more to do: prev came in unseen, prev or next is the idle task
+ * (the root's css_set is also idle's), an adjustment waits for its settle
+ * walk, packet counts wait for their flush, the run queue is not found yet.
+ */
+static __always_inline int same_run(struct meter_cpu *st, u64 prev, u64 next)
+{
+	u64 cset, sum, start;
+
+	/* This CPU's idle task (pid 0): its css_set is the root's. */
+	if (!(u32)bpf_get_current_pid_tgid())
+		st->idle_task = prev;
+	if (prev != st->task || !st->idle_task || prev == st->idle_task || next == st->idle_task || !st->last_ns)
+		return 0;
+#if METER_NET
+	if (st->net_ndirty)
+		return 0;
+#endif
+#if METER_STEAL
+	if (!st->rq)
+		return 0;
+#endif
+	if (settle_due(st))
+		return 0;
+	/* The run's css_set is prev's when it begins; later prevs came in by
+	 * this path, so with that css_set (a task moved to another cgroup
+	 * while it runs is the run's until it switches out: see "Runs of one
+	 * cgroup"). */
+	if (!st->carry) {
+		cset = kread(prev + METER_TASK_CGROUPS_OFF);
+		if (!cset)
+			return 0;
+		st->run_cset = cset;
+		st->run_window = st->window;
+	} else if (st->window != st->run_window) {
+		/* A tick has begun another window since the run began: this
+		 * switch places the run, so that each window gets its slices (a
+		 * run lasts at most about a window). */
+		return 0;
+	}
+	if (kread(next + METER_TASK_CGROUPS_OFF) != st->run_cset)
+		return 0;
+	if (!st->carry)
+		st->run_cgid = current_cgid(st);
+	/* st->sum is the running task's sum at its switch in, less the carry:
+	 * so the charge that places the run (charge_until()) takes its whole
+	 * kernel charge as one task's. */
+	start = st->sum + st->carry;
+	sum = kread(prev + METER_TASK_SUM_OFF);
+	st->carry += sum - start;
+	st->runs++;
+#if METER_TASK_STORAGE
+	st->out_start = start;
+	st->out_sum = sum;
+	st->out_cgid = st->run_cgid;
+	recover_unseen(st);
+#endif
+	st->task = next;
+	st->sum = kread(next + METER_TASK_SUM_OFF) - st->carry;
+	return 1;
+}
+#endif
+
+/*
+ * A switch's charge: the time since this CPU's last charge, to prev's
+ * cgroup (meter_charge, or meter_switch without same_run()).
+ */
+static __always_inline int switch_charge(struct bpf_raw_tracepoint_args *ctx)
 {
 	struct meter_cpu *st = charging_state(1);
 	u64 now, cgid;
@@ -1018,8 +1117,9 @@ int meter_switch(struct bpf_raw_tracepoint_args *ctx)
 		{
 			u64 sum = cgid == METER_IDLE_CGID ? 0 : kread(prev + METER_TASK_SUM_OFF);
 
-			/* For meter_settle: the slice charged here, [st->sum, sum). */
-			st->out_start = cgid != METER_IDLE_CGID && prev == st->task ? st->sum : 0;
+			/* For recover_unseen(): the slice charged here, [st->sum, sum)
+			 * (st->sum less a run's carry, same_run()). */
+			st->out_start = cgid != METER_IDLE_CGID && prev == st->task ? st->sum + st->carry : 0;
 			st->out_sum = sum;
 			st->out_cgid = cgid;
 			charge_until(st, now, cgid, prev, sum, 0);
@@ -1027,6 +1127,9 @@ int meter_switch(struct bpf_raw_tracepoint_args *ctx)
 		st->task = next;
 		st->sum = kread(next + METER_TASK_SUM_OFF);
 		st->ahead = 0;
+#if METER_SAME_RUN
+		st->carry = 0;   /* placed by this charge (or owed by meter_switch) */
+#endif
 #if METER_TASK_STORAGE
 		recover_unseen(st);
 #endif
@@ -1038,6 +1141,42 @@ int meter_switch(struct bpf_raw_tracepoint_args *ctx)
 #endif
 	return 0;
 }
+
+#if METER_SAME_RUN
+/* meter_charge (below), tail-called by meter_switch for a switch that is
+ * not inside a run: user space puts it in slot 0 before attaching. */
+BPF_PROG_ARRAY(charge_call, 1);
+
+/* Tail-called by meter_switch: a program of its own, so that the
+ * verifier walks the charge's paths once, not once per way same_run() can
+ * decline (the charge already takes most of its instruction budget). */
+int meter_charge(struct bpf_raw_tracepoint_args *ctx)
+{
+	return switch_charge(ctx);
+}
+
+/* Attached by user space to the raw tracepoint sched_switch(preempt, prev, next). */
+int meter_switch(struct bpf_raw_tracepoint_args *ctx)
+{
+	struct meter_cpu *st = charging_state(1);
+
+	if (!st)
+		return 0;
+	if (same_run(st, ctx->args[1], ctx->args[2]))
+		return 0;
+	/* The run ended unseen (prev is not its task): its carry is owed. */
+	if (st->carry && ctx->args[1] != st->task)
+		owe_carry(st);
+	charge_call.call(ctx, 0);   /* does not return (unless the slot is empty) */
+	return 0;
+}
+#else
+/* Attached by user space to the raw tracepoint sched_switch(preempt, prev, next). */
+int meter_switch(struct bpf_raw_tracepoint_args *ctx)
+{
+	return switch_charge(ctx);
+}
+#endif
 
 #if METER_KERNEL_CHARGE
 /*
@@ -1164,6 +1303,10 @@ int meter_tick(struct bpf_perf_event_data *ctx)
 	{
 		u64 task = bpf_get_current_task();
 
+#if METER_SAME_RUN
+		if (st->carry && task != st->task)
+			owe_carry(st);   /* the run ended unseen */
+#endif
 		if (cgid != METER_IDLE_CGID && task != st->task)
 			follow(st, task);
 	}

@@ -47,6 +47,7 @@ class MeterStats:
     conservation_violations: int = 0
     unresolved_cgroups: int = 0
     nudges: int = 0
+    run_switches: int = 0  # switches inside one cgroup's run, charged with the run (no clock read)
     energy_measured_uj: int = 0  # what the reader (or model) reported
     energy_attributed_uj: int = 0  # what went into records (idle row included)
     energy_pending_uj: int = 0  # measured, waiting for the next records
@@ -59,11 +60,12 @@ class MeterStats:
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def take_kernel(self, counts: dict[str, int], *, nudges: int) -> None:
+    def take_kernel(self, counts: dict[str, int], *, nudges: int, run_switches: int = 0) -> None:
         """Copy the CPU source's kernel-side counts (cumulative since open)."""
         for name, field in _KERNEL.items():
             setattr(self, field, int(counts.get(name, 0)))
         self.nudges = nudges
+        self.run_switches = run_switches
 
     def take_batch(self, batch: np.ndarray, *, ncpu: int, window_ns: int, expected_windows: int | None = None,
                    ranges: tuple[np.ndarray, np.ndarray] | None = None) -> None:

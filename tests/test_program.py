@@ -92,8 +92,10 @@ def test_the_longest_allowed_charge_split_passes_the_verifier():
     src = SchedSource(1_000_000, [parse_event("sw:cpu-clock")] * MAX_COUNTERS, max_span=MAX_SPAN_LIMIT,
                       net=True, max_ports=4)
     bpf = program.load(*src.defines())
+    assert src.same_run, "this kernel's BTF has task_struct.cgroups: switches inside one css_set join runs"
     try:
-        for fn, kind in ((b"meter_switch", BPF.RAW_TRACEPOINT), (b"meter_settle", BPF.RAW_TRACEPOINT), (b"meter_tick", BPF.PERF_EVENT),
+        for fn, kind in ((b"meter_switch", BPF.RAW_TRACEPOINT), (b"meter_charge", BPF.RAW_TRACEPOINT),
+                         (b"meter_settle", BPF.RAW_TRACEPOINT), (b"meter_tick", BPF.PERF_EVENT),
                          (b"meter_softirq_exit", BPF.RAW_TRACEPOINT)):
             bpf.load_func(fn, kind)
     finally:

@@ -66,6 +66,7 @@ log = logging.getLogger("meter")
 KERNEL_FIELDS = (
     ("METER_TASK_SUM_OFF", "task_struct.se.sum_exec_runtime"),
     ("METER_TASK_PREV_SUM_OFF", "task_struct.se.prev_sum_exec_runtime"),
+    ("METER_TASK_CGROUPS_OFF", "task_struct.cgroups"),
     ("METER_TASK_CFS_RQ_OFF", "task_struct.se.cfs_rq"),
     ("METER_CFS_RQ_RQ_OFF", "cfs_rq.rq"),
     ("METER_RQ_CLOCK_OFF", "rq.clock"),
@@ -216,6 +217,10 @@ class SchedSource:
         #: True when cpu time is the kernel's own charge (se.sum_exec_runtime
         #: from BTF offsets); False: the clock between switches (fallback).
         self.kernel_charge = False
+        self.same_run = False
+        #: Switches that joined a run of one css_set and read no clock
+        #: (bpf/sched.bpf.c, same_run()), at the last take.
+        self.same_run_switches = 0
         #: Why kernel_charge is False (None when it is True, or not open).
         self.kernel_charge_reason: str | None = None
         self.ncpu = 0
@@ -255,6 +260,8 @@ class SchedSource:
         fields, self.kernel_charge_reason = kernel_field_defines()
         defines |= fields
         self.kernel_charge = "METER_TASK_SUM_OFF" in fields
+        # Switches inside one css_set join a run (bpf/sched.bpf.c, same_run()).
+        self.same_run = self.kernel_charge and "METER_TASK_CGROUPS_OFF" in fields
         if self.kernel_charge and task_storage():
             defines["METER_TASK_STORAGE"] = 1
         names = [self.program_name]
@@ -288,6 +295,8 @@ class SchedSource:
             # Nothing before every CPU's clock runs is a whole window: discard it.
             self._control(CTL_FIRST, _NEVER)
             self._publish(_NEVER)
+            if self.same_run:
+                self._fill_slot(b"charge_call", b"meter_charge")
             hooks = [(b"sched_switch", b"meter_switch")]
             if self.net:
                 # Exit first: an entry without its exit would hold the CPU's charges.
@@ -425,19 +434,23 @@ class SchedSource:
         return met
 
     def _attach_settle(self) -> None:
-        """meter_settle into meter_switch's tail-call slot: it settles, in windows not
+        """meter_settle into the switch charge's tail-call slot: it settles, in windows not
         closed yet, what the switches found owed either way (see bpf/sched.bpf.c,
         meter_settle()), and runs only when there is something to settle (about once
         per window on a CPU that owes or is owed), not at every switch."""
+        self._fill_slot(b"settle_call", b"meter_settle")
+
+    def _fill_slot(self, table: bytes, fn: bytes) -> None:
+        """Load program ``fn`` into slot 0 of the tail-call table ``table``."""
         import ctypes
 
         from bcc import BPF
 
         try:
-            fd = self.bpf.load_func(b"meter_settle", BPF.RAW_TRACEPOINT).fd
-            self.bpf[b"settle_call"][ctypes.c_int(0)] = ctypes.c_int(fd)
+            fd = self.bpf.load_func(fn, BPF.RAW_TRACEPOINT).fd
+            self.bpf[table][ctypes.c_int(0)] = ctypes.c_int(fd)
         except Exception as err:  # bcc raises bare Exception
-            raise BPFError(f"the kernel rejected meter_settle: {err}", program="sched") from err
+            raise BPFError(f"the kernel rejected {fn.decode()}: {err}", program="sched") from err
 
     def close(self) -> None:
         """Detach and unload everything this source attached."""
@@ -495,7 +508,7 @@ class SchedSource:
         table = self.bpf[b"cpu_state"]
         per_cpu = table[table.Key(0)]
         out = []
-        pending = 0
+        pending = runs = 0
         for c in self._cpus:
             st = per_cpu[c]
             w = int(st.window)
@@ -503,7 +516,9 @@ class SchedSource:
                 w = min(w, int(st.net_window))
             out.append(w)
             pending += sum(abs(int(v)) for v in st.adj_ns)
+            runs += int(st.runs)
         self.pending_adjustment_ns = pending
+        self.same_run_switches = runs
         return out
 
     def _pending_adjustments(self) -> tuple[np.ndarray, np.ndarray]:

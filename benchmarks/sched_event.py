@@ -1,12 +1,17 @@
 #!/usr/bin/env python3
-"""ns per sched_switch event of meter's program (meter_switch, with meter_settle as its tail call) vs a floor program.
+"""ns per sched_switch event of meter's program (meter_switch, with meter_charge and meter_settle as its tail calls) vs a floor program.
 
 Both are attached to the raw tracepoint sched_switch at once, so they see
 the same events; the kernel's bpf_stats give run_time_ns / run_cnt for
 each. The floor reads the same inputs (clock, pid, cgroup id, the counters)
 and writes one per-CPU slot.
 
-    sudo .venv/bin/python benchmarks/sched_event.py [--seconds 5] [--counters N]
+    sudo .venv/bin/python benchmarks/sched_event.py [--seconds 5] [--counters N] [--pin CPUS]
+
+Without --pin it also measures 0 counters with the load pinned to CPU 0,
+where every switch is between two tasks of one cgroup and joins a run
+(bpf/sched.bpf.c, same_run()): no clock read. ``in_runs`` in the details
+is the share of switches that did.
 
 Goal: <= 1.3x the floor and <= 150 ns per event.
 """
@@ -72,8 +77,8 @@ def _round_in(seconds: float, counters: list, floor_first: bool, compartments: d
     finally:
         floor.cleanup()
         src.close()
-    # meter's cost per switch: meter_switch's run time includes meter_settle, its
-    # tail call (a tail-called program has no run time of its own in bpf_stats).
+    # meter's cost per switch: meter_switch's run time includes meter_charge and meter_settle, its
+    # tail calls (a tail-called program has no run time of its own in bpf_stats).
     (m_ns, m_cnt), (f_ns, f_cnt) = stats["meter_switch"], stats["floor_switch"]
     return m_ns / max(m_cnt, 1), f_ns / max(f_cnt, 1), m_cnt, load, in_runs
 
@@ -106,8 +111,12 @@ def main() -> list[Result]:
     args = ap.parse_args()
     sets = [args.counters] if args.counters is not None else [0, 2]
     # With 0 counters also without compartments: the cost of resolving them in the kernel.
-    return ([measure(args.seconds, n, pin=args.pin) for n in sets]
-            + ([measure(args.seconds, 0, resolve=False, pin=args.pin)] if 0 in sets else []))
+    out = ([measure(args.seconds, n, pin=args.pin) for n in sets]
+           + ([measure(args.seconds, 0, resolve=False, pin=args.pin)] if 0 in sets else []))
+    if args.pin is None and 0 in sets:
+        # Both tasks on one CPU: every switch is inside one cgroup (a run).
+        out.append(measure(args.seconds, 0, pin="0"))
+    return out
 
 
 if __name__ == "__main__":

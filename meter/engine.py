@@ -45,9 +45,10 @@ log = logging.getLogger("meter")
 
 
 #: The most windows one kernel charge may be split over. The verifier walks
-#: the split loop once per window: with 4 counters and ports meter_switch
-#: loaded at 600 and was refused at 640 here (tests/test_program.py loads
-#: this limit), so the drain interval is at most (560 - 16) / 2 windows.
+#: the split loop once per window: with 4 counters and ports the switch's
+#: charge (meter_charge) takes 996k of its 1M instructions at 560 here
+#: (tests/test_program.py loads this limit), so the drain interval is at most
+#: (560 - 16) / 2 windows.
 MAX_SPAN_LIMIT = 560
 
 #: Entries (cgroup or port x window) taken since the last batch that make a batch

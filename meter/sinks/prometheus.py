@@ -25,7 +25,8 @@ and self-metrics: ``meter_bpf_run_seconds_total{program}`` and
 programs, read by fd and cached for a second; present once
 ``kernel.bpf_stats_enabled`` is 1), ``meter_late_packets_total``,
 ``meter_late_seconds_total``, ``meter_records_total``,
-``meter_conservation_violations_total`` and the gauge
+``meter_conservation_violations_total``, ``meter_run_switches_total``
+(switches inside one cgroup, bpf/sched.bpf.c ``same_run()``) and the gauge
 ``meter_drain_lag_seconds`` (now minus the end of the newest record).
 A series that was never measured is absent, not 0.
 
@@ -430,6 +431,8 @@ class Exporter:
             ("meter_unseen_seconds", st.unseen_ns / 1e9,
              "Kernel-charged CPU time of slices no sched_switch event showed, given back to their cgroups."),
             ("meter_conservation_violations", st.conservation_violations, "Windows whose CPU time did not add up."),
+            ("meter_run_switches", st.run_switches,
+             "Context switches between two tasks of one cgroup, charged with the run they joined (no clock read)."),
         ):
             fam = CounterMetricFamily(name, doc)
             fam.add_metric([], value, created=opened)

@@ -45,7 +45,7 @@ PING_PONG = (
 #: The same on one CPU: each switch is between its two tasks (one cgroup)
 #: unless another task is picked between them, so most join a run
 #: (bpf/sched.bpf.c, same_run()) and read no clock.
-PING_PONG_ONE_CPU = f"import os\nos.sched_setaffinity(0, {{max(os.sched_getaffinity(0))}})\n" + PING_PONG
+PING_PONG_ONE_CPU = "import os\nos.sched_setaffinity(0, {max(os.sched_getaffinity(0))})\n" + PING_PONG
 WAKES = 3000
 WAKE_FROM_IDLE = f"import time\nfor _ in range({WAKES}):\n    time.sleep(0.0005)\n"
 #: The least CPU each workload must have been charged for it to count as run:

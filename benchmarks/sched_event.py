@@ -73,7 +73,7 @@ def _round_in(seconds: float, counters: list, floor_first: bool, compartments: d
         load = switch_load(seconds, pin)
         src.drain()
         stats = prog_stats(["meter_switch", "floor_switch"])
-        in_runs = src.same_run_switches
+        in_runs = getattr(src, "same_run_switches", 0)
     finally:
         floor.cleanup()
         src.close()

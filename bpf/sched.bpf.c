@@ -1026,8 +1026,9 @@ static __always_inline int same_run(struct meter_cpu *st, u64 prev, u64 next)
 {
 	u64 cset, sum, start;
 
-	/* This CPU's idle task (pid 0): its css_set is the root's. */
-	if (!(u32)bpf_get_current_pid_tgid())
+	/* This CPU's idle task (pid 0): its css_set is the root's. Learnt
+	 * once, at a switch away from it. */
+	if (!st->idle_task && !(u32)bpf_get_current_pid_tgid())
 		st->idle_task = prev;
 	if (prev != st->task || !st->idle_task || prev == st->idle_task || next == st->idle_task || !st->last_ns)
 		return 0;

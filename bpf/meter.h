@@ -177,6 +177,7 @@ struct meter_cpu {
 	__u64 run_window;
 	__u64 idle_task;
 	__u64 runs;                 /* switches that joined a run (counted) */
+	__u64 nudge_seen;           /* METER_CTL_NUDGE at this CPU's last switch */
 };
 
 /* Per-CPU, per-port packet counts for the CPU's current net window: skbs
@@ -259,6 +260,9 @@ enum meter_control {
 	METER_CTL_NEXT_ROW,
 	/* METER_CTL_TAKEN for the net ring (its drain runs after the CPU one). */
 	METER_CTL_NET_TAKEN,
+	/* Bumped by user space before it nudges CPUs: each CPU's next switch
+	 * charges (joins no run), so its windows close (sched.bpf.c, same_run()). */
+	METER_CTL_NUDGE,
 	METER_NR_CONTROLS,
 };
 

@@ -492,8 +492,9 @@ static __always_inline void adj_add(struct meter_cpu *st, u64 cgid, s64 v)
 }
 
 #if METER_SAME_RUN
-/* A run's finished slices (same_run()) when the run ended unseen: owed to
- * its cgroup, as its switches would have charged them had they been seen.
+/* A run's finished slices (same_run()) when the run ended unseen, or its
+ * last task moved to another cgroup: owed to the run's cgroup, as its
+ * switches would have charged them.
  * Rare (a switch no program saw), so to the row's spill total, which user
  * space settles in the records (docs/architecture.md, "The ring"), rather
  * than a per-CPU entry: that search here would cost the verifier more than
@@ -506,6 +507,8 @@ static __always_inline void owe_carry(struct meter_cpu *st)
 	stat_add(METER_STAT_UNPLACED_NS, st->carry);
 	if (sp)
 		__sync_fetch_and_add(sp, (s64)st->carry);
+	/* The running task's own slice is left to charge: its true start. */
+	st->sum += st->carry;
 	st->carry = 0;
 }
 #endif
@@ -1024,7 +1027,7 @@ static __always_inline int settle_due(struct meter_cpu *st)
  */
 static __always_inline int same_run(struct meter_cpu *st, u64 prev, u64 next)
 {
-	u64 cset, sum, start;
+	u64 cset, sum, start, nudge;
 
 	/* This CPU's idle task (pid 0): its css_set is the root's. Learnt
 	 * once, at a switch away from it. */
@@ -1042,23 +1045,27 @@ static __always_inline int same_run(struct meter_cpu *st, u64 prev, u64 next)
 #endif
 	if (settle_due(st))
 		return 0;
-	/* The run's css_set is prev's when it begins; later prevs came in by
-	 * this path, so with that css_set (a task moved to another cgroup
-	 * while it runs is the run's until it switches out: see "Runs of one
-	 * cgroup"). */
-	if (!st->carry) {
-		cset = kread(prev + METER_TASK_CGROUPS_OFF);
-		if (!cset)
-			return 0;
-		st->run_cset = cset;
-		st->run_window = st->window;
-	} else if (st->window != st->run_window) {
-		/* A tick has begun another window since the run began: this
-		 * switch places the run, so that each window gets its slices (a
-		 * run lasts at most about a window). */
+	/* User space is nudging CPUs so that they charge up to now: this
+	 * switch must charge. */
+	nudge = control_get(METER_CTL_NUDGE);
+	if (st->nudge_seen != nudge) {
+		st->nudge_seen = nudge;
 		return 0;
 	}
-	if (kread(next + METER_TASK_CGROUPS_OFF) != st->run_cset)
+	cset = kread(prev + METER_TASK_CGROUPS_OFF);
+	if (!cset)
+		return 0;
+	if (!st->carry) {
+		st->run_cset = cset;
+		st->run_window = st->window;
+	} else if (cset != st->run_cset || st->window != st->run_window) {
+		/* prev moved to another cgroup while it ran; or a tick has begun
+		 * another window since the run began: this switch places the
+		 * run, so that each window gets its slices (a run lasts at most
+		 * about a window). */
+		return 0;
+	}
+	if (kread(next + METER_TASK_CGROUPS_OFF) != cset)
 		return 0;
 	if (!st->carry)
 		st->run_cgid = current_cgid(st);
@@ -1165,8 +1172,10 @@ int meter_switch(struct bpf_raw_tracepoint_args *ctx)
 		return 0;
 	if (same_run(st, ctx->args[1], ctx->args[2]))
 		return 0;
-	/* The run ended unseen (prev is not its task): its carry is owed. */
-	if (st->carry && ctx->args[1] != st->task)
+	/* The run ended unseen (prev is not its task), or its task moved to
+	 * another cgroup: its carry is the run's cgroup's, owed to it. */
+	if (st->carry && (ctx->args[1] != st->task ||
+			  kread(ctx->args[1] + METER_TASK_CGROUPS_OFF) != st->run_cset))
 		owe_carry(st);
 	charge_call.call(ctx, 0);   /* does not return (unless the slot is empty) */
 	return 0;

@@ -27,7 +27,7 @@ def test_every_constant_matches_the_header():
     assert (c["METER_NET_RX"], c["METER_NET_TX"], c["METER_NET_SOFTIRQ"]) == (
         bpfabi.KIND_RX, bpfabi.KIND_TX, bpfabi.KIND_SOFTIRQ)
     names = ("WATERMARK", "FIRST", "LEVELS", "GEN", "OTHER", "TAKEN", "NEXT_ROW",
-             "NET_TAKEN")
+             "NET_TAKEN", "NUDGE")
     assert [c[f"METER_CTL_{n}"] for n in names] == [getattr(bpfabi, f"CTL_{n}") for n in names]
     assert (c["METER_MAX_COMPARTMENTS"], c["METER_MAX_LEVEL"]) == (bpfabi.MAX_COMPARTMENTS, bpfabi.MAX_LEVEL)
     # The port pseudo-cgroup is a macro with an argument: its bit, from the text.

@@ -134,6 +134,53 @@ def test_short_lived_process_is_counted(tmp_path, cgroups, cgroup_mount):
     assert metered == pytest.approx(kernel_ns, rel=0.05, abs=300_000)
 
 
+def test_a_nudge_charges_a_cpu_whose_switches_join_runs(tmp_path, cgroups, cgroup_mount):
+    """Two threads of this process ping-pong on one CPU: every switch there is
+    between two tasks of one cgroup and joins a run, which places nothing. A
+    nudge moves this thread, a third of the same cgroup, onto that CPU: its
+    switch must still charge (CTL_NUDGE), or the CPU's windows stay open until
+    its next tick, a window later (1 s here), and a final drain misses them."""
+    import threading
+
+    cpu = max(os.sched_getaffinity(0))
+    r1, w1 = os.pipe()
+    r2, w2 = os.pipe()
+    stop = threading.Event()
+
+    def ping() -> None:
+        os.sched_setaffinity(0, {cpu})
+        while not stop.is_set():
+            os.write(w1, b"x")
+            os.read(r2, 1)
+        os.write(w1, b"q")
+
+    def pong() -> None:
+        os.sched_setaffinity(0, {cpu})
+        while os.read(r1, 1) == b"x":
+            os.write(w2, b"x")
+
+    topo = _topology(tmp_path, cgroup_mount, {"t": cgroups.make("t")})
+    threads = [threading.Thread(target=f) for f in (pong, ping)]
+    with Meter(topo, window_ms=1000) as meter:
+        src = meter.cpu_source
+        table = src.bpf[b"cpu_state"]
+        for t in threads:
+            t.start()
+        try:
+            deadline = time.monotonic() + 10
+            while table[table.Key(0)][cpu].runs < 1000 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert table[table.Key(0)][cpu].runs >= 1000, "the ping-pong's switches did not join runs"
+            t0 = time.monotonic_ns()  # CLOCK_MONOTONIC, as bpf_ktime_get_ns()
+            src._nudge([cpu])
+            charged = int(table[table.Key(0)][cpu].last_ns)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+    assert charged >= t0, "the nudged CPU charged nothing since the nudge"
+
+
 def test_removed_compartment_keeps_its_usage(tmp_path, cgroups, cgroup_mount):
     keep, gone = cgroups.make("keep"), cgroups.make("gone")
     topo = _topology(tmp_path, cgroup_mount, {"keep": keep, "gone": gone})

@@ -39,6 +39,7 @@ from ..bpfabi import (
     CTL_LEVELS,
     CTL_NET_TAKEN,
     CTL_NEXT_ROW,
+    CTL_NUDGE,
     CTL_OTHER,
     CTL_TAKEN,
     CTL_WATERMARK,
@@ -221,6 +222,7 @@ class SchedSource:
         #: Switches that joined a run of one css_set and read no clock
         #: (bpf/sched.bpf.c, same_run()), at the last take.
         self.same_run_switches = 0
+        self._nudge_gen = 0
         #: Why kernel_charge is False (None when it is True, or not open).
         self.kernel_charge_reason: str | None = None
         self.ncpu = 0
@@ -536,10 +538,15 @@ class SchedSource:
         The cpu-clock tick does not fire on an idle CPU here (NOHZ idle), so
         an idle CPU would otherwise hold its idle time until it next wakes.
         Moving this thread onto the CPU switches it from whatever ran there
-        (the idle task, usually), which charges that time to its owner.
+        (the idle task, usually), which charges that time to its owner. The
+        kernel is told first (``CTL_NUDGE``), so that switch charges even
+        when both tasks are of one cgroup (a thread of this process that ran
+        there): it joins no run (bpf/sched.bpf.c, same_run()).
         """
         if not cpus:
             return
+        self._nudge_gen += 1
+        self._control(CTL_NUDGE, self._nudge_gen)
         original = os.sched_getaffinity(0)
         try:
             for cpu in cpus:

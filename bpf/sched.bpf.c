@@ -499,17 +499,16 @@ static __always_inline void adj_add(struct meter_cpu *st, u64 cgid, s64 v)
  * space settles in the records (docs/architecture.md, "The ring"), rather
  * than a per-CPU entry: that search here would cost the verifier more than
  * meter_switch has left. */
-static __always_inline void owe_carry(struct meter_cpu *st)
+static __always_inline void owe_carry(struct meter_cpu *st, s64 owed)
 {
 	u32 row = row_of(st->run_cgid);
 	s64 *sp = spill.lookup(&row);
 
-	stat_add(METER_STAT_UNPLACED_NS, st->carry);
+	stat_add(METER_STAT_UNPLACED_NS, owed < 0 ? -owed : owed);
 	if (sp)
-		__sync_fetch_and_add(sp, (s64)st->carry);
-	/* The running task's own slice is left to charge: its true start. */
-	st->sum += st->carry;
+		__sync_fetch_and_add(sp, owed);
 	st->carry = 0;
+	st->run_owed = 0;
 }
 #endif
 
@@ -1033,7 +1032,7 @@ static __always_inline int same_run(struct meter_cpu *st, u64 prev, u64 next)
 	 * once, at a switch away from it. */
 	if (!st->idle_task && !(u32)bpf_get_current_pid_tgid())
 		st->idle_task = prev;
-	if (prev != st->task || !st->idle_task || prev == st->idle_task || next == st->idle_task || !st->last_ns)
+	if (prev != st->task || st->run_owed || !st->idle_task || prev == st->idle_task || next == st->idle_task || !st->last_ns)
 		return 0;
 #if METER_NET
 	if (st->net_ndirty)
@@ -1056,6 +1055,10 @@ static __always_inline int same_run(struct meter_cpu *st, u64 prev, u64 next)
 	if (!cset)
 		return 0;
 	if (!st->carry) {
+		/* A run begins only on a slice no tick has charged provisionally:
+		 * then a carry never overlaps a tick's provisional time. */
+		if (st->ahead)
+			return 0;
 		st->run_cset = cset;
 		st->run_window = st->window;
 	} else if (cset != st->run_cset || st->window != st->run_window) {
@@ -1172,11 +1175,26 @@ int meter_switch(struct bpf_raw_tracepoint_args *ctx)
 		return 0;
 	if (same_run(st, ctx->args[1], ctx->args[2]))
 		return 0;
-	/* The run ended unseen (prev is not its task), or its task moved to
-	 * another cgroup: its carry is the run's cgroup's, owed to it. */
-	if (st->carry && (ctx->args[1] != st->task ||
-			  kread(ctx->args[1] + METER_TASK_CGROUPS_OFF) != st->run_cset))
-		owe_carry(st);
+	/* The run ended unseen (prev is not its task, or a tick found another
+	 * task), or its task moved to another cgroup: its carry is the run's
+	 * cgroup's, owed to it, less what a tick gave that cgroup provisionally
+	 * during the run (a run begins with none: same_run()). The task's own
+	 * slice is then charged alone, from its true start. */
+	if (st->carry) {
+		u64 prev = ctx->args[1];
+
+		if (prev != st->task || st->run_owed || kread(prev + METER_TASK_CGROUPS_OFF) != st->run_cset) {
+			s64 owed = (s64)st->carry;
+
+			if (prev == st->task && !st->run_owed)
+				st->sum += st->carry;
+			if (st->ahead && st->ahead_cgid == st->run_cgid) {
+				owed -= (s64)st->ahead;
+				st->ahead = 0;
+			}
+			owe_carry(st, owed);
+		}
+	}
 	charge_call.call(ctx, 0);   /* does not return (unless the slot is empty) */
 	return 0;
 }
@@ -1314,8 +1332,11 @@ int meter_tick(struct bpf_perf_event_data *ctx)
 		u64 task = bpf_get_current_task();
 
 #if METER_SAME_RUN
+		/* The run ended unseen: its carry is owed, at the next switch. */
 		if (st->carry && task != st->task)
-			owe_carry(st);   /* the run ended unseen */
+			st->run_owed = 1;
+		/* Whose the provisional time below is (see meter_switch). */
+		st->ahead_cgid = cgid;
 #endif
 		if (cgid != METER_IDLE_CGID && task != st->task)
 			follow(st, task);

@@ -1029,9 +1029,16 @@ static __always_inline int same_run(struct meter_cpu *st, u64 prev, u64 next)
 	u64 cset, sum, start, nudge;
 
 	/* This CPU's idle task (pid 0): its css_set is the root's. Learnt
-	 * once, at a switch away from it. */
-	if (!st->idle_task && !(u32)bpf_get_current_pid_tgid())
-		st->idle_task = prev;
+	 * once: from the run queue (a CPU that never idles has runs too), else
+	 * at a switch away from it. */
+	if (!st->idle_task) {
+#if METER_STEAL && defined(METER_RQ_IDLE_OFF)
+		if (st->rq)
+			st->idle_task = kread(st->rq + METER_RQ_IDLE_OFF);
+#endif
+		if (!st->idle_task && !(u32)bpf_get_current_pid_tgid())
+			st->idle_task = prev;
+	}
 	if (prev != st->task || st->run_owed || !st->idle_task || prev == st->idle_task || next == st->idle_task || !st->last_ns)
 		return 0;
 #if METER_NET

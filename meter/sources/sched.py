@@ -73,6 +73,7 @@ KERNEL_FIELDS = (
     ("METER_RQ_CLOCK_OFF", "rq.clock"),
     ("METER_RQ_CLOCK_TASK_OFF", "rq.clock_task"),
     ("METER_RQ_CPU_OFF", "rq.cpu"),
+    ("METER_RQ_IDLE_OFF", "rq.idle"),
 )
 
 

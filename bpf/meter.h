@@ -167,10 +167,9 @@ struct meter_cpu {
 	__u32 net_dirty[METER_NET_DIRTY];
 	/* A run of switches between tasks of one css_set (sched.bpf.c,
 	 * same_run()): what the kernel charged the run's finished slices, not
-	 * placed yet (the next switch out of the run, or the next tick, places
-	 * it), the run's css_set, the cgroup it is charged to and the window it
-	 * began in, and this
-	 * CPU's idle task (which shares the root's css_set). */
+	 * placed yet (the next switch that charges places it, or owes it), the
+	 * run's css_set, the cgroup it is charged to and the window it began
+	 * in, and this CPU's idle task (which shares the root's css_set). */
 	__u64 carry;
 	__u64 run_cset;
 	__u64 run_cgid;

@@ -1015,14 +1015,16 @@ static __always_inline int settle_due(struct meter_cpu *st)
 /*
  * A switch between two tasks of one css_set (so of one cgroup on every
  * hierarchy: one compartment) has nothing to place. What the kernel charged
- * prev's slice joins the run's carry, and the next switch out of the run, or
- * the next tick, places the carry with one clock read, as one slice: the
+ * prev's slice joins the run's carry, and the next switch that charges (the
+ * first out of the run, or after a tick) places it with one clock read, as one slice: the
  * span it places holds the run's slices and the scheduler's time between
  * them, which goes to `sched` as for any slice (docs/architecture.md, "Runs
  * of one cgroup"). No clock read and no map write here. Not taken when the
- * switch has more to do: prev came in unseen, prev or next is the idle task
- * (the root's css_set is also idle's), an adjustment waits for its settle
- * walk, packet counts wait for their flush, the run queue is not found yet.
+ * switch has more to do: prev came in unseen or its run is owed, prev or
+ * next is the idle task (the root's css_set is also idle's), an adjustment
+ * waits for its settle walk, packet counts wait for their flush, the run
+ * queue is not found yet, user space is nudging, or a tick charged the
+ * slice a run would begin on.
  */
 static __always_inline int same_run(struct meter_cpu *st, u64 prev, u64 next)
 {

@@ -71,6 +71,8 @@ class CPUSource(Protocol):
     closed_window: int
     #: Times idle CPUs were made to switch so that their windows close.
     nudges: int
+    #: Switches inside one cgroup charged with the run they joined (0: none, or no runs).
+    same_run_switches: int
 
     @property
     def first_window(self) -> int: ...

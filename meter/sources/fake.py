@@ -52,6 +52,7 @@ class FakeCPU:
         self.now = first_window
         self.closed_window = first_window - 1
         self.nudges = 0
+        self.same_run_switches = 0  # no kernel program: no runs
         self.ncounters = 0
         self.is_open = False
         self.spec: CPUSpec | None = None

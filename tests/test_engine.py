@@ -134,15 +134,23 @@ def test_short_lived_process_is_counted(tmp_path, cgroups, cgroup_mount):
     assert metered == pytest.approx(kernel_ns, rel=0.05, abs=300_000)
 
 
-def test_a_nudge_charges_a_cpu_whose_switches_join_runs(tmp_path, cgroups, cgroup_mount):
+@pytest.mark.parametrize("nudger", ["elsewhere", "on_it", "pinned_to_it"])
+def test_a_nudge_charges_a_cpu_whose_switches_join_runs(tmp_path, cgroups, cgroup_mount, nudger):
     """Two threads of this process ping-pong on one CPU: every switch there is
     between two tasks of one cgroup and joins a run, which places nothing. A
-    nudge moves this thread, a third of the same cgroup, onto that CPU: its
-    switch must still charge (CTL_NUDGE), or the CPU's windows stay open until
-    its next tick, a window later (1 s here), and a final drain misses them."""
+    nudge from this thread, a third of the same cgroup, must still make that
+    CPU charge (CTL_NUDGE), or its windows stay open until its next tick, a
+    window later (1 s here), and a final drain misses them. The nudging
+    thread runs on another CPU and moves onto it (``elsewhere``); or it runs
+    on it already, having come there by a switch that joined a run, and may
+    move (``on_it``: it leaves the CPU) or may not (``pinned_to_it``: it
+    sleeps)."""
     import threading
 
-    cpu = max(os.sched_getaffinity(0))
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs: one for the ping-pong, one to nudge it from")
+    cpu, other = cpus[-1], cpus[0]
     r1, w1 = os.pipe()
     r2, w2 = os.pipe()
     stop = threading.Event()
@@ -161,6 +169,7 @@ def test_a_nudge_charges_a_cpu_whose_switches_join_runs(tmp_path, cgroups, cgrou
 
     topo = _topology(tmp_path, cgroup_mount, {"t": cgroups.make("t")})
     threads = [threading.Thread(target=f) for f in (pong, ping)]
+    original = os.sched_getaffinity(0)
     with Meter(topo, window_ms=1000) as meter:
         src = meter.cpu_source
         table = src.bpf[b"cpu_state"]
@@ -171,10 +180,14 @@ def test_a_nudge_charges_a_cpu_whose_switches_join_runs(tmp_path, cgroups, cgrou
             while table[table.Key(0)][cpu].runs < 1000 and time.monotonic() < deadline:
                 time.sleep(0.01)
             assert table[table.Key(0)][cpu].runs >= 1000, "the ping-pong's switches did not join runs"
+            os.sched_setaffinity(0, {other if nudger == "elsewhere" else cpu})
+            if nudger == "on_it":
+                os.sched_setaffinity(0, original)  # still on it: a new mask moves no task
             t0 = time.monotonic_ns()  # CLOCK_MONOTONIC, as bpf_ktime_get_ns()
             src._nudge([cpu])
             charged = int(table[table.Key(0)][cpu].last_ns)
         finally:
+            os.sched_setaffinity(0, original)
             stop.set()
             for t in threads:
                 t.join()

@@ -23,6 +23,7 @@ again, for the windows ``ring_windows`` later.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import mmap
 import os
@@ -142,6 +143,27 @@ def _none(dtype: Any, *shape: int) -> Any:
 #: No cgroup met for the first time.
 _NONE_MET = np.zeros(0, np.uint64)
 _NONE_MET.flags.writeable = False
+
+
+#: How long _nudge sleeps to switch away from the CPU it runs on when it may
+#: run on no other: any sleep blocks, and so switches.
+_NUDGE_SLEEP_S = 0.0002
+
+
+@functools.cache
+def _sched_getcpu() -> Any:
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None).sched_getcpu
+    except (AttributeError, OSError):
+        return None
+
+
+def _current_cpu() -> int:
+    """The CPU this thread runs on now (the C library's sched_getcpu()), or -1."""
+    getcpu = _sched_getcpu()
+    return int(getcpu()) if getcpu is not None else -1
 
 
 @dataclasses.dataclass
@@ -540,24 +562,43 @@ class SchedSource:
         an idle CPU would otherwise hold its idle time until it next wakes.
         Moving this thread onto the CPU switches it from whatever ran there
         (the idle task, usually), which charges that time to its owner. The
-        kernel is told first (``CTL_NUDGE``), so that switch charges even
-        when both tasks are of one cgroup (a thread of this process that ran
-        there): it joins no run (bpf/sched.bpf.c, same_run()).
+        kernel is told first (``CTL_NUDGE``), so that the CPU's first switch
+        after it charges even when both tasks are of one cgroup (a thread of
+        this process that ran there): it joins no run (bpf/sched.bpf.c,
+        same_run()).
+
+        The CPU this thread runs on is nudged by leaving it: moving onto it
+        would switch nothing, and this thread may have come onto it by a
+        switch that joined a run, so that the CPU has charged nothing since
+        (docs/architecture.md, "Runs of one cgroup").
         """
         if not cpus:
             return
         self._nudge_gen += 1
         self._control(CTL_NUDGE, self._nudge_gen)
         original = os.sched_getaffinity(0)
+        here = _current_cpu()
+        hops = [c for c in cpus if c != here]
+        if here in cpus and not hops:
+            hops = [c for c in sorted(original) if c != here][:1]
+        left = False
         try:
-            for cpu in cpus:
+            for cpu in hops:
                 try:
                     os.sched_setaffinity(0, {cpu})
-                    self.nudges += 1
                 except OSError:
                     continue  # not allowed on this CPU (cpuset): the watermark waits for it
+                left = True
+                if cpu in cpus:
+                    self.nudges += 1
         finally:
             os.sched_setaffinity(0, original)
+        if here < 0 or (here in cpus and not left):
+            # No other CPU to move to (or which CPU this is is unknown):
+            # sleeping switches away from this one too.
+            time.sleep(_NUDGE_SLEEP_S)
+        if here in cpus:
+            self.nudges += 1
 
     def _closed_window(self, now_win: int, *, lag: int = 1) -> int:
         """Newest window that every CPU has charged past (nudging stale CPUs).

@@ -146,6 +146,27 @@ def udp_flood(ns: str, dst: str, seconds: float) -> subprocess.Popen[bytes]:
 
 
 @contextlib.contextmanager
+def tcp_stream(src_ns: str, dst_ns: str, dst: str, seconds: float) -> Iterator[subprocess.Popen[bytes]]:
+    """A TCP stream from ``src_ns`` to ``dst`` (in ``dst_ns``, which reads and drops it) for
+    ``seconds``; yields the sender's process."""
+    sink = ("import socket\nl=socket.socket()\nl.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+            "l.bind(('0.0.0.0', 5299))\nl.listen(1)\nprint('up', flush=True)\nc, _ = l.accept()\n"
+            "while c.recv(1 << 20): pass\n")
+    server = subprocess.Popen(["ip", "netns", "exec", dst_ns, sys.executable, "-S", "-c", sink],
+                              stdout=subprocess.PIPE)
+    try:
+        assert server.stdout is not None and server.stdout.readline() == b"up\n"
+        code = (f"import socket, time\ns=socket.create_connection(('{dst}', 5299))\nb=b'x'*65536\n"
+                f"end=time.monotonic()+{seconds}\n"
+                "while time.monotonic()<end:\n"
+                "    for _ in range(16): s.sendall(b)\n")
+        yield subprocess.Popen(["ip", "netns", "exec", src_ns, sys.executable, "-S", "-c", code])
+    finally:
+        server.kill()
+        server.wait()
+
+
+@contextlib.contextmanager
 def cgroup_tree(tag: str) -> Iterator[Path]:
     """A private cgroup under the v2 mount; on exit its tasks are killed and it is removed."""
     import signal

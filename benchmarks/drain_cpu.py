@@ -43,6 +43,7 @@ def main() -> list[Result]:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--compartments", type=int, default=100)
     ap.add_argument("--batch-interval", type=float, default=1.0)
+    ap.add_argument("--drain-interval", type=float, default=0.25)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     with cgroup_tree("bench") as root:
@@ -51,7 +52,8 @@ def main() -> list[Result]:
             spawn_in(root / f"c{i:03d}", [sys.executable, "-S", "-c", WORKER])
         time.sleep(1)
         records = 0
-        with Meter(Topology.discover(root), window_ms=1, batch_interval=args.batch_interval) as meter:
+        with Meter(Topology.discover(root), window_ms=1, batch_interval=args.batch_interval,
+                   drain_interval=args.drain_interval) as meter:
             r0 = resource.getrusage(resource.RUSAGE_SELF)
             t0 = time.monotonic()
             for batch in meter.batches(args.seconds):

@@ -3,15 +3,17 @@
 
 The CPU source is open with its packet hooks (sched_switch, NET softirq
 entry/exit, the window tick) and drained every 0.25 s, as in `meter
-record`; meter's programs count a UDP flood on both ends of a veth pair:
+record`; meter's programs count the packets on both ends of a veth pair:
 ingress on the receiving end (inside the NET_RX softirq, dated by the
-span's start: no clock read) and egress on the sending end (in the
-sender's process context: one clock read). An empty tc program is attached
-beside each (neither gives a verdict, so both see every packet); the
-kernel's bpf_stats give run_time_ns / run_cnt for each. Two rounds, each
-program first once.
+span's start: no clock read) and egress on the sending end. Two loads: a
+UDP flood of small packets (egress in the sender's process context: one
+clock read) and a TCP stream (its egress mostly sent from the softirq that
+receives its ACKs, so mostly dated by span starts). An empty tc program is
+attached beside each (neither gives a verdict, so both see every packet);
+the kernel's bpf_stats give run_time_ns / run_cnt for each. Two rounds a
+load, each program first once.
 
-    sudo .venv/bin/python benchmarks/tc_packet.py [--seconds 4]
+    sudo .venv/bin/python benchmarks/tc_packet.py [--seconds 4] [--load udp|tcp|both]
 
 Goal: <= 1.5x the empty program and <= 100 ns per packet, each direction.
 """
@@ -19,9 +21,10 @@ Goal: <= 1.5x the empty program and <= 100 ns per packet, each direction.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
-from _common import Result, bpf_stats, namespace_pair, prog_stats, report, udp_flood
+from _common import Result, bpf_stats, namespace_pair, prog_stats, report, tcp_stream, udp_flood
 
 from meter import program
 from meter.netns import iproute
@@ -29,7 +32,7 @@ from meter.sources.net import NetSource, Port
 from meter.sources.sched import SchedSource
 
 
-def _round(seconds: float, meter_first: bool) -> dict[str, tuple[float, int]]:
+def _round(seconds: float, meter_first: bool, load: str) -> dict[str, tuple[float, int]]:
     with namespace_pair("tp") as (a, b, _):
         floor = program.load("floor")
         src = SchedSource(1_000_000, net=True, max_ports=2)
@@ -49,11 +52,12 @@ def _round(seconds: float, meter_first: bool) -> dict[str, tuple[float, int]]:
                                direct_action=True, prio=prio)
                 finally:
                     ipr.close()
-            flood = udp_flood(a, "10.79.0.2", seconds)
-            while flood.poll() is None:  # drained as meter drains: the cells stay open
-                time.sleep(0.25)
-                src.drain()
-                net.drain(src.closed_window)
+            with (tcp_stream(a, b, "10.79.0.2", seconds) if load == "tcp"
+                  else contextlib.nullcontext(udp_flood(a, "10.79.0.2", seconds))) as sender:
+                while sender.poll() is None:  # drained as meter drains: the cells stay open
+                    time.sleep(0.25)
+                    src.drain()
+                    net.drain(src.closed_window)
             stats = prog_stats(["meter_tc_ingress", "floor_tc", "meter_tc_egress", "floor_tc_egress"])
         finally:
             floor.cleanup()
@@ -65,19 +69,22 @@ def _round(seconds: float, meter_first: bool) -> dict[str, tuple[float, int]]:
 def main() -> list[Result]:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument("--load", choices=["udp", "tcp", "both"], default="both")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    with bpf_stats():
-        r1 = _round(args.seconds / 2, True)
-        r2 = _round(args.seconds / 2, False)
     out = []
-    for what, fn, empty in (("ingress, in the NET_RX softirq", "meter_tc_ingress", "floor_tc"),
-                            ("egress, from the sender's process", "meter_tc_egress", "floor_tc_egress")):
-        m, f = (r1[fn][0] + r2[fn][0]) / 2, (r1[empty][0] + r2[empty][0]) / 2
-        out.append(Result(f"tc program cost per packet ({what})", m, "ns/packet", f, "empty tc program, same packets",
-                          m / f, "<= 1.5x and <= 100 ns", m / f <= 1.5 and m <= 100,
-                          {"packets": r1[fn][1] + r2[fn][1], "meter_first": (r1[fn][0], r1[empty][0]),
-                           "empty_first": (r2[fn][0], r2[empty][0])}))
+    for load in ("udp", "tcp") if args.load == "both" else (args.load,):
+        with bpf_stats():
+            r1 = _round(args.seconds / 2, True, load)
+            r2 = _round(args.seconds / 2, False, load)
+        for what, fn, empty in (("ingress, in the NET_RX softirq", "meter_tc_ingress", "floor_tc"),
+                                ("egress, from the sender", "meter_tc_egress", "floor_tc_egress")):
+            m, f = (r1[fn][0] + r2[fn][0]) / 2, (r1[empty][0] + r2[empty][0]) / 2
+            out.append(Result(f"tc program cost per packet ({load.upper()}, {what})", m, "ns/packet", f,
+                              "empty tc program, same packets", m / f, "<= 1.5x and <= 100 ns",
+                              m / f <= 1.5 and m <= 100,
+                              {"packets": r1[fn][1] + r2[fn][1], "meter_first": (r1[fn][0], r1[empty][0]),
+                               "empty_first": (r2[fn][0], r2[empty][0])}))
     return out
 
 

@@ -659,6 +659,70 @@ def test_wire_packets_do_not_depend_on_offloads(tmp_path, cgroups, cgroup_mount,
         assert abs(new - off_new) <= off_new // 100, (new, off_new)
 
 
+_TCP_BURSTS = """
+import fcntl, socket, struct, sys, termios, time
+s = socket.create_connection((sys.argv[1], 5001))
+size, n = int(sys.argv[2]), int(sys.argv[3])
+for _ in range(n):
+    time.sleep(0.05)
+    t0 = time.monotonic_ns()
+    s.sendall(bytes(size))
+    # Until the receiver has acknowledged every byte: the burst's data is then
+    # all on the wire (TIOCOUTQ: bytes not sent or not acknowledged yet).
+    while struct.unpack("i", fcntl.ioctl(s, termios.TIOCOUTQ, b"\\0" * 4))[0]:
+        time.sleep(0.0002)
+    print(t0, time.monotonic_ns(), flush=True)
+s.shutdown(socket.SHUT_WR)
+assert s.recv(1) == b""
+"""
+
+
+def test_tcp_packets_are_billed_in_the_windows_they_were_sent_in(tmp_path, cgroups, cgroup_mount, net):
+    """A TCP stream's egress packets, sent from the sender's process (dated by
+    the clock) and from the softirq that receives its ACKs (dated by the
+    span's start), are billed in the windows they were sent in: each burst's
+    payload in the burst's windows, nothing in the 50 ms gaps between them at
+    10 ms windows, and the totals are the interface's own
+    (docs/architecture.md, "When a packet is counted")."""
+    a, b = net.ns("a"), net.ns("b")
+    net.veth("eth0", "eth1", a_ns=a, b_ns=b)
+    net.ip(a, "addr", "add", "10.78.0.1/24", "dev", "eth0")
+    net.ip(b, "addr", "add", "10.78.0.2/24", "dev", "eth1")
+    net.ip(a, "neigh", "replace", "10.78.0.2", "lladdr", _mac(b, "eth1"), "dev", "eth0", "nud", "permanent")
+    net.ip(b, "neigh", "replace", "10.78.0.1", "lladdr", _mac(a, "eth0"), "dev", "eth1", "nud", "permanent")
+    topo = _topology(tmp_path, cgroup_mount, {"send": (cgroups.make("send"), [f"{a}:eth0"])})
+    size, bursts, window_ms = 4 << 20, 5, 10
+    with Meter(topo, window_ms=window_ms) as meter:
+        sink = subprocess.Popen(["ip", "netns", "exec", b, sys.executable, "-S", "-c", _TCP_SINK, "10.78.0.2"],
+                                stdout=subprocess.PIPE, text=True)
+        try:
+            assert sink.stdout.readline().strip() == "ready"
+            before = net.counters(a, "eth0")
+            out = net_sh("ip", "netns", "exec", a, sys.executable, "-S", "-c", _TCP_BURSTS, "10.78.0.2",
+                         str(size), str(bursts))
+            assert int(sink.stdout.readline()) == size * bursts
+            after = net.counters(a, "eth0")
+        finally:
+            sink.kill()
+            sink.wait()
+        batch = np.concatenate(list(meter.batches(0.2)))
+    spans = [tuple(int(t) for t in line.split()) for line in out.splitlines()]
+    assert len(spans) == bursts
+    window_ns = window_ms * 1_000_000
+    mine = batch[batch["tenant"] == code("send")]
+    windows = (mine["window_start_ns"] - meter.offset_ns) // window_ns
+    for t0, t1 in spans:
+        inside = (windows >= t0 // window_ns) & (windows <= t1 // window_ns)
+        # The burst's payload, at least, went out while it was sent (headers come on top).
+        assert int(mine["tx_wire_bytes"][inside].sum()) >= size, (t0, t1)
+    for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+        # Between two bursts the sender sends nothing: all it sent was acknowledged.
+        gap = (windows > end // window_ns) & (windows < start // window_ns)
+        assert int(mine["tx_packets"][gap].sum()) == 0, (end, start)
+    assert int(mine["tx_packets"].sum()) == after["tx_packets"] - before["tx_packets"]
+    assert int(mine["tx_bytes"].sum()) == after["tx_bytes"] - before["tx_bytes"]
+
+
 def test_port_specs():
     assert parse_port(0, "veth-acme0").label == "veth-acme0"
     p = parse_port(3, "acme-vm1:eth0")

@@ -586,17 +586,23 @@ def net_sh(*cmd):
     return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
 
 
-def test_wire_packets_do_not_depend_on_offloads(tmp_path, cgroups, cgroup_mount, net):
-    """Acceptance (issue 16, item 3): one TCP transfer with TSO/GSO/GRO on and off
-    gives the same packets on the wire (the sender's own segment count), while
-    the skbs the kernel passed differ by over 10x."""
+def _tcp_pair(net):
+    """ns a (10.78.0.1, eth0) -- ns b (10.78.0.2, eth1), one veth pair with permanent
+    neighbours: no ARP, so only the test's TCP segments cross the link."""
     a, b = net.ns("a"), net.ns("b")
     net.veth("eth0", "eth1", a_ns=a, b_ns=b)
     net.ip(a, "addr", "add", "10.78.0.1/24", "dev", "eth0")
     net.ip(b, "addr", "add", "10.78.0.2/24", "dev", "eth1")
-    # Permanent neighbours: no ARP, so only the transfer's TCP segments cross the link.
     net.ip(a, "neigh", "replace", "10.78.0.2", "lladdr", _mac(b, "eth1"), "dev", "eth0", "nud", "permanent")
     net.ip(b, "neigh", "replace", "10.78.0.1", "lladdr", _mac(a, "eth0"), "dev", "eth1", "nud", "permanent")
+    return a, b
+
+
+def test_wire_packets_do_not_depend_on_offloads(tmp_path, cgroups, cgroup_mount, net):
+    """Acceptance (issue 16, item 3): one TCP transfer with TSO/GSO/GRO on and off
+    gives the same packets on the wire (the sender's own segment count), while
+    the skbs the kernel passed differ by over 10x."""
+    a, b = _tcp_pair(net)
     topo = _topology(tmp_path, cgroup_mount, {"send": (cgroups.make("send"), [f"{a}:eth0"]),
                                               "recv": (cgroups.make("recv"), [f"{b}:eth1"])})
     size = 48 << 20
@@ -684,12 +690,7 @@ def test_tcp_packets_are_billed_in_the_windows_they_were_sent_in(tmp_path, cgrou
     payload in the burst's windows, nothing in the 50 ms gaps between them at
     10 ms windows, and the totals are the interface's own
     (docs/architecture.md, "When a packet is counted")."""
-    a, b = net.ns("a"), net.ns("b")
-    net.veth("eth0", "eth1", a_ns=a, b_ns=b)
-    net.ip(a, "addr", "add", "10.78.0.1/24", "dev", "eth0")
-    net.ip(b, "addr", "add", "10.78.0.2/24", "dev", "eth1")
-    net.ip(a, "neigh", "replace", "10.78.0.2", "lladdr", _mac(b, "eth1"), "dev", "eth0", "nud", "permanent")
-    net.ip(b, "neigh", "replace", "10.78.0.1", "lladdr", _mac(a, "eth0"), "dev", "eth1", "nud", "permanent")
+    a, b = _tcp_pair(net)
     topo = _topology(tmp_path, cgroup_mount, {"send": (cgroups.make("send"), [f"{a}:eth0"])})
     size, bursts, window_ms = 4 << 20, 5, 10
     with Meter(topo, window_ms=window_ms) as meter:

@@ -5,9 +5,12 @@ Alternating rounds in the same run; meter's topology owns the veth end in
 each namespace, so every packet passes its tc programs and softirq
 attribution.
 
-    sudo .venv/bin/python benchmarks/iperf.py [--rounds 3] [--seconds 3]
+    sudo .venv/bin/python benchmarks/iperf.py [--rounds 3] [--seconds 3] [--programs]
 
 Goal: with/without >= 0.95 (bpf_stats off; `benchmarks/run` takes the median of 5 rounds).
+``--programs`` adds one round with meter and bpf_stats on, and reports each
+of meter's programs' ns per run and share of a CPU under this load (the
+stats' own clock reads inflate both a little).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ def main() -> list[Result]:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--programs", action="store_true", help="one more round with bpf_stats on: each program's cost")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if not shutil.which("iperf3"):
@@ -59,13 +63,39 @@ def main() -> list[Result]:
                 on.append(iperf(a, args.seconds))
                 meter.stop()
                 meter.close()
+            if args.programs:
+                programs = _program_costs(meter, a, args.seconds)
         finally:
             server.kill()
             server.wait()
     ratio = statistics.median(on) / statistics.median(off)
     return [Result("iperf3 TCP between namespaces with meter", statistics.median(on) / 1e9, "Gbit/s",
                    statistics.median(off) / 1e9, "without meter, alternating rounds", ratio, ">= 0.95", ratio >= 0.95,
-                   {"on": on, "off": off})]
+                   {"on": on, "off": off, **({"programs": programs} if args.programs else {})})]
+
+
+def _program_costs(meter: Meter, a: str, seconds: float) -> dict[str, dict[str, float]]:
+    """One round with meter and bpf_stats on: each meter program's ns per run and % of a CPU."""
+    with bpf_stats():
+        meter.open()
+        meter.start()
+        try:
+            t0 = time.monotonic()
+            iperf(a, seconds)
+            wall = time.monotonic() - t0
+            shown = json.loads(subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True,
+                                              check=True).stdout)
+        finally:
+            meter.stop()
+            meter.close()
+    out: dict[str, dict[str, float]] = {}
+    for p in shown:
+        if p.get("name", "").startswith("meter_") and p.get("run_cnt"):
+            c = out.setdefault(p["name"], {"ns": 0, "runs": 0})
+            c["ns"] += p["run_time_ns"]
+            c["runs"] += p["run_cnt"]
+    return {n: {"ns_per_run": round(c["ns"] / c["runs"], 1), "runs": c["runs"],
+                "cpu_pct": round(c["ns"] / wall / 1e7, 2)} for n, c in sorted(out.items(), key=lambda kv: -kv[1]["ns"])}
 
 
 if __name__ == "__main__":

@@ -101,6 +101,31 @@ static __always_inline void note_span(struct meter_cpu *st, u32 port)
 	}
 }
 
+/*
+ * When a packet is counted: only its window matters, so no clock read
+ * where a cheaper time dates it as well (docs/architecture.md, "When a
+ * packet is counted"). Inside a NET softirq span, the span's start
+ * (microseconds ago). A packet the host's TCP sends carries its transmit
+ * time (skb->tstamp with a monotonic delivery time, set by
+ * tcp_transmit_skb() just before this hook, or its later departure time
+ * under pacing): taken when it falls in this CPU's current net window and
+ * after the CPU's last charge (st->last_ns: a switch, a tick, a span's
+ * end), so that it is at most the microseconds of TCP's transmit path old,
+ * never older than a preemption or a tick. Anything else reads the clock.
+ */
+static __always_inline u64 packet_time(struct meter_cpu *st, struct __sk_buff *skb, u32 kind)
+{
+	if (st->in_net_softirq)
+		return st->span_start;
+	if (kind == METER_NET_TX && skb->tstamp_type == BPF_SKB_TSTAMP_DELIVERY_MONO) {
+		u64 t = skb->tstamp;
+
+		if (t < st->net_window_end && t >= st->last_ns && t + METER_WINDOW_NS >= st->net_window_end)
+			return t;
+	}
+	return bpf_ktime_get_ns();
+}
+
 static __always_inline int count(struct __sk_buff *skb, u32 kind)
 {
 	/* volatile: keep the placeholder an immediate user space can patch. */
@@ -113,9 +138,7 @@ static __always_inline int count(struct __sk_buff *skb, u32 kind)
 
 	if (!st)
 		return TC_ACT_UNSPEC;
-	/* Inside a NET softirq span the span's start (microseconds ago)
-	 * dates the packet: no clock read. */
-	now = st->in_net_softirq ? st->span_start : bpf_ktime_get_ns();
+	now = packet_time(st, skb, kind);
 	if (now >= st->net_window_end) {
 		/* This CPU's first packet in a new window. */
 		if (st->net_ndirty)

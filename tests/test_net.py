@@ -685,11 +685,11 @@ assert s.recv(1) == b""
 
 def test_tcp_packets_are_billed_in_the_windows_they_were_sent_in(tmp_path, cgroups, cgroup_mount, net):
     """A TCP stream's egress packets, sent from the sender's process (dated by
-    the clock) and from the softirq that receives its ACKs (dated by the
-    span's start), are billed in the windows they were sent in: each burst's
-    payload in the burst's windows, nothing in the 50 ms gaps between them at
-    10 ms windows, and the totals are the interface's own
-    (docs/architecture.md, "When a packet is counted")."""
+    the transmit time TCP stamps on them) and from the softirq that receives
+    its ACKs (dated by the span's start), are billed in the windows they were
+    sent in: each burst's payload in the burst's windows, nothing in the 50 ms
+    gaps between them at 10 ms windows, and the totals are the interface's
+    own (docs/architecture.md, "When a packet is counted")."""
     a, b = _tcp_pair(net)
     topo = _topology(tmp_path, cgroup_mount, {"send": (cgroups.make("send"), [f"{a}:eth0"])})
     size, bursts, window_ms = 4 << 20, 5, 10

@@ -117,12 +117,14 @@ static __always_inline u64 packet_time(struct meter_cpu *st, struct __sk_buff *s
 {
 	if (st->in_net_softirq)
 		return st->span_start;
+#ifdef METER_SKB_TSTAMP_TYPE   /* the kernel has __sk_buff.tstamp_type (5.18+) */
 	if (kind == METER_NET_TX && skb->tstamp_type == BPF_SKB_TSTAMP_DELIVERY_MONO) {
 		u64 t = skb->tstamp;
 
 		if (t < st->net_window_end && t >= st->last_ns && t + METER_WINDOW_NS >= st->net_window_end)
 			return t;
 	}
+#endif
 	return bpf_ktime_get_ns();
 }
 

@@ -121,6 +121,13 @@ def kernel_field_defines(btf_path: str | None = None) -> tuple[dict[str, int], s
         }
     except BTFError:
         pass  # not a KVM guest kernel: steal from the run queue's clocks at switches
+    # Egress packets TCP sent are dated by the time it stamped on them (bpf/net.bpf.c,
+    # packet_time()): the tc programs may read __sk_buff.tstamp_type from Linux 5.18.
+    try:
+        btf.offset("__sk_buff.tstamp_type")
+        out["METER_SKB_TSTAMP_TYPE"] = 1
+    except BTFError:
+        pass  # older kernel: every packet outside a softirq span reads the clock
     return out, None
 _NEVER = 2**63 - 1
 

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import Result, bpf_stats, cgroup_tree, namespace_pair, report
+from _common import Result, bpf_stats, cgroup_tree, namespace_pair, prog_stats, report
 
 from meter.engine import Meter
 from meter.topology import Topology
@@ -83,19 +83,12 @@ def _program_costs(meter: Meter, a: str, seconds: float) -> dict[str, dict[str, 
             t0 = time.monotonic()
             iperf(a, seconds)
             wall = time.monotonic() - t0
-            shown = json.loads(subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True,
-                                              check=True).stdout)
+            costs = prog_stats(prefix="meter_")
         finally:
             meter.stop()
             meter.close()
-    out: dict[str, dict[str, float]] = {}
-    for p in shown:
-        if p.get("name", "").startswith("meter_") and p.get("run_cnt"):
-            c = out.setdefault(p["name"], {"ns": 0, "runs": 0})
-            c["ns"] += p["run_time_ns"]
-            c["runs"] += p["run_cnt"]
-    return {n: {"ns_per_run": round(c["ns"] / c["runs"], 1), "runs": c["runs"],
-                "cpu_pct": round(c["ns"] / wall / 1e7, 2)} for n, c in sorted(out.items(), key=lambda kv: -kv[1]["ns"])}
+    return {n: {"ns_per_run": round(ns / runs, 1), "runs": runs, "cpu_pct": round(ns / wall / 1e7, 2)}
+            for n, (ns, runs) in sorted(costs.items(), key=lambda kv: -kv[1][0]) if runs}
 
 
 if __name__ == "__main__":

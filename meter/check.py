@@ -176,7 +176,7 @@ def _btf() -> Finding:
     if "METER_TASK_SUM_OFF" in fields:
         runs = ("; a switch between two tasks of one cgroup reads no clock"
                 if "METER_TASK_CGROUPS_OFF" in fields else "")
-        return Finding("btf", "BTF", "ok", f"task and run-queue fields ({len(fields)} offsets)",
+        return Finding("btf", "BTF", "ok", f"task and run-queue fields ({sum(k.endswith('_OFF') for k in fields)} offsets)",
                        f"cpu_ns is what the kernel charged (cpu_source=kernel){runs}")
     return Finding("btf", "BTF", "missing", reason or "no kernel BTF",
                    "cpu_ns comes from the clock (cpu_source=clock): above cpu.stat by the scheduler's own time")

@@ -94,7 +94,9 @@ def kernel_field_defines(btf_path: str | None = None) -> tuple[dict[str, int], s
 
     Returns (defines, reason): without ``task_struct.se.sum_exec_runtime``
     the defines are empty and ``reason`` says why (CPU time then comes from
-    the clock alone, flagged in the records' ``cpu_source``).
+    the clock alone, flagged in the records' ``cpu_source``). Besides the
+    ``*_OFF`` offsets, ``METER_SKB_TSTAMP_TYPE`` says the tc programs may
+    read ``__sk_buff.tstamp_type`` (a UAPI field, Linux 5.18+).
     """
     from ..btf import BTFError, kernel_btf
 
@@ -129,6 +131,8 @@ def kernel_field_defines(btf_path: str | None = None) -> tuple[dict[str, int], s
     except BTFError:
         pass  # older kernel: every packet outside a softirq span reads the clock
     return out, None
+
+
 _NEVER = 2**63 - 1
 
 #: Ring windows beyond the longest charge split, by default (the drain's own lag).

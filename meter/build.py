@@ -154,7 +154,7 @@ def build(d: SchedDrain, nd: NetDrain | None, vf: dict[int, tuple[int, int, int,
         warmup = 0
         charged(d.window, d.cgid, d.ns, d.counts, 0)
     else:
-        warmup = int(np.unique(d.window[~keep]).size)
+        warmup = int(records.distinct(d.window[~keep]).size)
         charged(d.window[keep], d.cgid[keep], d.ns[keep], d.counts[keep], 0)
     budget = ctx.late_budget_ns
     if len(d.late_cgid) and ctx.closed_window >= ctx.first_window:
@@ -263,7 +263,7 @@ def _settle(parts: list[_Part], spill: dict[int, int], nrows: int,
     lines = np.concatenate([donors, donors + nrows])  # plane 0 first, then the late plane
     owing = keys[~pos]
     owing_lines = np.concatenate([owing, owing + nrows])
-    need = np.unique(np.concatenate([lines if pos.any() else lines[:0], owing_lines]))
+    need = records.distinct(np.concatenate([lines if pos.any() else lines[:0], owing_lines]))
     have = _row_times(parts, need, lo, hi)[:, ::-1]  # newest window first
     line_of = {int(r): i for i, r in enumerate(need.tolist())}
     if pos.any():
@@ -273,7 +273,7 @@ def _settle(parts: list[_Part], spill: dict[int, int], nrows: int,
         cut = np.cumsum(owed[pos])
         # Pieces between consecutive cuts of either kind: each is one donor
         # cell's time going to one row.
-        at = np.union1d(np.concatenate([[0], end]), cut)
+        at = records.distinct(np.concatenate([[0], end, cut]))
         at = at[at <= min(int(end[-1]), int(cut[-1]))]
         size = np.diff(at)
         j = np.searchsorted(end, at[:-1], side="right")

@@ -22,7 +22,7 @@ import numpy as np
 from .bpfabi import IDLE_CGID, SCHED_CGID, STEAL_CGID, UNATTRIBUTED_CGID
 from .cgroup import CgroupIndex, DirWatch, cgroup_id
 from .errors import CgroupError
-from .records import NAMES
+from .records import NAMES, distinct
 from .sources.base import KernelCompartments
 from .topology import HOST, IDLE, LATE, SCHED, STEAL, UNATTRIBUTED, Compartment, Topology
 
@@ -222,7 +222,7 @@ class Resolver:
         new = out < 0
         if not new.any():
             return out
-        unknown = np.unique(cgids[new]).tolist()
+        unknown = distinct(cgids[new]).tolist()
         if self.topology.discovers:
             fresh = self.topology.refresh()
             if fresh.compartments != self.topology.compartments:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .records import NAMES, factorize, null_sums
+from .records import NAMES, distinct, factorize, null_sums
 
 __all__ = ["TopRow", "TopSnapshot", "snapshot"]
 
@@ -80,11 +80,11 @@ def snapshot(batch: np.ndarray, ncpu: int) -> TopSnapshot:
     """Aggregate the records of an interval into tenant and compartment rows."""
     if len(batch) == 0:
         return TopSnapshot(0.0, ncpu, [], [], {})
-    windows = np.unique(batch["window_start_ns"]).size
+    windows = distinct(batch["window_start_ns"]).size
     seconds = windows * int(batch["window_ms"][0]) / 1000
     prov = {}
     for f in ("cpu_source", "counters_source", "energy_source", "net_source", "vf_source"):
-        vals = [NAMES.text(v) for v in np.unique(batch[f]).tolist() if v]
+        vals = [NAMES.text(v) for v in distinct(batch[f]).tolist() if v]
         if vals:
             prov[f.removesuffix("_source")] = ", ".join(vals)
     return TopSnapshot(seconds, ncpu, _rows(batch, ["tenant"], seconds), _rows(batch, ["tenant", "compartment"], seconds), prov)

@@ -926,3 +926,43 @@ def test_a_compartment_cgroup_made_again_under_its_path_is_followed(tree):
     src.cpu_source.charge(src.cpu_source.now, newer, 33)
     src.cpu_source.advance(1)
     assert int(_rows(meter.drain(), "globex")["cpu_ns"].sum()) == 33
+
+
+def test_a_drain_imports_nothing_after_the_first(tree):
+    """What a drain calls lazily imports nothing: numpy 2's ``np.unique`` imports
+    ``numpy.ma`` at its first call (~50 ms of CPU), which landed in whichever
+    drain first settled a difference or met an unknown cgroup, a spike in the
+    agent's steady cost. Run in a fresh interpreter, where nothing else has
+    imported it: drains that settle owed and owing rows, meet a cgroup of no
+    compartment and drop warm-up windows must leave the modules as they were."""
+    import subprocess
+    import sys
+
+    _topology(tree)
+    script = f"""
+import sys
+from pathlib import Path
+from meter import Topology
+from meter.cgroup import cgroup_id
+from meter.engine import Meter
+from meter.sources.fake import FakeCPU, FakeSources
+tree = Path({str(tree)!r})
+cpu = FakeCPU(first_window=1002)
+meter = Meter(Topology.from_file(tree.parent / "topology.toml", mount=tree), sources=FakeSources(cpu))
+meter.open()
+acme, globex = cgroup_id(tree / "acme/vswitch"), cgroup_id(tree / "globex/vswitch")
+before = set(sys.modules)
+cpu.charge(1000, acme, 100_000)                      # a warm-up window, dropped
+cpu.charge(1002, acme, 500_000)
+cpu.charge(1003, globex, 1_500_000)
+cpu.charge(1003, cgroup_id(tree / "other"), 200_000)  # no compartment's
+cpu.spill(acme, 800_000)
+cpu.spill(globex, -400_000)
+cpu.advance(3)
+batch = meter.drain()
+assert len(batch) and meter.stats.unsettled_ns == 0, meter.stats.notice_line()
+print(sorted(set(sys.modules) - before))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import MeterError
 from ..paths import private_dir, write_whole
-from ..records import COUNTER_COLUMNS, FIELDS, NULL, TEXT_FIELDS, factorize
+from ..records import COUNTER_COLUMNS, FIELDS, NULL, TEXT_FIELDS, distinct, factorize
 
 __all__ = ["record_table", "write_parquet"]
 
@@ -59,7 +59,7 @@ def write_parquet(batch: np.ndarray, root: str | Path) -> list[Path]:
     days = (batch["window_start_ns"] // 86_400_000_000_000).astype(np.int64)
     hosts, index = factorize(batch["host"])  # sorted by name
     for h, host in enumerate(hosts):
-        for day in np.unique(days[index == h]).tolist():
+        for day in distinct(days[index == h]).tolist():
             part = batch[(index == h) & (days == day)]
             date = datetime.date(1970, 1, 1) + datetime.timedelta(days=int(day))
             directory = private_dir(root / f"host={host}" / f"date={date.isoformat()}")

@@ -179,6 +179,7 @@ struct meter_cpu {
 	__u64 nudge_seen;           /* METER_CTL_NUDGE at this CPU's last switch */
 	__u64 run_owed;             /* the run's carry is owed (a tick found it ended) */
 	__u64 ahead_cgid;           /* the cgroup the last tick gave provisional time to */
+	__u64 seen_ns;              /* the last tick inside a NET softirq span (packet_time "charge") */
 };
 
 /* Per-CPU, per-port packet counts for the CPU's current net window: skbs

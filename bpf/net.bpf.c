@@ -111,7 +111,8 @@ static __always_inline void note_span(struct meter_cpu *st, u32 port)
  * under pacing): taken when it falls in this CPU's current net window and
  * after the CPU's last charge (st->last_ns: a switch, a tick, a span's
  * end), so that it is at most the microseconds of TCP's transmit path old,
- * never older than a preemption or a tick. Anything else reads the clock.
+ * never older than a preemption or a tick. Anything else reads the clock,
+ * unless user space opted into dating it by the CPU's last charge (below).
  */
 static __always_inline u64 packet_time(struct meter_cpu *st, struct __sk_buff *skb, u32 kind)
 {
@@ -122,6 +123,23 @@ static __always_inline u64 packet_time(struct meter_cpu *st, struct __sk_buff *s
 		u64 t = skb->tstamp;
 
 		if (t < st->net_window_end && t >= st->last_ns && t + METER_WINDOW_NS >= st->net_window_end)
+			return t;
+	}
+#endif
+#if METER_PACKET_TIME_CHARGE
+	/* Opted into (packet_time "charge"): instead of the clock, the latest
+	 * time this CPU's programs have read: its last charge (a switch or a
+	 * tick), its last NET softirq span's start, or its last tick inside a
+	 * span (which charges nothing). Never late; early by at most the time
+	 * since, under a tick period while the CPU runs: so a packet sent
+	 * between a window's start and the CPU's first switch, tick or span in
+	 * it is billed in the window before. A time older than the CPU's
+	 * current net window counts in that window. */
+	{
+		u64 t = st->last_ns > st->span_start ? st->last_ns : st->span_start;
+
+		t = t > st->seen_ns ? t : st->seen_ns;
+		if (t)
 			return t;
 	}
 #endif

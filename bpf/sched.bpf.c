@@ -850,8 +850,14 @@ static __always_inline struct meter_cpu *charging_state(int switching)
 	 * write this CPU's slots themselves): leave it to them. A switch never
 	 * runs inside a softirq: a span still open then is stale, and ends. */
 	if (*(volatile u32 *)&st->in_net_softirq) {
-		if (!switching)
+		if (!switching) {
+#if METER_PACKET_TIME_CHARGE
+			/* It charges nothing; but packets dated by the CPU's last
+			 * times are dated no earlier than it (net.bpf.c, packet_time()). */
+			st->seen_ns = bpf_ktime_get_ns();
+#endif
 			return 0;
+		}
 		*(volatile u32 *)&st->in_net_softirq = 0;
 	}
 #endif

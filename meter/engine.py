@@ -32,7 +32,16 @@ from .perf import CounterPlan, plan_counters
 from .ports import PORT_ROOM, Ports
 from .records import column_ranges, matrix, window_sums, window_totals
 from .resolver import Resolver
-from .sources.base import CPUSource, CPUSpec, KernelSources, PacketSource, SourceFactory, VFPoller, concat
+from .sources.base import (
+    CPUSource,
+    CPUSpec,
+    KernelSources,
+    PacketSource,
+    SourceFactory,
+    VFPoller,
+    concat,
+    packet_time_problem,
+)
 from .sources.energy import EnergyReader, EnergySettings
 from .sources.net import NetDrain
 from .sources.sched import SchedDrain
@@ -99,10 +108,14 @@ class Meter(DrainLoop):
         energy: EnergySettings | None = None,
         vf_links: Callable[[str], list[Any]] | None = None,
         sources: SourceFactory | None = None,
+        packet_time: str | None = None,
     ) -> None:
         window_ms = window_ms if window_ms is not None else (topology.window_ms or 1)
         if problem := window_ms_problem(window_ms):
             raise ConfigError(f"window_ms {problem}", setting="window_ms")
+        packet_time = packet_time if packet_time is not None else (topology.packet_time or "clock")
+        if problem := packet_time_problem(packet_time):
+            raise ConfigError(f"packet_time {problem}", setting="packet_time")
         if len(topology.compartments) > MAX_COMPARTMENTS:
             raise ConfigError(f"{len(topology.compartments)} compartments: meter resolves at most {MAX_COMPARTMENTS} "
                               "in the kernel; split the host's tenants over fewer compartments")
@@ -121,6 +134,8 @@ class Meter(DrainLoop):
         self.topology = topology
         self.window_ms = window_ms
         self.window_ns = window_ms * 1_000_000
+        #: How a packet sent outside a NET softirq is dated (sources.base.PACKET_TIMES).
+        self.packet_time = packet_time
         self.drain_interval = float(drain_interval)
         self.batch_interval = float(batch_interval)
         self.takes_per_batch = takes
@@ -277,7 +292,8 @@ class Meter(DrainLoop):
         # charged (two drain intervals), and room for a drain that comes late
         # on a busy host: two intervals more, and at least one second.
         ring = span + max(32, 2 * drain_windows, -(-1_000_000_000 // self.window_ns))
-        return CPUSpec(self.window_ns, list(self.plan.events.values()), span, nports, self.ring_rows(nports), ring)
+        return CPUSpec(self.window_ns, list(self.plan.events.values()), span, nports, self.ring_rows(nports), ring,
+                       self.packet_time)
 
     def program_listing(self) -> str:
         """The kernel program this meter would load, with its ``-D`` settings

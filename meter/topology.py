@@ -43,6 +43,7 @@ from . import cgroup as cgroupfs
 from .discovery import RULE_KEYS, Rule
 from .errors import CgroupError, ConfigError
 from .host import load_toml
+from .sources.base import packet_time_problem
 from .sources.ovsdb import address_problem
 
 __all__ = [
@@ -78,7 +79,7 @@ RESERVED = (HOST, IDLE, SCHED, STEAL, UNATTRIBUTED, LATE)
 NAME_MAX = 64
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:@+-]+$")
-_TOP_KEYS = {"window_ms", "tenant", "energy", "discover"}
+_TOP_KEYS = {"window_ms", "packet_time", "tenant", "energy", "discover"}
 log = logging.getLogger("meter")
 
 #: Supported record widths, in ms (README, "Records"): 1 ms to one minute.
@@ -165,6 +166,8 @@ class Topology:
     cgroup_root: Path | None = None
     energy: dict[str, Any] = dataclasses.field(default_factory=dict)
     rules: tuple[Rule, ...] = ()
+    #: How packets sent outside a NET softirq are dated ("clock", "charge"; None: the default, "clock").
+    packet_time: str | None = None
 
     # -- construction -------------------------------------------------------
 
@@ -228,7 +231,7 @@ class Topology:
         cgroup found before keeps its names); listed compartments are fixed."""
         if self.cgroup_root is not None:
             fresh = Topology.discover(self.cgroup_root, mount=self.mount)
-            return dataclasses.replace(fresh, window_ms=self.window_ms, energy=self.energy)
+            return dataclasses.replace(fresh, window_ms=self.window_ms, energy=self.energy, packet_time=self.packet_time)
         if not self.rules:
             return self
         listed = tuple(c for c in self.compartments if not c.discovered)
@@ -378,6 +381,9 @@ class _Parser:
         window_ms = data.get("window_ms")
         if window_ms is not None and (problem := window_ms_problem(window_ms)):
             raise self.fail("window_ms", problem)
+        packet_time = data.get("packet_time")
+        if packet_time is not None and (problem := packet_time_problem(packet_time)):
+            raise self.fail("packet_time", problem, packet_time)
         energy = data.get("energy", {})
         if not isinstance(energy, dict):
             raise self.fail("energy", "must be a table")
@@ -475,7 +481,7 @@ class _Parser:
                                          ovsdb_netns=ovsdb_netns))
         rules = self.rules(data.get("discover", []))
         found = _discover(rules, tuple(comps))
-        return Topology(tuple(comps) + found, self.mount, window_ms, self.path, None, dict(energy), rules)
+        return Topology(tuple(comps) + found, self.mount, window_ms, self.path, None, dict(energy), rules, packet_time)
 
     def rules(self, raw: Any) -> tuple[Rule, ...]:
         if not isinstance(raw, list):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from meter import Topology
+from meter import Meter, Topology
 from meter.errors import CgroupError, ConfigError
 from meter.topology import VirtualFunction
 
@@ -55,6 +55,18 @@ def test_good_file(tmp_path, mount):
     assert vm.cgroup == mount / "tenants/acme/vm1"
 
 
+def test_packet_time_is_read_and_kept_by_a_refresh(tmp_path, mount):
+    """packet_time (docs/architecture.md, "When a packet is counted"): unset is
+    None (the meter's default, "clock"); set, the Meter takes it, unless told
+    otherwise, and a refresh keeps it."""
+    assert Topology.from_file(write(tmp_path, GOOD, mount), mount=mount).packet_time is None
+    topo = Topology.from_file(write(tmp_path, 'packet_time = "charge"\n' + GOOD, mount), mount=mount)
+    assert topo.packet_time == "charge" and topo.refresh().packet_time == "charge"
+    assert Meter(topo).packet_time == "charge" and Meter(topo, packet_time="clock").packet_time == "clock"
+    with pytest.raises(ConfigError, match="packet_time must be one of 'clock', 'charge', not 'exact'"):
+        Meter(topo, packet_time="exact")
+
+
 def test_owner_deepest_compartment_wins(tmp_path, mount):
     text = GOOD + '\n[[tenant.compartment]]\nname = "pmd"\ncgroup = "tenants/acme/vswitch/pmd"\n'
     topo = Topology.from_file(write(tmp_path, text, mount), mount=mount)
@@ -70,6 +82,8 @@ def test_owner_deepest_compartment_wins(tmp_path, mount):
         ("window_ms = 0\n", 1, "window_ms", "between 1 and 60000 ms"),
         ("window_ms = 60001\n", 1, "window_ms", "between 1 and 60000 ms"),
         ('window_ms = "1"\n', 1, "window_ms", "whole number"),
+        ('packet_time = "tick"\n', 1, "packet_time", "one of 'clock', 'charge'"),
+        ("packet_time = 1\n", 1, "packet_time", "one of 'clock', 'charge'"),
         ("colour = 1\n", 1, "colour", "unknown key"),
         ('[[tenant]]\nname = "a"\n[[tenant.compartment]]\nname = "x"\n', None, "tenant[0].compartment[0].cgroup", "missing"),
         ('[[tenant]]\nname = "a"\n[[tenant.compartment]]\nname = "x"\ncgroup = "c"\nifaces = []\n', 6,

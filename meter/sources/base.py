@@ -21,8 +21,8 @@ if TYPE_CHECKING:
     from .net import NetDrain, Port
     from .sched import SchedDrain
 
-__all__ = ["CPUSource", "CPUSpec", "KernelCompartments", "KernelSources", "PacketSource", "SourceFactory", "VFPoller",
-           "concat"]
+__all__ = ["PACKET_TIMES", "CPUSource", "CPUSpec", "KernelCompartments", "KernelSources", "PacketSource", "SourceFactory",
+           "VFPoller", "concat", "packet_time_problem"]
 
 _Drain = TypeVar("_Drain")
 
@@ -137,6 +137,19 @@ class VFPoller(Protocol):
     def close(self) -> None: ...
 
 
+#: How a packet that nothing cheaper dates is dated: a clock read (exact), or
+#: the CPU's last charge (no clock read; up to a tick early). See
+#: docs/architecture.md, "When a packet is counted".
+PACKET_TIMES = ("clock", "charge")
+
+
+def packet_time_problem(value: object) -> str | None:
+    """Why ``value`` is not a packet_time setting, or None."""
+    if value not in PACKET_TIMES:
+        return f"must be one of {', '.join(repr(t) for t in PACKET_TIMES)}, not {value!r}"
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class CPUSpec:
     """What the engine asks of a CPU source."""
@@ -150,6 +163,8 @@ class CPUSpec:
     #: Cgroups the CPU ring holds, and its windows (SchedSource's max_rows, ring_windows).
     max_rows: int = 256
     ring_windows: int | None = None
+    #: How packets outside softirq spans are dated (PACKET_TIMES).
+    packet_time: str = "clock"
 
 
 class SourceFactory(Protocol):
@@ -179,7 +194,7 @@ class KernelSources:
 
         return SchedSource(
             spec.window_ns, spec.events, max_rows=spec.max_rows, max_span=spec.max_span, ring_windows=spec.ring_windows,
-            net=bool(spec.nports), max_ports=spec.nports,
+            net=bool(spec.nports), max_ports=spec.nports, packet_time=spec.packet_time,
         )
 
     def packets(self, cpu: CPUSource, ports: list[Port]) -> PacketSource:

@@ -55,9 +55,9 @@ from ..bpfabi import (
     USAGE_DTYPE,
     check_table,
 )
-from ..errors import BPFError, PerfEventError
+from ..errors import BPFError, ConfigError, PerfEventError
 from ..perf import PerfEvent
-from .base import KernelCompartments
+from .base import KernelCompartments, packet_time_problem
 
 __all__ = ["SchedDrain", "SchedSource"]
 
@@ -229,8 +229,11 @@ class SchedSource:
         ring_windows: int | None = None,
         net: bool = False,
         max_ports: int = 0,
+        packet_time: str = "clock",
     ) -> None:
         counters = list(counters or [])
+        if problem := packet_time_problem(packet_time):
+            raise ConfigError(f"packet_time {problem}", setting="packet_time")
         if len(counters) > MAX_COUNTERS:
             raise PerfEventError(f"at most {MAX_COUNTERS} counters can be read per schedule, not {len(counters)}")
         self.window_ns = int(window_ns)
@@ -248,6 +251,10 @@ class SchedSource:
         #: to ports' pseudo-cgroups.
         self.net = bool(net)
         self.max_ports = max_ports
+        #: How a packet no cheaper time dates is dated: "clock" (a clock read)
+        #: or "charge" (the CPU's last charge; docs/architecture.md, "When a
+        #: packet is counted").
+        self.packet_time = packet_time
         self.bpf: Any = None
         #: True when cpu time is the kernel's own charge (se.sum_exec_runtime
         #: from BTF offsets); False: the clock between switches (fallback).
@@ -303,6 +310,8 @@ class SchedSource:
         names = [self.program_name]
         if self.net:
             defines |= {"METER_NET": 1, "METER_MAX_PORTS": max(1, self.max_ports)}
+            if self.packet_time == "charge":
+                defines["METER_PACKET_TIME_CHARGE"] = 1
             names.append("net")
         return names, defines
 

@@ -131,10 +131,11 @@ static __always_inline u64 packet_time(struct meter_cpu *st, struct __sk_buff *s
 	 * time this CPU's programs have read: its last charge (a switch or a
 	 * tick), its last NET softirq span's start, or its last tick inside a
 	 * span (which charges nothing). Never late; early by at most the time
-	 * since, under a tick period while the CPU runs: so a packet sent
+	 * since, about a tick period while the CPU runs: so a packet sent
 	 * between a window's start and the CPU's first switch, tick or span in
-	 * it is billed in the window before. A time older than the CPU's
-	 * current net window counts in that window. */
+	 * it is billed in the window before (two before if a tick due just
+	 * before a window's end came late past it). A time older than the
+	 * CPU's current net window counts in that window. */
 	{
 		u64 t = st->last_ns > st->span_start ? st->last_ns : st->span_start;
 

@@ -748,7 +748,9 @@ def test_udp_packets_sent_by_a_process_are_billed_in_their_windows(tmp_path, cgr
     outside any softirq. With packet_time "clock" (the default) it is dated
     by a clock read: billed in the window it was sent in. With "charge" it is
     dated by the CPU's last charge (a switch or the window tick, no clock
-    read): never late, at most one window early. The sender notes the window
+    read): never late, one window early at most here (two only when a tick
+    comes late past a window's end with no softirq since: here every sendto()
+    runs the peer's NET_RX softirq on its CPU). The sender notes the window
     before and after each sendto() (the packet passed the hook between the
     two), so for every window w: the packets billed up to w are at least
     those surely sent by then and, with "clock", at most those possibly sent

@@ -27,7 +27,13 @@ __all__ = ["bpf_source_dir", "delete_batch", "libbcc", "load", "lookup_batch", "
 
 
 def bpf_source_dir() -> Path:
-    """Directory of the installed BPF C sources (``meter.bpf``)."""
+    """Directory of the BPF C sources: the ``bpf/`` beside this package when
+    meter is imported from a source tree, so that a second checkout (a git
+    worktree, say) compiles its own programs and not the installed tree's;
+    else the installed ``meter.bpf``."""
+    tree = Path(__file__).resolve().parent.parent / "bpf"
+    if (tree / "sched.bpf.c").is_file():
+        return tree
     return Path(str(resources.files("meter.bpf")))
 
 

@@ -20,6 +20,23 @@ def test_sources_are_package_resources():
     assert text.startswith("// SPDX-License-Identifier:")
 
 
+def test_a_second_checkout_compiles_its_own_programs(tmp_path):
+    """meter imported from another source tree (a git worktree, for an A/B
+    benchmark) takes that tree's bpf/, not the installed one's: else the
+    other tree's Python would load this tree's kernel programs."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(program.__file__).resolve().parent.parent
+    for part in ("meter", "bpf"):
+        shutil.copytree(root / part, tmp_path / part, ignore=shutil.ignore_patterns("__pycache__"))
+    out = subprocess.run([sys.executable, "-c", "import meter.program as p; print(p.__file__); print(p.bpf_source_dir())"],
+                         cwd=tmp_path, capture_output=True, text=True, check=True).stdout.split()
+    assert out == [str(tmp_path / "meter" / "program.py"), str(tmp_path / "bpf")]
+
+
 def test_unseen_slices_are_recovered_only_where_task_storage_exists():
     """Task storage and bpf_get_current_task_btf came in Linux 5.11; on older
     kernels the program is compiled without recover_unseen()."""

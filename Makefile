@@ -45,10 +45,12 @@ deb:
 	fi
 
 # --system-site-packages: the venv sees Debian's bcc beside pip's packages.
-$(VENV)/.installed: setup.cfg pyproject.toml
+# constraints.txt: the versions the suite last passed with, so that a new release
+# elsewhere cannot turn a fresh clone's CI red.
+$(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	[ -x $(PY) ] || /usr/bin/python3 -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,parquet,fleet,report]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,parquet,fleet,report]'
 	$(PY) -c 'import bcc, meter' && touch $@
 
 run: setup

@@ -112,7 +112,7 @@ static __always_inline void note_span(struct meter_cpu *st, u32 port)
  * after the CPU's last charge (st->last_ns: a switch, a tick, a span's
  * end), so that it is at most the microseconds of TCP's transmit path old,
  * never older than a preemption or a tick. Anything else reads the clock,
- * unless user space opted into dating it by the CPU's last charge (below).
+ * unless user space opted into the latest time the CPU's programs read (below).
  */
 static __always_inline u64 packet_time(struct meter_cpu *st, struct __sk_buff *skb, u32 kind)
 {

@@ -423,6 +423,11 @@ class Meter(DrainLoop):
             if {(c.tenant, c.name, v) for c in old.compartments for v in c.vfs} != {
                     (c.tenant, c.name, v) for c in topology.compartments for v in c.vfs}:
                 log.warning("meter: VF changes in the new topology take effect at the next restart")
+            want = topology.packet_time or "clock"
+            if topology.packet_time != old.packet_time and want != self.packet_time:
+                # Compiled into the kernel program: it stays what the meter opened with.
+                log.warning("meter: packet_time %s in the new topology takes effect at the next restart "
+                            "(still %s)", want, self.packet_time)
 
     # -- producing batches ---------------------------------------------------------
 

@@ -7,6 +7,7 @@ everything here runs as any user in well under a second per test.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import urllib.request
 from pathlib import Path
@@ -321,6 +322,21 @@ def test_reload_keeps_rows_and_totals_adds_new_ones(tree):
     assert int(_rows(batch, "globex")["cpu_ns"].sum()) == 3
     totals = {(t["tenant"]): t["cpu_ns"] for t in meter.totals()}
     assert totals["acme"] == 120 and totals["globex"] == 3
+
+
+def test_a_reload_cannot_change_packet_time_and_says_so(tree, caplog):
+    """packet_time is compiled into the kernel program: a reloaded file that
+    changes it gets one warning, and the meter keeps what it opened with."""
+    charge = dataclasses.replace(_topology(tree), packet_time="charge")
+    meter, _ = _open(charge)
+    assert meter.cpu_source.spec.packet_time == "charge"
+    meter.set_topology(charge)
+    assert not [r for r in caplog.records if "packet_time" in r.message]
+    meter.set_topology(_topology(tree))  # the key removed: the default, clock
+    warned = [r.message for r in caplog.records if "packet_time" in r.message]
+    assert warned == ["meter: packet_time clock in the new topology takes effect at the next restart (still charge)"]
+    assert meter.packet_time == "charge"
+    meter.close()
 
 
 def test_a_removed_compartments_tasks_count_as_host_after_a_reload(tree):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import shutil
 import signal
@@ -64,21 +65,21 @@ def bpf_stats(on: bool = True) -> Iterator[None]:
         path.write_text(old)
 
 
-def prog_stats(names: list[str] | None = None, *, prefix: str = "") -> dict[str, tuple[int, int]]:
-    """(run_time_ns, run_cnt) of the newest loaded program with each name in ``names``;
-    or, with ``prefix``, summed over every loaded program whose name starts with it
-    (meter loads one copy of a tc program per port)."""
+def prog_stats(names: list[str]) -> dict[str, tuple[int, int]]:
+    """(run_time_ns, run_cnt) of the newest loaded program with each name, (0, 0) for
+    one not loaded. (A Meter's own programs: ``Meter.program_stats()``.)"""
     out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True).stdout
     found: dict[str, tuple[int, int, int]] = {}
     for p in json.loads(out):
-        name = p.get("name", "")
-        ns, cnt = p.get("run_time_ns", 0), p.get("run_cnt", 0)
-        if prefix and name.startswith(prefix):
-            had = found.get(name, (0, 0, 0))
-            found[name] = (0, had[1] + ns, had[2] + cnt)
-        elif names and name in names and (name not in found or p["id"] > found[name][0]):
-            found[name] = (p["id"], ns, cnt)
-    return {n: (v[1], v[2]) for n, v in found.items()}
+        name = p.get("name")
+        if name in names and (name not in found or p["id"] > found[name][0]):
+            found[name] = (p["id"], p.get("run_time_ns", 0), p.get("run_cnt", 0))
+    return {n: (found[n][1], found[n][2]) if n in found else (0, 0) for n in names}
+
+
+def per_run(ns: int, runs: int) -> float:
+    """ns per run; NaN (no figure, so never a met goal) for a program that never ran."""
+    return ns / runs if runs else math.nan
 
 
 def switch_load(seconds: float, pin: str | None = None) -> str:

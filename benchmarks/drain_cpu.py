@@ -57,8 +57,8 @@ def main() -> list[Result]:
         with Meter(Topology.discover(root), window_ms=1, batch_interval=args.batch_interval,
                    drain_interval=args.drain_interval) as meter:
             # Steady state: from the end of the first batch, whose build pays
-            # one-time costs (numpy imports numpy.ma lazily at the first
-            # np.unique: ~40 ms of CPU here, 0.4 % of a 10 s run), reported apart.
+            # one-time costs (first calls, first touches of the rings: 11-20 ms
+            # of CPU in session 38's runs), reported apart.
             start = resource.getrusage(resource.RUSAGE_SELF)
             r0, t0 = start, time.monotonic()
             for batch in meter.batches(args.seconds + 1.0):

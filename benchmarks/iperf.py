@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import Result, bpf_stats, cgroup_tree, namespace_pair, prog_stats, report
+from _common import Result, bpf_stats, cgroup_tree, namespace_pair, report
 
 from meter.engine import Meter
 from meter.topology import Topology
@@ -83,12 +83,12 @@ def _program_costs(meter: Meter, a: str, seconds: float) -> dict[str, dict[str, 
             t0 = time.monotonic()
             iperf(a, seconds)
             wall = time.monotonic() - t0
-            costs = prog_stats(prefix="meter_")
+            costs = meter.program_stats()  # its own programs, each tc copy summed
         finally:
             meter.stop()
             meter.close()
     return {n: {"ns_per_run": round(ns / runs, 1), "runs": runs, "cpu_pct": round(ns / wall / 1e7, 2)}
-            for n, (ns, runs) in sorted(costs.items(), key=lambda kv: -kv[1][0]) if runs}
+            for n, (ns, runs) in sorted(costs.items(), key=lambda kv: -kv[1][0])}
 
 
 if __name__ == "__main__":

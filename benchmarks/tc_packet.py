@@ -25,10 +25,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import time
 
-from _common import Result, bpf_stats, namespace_pair, prog_stats, report, tcp_stream, udp_flood
+from _common import Result, bpf_stats, namespace_pair, per_run, prog_stats, report, tcp_stream, udp_flood
 
 from meter import program
 from meter.netns import iproute
@@ -67,10 +66,7 @@ def _round(seconds: float, meter_first: bool, load: str, packet_time: str) -> di
             floor.cleanup()
             net.close()
             src.close()
-    # A program that never ran has no cost per packet (NaN: the figure is then not met), not 0.
-    return {name: (ns / cnt if cnt else math.nan, cnt)
-            for name, (ns, cnt) in ((n, stats.get(n, (0, 0))) for n in
-                                    ("meter_tc_ingress", "floor_tc", "meter_tc_egress", "floor_tc_egress"))}
+    return {name: (per_run(ns, cnt), cnt) for name, (ns, cnt) in stats.items()}
 
 
 def main() -> list[Result]:

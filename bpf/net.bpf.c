@@ -109,8 +109,8 @@ static __always_inline void note_span(struct meter_cpu *st, u32 port)
  * time (skb->tstamp with a monotonic delivery time, set by
  * tcp_transmit_skb() just before this hook, or its later departure time
  * under pacing): taken when it falls in this CPU's current net window and
- * after the CPU's last charge (st->last_ns: a switch, a tick, a span's
- * end), so that it is at most the microseconds of TCP's transmit path old,
+ * after the CPU's last charge (st->last_ns: a switch or a tick), so that
+ * it is at most the microseconds of TCP's transmit path old,
  * never older than a preemption or a tick. Anything else reads the clock,
  * unless user space opted into the latest time the CPU's programs read (below).
  */

@@ -25,6 +25,7 @@ import numpy as np
 from . import build
 from .books import ENERGY_DOMAINS, Books, EnergyBooks
 from .bpfabi import MAX_COMPARTMENTS
+from .bpfsys import Bpf
 from .errors import ConfigError, MeterError
 from .host import realtime_offset_ns
 from .loop import DrainLoop
@@ -358,6 +359,28 @@ class Meter(DrainLoop):
             for name, fds in (src.program_fds() if src is not None else {}).items():
                 out.setdefault(name, []).extend(fds)
         return out
+
+    def program_stats(self) -> dict[str, tuple[int, int]]:
+        """(run_time_ns, run_cnt) per program name, of this meter's programs only
+        (the kernel's bpf_stats, while ``kernel.bpf_stats_enabled`` is 1).
+
+        Read from the meter's own program fds (BPF_OBJ_GET_INFO_BY_FD), so
+        another meter's programs, or any program named ``meter_*``, never
+        count, and names are meter's own, not the kernel's 15-character cut;
+        a tc program's copies (one per port) are summed. A program that never
+        ran with stats on is absent; {} when closed.
+        """
+        bpf = Bpf()
+        stats: dict[str, tuple[int, int]] = {}
+        for name, fds in self.program_fds().items():
+            for fd in fds:
+                try:
+                    info = bpf.prog_info(fd)
+                except OSError:
+                    continue  # closed by a stopping meter meanwhile
+                ns, cnt = stats.get(name, (0, 0))
+                stats[name] = (ns + info.run_time_ns, cnt + info.run_cnt)
+        return {name: v for name, v in stats.items() if v[1]}
 
     @property
     def row_names(self) -> list[tuple[str, str]]:

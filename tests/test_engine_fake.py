@@ -944,7 +944,7 @@ def test_a_compartment_cgroup_made_again_under_its_path_is_followed(tree):
     assert int(_rows(meter.drain(), "globex")["cpu_ns"].sum()) == 33
 
 
-def test_a_drain_imports_nothing_after_the_first(tree):
+def test_drains_import_no_module(tree):
     """What a drain calls lazily imports nothing: numpy 2's ``np.unique`` imports
     ``numpy.ma`` at its first call (~50 ms of CPU), which landed in whichever
     drain first settled a difference or met an unknown cgroup, a spike in the

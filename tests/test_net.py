@@ -589,7 +589,7 @@ def net_sh(*cmd):
 
 def _tcp_pair(net):
     """ns a (10.78.0.1, eth0) -- ns b (10.78.0.2, eth1), one veth pair with permanent
-    neighbours: no ARP, so only the test's TCP segments cross the link."""
+    neighbours: no ARP, so only the test's own packets cross the link."""
     a, b = net.ns("a"), net.ns("b")
     net.veth("eth0", "eth1", a_ns=a, b_ns=b)
     net.ip(a, "addr", "add", "10.78.0.1/24", "dev", "eth0")
@@ -725,7 +725,6 @@ def test_tcp_packets_are_billed_in_the_windows_they_were_sent_in(tmp_path, cgrou
     assert int(mine["tx_bytes"].sum()) == after["tx_bytes"] - before["tx_bytes"]
 
 
-
 _UDP_BURSTS = """
 import json, socket, sys, time
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # not connected: the port unreachables go unreported
@@ -747,18 +746,19 @@ def test_udp_packets_sent_by_a_process_are_billed_in_their_windows(tmp_path, cgr
     """UDP sent from a process passes its port's egress inside sendto(),
     outside any softirq. With packet_time "clock" (the default) it is dated
     by a clock read: billed in the window it was sent in. With "charge" it is
-    dated by the CPU's last charge (a switch or the window tick, no clock
-    read): never late, one window early at most here (two only when a tick
-    comes late past a window's end with no softirq since: here every sendto()
-    runs the peer's NET_RX softirq on its CPU). The sender notes the window
-    before and after each sendto() (the packet passed the hook between the
-    two), so for every window w: the packets billed up to w are at least
-    those surely sent by then and, with "clock", at most those possibly sent
-    by then; with "charge", at most those possibly sent by the window after.
-    Bursts of ~15 ms at 10 ms windows cross boundaries mid-burst, where
-    charge dating moves packets (to the window before the CPU's first tick
-    in a window). The totals are the interface's own (docs/architecture.md,
-    "When a packet is counted")."""
+    dated by the latest time the CPU's programs read (its last switch or tick,
+    its last softirq span's start; no clock read): never late, one window
+    early at most here (two only when a tick comes late past a window's end
+    with no softirq since: here every sendto() runs the peer's NET_RX softirq
+    on its CPU). The sender notes the window before and after each sendto()
+    (the packet passed the hook between the two), so for every window w: the
+    packets billed up to w are at least those surely sent by then and, with
+    "clock", at most those possibly sent by then; with "charge", at most
+    those possibly sent by the window after. Bursts of 4,000 sendto()s
+    (14-15 ms on a quiet host here) at 10 ms windows cross window ends
+    mid-burst, where charge dating can move packets to the window before.
+    The totals are the interface's own (docs/architecture.md, "When a packet
+    is counted")."""
     a, b = _tcp_pair(net)
     topo = _topology(tmp_path, cgroup_mount, {"send": (cgroups.make("send"), [f"{a}:eth0"])})
     bursts, per_burst, window_ms = 5, 4000, 10
@@ -780,6 +780,7 @@ def test_udp_packets_sent_by_a_process_are_billed_in_their_windows(tmp_path, cgr
         up_to = int(billed[billed[:, 0] <= w, 1].sum())
         surely, possibly = int((stamps[:, 1] <= w).sum()), int((stamps[:, 0] <= w + early).sum())
         assert surely <= up_to <= possibly, (w, surely, up_to, possibly, packet_time)
+
 
 def test_port_specs():
     assert parse_port(0, "veth-acme0").label == "veth-acme0"

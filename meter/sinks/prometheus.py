@@ -60,7 +60,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from .. import __version__
-from ..bpfsys import Bpf
 from ..errors import ConfigError, SinkError
 
 log = logging.getLogger(__name__)
@@ -224,7 +223,6 @@ class Exporter:
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._own_meter = False
-        self._bpf = Bpf()
         self._bpf_stats: tuple[float, dict[str, tuple[int, int]]] = (-BPF_STATS_TTL, {})
         self._bpf_lock = threading.Lock()
 
@@ -311,28 +309,13 @@ class Exporter:
         return dict(self._server.outcomes) if self._server is not None else {}
 
     def bpf_program_stats(self) -> dict[str, tuple[int, int]]:
-        """(run_time_ns, run_cnt) per program name, of this meter's programs only.
-
-        Read from the meter's own program fds (BPF_OBJ_GET_INFO_BY_FD), so
-        another meter's programs, or any program named ``meter_*``, never
-        count, and names are meter's own, not the kernel's 15-character cut.
-        Reused for :data:`BPF_STATS_TTL` seconds. A program that never ran
-        with stats on is absent.
-        """
+        """The meter's :meth:`~meter.engine.Meter.program_stats` (its own programs
+        only), reused for :data:`BPF_STATS_TTL` seconds."""
         with self._bpf_lock:
             taken, stats = self._bpf_stats
             if time.monotonic() - taken < BPF_STATS_TTL:
                 return stats
-            stats = {}
-            for name, fds in self.meter.program_fds().items():
-                for fd in fds:
-                    try:
-                        info = self._bpf.prog_info(fd)
-                    except OSError:
-                        continue  # closed by a stopping meter meanwhile
-                    ns, cnt = stats.get(name, (0, 0))
-                    stats[name] = (ns + info.run_time_ns, cnt + info.run_cnt)
-            stats = {name: v for name, v in stats.items() if v[1]}
+            stats = self.meter.program_stats()
             self._bpf_stats = (time.monotonic(), stats)
             return stats
 

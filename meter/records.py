@@ -68,10 +68,12 @@ __all__ = [
     "estimate_counts",
     "estimate_sql",
     "column_ranges",
+    "distinct",
     "factorize",
     "from_matrix",
     "group_sums",
     "matrix",
+    "nonzero_cells",
     "null_sums",
     "text",
     "to_dicts",
@@ -304,6 +306,15 @@ def unique_ints(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     rank = np.zeros(span, np.int64)
     rank[present] = np.arange(len(present))
     return (present + lo).astype(keys.dtype), rank[at]
+
+
+def nonzero_cells(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row, column) of every nonzero entry of a 2-D array, in row-major order:
+    ``np.nonzero(m)``, a third of the time for a strided view such as a
+    ring's closed windows (one flat scan of a contiguous mask, then a divmod)."""
+    flat = np.flatnonzero(np.not_equal(m, 0))
+    r, j = np.divmod(flat, max(m.shape[1], 1))
+    return r, j
 
 
 def distinct(keys: np.ndarray) -> np.ndarray:

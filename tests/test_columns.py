@@ -24,6 +24,7 @@ from meter.records import (
     from_matrix,
     group_sums,
     matrix,
+    nonzero_cells,
     text,
     to_dicts,
     unique_ints,
@@ -66,6 +67,21 @@ def test_unique_ints_is_np_unique(keys):
     uniq, index = unique_ints(key)
     ref_uniq, ref_index = np.unique(key, return_inverse=True)
     assert np.array_equal(uniq, ref_uniq) and np.array_equal(index, ref_index.reshape(-1))
+
+
+@settings(max_examples=100, deadline=None)
+@given(rows=st.integers(0, 40), width=st.integers(0, 30), ring=st.integers(30, 64), start=st.integers(0, 63),
+       density=st.sampled_from([0.0, 0.05, 0.5, 1.0]), seed=st.integers(0, 2**32 - 1))
+def test_nonzero_cells_is_np_nonzero_on_a_rings_strided_view(rows, width, ring, start, density, seed):
+    # A ring's closed windows: rows of `ring` cells, `width` of them from `start`, a strided view.
+    cells = np.zeros((rows, ring), np.uint64)
+    filled = np.random.default_rng(seed).random(cells.shape) < density
+    cells[filled] = np.arange(1, int(filled.sum()) + 1, dtype=np.uint64)
+    view = cells[:, start % ring:][:, :width]
+    r, j = nonzero_cells(view)
+    ref_r, ref_j = np.nonzero(view)
+    assert np.array_equal(r, ref_r) and np.array_equal(j, ref_j)
+    assert np.array_equal(view[r, j], view[ref_r, ref_j])
 
 
 @settings(max_examples=100, deadline=None)

@@ -106,7 +106,8 @@ def test_tenant_vswitches_metered_and_billed(tmp_path, meter_bin):
             for key in ("rx_packets", "tx_packets", "rx_bytes", "tx_bytes"):
                 counted = after_net[c.tenant][key] - before_net[c.tenant][key]
                 assert int(mine[key].sum()) == counted, (c.tenant, key, int(mine[key].sum()), counted,
-                                                          int(batch[batch["tenant"] == code(c.tenant)][key].sum()))
+                                                          int(batch[batch["tenant"] == code(c.tenant)][key].sum()),
+                                                          meter.stats.as_dict(), meter.packet_source.events)
         # Per window, every CPU-ns is accounted once: cpu + softirq - given = CPUs x W.
         _, total = window_totals(batch)
         assert np.all(total == meter.ncpu * 1_000_000)

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import program
+from .. import program, records
 from ..bpfabi import CTL_NET_TAKEN, NET_CELL_DTYPE, PORT_PLACEHOLDER, check_table
 from ..bpfsys import Bpf, held_prog_ids
 from ..errors import BPFError
@@ -577,7 +577,7 @@ class NetSource:
         if closable > self._taken:
             self._taken = closable
             self._ctl[self._ctl.Key(CTL_NET_TAKEN)] = self._ctl.Leaf(closable)
-        r, j = np.nonzero(cells["packets"])
+        r, j = records.nonzero_cells(cells["packets"])
         late = self._late.copy()
         d = {f: late[f].astype(np.int64) - self._late_seen[f].astype(np.int64) for f in NET_CELL_DTYPE.names or ()}
         self._late_seen[:] = late

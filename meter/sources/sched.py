@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import program
+from .. import program, records
 from ..bpfabi import (
     COUNTS_DTYPE,
     CTL_FIRST,
@@ -688,11 +688,11 @@ class SchedSource:
 
         cells = cells_of(self._ring)
         if self._ring_counts is None:
-            r, j = np.nonzero(cells)
+            r, j = records.nonzero_cells(cells)
             counts = np.zeros((len(r), ncount), np.int64)
         else:
             all_counts = cells_of(self._ring_counts)["count"][:, :, :ncount]
-            r, j = np.nonzero((cells != 0) | np.any(all_counts != 0, axis=2))
+            r, j = records.nonzero_cells((cells != 0) | np.any(all_counts != 0, axis=2))
             counts = all_counts[r, j].astype(np.int64)
         ns = cells[r, j].astype(np.int64)
         # Zeroed before the kernel is told: then the cells are open for windows one ring later.

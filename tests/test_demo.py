@@ -48,16 +48,30 @@ def _interfaces(state: Path) -> dict[str, list[str]]:
 
 
 def _port_counters(topo: Topology, state: Path) -> dict[str, dict[str, int]]:
+    """Each tenant's ports' counters summed, and each port's own (key "port:" + spec)."""
     ports = _interfaces(state)
     out = {}
     for c in topo.compartments:
         total = {"rx_packets": 0, "tx_packets": 0, "rx_bytes": 0, "tx_bytes": 0}
         for spec in ports[c.tenant]:
             ns, _, dev = spec.rpartition(":")
-            for key, n in iface_counters(ns, dev).items():
+            own = iface_counters(ns, dev)
+            out["port:" + spec] = own
+            for key, n in own.items():
                 total[key] += n
         out[c.tenant] = total
     return out
+
+
+def _port_story(totals: list[dict], before: dict, after: dict) -> dict[str, tuple[int, int, int, int]]:
+    """Per port, for a failure's message: the kernel's rx and tx packets over the
+    test, and meter's (``Meter.totals()``) since it opened (quiet before the test's interval)."""
+    mine = {label: counts for row in totals for label, counts in row["ports"].items()}
+    return {label: (after["port:" + label]["rx_packets"] - before["port:" + label]["rx_packets"],
+                    mine.get(label, {}).get("rx_packets", -1),
+                    after["port:" + label]["tx_packets"] - before["port:" + label]["tx_packets"],
+                    mine.get(label, {}).get("tx_packets", -1))
+            for label in sorted(k[5:] for k in after if k.startswith("port:"))}
 
 
 def test_tenant_vswitches_metered_and_billed(tmp_path, meter_bin):
@@ -90,6 +104,7 @@ def test_tenant_vswitches_metered_and_billed(tmp_path, meter_bin):
             after_net = _port_counters(topo, state)
             after_cpu = {c.tenant: cpu_usage_usec(c.cgroup) for c in topo.compartments}
             batches += list(meter.batches(0.2))
+            totals, events = meter.totals(), list(meter.packet_source.events)
             _freeze(topo, False)
         batch = np.concatenate(batches)
         for c in topo.compartments:
@@ -105,9 +120,11 @@ def test_tenant_vswitches_metered_and_billed(tmp_path, meter_bin):
             assert 0 < sirq < 0.5 * kernel_ns, c.tenant
             for key in ("rx_packets", "tx_packets", "rx_bytes", "tx_bytes"):
                 counted = after_net[c.tenant][key] - before_net[c.tenant][key]
-                assert int(mine[key].sum()) == counted, (c.tenant, key, int(mine[key].sum()), counted,
-                                                          int(batch[batch["tenant"] == code(c.tenant)][key].sum()),
-                                                          meter.stats.as_dict(), meter.packet_source.events)
+                assert int(mine[key].sum()) == counted, (
+                    f"{c.tenant} {key}: meter {int(mine[key].sum())} (all windows "
+                    f"{int(batch[batch['tenant'] == code(c.tenant)][key].sum())}), kernel {counted}; per port "
+                    f"(kernel rx, meter rx, kernel tx, meter tx): {_port_story(totals, before_net, after_net)}; "
+                    f"stats: {meter.stats.as_dict()}; packet source events: {events}")
         # Per window, every CPU-ns is accounted once: cpu + softirq - given = CPUs x W.
         _, total = window_totals(batch)
         assert np.all(total == meter.ncpu * 1_000_000)

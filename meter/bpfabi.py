@@ -29,11 +29,11 @@ import numpy as np
 from .errors import BPFError
 
 __all__ = [
-    "COUNTS_DTYPE", "CTL_FIRST", "CTL_GEN", "CTL_NET_TAKEN", "CTL_NEXT_ROW", "CTL_NUDGE", "CTL_OTHER",
-    "CTL_LEVELS", "CTL_TAKEN", "CTL_WATERMARK", "GIVEN_BIT", "IDLE_CGID", "KIND_RX",
+    "COUNTS_DTYPE", "CPU_STATE_FIELDS", "CTL_FIRST", "CTL_GEN", "CTL_NET_TAKEN", "CTL_NEXT_ROW", "CTL_NUDGE",
+    "CTL_OTHER", "CTL_LEVELS", "CTL_TAKEN", "CTL_WATERMARK", "GIVEN_BIT", "IDLE_CGID", "KIND_RX",
     "KIND_SOFTIRQ", "KIND_TX", "MAX_COMPARTMENTS", "MAX_COUNTERS", "MAX_CPUS", "MAX_LEVEL", "ROOT_BIT", "NET_CELL_DTYPE",
     "PORT_CGID_BIT", "PORT_PLACEHOLDER", "SCHED_CGID", "STATS", "STEAL_CGID", "UNATTRIBUTED_CGID", "UNATTRIBUTED_ROW",
-    "USAGE_DTYPE", "check_table",
+    "USAGE_DTYPE", "check_table", "cpu_state_dtype",
     "dtype_layout", "header_constants", "header_path", "header_structs",
 ]
 
@@ -97,6 +97,24 @@ def check_table(table: Any, key: np.dtype, value: np.dtype, what: str) -> None:
                 "bpf/meter.h and meter/bpfabi.py must change together; reinstall meter",
                 program=what,
             )
+
+
+#: The fields of struct meter_cpu user space reads (the rest are the kernel's alone).
+CPU_STATE_FIELDS = ("window", "net_window", "net_ndirty", "adj_cgid", "adj_ns", "runs")
+
+
+def cpu_state_dtype(leaf: Any) -> np.dtype:
+    """numpy's view of one CPU's struct meter_cpu as compiled (bcc's ctypes ``leaf``),
+    narrowed to :data:`CPU_STATE_FIELDS` at their offsets: a per-CPU lookup's
+    values are an array of these, read without Python per CPU."""
+    full = np.dtype(leaf)
+    fields = full.fields or {}
+    missing = [f for f in CPU_STATE_FIELDS if f not in fields]
+    if missing:
+        raise BPFError(f"the compiled cpu_state map has no {', '.join(missing)}: bpf/meter.h and meter/bpfabi.py "
+                       "must change together; reinstall meter", program="cpu_state")
+    return np.dtype({"names": list(CPU_STATE_FIELDS), "formats": [fields[f][0] for f in CPU_STATE_FIELDS],
+                     "offsets": [fields[f][1] for f in CPU_STATE_FIELDS], "itemsize": full.itemsize})
 
 
 def _layout_difference(ctype: Any, dtype: np.dtype) -> str | None:

@@ -102,6 +102,26 @@ def test_check_table_sees_a_moved_field_of_the_same_size():
         bpfabi.check_table(_Table(ctypes.c_uint32, cell), np.dtype(np.uint32), moved, "net_ring")
 
 
+def test_cpu_state_dtype_reads_each_cpus_fields_where_the_compiler_put_them():
+    # A per-CPU lookup's values: one struct per CPU, fields user space does not read around them.
+    cpu = _struct(("pad0", ctypes.c_uint32), ("window", ctypes.c_uint64), ("net_window", ctypes.c_uint64),
+                  ("pad1", ctypes.c_uint8 * 3), ("net_ndirty", ctypes.c_uint32), ("adj_cgid", ctypes.c_uint64 * 4),
+                  ("adj_ns", ctypes.c_int64 * 4), ("runs", ctypes.c_uint64), ("tail", ctypes.c_uint16))
+    values = (cpu * 3)()
+    for c in range(3):
+        values[c].window, values[c].net_window, values[c].net_ndirty, values[c].runs = 100 + c, 90 + c, c, 7 * c
+        for i in range(4):
+            values[c].adj_cgid[i], values[c].adj_ns[i] = 1000 * c + i, -(10 * c + i)
+    states = np.frombuffer(values, bpfabi.cpu_state_dtype(cpu))
+    assert states.dtype.itemsize == ctypes.sizeof(cpu) and len(states) == 3
+    assert states["window"].tolist() == [100, 101, 102] and states["net_window"].tolist() == [90, 91, 92]
+    assert states["net_ndirty"].tolist() == [0, 1, 2] and states["runs"].tolist() == [0, 7, 14]
+    assert states["adj_ns"].tolist() == [[-(10 * c + i) for i in range(4)] for c in range(3)]
+    assert states["adj_cgid"][2].tolist() == [2000, 2001, 2002, 2003]
+    with pytest.raises(BPFError, match="no runs"):
+        bpfabi.cpu_state_dtype(_struct(*[f for f in cpu._fields_ if f[0] != "runs"]))
+
+
 @pytest.mark.bpf
 def test_the_compiled_program_matches_the_abi():
     from meter import program
@@ -112,5 +132,37 @@ def test_the_compiled_program_matches_the_abi():
         bpfabi.check_table(bpf[b"ring_counts"], np.dtype(np.uint32), bpfabi.COUNTS_DTYPE, "ring_counts")
         bpfabi.check_table(bpf[b"ring"], np.dtype(np.uint32), np.dtype(np.uint64), "ring")
         bpfabi.check_table(bpf[b"net_ring"], np.dtype(np.uint32), bpfabi.NET_CELL_DTYPE, "net_ring")
+        # Every CPU's state as the drain reads it (numpy, one lookup) is what bcc reads field by field.
+        table = bpf[b"cpu_state"]
+        values = table.Leaf()
+        for c in range(len(values)):
+            values[c].window, values[c].net_window, values[c].net_ndirty, values[c].runs = 500 + c, 400 + c, c % 2, c + 1
+            for i in range(len(values[c].adj_ns)):
+                values[c].adj_cgid[i], values[c].adj_ns[i] = 77 + i, -(c + i)
+        table[table.Key(0)] = values
+        got = table[table.Key(0)]
+        states = np.frombuffer(got, bpfabi.cpu_state_dtype(table.sLeaf))
+        assert states["window"].tolist() == [int(v.window) for v in got] == [500 + c for c in range(len(got))]
+        assert states["net_window"].tolist() == [int(v.net_window) for v in got]
+        assert states["net_ndirty"].tolist() == [int(v.net_ndirty) for v in got]
+        assert states["runs"].tolist() == [int(v.runs) for v in got]
+        assert states["adj_ns"].tolist() == [list(v.adj_ns) for v in got]
+        assert states["adj_cgid"].tolist() == [list(v.adj_cgid) for v in got]
+        # What a drain makes of them: a CPU with packet counts held holds back its oldest window.
+        from meter.sources.sched import SchedSource
+
+        src = SchedSource(1_000_000, [])
+        n = len(got)
+        src.bpf, src._cpus, src._cpu_dtype = bpf, list(range(n)), bpfabi.cpu_state_dtype(table.sLeaf)
+        try:
+            assert src._cpu_windows() == [400 + c if c % 2 else 500 + c for c in range(n)]
+            assert src.same_run_switches == sum(c + 1 for c in range(n))
+            nadj = len(got[0].adj_ns)
+            assert src.pending_adjustment_ns == sum(c + i for c in range(n) for i in range(nadj))
+            cgid, ns = src._pending_adjustments()
+            assert ns.tolist() == [-(c + i) for c in range(n) for i in range(nadj) if c + i]
+            assert cgid.tolist() == [77 + i for c in range(n) for i in range(nadj) if c + i]
+        finally:
+            src.bpf = None
     finally:
         bpf.cleanup()

@@ -54,6 +54,7 @@ from ..bpfabi import (
     UNATTRIBUTED_ROW,
     USAGE_DTYPE,
     check_table,
+    cpu_state_dtype,
 )
 from ..errors import BPFError, ConfigError, PerfEventError
 from ..perf import PerfEvent
@@ -267,6 +268,8 @@ class SchedSource:
         #: Why kernel_charge is False (None when it is True, or not open).
         self.kernel_charge_reason: str | None = None
         self.ncpu = 0
+        self._cpus: list[int] = []
+        self._cpu_dtype = np.dtype(np.int64)  # struct meter_cpu's, narrowed: set at open
         self.nudges = 0
         #: Σ |ns| of the CPUs' adjustments waiting to be settled, at the last drain.
         self.pending_adjustment_ns = 0
@@ -334,6 +337,7 @@ class SchedSource:
                     raise PerfEventError(f"cannot open perf event {ev.spec} on every CPU: {err}", event=ev.spec) from err
             self._cpus = get_online_cpus()
             self.ncpu = len(self._cpus)
+            self._cpu_dtype = cpu_state_dtype(self.bpf[b"cpu_state"].sLeaf)
             if max(self._cpus) >= MAX_CPUS:
                 raise BPFError(f"this host has CPU {max(self._cpus)}; meter meters CPUs 0 to {MAX_CPUS - 1} "
                                "(METER_MAX_CPUS in bpf/meter.h)", program="sched")
@@ -548,32 +552,30 @@ class SchedSource:
         self._control(CTL_WATERMARK, watermark)
         self._published = watermark
 
+    def _cpu_states(self) -> np.ndarray:
+        """Every online CPU's state, the fields a drain reads (``bpfabi.cpu_state_dtype``):
+        one lookup, no Python per CPU (a 128-CPU host reads it several times a second)."""
+        table = self.bpf[b"cpu_state"]
+        states = np.frombuffer(table[table.Key(0)], self._cpu_dtype)
+        return states if len(states) == len(self._cpus) else states[self._cpus]
+
     def _cpu_windows(self) -> list[int]:
         """Each online CPU's oldest open window: its CPU slots' or its packet slots'."""
-        table = self.bpf[b"cpu_state"]
-        per_cpu = table[table.Key(0)]
-        out = []
-        pending = runs = 0
-        for c in self._cpus:
-            st = per_cpu[c]
-            w = int(st.window)
-            if st.net_ndirty:
-                w = min(w, int(st.net_window))
-            out.append(w)
-            pending += sum(abs(int(v)) for v in st.adj_ns)
-            runs += int(st.runs)
-        self.pending_adjustment_ns = pending
-        self.same_run_switches = runs
-        return out
+        st = self._cpu_states()
+        windows = st["window"].astype(np.int64)
+        dirty = st["net_ndirty"] != 0
+        if dirty.any():
+            windows[dirty] = np.minimum(windows[dirty], st["net_window"][dirty].astype(np.int64))
+        self.pending_adjustment_ns = int(np.abs(st["adj_ns"]).sum())
+        self.same_run_switches = int(st["runs"].sum())
+        return windows.tolist()
 
     def _pending_adjustments(self) -> tuple[np.ndarray, np.ndarray]:
         """(cgroup ids, ns) of every CPU's adjustments not settled yet (see
         struct meter_cpu): at stop they are settled in the records instead."""
-        table = self.bpf[b"cpu_state"]
-        per_cpu = table[table.Key(0)]
-        got = [(int(st.adj_cgid[i]), int(st.adj_ns[i])) for st in (per_cpu[c] for c in self._cpus)
-               for i in range(len(st.adj_ns)) if st.adj_ns[i]]
-        return np.array([g for g, _ in got], np.uint64), np.array([v for _, v in got], np.int64)
+        st = self._cpu_states()
+        cgid, ns = st["adj_cgid"].ravel(), st["adj_ns"].ravel().astype(np.int64)
+        return cgid[ns != 0].astype(np.uint64), ns[ns != 0]
 
     def _nudge(self, cpus: list[int]) -> None:
         """Make each CPU in ``cpus`` switch tasks, so it charges its pending time.

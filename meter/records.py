@@ -310,7 +310,7 @@ def unique_ints(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def nonzero_cells(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(row, column) of every nonzero entry of a 2-D array, in row-major order:
-    ``np.nonzero(m)``, a third of the time for a strided view such as a
+    ``np.nonzero(m)`` in half its time for a strided view such as a
     ring's closed windows (one flat scan of a contiguous mask, then a divmod)."""
     flat = np.flatnonzero(np.not_equal(m, 0))
     r, j = np.divmod(flat, max(m.shape[1], 1))

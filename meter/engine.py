@@ -175,6 +175,7 @@ class Meter(DrainLoop):
         self._pushed_generation = -1
         self._offset_ns = 0
         self._flushed = False
+        self._bpf: Bpf | None = None  # the bpf(2) syscall, for program_stats()
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -370,7 +371,9 @@ class Meter(DrainLoop):
         a tc program's copies (one per port) are summed. A program that never
         ran with stats on is absent; {} when closed.
         """
-        bpf = Bpf()
+        if self._bpf is None:
+            self._bpf = Bpf()
+        bpf = self._bpf
         stats: dict[str, tuple[int, int]] = {}
         for name, fds in self.program_fds().items():
             for fd in fds:

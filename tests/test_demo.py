@@ -47,31 +47,30 @@ def _interfaces(state: Path) -> dict[str, list[str]]:
     return {t["tenant"]: t["interfaces"] for t in json.loads((state / "state.json").read_text())["tenants"]}
 
 
-def _port_counters(topo: Topology, state: Path) -> dict[str, dict[str, int]]:
-    """Each tenant's ports' counters summed, and each port's own (key "port:" + spec)."""
-    ports = _interfaces(state)
+def _port_counters(state: Path) -> dict[str, dict[str, int]]:
+    """Each of the demo's ports' kernel counters, by spec (NETNS:IFNAME)."""
     out = {}
-    for c in topo.compartments:
-        total = {"rx_packets": 0, "tx_packets": 0, "rx_bytes": 0, "tx_bytes": 0}
-        for spec in ports[c.tenant]:
+    for specs in _interfaces(state).values():
+        for spec in specs:
             ns, _, dev = spec.rpartition(":")
-            own = iface_counters(ns, dev)
-            out["port:" + spec] = own
-            for key, n in own.items():
-                total[key] += n
-        out[c.tenant] = total
+            out[spec] = iface_counters(ns, dev)
     return out
+
+
+def _tenant_delta(state: Path, before: dict, after: dict, tenant: str, key: str) -> int:
+    """What ``tenant``'s ports counted of ``key`` between two :func:`_port_counters`."""
+    return sum(after[spec][key] - before[spec][key] for spec in _interfaces(state)[tenant])
 
 
 def _port_story(totals: list[dict], before: dict, after: dict) -> dict[str, tuple[int, int, int, int]]:
     """Per port, for a failure's message: the kernel's rx and tx packets over the
     test, and meter's (``Meter.totals()``) since it opened (quiet before the test's interval)."""
     mine = {label: counts for row in totals for label, counts in row["ports"].items()}
-    return {label: (after["port:" + label]["rx_packets"] - before["port:" + label]["rx_packets"],
-                    mine.get(label, {}).get("rx_packets", -1),
-                    after["port:" + label]["tx_packets"] - before["port:" + label]["tx_packets"],
-                    mine.get(label, {}).get("tx_packets", -1))
-            for label in sorted(k[5:] for k in after if k.startswith("port:"))}
+    return {spec: (after[spec]["rx_packets"] - before[spec]["rx_packets"],
+                   mine.get(spec, {}).get("rx_packets", -1),
+                   after[spec]["tx_packets"] - before[spec]["tx_packets"],
+                   mine.get(spec, {}).get("tx_packets", -1))
+            for spec in sorted(after)}
 
 
 def test_tenant_vswitches_metered_and_billed(tmp_path, meter_bin):
@@ -94,14 +93,14 @@ def test_tenant_vswitches_metered_and_billed(tmp_path, meter_bin):
             time.sleep(0.005)
             cut_ns = time.time_ns() - 2_000_000  # frozen: no usage of theirs around here
             before_cpu = {c.tenant: cpu_usage_usec(c.cgroup) for c in topo.compartments}
-            before_net = _port_counters(topo, state)
+            before_net = _port_counters(state)
             _freeze(topo, False)
             _generators(state, signal.SIGCONT)
             batches = list(meter.batches(3.0))
             _generators(state, signal.SIGSTOP)
             time.sleep(0.2)
             _freeze(topo, True)
-            after_net = _port_counters(topo, state)
+            after_net = _port_counters(state)
             after_cpu = {c.tenant: cpu_usage_usec(c.cgroup) for c in topo.compartments}
             batches += list(meter.batches(0.2))
             totals, events = meter.totals(), list(meter.packet_source.events)
@@ -119,7 +118,7 @@ def test_tenant_vswitches_metered_and_billed(tmp_path, meter_bin):
                                                               meter.stats.unplaced_ns, meter.stats.late_ns)
             assert 0 < sirq < 0.5 * kernel_ns, c.tenant
             for key in ("rx_packets", "tx_packets", "rx_bytes", "tx_bytes"):
-                counted = after_net[c.tenant][key] - before_net[c.tenant][key]
+                counted = _tenant_delta(state, before_net, after_net, c.tenant, key)
                 assert int(mine[key].sum()) == counted, (
                     f"{c.tenant} {key}: meter {int(mine[key].sum())} (all windows "
                     f"{int(batch[batch['tenant'] == code(c.tenant)][key].sum())}), kernel {counted}; per port "

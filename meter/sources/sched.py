@@ -575,7 +575,8 @@ class SchedSource:
         struct meter_cpu): at stop they are settled in the records instead."""
         st = self._cpu_states()
         cgid, ns = st["adj_cgid"].ravel(), st["adj_ns"].ravel().astype(np.int64)
-        return cgid[ns != 0].astype(np.uint64), ns[ns != 0]
+        held = ns != 0
+        return cgid[held].astype(np.uint64), ns[held]
 
     def _nudge(self, cpus: list[int]) -> None:
         """Make each CPU in ``cpus`` switch tasks, so it charges its pending time.

@@ -69,7 +69,10 @@ BPF_F_TABLE("array", u32, s64, spill, METER_MAX_ROWS, BPF_F_MMAPABLE);
 BPF_HASH(rows, u64, u32, METER_MAX_ROWS);
 BPF_PERCPU_ARRAY(cpu_state, struct meter_cpu, 1);
 BPF_PERCPU_ARRAY(stats, u64, METER_NR_STATS);
-BPF_ARRAY(control, u64, METER_NR_CONTROLS);
+/* enum meter_control, written (and NEXT_ROW read) by user space in place:
+ * mapped into its memory like the ring, so a drain's watermark and taken
+ * window cost a store, not a syscall each. */
+BPF_F_TABLE("array", u32, u64, control, METER_NR_CONTROLS, BPF_F_MMAPABLE);
 /* Compartment cgroup ids (value unused), written by user space. */
 BPF_HASH(compartments, u64, u64, METER_MAX_COMPARTMENTS);
 

@@ -57,26 +57,47 @@ def apportion(groups: np.ndarray, totals: np.ndarray, weights: np.ndarray) -> np
         weights = np.where(zero, 1, weights)
         wsum = np.bincount(groups, weights=weights, minlength=ngroups)
     wsum_i = wsum.astype(np.int64)
-    bonus = np.zeros(n, np.int64)
     t = totals[groups]
     num = t * weights
     den = wsum_i[groups]
     share = num // den
     rem = num - share * den
     left = totals - np.bincount(groups, weights=share, minlength=ngroups).astype(np.int64)
-    # Largest remainders first within each group: one float sort on
-    # group + (1 - fraction) / 2. Near-ties may be ordered either way; any
-    # order keeps every group's sum exact and every share within one unit.
-    # Stable (a merge sort): records come grouped by window, so the key is
-    # runs already in order, and ties go to the earlier item. 5x faster than
-    # the default sort for a drain's 3,700 records in 250 windows.
-    key = groups + (1.0 - rem / den) * 0.5
-    order = np.argsort(key, kind="stable")
-    g_sorted = groups[order]
-    starts = np.searchsorted(g_sorted, np.arange(ngroups))
-    rank = np.arange(n) - starts[g_sorted]
-    bonus[order] = rank < left[g_sorted]
-    return share + bonus
+    return share + _largest_remainders(groups, (1.0 - rem / den) * 0.5, left, ngroups)
+
+
+def _largest_remainders(groups: np.ndarray, frac: np.ndarray, left: np.ndarray, ngroups: int) -> np.ndarray:
+    """1 for the ``left[g]`` items of each group ``g`` with the largest
+    remainders (``frac``: (1 - remainder / divisor) / 2, smallest first), 0
+    for the rest; among equal keys, the earlier items.
+
+    One sort of the keys group + frac (the values only: numpy's vectorised
+    sort, no permutation), which puts each group's items in a run, largest
+    remainder first; the key at a group's ``left``-th place is its
+    threshold: items below it get one, and items equal to it (ties) in
+    item order until the group has its ``left``. Near-ties may be ordered
+    either way; any order keeps every group's sum exact and every share
+    within one unit.
+    """
+    key = groups + frac
+    ranked = np.sort(key)
+    count = np.bincount(groups, minlength=ngroups)
+    start = np.cumsum(count) - count
+    left = np.minimum(left, count)
+    giving = left > 0
+    thr = np.full(ngroups, -np.inf)
+    thr[giving] = ranked[start[giving] + left[giving] - 1]
+    t = thr[groups]
+    bonus = (key < t).astype(np.int64)
+    tie = np.flatnonzero(key == t)
+    if len(tie):
+        below = np.searchsorted(ranked, thr, side="left") - start  # items under each threshold
+        g = groups[tie]
+        order = np.argsort(g, kind="stable")  # ties by group, in item order
+        g_sorted = g[order]
+        rank = np.arange(len(tie)) - np.searchsorted(g_sorted, g_sorted, side="left")
+        bonus[tie[order]] = rank < (left - below)[g_sorted]
+    return bonus
 
 
 def _apportion_one(total: int, weights: np.ndarray) -> np.ndarray:

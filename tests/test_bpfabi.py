@@ -29,6 +29,7 @@ def test_every_constant_matches_the_header():
     names = ("WATERMARK", "FIRST", "LEVELS", "GEN", "OTHER", "TAKEN", "NEXT_ROW",
              "NET_TAKEN", "NUDGE")
     assert [c[f"METER_CTL_{n}"] for n in names] == [getattr(bpfabi, f"CTL_{n}") for n in names]
+    assert c["METER_NR_CONTROLS"] == bpfabi.NR_CONTROLS
     assert (c["METER_MAX_COMPARTMENTS"], c["METER_MAX_LEVEL"]) == (bpfabi.MAX_COMPARTMENTS, bpfabi.MAX_LEVEL)
     # The port pseudo-cgroup is a macro with an argument: its bit, from the text.
     text = bpfabi.header_path().read_text()

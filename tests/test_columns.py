@@ -14,12 +14,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meter.records import (
+    COUNTER_COLUMNS,
     FIELDS,
     NAMES,
     NULL,
     RECORD_DTYPE,
     build,
     code,
+    distinct,
     factorize,
     from_matrix,
     group_sums,
@@ -38,6 +40,9 @@ KEYS = st.one_of(
     st.lists(st.integers(0, 300), min_size=1, max_size=400),
     # sparse: wall-clock starts, far apart
     st.lists(st.integers(-(2**62), 2**62), min_size=1, max_size=60),
+    # ascending, with repeats: a batch's windows (dense) or window starts (sparse)
+    st.lists(st.integers(0, 300), min_size=1, max_size=400).map(sorted),
+    st.lists(st.sampled_from([-(2**62), -5, 0, 7, 10**12, 2**62]), min_size=1, max_size=60).map(sorted),
 )
 
 
@@ -70,6 +75,40 @@ def test_unique_ints_is_np_unique(keys):
 
 
 @settings(max_examples=100, deadline=None)
+@given(keys=KEYS)
+def test_distinct_is_np_unique(keys):
+    key = np.array(keys, np.int64)
+    assert np.array_equal(distinct(key), np.unique(key))
+    assert np.array_equal(distinct(key[::-1]), np.unique(key))  # descending: sorted, not taken as runs
+
+
+@pytest.mark.parametrize("n", [0, 1, 2047, 2048, 2049, 6000])
+def test_build_writes_every_field_as_a_per_field_assignment_would(n):
+    # Filled a block at a time: every record across the blocks' edges, uint64 bits, text as codes.
+    rng = np.random.default_rng(n)
+    columns = {
+        "window_start_ns": rng.integers(0, 2**62, n), "window_ms": 1, "host": "h",
+        "tenant": np.array(["a", "b", "c"])[rng.integers(0, 3, n)], "compartment": code("vs"),
+        "cgroup_id": rng.integers(0, 2**63, n).astype(np.uint64) * np.uint64(2) + np.uint64(1),
+        "cpu_ns": rng.integers(0, 10**9, n).astype(np.int32), "cycles": rng.integers(-1, 10**12, n),
+        "energy_uj": np.ones(n, bool), "seq": np.arange(n),
+    }
+    want = np.zeros(n, RECORD_DTYPE)  # the defaults: counters NULL, the rest 0 (text: code 0, "") ...
+    for name in COUNTER_COLUMNS:
+        want[name] = NULL
+    for name, value in columns.items():  # ... then each given field written whole
+        if isinstance(value, str):
+            value = code(value)
+        elif not isinstance(value, int) and value.dtype.kind == "U":
+            value = np.array([code(v) for v in value.tolist()])
+        want[name] = value
+    got = build(n, columns)
+    assert got.dtype == RECORD_DTYPE and got.tobytes() == want.tobytes()
+    assert np.array_equal(got["cgroup_id"], columns["cgroup_id"])
+    assert text(got, "tenant").tolist() == columns["tenant"].tolist()
+
+
+@settings(max_examples=100, deadline=None)
 @given(rows=st.integers(0, 40), width=st.integers(0, 30), ring=st.integers(30, 64), start=st.integers(0, 63),
        density=st.sampled_from([0.0, 0.05, 0.5, 1.0]), seed=st.integers(0, 2**32 - 1))
 def test_nonzero_cells_is_np_nonzero_on_a_rings_strided_view(rows, width, ring, start, density, seed):
@@ -82,6 +121,30 @@ def test_nonzero_cells_is_np_nonzero_on_a_rings_strided_view(rows, width, ring, 
     ref_r, ref_j = np.nonzero(view)
     assert np.array_equal(r, ref_r) and np.array_equal(j, ref_j)
     assert np.array_equal(view[r, j], view[ref_r, ref_j])
+
+
+def test_rows_of_a_drain_in_runs_are_each_ids_row(tmp_path):
+    # A kernel drain comes in runs of one cgroup: looked up a run at a time, spread over it.
+    from meter.cgroup import cgroup_id
+    from meter.resolver import Resolver
+    from meter.topology import Topology
+
+    for t in ("a", "b"):
+        (tmp_path / t / "vs").mkdir(parents=True)
+    (tmp_path / "other").mkdir()
+    cfg = tmp_path / "topology.toml"
+    cfg.write_text("".join(f'[[tenant]]\nname = "{t}"\n[[tenant.compartment]]\nname = "vs"\ncgroup = "{t}/vs"\n'
+                           for t in ("a", "b")))
+    res = Resolver(Topology.from_file(cfg, mount=tmp_path))
+    ids = [cgroup_id(tmp_path / p) for p in ("a/vs", "b/vs", "other")]
+    one = {c: int(res.rows(np.array([c], np.uint64))[0]) for c in ids}
+    assert one[ids[0]] != one[ids[1]]
+    rng = np.random.default_rng(0)
+    for runs in ([400, 1, 1, 300], [1] * 200, [70, 3, 900, 2, 2, 50]):  # long runs, none, mixed
+        drain = np.concatenate([np.full(k, ids[i % 3], np.uint64) for i, k in enumerate(runs)])
+        if runs[0] == 1:
+            rng.shuffle(drain)
+        assert res.rows(drain).tolist() == [one[c] for c in drain.tolist()]
 
 
 @settings(max_examples=100, deadline=None)

@@ -175,6 +175,40 @@ def test_apportion_is_exact_per_group_and_fair():
     assert np.all(np.abs(shares - exact) < 1.0 + 1e-6)
 
 
+def _largest_remainder(groups, totals, weights):
+    """The textbook method, a group at a time in Python: floors, then one more
+    unit to the largest remainders, the earlier item first among equal ones."""
+    out = np.zeros(len(groups), np.int64)
+    for g, total in enumerate(totals.tolist()):
+        items = np.flatnonzero(groups == g).tolist()
+        w = [int(weights[i]) for i in items]
+        if not items:
+            continue
+        if sum(w) == 0:
+            w = [1] * len(items)
+        floors = [total * x // sum(w) for x in w]
+        rems = [total * x % sum(w) for x in w]
+        for k in sorted(range(len(items)), key=lambda k: -rems[k])[: total - sum(floors)]:
+            floors[k] += 1
+        out[items] = floors
+    return out
+
+
+def test_apportion_is_the_largest_remainder_method_ties_to_the_earlier_item():
+    # Groups in runs (a batch's windows) and interleaved; ties from equal and zero weights.
+    rng = np.random.default_rng(3)
+    for trial in range(400):
+        g, n = int(rng.integers(2, 12)), int(rng.integers(1, 60))
+        groups = rng.integers(0, g, n)
+        if trial % 2:
+            groups = np.sort(groups)
+        weights = rng.integers(0, (3, 1000, 10**6)[trial % 3], n)
+        if trial % 5 == 0:
+            weights[rng.random(n) < 0.5] = 7
+        totals = rng.integers(0, (5, 10**4, 10**9)[trial % 3], g)
+        assert np.array_equal(apportion(groups, totals, weights), _largest_remainder(groups, totals, weights))
+
+
 def test_apportion_one_group_is_exact_and_fair():
     """A measuring reader's drain is one group (its own path: scalar divisor, linear-time remainders)."""
     rng = np.random.default_rng(2)

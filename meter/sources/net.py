@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from .. import program, records
-from ..bpfabi import CTL_NET_TAKEN, NET_CELL_DTYPE, PORT_PLACEHOLDER, check_table
+from ..bpfabi import CTL_NET_TAKEN, NET_CELL_DTYPE, NR_CONTROLS, PORT_PLACEHOLDER, check_table
 from ..bpfsys import Bpf, held_prog_ids
 from ..errors import BPFError
 from ..netns import NETNS_DIR, NetnsError, iproute
@@ -256,9 +256,9 @@ class NetSource:
         m, self._late = program.map_array(bpf, b"net_late", NET_CELL_DTYPE, rows)
         self._maps.append(m)
         self._late_seen = np.zeros(rows, NET_CELL_DTYPE)
-        ctl = bpf[b"control"]
-        self._ctl = ctl
-        self._taken = int(ctl[ctl.Key(CTL_NET_TAKEN)].value)
+        m, self._ctl = program.map_array(bpf, b"control", np.dtype(np.uint64), NR_CONTROLS)
+        self._maps.append(m)
+        self._taken = int(self._ctl[CTL_NET_TAKEN])
         self.events: list[str] = []  # one line per attachment change, for logs and tests
         self._changes = _Changes()
         self._netns_ino: dict[str | None, int] = {}
@@ -576,7 +576,7 @@ class NetSource:
             self._ring[:, run] = 0
         if closable > self._taken:
             self._taken = closable
-            self._ctl[self._ctl.Key(CTL_NET_TAKEN)] = self._ctl.Leaf(closable)
+            self._ctl[CTL_NET_TAKEN] = closable  # in place, after the zeroed cells (sched.py, _control)
         r, j = records.nonzero_cells(cells["packets"])
         late = self._late.copy()
         d = {f: late[f].astype(np.int64) - self._late_seen[f].astype(np.int64) for f in NET_CELL_DTYPE.names or ()}

@@ -48,6 +48,7 @@ from ..bpfabi import (
     MAX_COUNTERS,
     MAX_CPUS,
     MAX_LEVEL,
+    NR_CONTROLS,
     ROOT_BIT,
     STATS,
     UNATTRIBUTED_CGID,
@@ -285,6 +286,8 @@ class SchedSource:
         self._spill: np.ndarray | None = None
         self._spill_seen = np.zeros(0, np.int64)
         self._maps: list[mmap.mmap] = []
+        #: The control array (enum meter_control), mapped like the ring.
+        self._ctl: np.ndarray | None = None
         self._row_cgid = np.zeros(0, np.uint64)
         self._row_known = np.zeros(0, bool)
         #: Rows below this one all have their cgroup known (_learn_rows).
@@ -437,6 +440,8 @@ class SchedSource:
             self._maps.append(m)
             return array
 
+        check_table(self.bpf[b"control"], np.dtype(np.uint32), np.dtype(np.uint64), "control")
+        self._ctl = view(b"control", np.dtype(np.uint64), NR_CONTROLS)
         self._ring = view(b"ring", np.dtype(np.uint64), rows * nw).reshape(rows, nw)
         if self.counters:
             check_table(self.bpf[b"ring_counts"], np.dtype(np.uint32), COUNTS_DTYPE, "ring_counts")
@@ -503,7 +508,7 @@ class SchedSource:
 
     def close(self) -> None:
         """Detach and unload everything this source attached."""
-        self._ring = self._ring_counts = self._late = self._spill = None
+        self._ring = self._ring_counts = self._late = self._spill = self._ctl = None
         program.unmap(self._maps)
         if self.bpf is not None:
             try:
@@ -537,12 +542,17 @@ class SchedSource:
                 return
 
     def _control(self, index: int, value: int) -> None:
-        ctl = self.bpf[b"control"]
-        ctl[ctl.Key(index)] = ctl.Leaf(value)
+        """Write a control value, in place: programs read it at their next run
+        (an x86 store is seen after the stores before it, such as a take's
+        zeroed cells before CTL_TAKEN opens them)."""
+        if self._ctl is None:
+            raise BPFError("the sched source is not open")
+        self._ctl[index] = value
 
     def _control_get(self, index: int) -> int:
-        ctl = self.bpf[b"control"]
-        return int(ctl[ctl.Key(index)].value)
+        if self._ctl is None:
+            raise BPFError("the sched source is not open")
+        return int(self._ctl[index])
 
     def _set_taken(self, window: int) -> None:
         self._taken = window

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .records import zeroed
+from .records import Columns, zeroed
 
 __all__ = ["POLICIES", "apportion", "attribute_energy"]
 
@@ -123,7 +123,7 @@ def _apportion_one(total: int, weights: np.ndarray) -> np.ndarray:
     return share
 
 
-def _weights(batch: np.ndarray, measured_field: str, measured: bool) -> np.ndarray:
+def _weights(batch: np.ndarray | Columns, measured_field: str, measured: bool) -> np.ndarray:
     if measured:
         col = batch[measured_field]
         return zeroed(col)
@@ -131,7 +131,7 @@ def _weights(batch: np.ndarray, measured_field: str, measured: bool) -> np.ndarr
 
 
 def attribute_energy(
-    batch: np.ndarray,
+    batch: np.ndarray | Columns,
     groups: np.ndarray,
     package_uj: np.ndarray,
     dram_uj: np.ndarray | None = None,

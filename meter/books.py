@@ -57,20 +57,21 @@ class Books:
         if extra > 0:
             self.ports = np.vstack([self.ports, np.zeros((extra, self.ports.shape[1]), np.int64)])
 
-    def add(self, out: np.ndarray, row: np.ndarray, nd: NetDrain | None,
+    def add(self, out: np.ndarray | records.Columns, row: np.ndarray, nd: NetDrain | None,
             ranges: tuple[np.ndarray, np.ndarray] | None = None) -> None:
-        """Add a batch (records with their rows) and its packet drain; ``ranges``:
-        the batch's :func:`records.column_ranges`, when the caller has them."""
+        """Add a batch (records, or their :class:`records.Columns`, with their rows)
+        and its packet drain; ``ranges``: the batch's :func:`records.column_ranges`,
+        when the caller has them."""
         if len(out):
             self.grow(int(row.max()) + 1)
             # Which counters are measured, in every record or some: each column's range
             # (one pass over the batch for all of them); then each measured column
             # summed in place by row (np.add.at: exact, no sort).
-            m = records.matrix(out)
-            values = m[:, _COUNTERS]
-            lo, hi = (r[_COUNTERS] for r in (ranges if ranges is not None else records.column_ranges(m)))
+            if ranges is None:
+                ranges = out.ranges() if isinstance(out, records.Columns) else records.column_ranges(records.matrix(out))
+            lo, hi = (r[_COUNTERS] for r in ranges)
             for j in np.flatnonzero((lo != records.NULL) | (hi != records.NULL)).tolist():
-                col = values[:, j]
+                col = out[records.COUNTER_COLUMNS[j]]
                 if lo[j] > records.NULL:  # no NULL below the least value: measured in every record
                     np.add.at(self.tot[:, j], row, col)
                     self.avail[row, j] = True
@@ -132,7 +133,7 @@ class EnergyBooks:
         self.carry = {"package": 0, "dram": 0}
         self.measured = self.attributed = self.pending = 0
 
-    def apportion(self, out: np.ndarray, window: np.ndarray, row: np.ndarray, ncpu: int,
+    def apportion(self, out: np.ndarray | records.Columns, window: np.ndarray, row: np.ndarray, ncpu: int,
                   window_ns: int) -> dict[str, np.ndarray]:
         """Fill ``out``'s energy_uj (and energy_source); returns the per-domain split."""
         reader = self.reader

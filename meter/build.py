@@ -83,9 +83,11 @@ class Context:
 
 @dataclasses.dataclass
 class Built:
-    """A drain's records, with each record's window and row (for energy and totals)."""
+    """A drain's records, as columns, with each record's window and row (for
+    energy and totals): the engine apportions energy and adds the batch to its
+    books from the columns, then lays them out as records once (:attr:`records`)."""
 
-    records: np.ndarray
+    columns: records.Columns
     window: np.ndarray
     row: np.ndarray
     #: Distinct windows before the first whole one (start-up), not recorded.
@@ -94,6 +96,14 @@ class Built:
     late_budget_ns: int = 0
     #: Per row, what is still to settle (Context.spill), for the next drain.
     spill: dict[int, int] = dataclasses.field(default_factory=dict)
+    _records: np.ndarray | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def records(self) -> np.ndarray:
+        """The records, laid out at the first use (a column set after that is not in them)."""
+        if self._records is None:
+            self._records = self.columns.records()
+        return self._records
 
 
 def cgroup_ids(d: SchedDrain) -> np.ndarray:
@@ -185,7 +195,7 @@ def build(d: SchedDrain, nd: NetDrain | None, vf: dict[int, tuple[int, int, int,
         budget = _late_rows(parts, budget, rows.nrows, ctx, add)
     if not parts:
         empty = np.zeros(0, np.int64)
-        return Built(records.empty(0), empty, empty, warmup, budget, spill)
+        return Built(records.Columns(0, {}), empty, empty, warmup, budget, spill)
     window = np.concatenate([p[0] for p in parts])
     row = np.concatenate([p[1] for p in parts])
     names = [name for name in (*SUMS, *_COUNT[:ncount]) if any(name in p[2] for p in parts)]
@@ -328,8 +338,8 @@ def _late_rows(parts: list[_Part], budget: int, nrows: int, ctx: Context,
 
 
 def _records(g_window: np.ndarray, g_row: np.ndarray, sums: dict[str, np.ndarray], ncount: int, rows: Rows,
-             ctx: Context, late: np.ndarray) -> np.ndarray:
-    """Records from per-(window, row) sums (``sums``: the :data:`SUMS` and
+             ctx: Context, late: np.ndarray) -> records.Columns:
+    """Records' columns from per-(window, row) sums (``sums``: the :data:`SUMS` and
     counter columns any entry had; the others are 0); ``late`` marks records
     of late time (cpu_source ``late``)."""
     n = len(g_row)
@@ -376,7 +386,7 @@ def _records(g_window: np.ndarray, g_row: np.ndarray, sums: dict[str, np.ndarray
         for name in VF_FIELDS:
             cols[name] = np.where(has_vfs, g(name), records.NULL)
         cols["vf_source"] = np.where(has_vfs, records.code(ctx.vf_source), 0)
-    return records.build(n, cols)
+    return records.Columns(n, cols)
 
 
 def _flag(per_row: np.ndarray, row: np.ndarray) -> np.ndarray:

@@ -62,6 +62,7 @@ __all__ = [
     "PROVENANCE_FIELDS",
     "RECORD_DTYPE",
     "COLUMN",
+    "Columns",
     "build",
     "code",
     "empty",
@@ -74,6 +75,7 @@ __all__ = [
     "group_sums",
     "matrix",
     "nonzero_cells",
+    "ranges_of",
     "null_sums",
     "text",
     "to_dicts",
@@ -287,6 +289,69 @@ def build(n: int, columns: dict[str, Any] | None = None) -> np.ndarray:
     return out
 
 
+class Columns:
+    """A batch's fields as separate arrays (or one value for every record),
+    before :meth:`records` lays them out as records: what a drain's own
+    passes read (energy, column ranges, totals, checks), a field at a time
+    from contiguous memory instead of a field every 248 bytes.
+
+    Indexed like a batch: by field name (an array of ``n``: a field not
+    given is its default), or by a boolean mask (a Columns of the records
+    it keeps); a name can be set. Text fields hold :data:`NAMES` codes,
+    ``cgroup_id`` its uint64 values.
+    """
+
+    def __init__(self, n: int, columns: dict[str, Any]) -> None:
+        unknown = set(columns) - set(FIELDS)
+        if unknown:
+            raise KeyError(f"not record fields: {', '.join(sorted(unknown))}")
+        self.n = int(n)
+        self._columns: dict[str, Any] = {}
+        for name, value in columns.items():
+            self[name] = value
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        if name not in COLUMN:
+            raise KeyError(f"not a record field: {name}")
+        value = _as_codes(value) if name in TEXT_FIELDS else value
+        self._columns[name] = np.asarray(value, RECORD_DTYPE[name]) if np.ndim(value) else value
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, str):
+            value = self._columns.get(key, _DEFAULT_ROW[COLUMN[key]])
+            return value if np.ndim(value) else np.full(self.n, value, RECORD_DTYPE[key])
+        keep = np.asarray(key, bool)
+        return Columns(int(np.count_nonzero(keep)),
+                       {k: v[keep] if np.ndim(v) else v for k, v in self._columns.items()})
+
+    def ranges(self) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`column_ranges` of the records these make (``cgroup_id`` as its
+        int64 bits, as in :func:`matrix`), a pass over each given array only."""
+        lo, hi = _DEFAULT_ROW.copy(), _DEFAULT_ROW.copy()
+        if self.n == 0:
+            return lo, hi
+        for name, value in self._columns.items():
+            j = COLUMN[name]
+            if np.ndim(value):
+                v = value.view(np.int64) if value.dtype == np.uint64 else value
+                lo[j], hi[j] = v.min(), v.max()
+            else:
+                lo[j] = hi[j] = np.asarray(value, RECORD_DTYPE[name]).astype(np.int64)
+        return lo, hi
+
+    def records(self) -> np.ndarray:
+        """The records: :func:`build` of these columns."""
+        return build(self.n, self._columns)
+
+
+def ranges_of(batch: np.ndarray | Columns) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`column_ranges` of a batch, given as records or as :class:`Columns`."""
+    return batch.ranges() if isinstance(batch, Columns) else column_ranges(matrix(batch))
+
+
 def column_ranges(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(least, greatest) of each column of a 2-D array: ``m.min(axis=0), m.max(axis=0)``,
     a third of the time for narrow rows (a block of rows is one call of numpy's
@@ -452,7 +517,7 @@ def zeroed(col: np.ndarray) -> np.ndarray:
     return np.where(col == NULL, 0, col)
 
 
-def _window_key(batch: np.ndarray, ranges: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+def _window_key(batch: np.ndarray | Columns, ranges: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """A key per record that orders and groups its windows: the window's number
     when the batch has one window width (keys as dense as windows), else its start.
     ``ranges``: the batch's :func:`column_ranges`, when the caller has them."""
@@ -473,7 +538,7 @@ def window_sums(batch: np.ndarray, field: str) -> tuple[np.ndarray, np.ndarray]:
     return batch["window_start_ns"][first], sums
 
 
-def window_totals(batch: np.ndarray, ranges: tuple[np.ndarray, np.ndarray] | None = None
+def window_totals(batch: np.ndarray | Columns, ranges: tuple[np.ndarray, np.ndarray] | None = None
                   ) -> tuple[np.ndarray, np.ndarray]:
     """(window starts, the CPU time each window's records account for).
 
@@ -484,7 +549,7 @@ def window_totals(batch: np.ndarray, ranges: tuple[np.ndarray, np.ndarray] | Non
     batch's :func:`column_ranges`, when the caller has them (a column that
     is NULL throughout, or never, then costs no pass).
     """
-    lo, hi = ranges if ranges is not None else column_ranges(matrix(batch))
+    lo, hi = ranges if ranges is not None else ranges_of(batch)
     late, j = NAMES.code("late"), COLUMN["cpu_source"]
     own = batch
     if lo[j] <= late <= hi[j]:

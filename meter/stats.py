@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .records import COLUMN, code, column_ranges, matrix, window_totals, zeroed
+from .records import COLUMN, Columns, code, ranges_of, window_totals, zeroed
 from .topology import UNATTRIBUTED
 
 __all__ = ["MeterStats"]
@@ -67,7 +67,7 @@ class MeterStats:
         self.nudges = nudges
         self.run_switches = run_switches
 
-    def take_batch(self, batch: np.ndarray, *, ncpu: int, window_ns: int, expected_windows: int | None = None,
+    def take_batch(self, batch: np.ndarray | Columns, *, ncpu: int, window_ns: int, expected_windows: int | None = None,
                    ranges: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         """Count a batch's records and windows, and check each window adds up to ncpu x W.
 
@@ -79,7 +79,7 @@ class MeterStats:
         starts = np.zeros(0, np.int64)
         if len(batch):
             if ranges is None:
-                ranges = column_ranges(matrix(batch))  # one pass: which columns need one
+                ranges = ranges_of(batch)  # one pass: which columns need one
             unattributed, j = code(UNATTRIBUTED), COLUMN["tenant"]
             if ranges[0][j] <= unattributed <= ranges[1][j]:
                 self.unattributed_ns += int(zeroed(batch["cpu_ns"][batch["tenant"] == unattributed]).sum())

@@ -129,6 +129,8 @@ def libbcc() -> Any:
         lib.bpf_lookup_batch.argtypes = [ctypes.c_int, u32p, u32p, ctypes.c_void_p, ctypes.c_void_p, u32p]
         lib.bpf_delete_batch.restype = ctypes.c_int
         lib.bpf_delete_batch.argtypes = [ctypes.c_int, ctypes.c_void_p, u32p]
+        lib.bpf_lookup_elem.restype = ctypes.c_int
+        lib.bpf_lookup_elem.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
         _LIB = lib
     return _LIB
 
@@ -163,6 +165,15 @@ def lookup_batch(fd: int, keys: Any, values: Any) -> int:
                 break
             raise BPFError(f"BPF_MAP_LOOKUP_BATCH failed: {os.strerror(err)}")
     return total
+
+
+def lookup_into(fd: int, key: int, values: np.ndarray) -> None:
+    """Read one u32-keyed entry into a contiguous numpy buffer (for a per-CPU
+    map, one value per possible CPU): one syscall, with none of bcc's Python
+    objects per call."""
+    k = ctypes.c_uint32(key)
+    if libbcc().bpf_lookup_elem(fd, ctypes.byref(k), ctypes.c_void_p(values.ctypes.data)) != 0:
+        raise BPFError(f"BPF_MAP_LOOKUP_ELEM of key {key} failed: {os.strerror(ctypes.get_errno())}")
 
 
 def delete_batch(fd: int, keys: Any) -> None:

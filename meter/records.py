@@ -391,7 +391,9 @@ def unique_ints(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     seen = np.zeros(span, bool)
     seen[at] = True
     present = np.flatnonzero(seen)
-    rank = np.zeros(span, np.int64)
+    # Read only where written (every key is present): not zeroed, so a span of
+    # a drain's (window, row) keys, ~200,000, is not written whole each batch.
+    rank = np.empty(span, np.int64)
     rank[present] = np.arange(len(present))
     return (present + lo).astype(keys.dtype), rank[at]
 

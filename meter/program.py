@@ -167,13 +167,22 @@ def lookup_batch(fd: int, keys: Any, values: Any) -> int:
     return total
 
 
-def lookup_into(fd: int, key: int, values: np.ndarray) -> None:
-    """Read one u32-keyed entry into a contiguous numpy buffer (for a per-CPU
-    map, one value per possible CPU): one syscall, with none of bcc's Python
-    objects per call."""
-    k = ctypes.c_uint32(key)
-    if libbcc().bpf_lookup_elem(fd, ctypes.byref(k), ctypes.c_void_p(values.ctypes.data)) != 0:
-        raise BPFError(f"BPF_MAP_LOOKUP_ELEM of key {key} failed: {os.strerror(ctypes.get_errno())}")
+class EntryReader:
+    """One u32-keyed entry of a map, read into a kept contiguous numpy buffer
+    (for a per-CPU map, one value per possible CPU) by one syscall, with the
+    call's arguments made once: no bcc table objects, no ctypes helpers per read."""
+
+    def __init__(self, fd: int, key: int, values: np.ndarray) -> None:
+        self.values = values
+        self._key = ctypes.c_uint32(key)
+        self._args = (fd, ctypes.byref(self._key), ctypes.c_void_p(values.ctypes.data))
+        self._lookup = libbcc().bpf_lookup_elem
+
+    def read(self) -> np.ndarray:
+        """The entry, in :attr:`values` (overwritten at each read)."""
+        if self._lookup(*self._args) != 0:
+            raise BPFError(f"BPF_MAP_LOOKUP_ELEM of key {self._key.value} failed: {os.strerror(ctypes.get_errno())}")
+        return self.values
 
 
 def delete_batch(fd: int, keys: Any) -> None:

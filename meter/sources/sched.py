@@ -271,9 +271,8 @@ class SchedSource:
         self.ncpu = 0
         self._cpus: list[int] = []
         self._cpu_dtype = np.dtype(np.int64)  # struct meter_cpu's, narrowed: set at open
-        #: Where _cpu_states reads every CPU's struct meter_cpu (made at the first read).
-        self._cpu_buf: np.ndarray | None = None
-        self._cpu_fd = -1
+        #: Reads every CPU's struct meter_cpu for _cpu_states (made at the first read).
+        self._cpu_reader: program.EntryReader | None = None
         self.nudges = 0
         #: Σ |ns| of the CPUs' adjustments waiting to be settled, at the last drain.
         self.pending_adjustment_ns = 0
@@ -511,7 +510,7 @@ class SchedSource:
 
     def close(self) -> None:
         """Detach and unload everything this source attached."""
-        self._ring = self._ring_counts = self._late = self._spill = self._ctl = self._cpu_buf = None
+        self._ring = self._ring_counts = self._late = self._spill = self._ctl = self._cpu_reader = None
         program.unmap(self._maps)
         if self.bpf is not None:
             try:
@@ -568,18 +567,18 @@ class SchedSource:
     def _cpu_states(self) -> np.ndarray:
         """Every online CPU's state, the fields a drain reads (``bpfabi.cpu_state_dtype``):
         one lookup, no Python per CPU (a 128-CPU host reads it several times a second)."""
-        if self._cpu_buf is None or self._cpu_buf.dtype != self._cpu_dtype:
+        if self._cpu_reader is None or len(self._cpu_reader.values) % self._cpu_dtype.itemsize:
             from bcc.utils import get_possible_cpus
 
             # A per-CPU value is a slot per possible CPU, each rounded up to 8 bytes.
             if self._cpu_dtype.itemsize % 8:
                 raise BPFError(f"struct meter_cpu is {self._cpu_dtype.itemsize} bytes, not a multiple of 8",
                                program="sched")
-            self._cpu_buf = np.zeros(len(get_possible_cpus()), self._cpu_dtype)
-            self._cpu_fd = program.map_fd(self.bpf, b"cpu_state")
-        program.lookup_into(self._cpu_fd, 0, self._cpu_buf)
-        states = self._cpu_buf
-        return states.copy() if len(states) == len(self._cpus) else states[self._cpus]
+            raw = np.zeros(len(get_possible_cpus()) * self._cpu_dtype.itemsize, np.uint8)
+            self._cpu_reader = program.EntryReader(program.map_fd(self.bpf, b"cpu_state"), 0, raw)
+        # A copy of the bytes, viewed (a copy of the narrowed structured array goes a field at a time).
+        states = np.frombuffer(self._cpu_reader.read().tobytes(), self._cpu_dtype)
+        return states if len(states) == len(self._cpus) else states[self._cpus]
 
     def _cpu_windows(self) -> list[int]:
         """Each online CPU's oldest open window: its CPU slots' or its packet slots'."""

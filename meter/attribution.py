@@ -86,8 +86,14 @@ def _largest_remainders(groups: np.ndarray, frac: np.ndarray, left: np.ndarray, 
     left = np.minimum(left, count)
     giving = left > 0
     thr = np.full(ngroups, -np.inf)
-    thr[giving] = ranked[start[giving] + left[giving] - 1]
+    at = start[giving] + left[giving] - 1
+    thr[giving] = ranked[at]
     t = thr[groups]
+    after = at[at + 1 < len(key)]
+    if not np.any(ranked[after + 1] == ranked[after]):
+        # No key after a threshold equals it (the usual: distinct remainders), so
+        # each group has exactly its ``left`` keys at or below its threshold.
+        return (key <= t).astype(np.int64)
     bonus = (key < t).astype(np.int64)
     tie = np.flatnonzero(key == t)
     if len(tie):

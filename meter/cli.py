@@ -56,10 +56,14 @@ def check(as_json: bool) -> None:
               help="Format of --output.")
 @click.option("--store", "store_path", type=click.Path(), default=None,
               help="Record store (default: /var/lib/meter/records.db as root, or $METER_STORE).")
+@click.option("--retention", type=shell.SECONDS, default=None,
+              help="Keep the store's raw records S seconds (default: 7 days); the 1 s and 1 h rollups that "
+                   "bills read are kept whatever their age.")
 @shell.counters_option
 @click.option("--print-bpf", is_flag=True, help="Print the kernel program and its -D settings, then exit.")
 def record(config: str | None, cgroup_root: str | None, window_ms: int | None, duration: float | None,
-           output: str | None, fmt: str, store_path: str | None, counters: str | None, print_bpf: bool) -> None:
+           output: str | None, fmt: str, store_path: str | None, retention: float | None, counters: str | None,
+           print_bpf: bool) -> None:
     """Write billable records (one per compartment per window) until stopped.
 
     By default into the record store (SQLite, crash-safe; a restart
@@ -71,8 +75,11 @@ def record(config: str | None, cgroup_root: str | None, window_ms: int | None, d
     from .engine import Meter
     from .sinks import Sink
     from .sinks.files import FileSink
-    from .sinks.store import Store
+    from .sinks.store import DEFAULT_RETENTION_S, Store
 
+    if retention is not None and output is not None:
+        raise click.UsageError("--retention is for the record store: a file written with --output keeps "
+                               "every record")
     with shell.errors():
         topo = shell.load_topology(config, cgroup_root)
         if print_bpf:
@@ -82,7 +89,7 @@ def record(config: str | None, cgroup_root: str | None, window_ms: int | None, d
         if output is not None:
             sink: Sink = FileSink(output, fmt)
         else:
-            sink = Store(store_path)
+            sink = Store(store_path, retention_s=retention if retention is not None else DEFAULT_RETENTION_S)
             meter.next_seq = sink.claim(socket.gethostname())
         daemon.warn_unavailable(meter, explicit=bool(counters))
 

@@ -265,6 +265,32 @@ def test_losses_are_said_as_they_happen_at_most_every_interval(capsys, monkeypat
                                        "window: cpu_source late, and the late row)\n")
 
 
+@pytest.mark.bpf
+def test_record_retention_expires_raw_records_and_keeps_every_rollup(meter_bin, tmp_path, cgroups):
+    from meter.sinks.store import Store
+
+    path = tmp_path / "r.db"
+    res = run(meter_bin, "record", "--cgroup-root", str(cgroups.root), "--store", str(path), "--retention", "1",
+              "--duration", "6")
+    assert res.returncode == 0, res.stderr
+    written = int(res.stderr.split("meter: ")[-1].split(" records")[0])  # "meter: N records, ..."
+    with Store(path, must_exist=True) as s:
+        raw = s.records()
+        seconds = s.rollup("rollup_1s")
+    # Every record is in the 1 s rollups. A batch (a second's chunk) goes whole once it ended
+    # over 1 s before a write and its seconds are rolled up: at the last write, 6 s in, at
+    # least the first two seconds' chunks are gone, whatever the load delayed.
+    assert sum(r["records"] for r in seconds) == written
+    first_second = min(r["period_start_ns"] for r in seconds)
+    assert 0 < len(raw) < written and int(raw["window_start_ns"].min()) >= first_second + 2 * 10**9
+
+
+def test_retention_is_for_the_store_not_an_output_file(meter_bin, tmp_path):
+    res = run(meter_bin, "record", "--output", str(tmp_path / "r.jsonl"), "--retention", "60", "--duration", "1")
+    assert res.returncode == 1 and res.stderr.startswith("meter: error: ") and "--retention" in res.stderr
+    assert res.stderr.count("\n") == 1 and not (tmp_path / "r.jsonl").exists()
+
+
 def test_a_second_record_on_one_store_refuses_at_start_naming_the_first(meter_bin, tmp_path, cgroup_mount):
     """Before any program is loaded: one line, exit 1, the first writer's records intact."""
     from meter.sinks.store import Store

@@ -91,14 +91,14 @@ def default_path() -> Path:
 class Store:
     """Append record batches; read them back; roll them up exactly."""
 
-    def __init__(self, path: str | Path | None = None, *, retention_s: int = DEFAULT_RETENTION_S,
+    def __init__(self, path: str | Path | None = None, *, retention_s: float = DEFAULT_RETENTION_S,
                  must_exist: bool = False, clock: Callable[[], int] = time.time_ns) -> None:
         self.path = Path(path) if path is not None else default_path()
         self._clock = clock
         self._lock_fd: int | None = None
         #: Records this store object has newly stored (the Sink protocol).
         self.count = 0
-        self.retention_ns = int(retention_s) * 1_000_000_000
+        self.retention_ns = round(retention_s * 1_000_000_000)
         # The writer's rollups of its latest second(s), not in the rollup tables yet, and
         # each host's boundary: its records before it are in the tables, from it on not.
         self._label: dict[tuple[str, str, str], int] = {}

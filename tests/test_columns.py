@@ -19,8 +19,11 @@ from meter.records import (
     NAMES,
     NULL,
     RECORD_DTYPE,
+    TEXT_FIELDS,
+    Columns,
     build,
     code,
+    column_ranges,
     distinct,
     factorize,
     from_matrix,
@@ -121,6 +124,37 @@ def test_nonzero_cells_is_np_nonzero_on_a_rings_strided_view(rows, width, ring, 
     ref_r, ref_j = np.nonzero(view)
     assert np.array_equal(r, ref_r) and np.array_equal(j, ref_j)
     assert np.array_equal(view[r, j], view[ref_r, ref_j])
+
+
+@settings(max_examples=100, deadline=None)
+@given(n=st.integers(0, 300), seed=st.integers(0, 2**32 - 1), given_=st.sets(st.sampled_from(FIELDS), max_size=12))
+def test_columns_are_the_records_they_make_ranges_masks_and_fields(n, seed, given_):
+    # What the engine reads from a batch's columns (energy, ranges, totals, checks) is
+    # what it would read from the records they make.
+    rng = np.random.default_rng(seed)
+    cols = {}
+    for k, name in enumerate(sorted(given_)):
+        if k % 3 == 0:  # one value for every record
+            cols[name] = "x" if name in TEXT_FIELDS else int(rng.integers(-1, 2**40))
+        elif name == "cgroup_id":
+            cols[name] = rng.integers(0, 2**64 - 1, n, dtype=np.uint64)
+        elif name in TEXT_FIELDS:
+            cols[name] = rng.integers(0, 3, n)
+        else:
+            cols[name] = rng.integers(-(2**62), 2**62, n)
+    c = Columns(n, cols)
+    out = c.records()
+    assert out.tobytes() == build(n, cols).tobytes() and len(c) == n
+    lo, hi = c.ranges()
+    if n:
+        want_lo, want_hi = column_ranges(matrix(out))
+        assert np.array_equal(lo, want_lo) and np.array_equal(hi, want_hi)
+    for name in FIELDS:
+        assert np.array_equal(c[name], out[name])
+    keep = rng.random(n) < 0.5
+    assert c[keep].records().tobytes() == out[keep].tobytes()
+    c["energy_uj"] = np.arange(n)
+    assert np.array_equal(c.records()["energy_uj"], np.arange(n))
 
 
 def test_rows_of_a_drain_in_runs_are_each_ids_row(tmp_path):

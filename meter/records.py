@@ -404,12 +404,16 @@ def _run_starts(keys: np.ndarray) -> np.ndarray | None:
     over the keys, cheaper than any grouping of unordered keys."""
     if len(keys) < 2:
         return np.zeros(len(keys), np.intp)
-    head, tail = keys[:-1], keys[1:]
-    if np.less(tail, head).any():
+    if np.less(keys[1:], keys[:-1]).any():
         return None
+    return _starts_of_sorted(keys)
+
+
+def _starts_of_sorted(keys: np.ndarray) -> np.ndarray:
+    """Where each run of equal keys starts in ascending ``keys`` (at least one)."""
     new = np.empty(len(keys), bool)
     new[0] = True
-    np.not_equal(tail, head, out=new[1:])
+    np.not_equal(keys[1:], keys[:-1], out=new[1:])
     return np.flatnonzero(new)
 
 
@@ -435,7 +439,7 @@ def distinct(keys: np.ndarray) -> np.ndarray:
     if int(keys.max()) - int(keys.min()) <= max(8 * len(keys), 1 << 20):
         return unique_ints(keys)[0]
     keys = np.sort(keys)
-    return keys[_run_starts(keys)]
+    return keys[_starts_of_sorted(keys)]
 
 
 def factorize(col: np.ndarray) -> tuple[list[str], np.ndarray]:
@@ -500,11 +504,7 @@ def group_sums(key: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndar
         # stable: a group's first element is the least index in its run), then a
         # run a group. A third less than a table as wide as the range, in a drain.
         order = np.argsort(key)
-        sorted_key = key[order]
-        new = np.empty(n, bool)
-        new[0] = True
-        np.not_equal(sorted_key[1:], sorted_key[:-1], out=new[1:])
-        starts = np.flatnonzero(new)
+        starts = _starts_of_sorted(key[order])
         return (np.minimum.reduceat(order, starts).astype(np.int64),
                 np.add.reduceat(values[order], starts, axis=0))
     _, group = unique_ints(key)

@@ -567,7 +567,7 @@ class SchedSource:
     def _cpu_states(self) -> np.ndarray:
         """Every online CPU's state, the fields a drain reads (``bpfabi.cpu_state_dtype``):
         one lookup, no Python per CPU (a 128-CPU host reads it several times a second)."""
-        if self._cpu_reader is None or len(self._cpu_reader.values) % self._cpu_dtype.itemsize:
+        if self._cpu_reader is None:
             from bcc.utils import get_possible_cpus
 
             # A per-CPU value is a slot per possible CPU, each rounded up to 8 bytes.

@@ -28,7 +28,7 @@ from .bpfabi import MAX_COMPARTMENTS
 from .bpfsys import Bpf
 from .errors import ConfigError, MeterError
 from .host import realtime_offset_ns
-from .loop import DrainLoop
+from .loop import DRAIN_PRIORITIES, DrainLoop
 from .perf import CounterPlan, plan_counters
 from .ports import PORT_ROOM, Ports
 from .records import Columns, window_sums, window_totals
@@ -89,6 +89,10 @@ class Meter(DrainLoop):
     the kernel's rings are taken into this process every ``drain_interval``
     seconds or less (a whole number of times per batch), which the kernel's
     window split bounds (docs/architecture.md, "Takes and batches").
+    ``drain_priority`` "realtime" (the default) runs the drain's waits,
+    takes and builds in the real-time class, so that tenants saturating
+    the host cannot hold its takes back (:mod:`meter.loop`); "normal"
+    leaves the thread as it is.
     ``vf_links(pf)`` replaces the netlink query for a PF's VF counters
     (for agents that have them already, and for tests). ``sources`` builds
     the sources (default: :class:`~meter.sources.base.KernelSources`, the
@@ -110,6 +114,7 @@ class Meter(DrainLoop):
         vf_links: Callable[[str], list[Any]] | None = None,
         sources: SourceFactory | None = None,
         packet_time: str | None = None,
+        drain_priority: str = "realtime",
     ) -> None:
         window_ms = window_ms if window_ms is not None else (topology.window_ms or 1)
         if problem := window_ms_problem(window_ms):
@@ -120,6 +125,9 @@ class Meter(DrainLoop):
         if len(topology.compartments) > MAX_COMPARTMENTS:
             raise ConfigError(f"{len(topology.compartments)} compartments: meter resolves at most {MAX_COMPARTMENTS} "
                               "in the kernel; split the host's tenants over fewer compartments")
+        if drain_priority not in DRAIN_PRIORITIES:
+            raise ConfigError(f"drain_priority must be one of {', '.join(DRAIN_PRIORITIES)}, not {drain_priority!r}",
+                              setting="drain_priority")
         for name, value in (("drain_interval", drain_interval), ("batch_interval", batch_interval)):
             if not isinstance(value, (int, float)) or not 0 < value < math.inf:
                 raise ConfigError(f"{name} must be a positive number of seconds, not {value!r}", setting=name)
@@ -139,6 +147,8 @@ class Meter(DrainLoop):
         self.packet_time = packet_time
         self.drain_interval = float(drain_interval)
         self.batch_interval = float(batch_interval)
+        #: The drain's thread in the real-time class while it waits, takes and builds ("realtime"), or as it is.
+        self.drain_priority = drain_priority
         self.takes_per_batch = takes
         self.host = host or socket.gethostname()
         self.plan = plan_counters(counters)
@@ -460,7 +470,8 @@ class Meter(DrainLoop):
     def drain(self, *, final: bool = False) -> np.ndarray:
         """Drain the sources once and return the closed windows' records (those of
         the takes since the last batch too)."""
-        return self._drain(final=final)
+        with self._urgent():
+            return self._drain(final=final)
 
     def _take(self, *, final: bool = False) -> float:
         """Take what the sources hold for closed windows into this process (their

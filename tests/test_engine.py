@@ -352,8 +352,10 @@ def test_a_stalled_drain_loses_nothing_and_names_the_late_time(cgroups):
 
 def test_five_hundred_compartments_waking_every_ms_lose_nothing(cgroups):
     """500 discovered compartments, a task in each waking every 1 ms, 1 ms windows,
-    20 s: nothing lost or late, every window there and adding up to CPUs x W, each
-    compartment's bill its cpu.stat (before the ring, 84 % of such usage was dropped)."""
+    20 s, meter's own loop: nothing lost or late, every window there and adding up
+    to CPUs x W, each compartment's bill its cpu.stat (before the ring, 84 % of such
+    usage was dropped; before the loop ran in the real-time class, a take could
+    wait seconds behind the wakers and much of the time was billed late)."""
     import subprocess
     import sys
 
@@ -361,10 +363,12 @@ def test_five_hundred_compartments_waking_every_ms_lose_nothing(cgroups):
     with Meter(Topology.discover(cgroups.root)) as meter:
         parts = [meter.drain()]
         wakers = subprocess.Popen([sys.executable, "-S", "-c", WAKERS, *map(str, comps), "20"])
-        while wakers.poll() is None:
-            parts.append(meter.drain())
-            time.sleep(meter.drain_interval)
+        for batch in meter.batches():
+            parts.append(batch)
+            if wakers.poll() is not None:
+                break
         parts += list(meter.batches(0.3))
+        assert meter.realtime_refused == ""
         # The last slices' kernel/clock differences are settled out of idle time
         # in the windows that follow. On a starved VM 0.3 s was not always
         # enough (seen: 317 ms still owed at the last drain, so compartments
@@ -380,14 +384,10 @@ def test_five_hundred_compartments_waking_every_ms_lose_nothing(cgroups):
     assert wakers.returncode == 0
     batch = np.concatenate(parts)
     st = meter.stats
-    # Nothing lost. A drain this VM cannot keep up with (500 records a window) bills
-    # time late, and names every late ns in the window it left.
+    # Nothing lost, and nothing late: every ns in its own window (the loop's takes
+    # run in the real-time class, so the wakers cannot hold them back past the ring).
     assert st.loss_line() == "" and st.unattributed_ns == 0, st.notice_line()
-    late = batch["cpu_source"] == code("late")
-    # Every late ns is billed (cpu_source late); the late rows name the windows it
-    # left, all but what no window turned out short of (kept, and said: late_unmatched_ns).
-    assert int(batch["cpu_ns"][late].sum()) == st.late_ns
-    assert int(batch["cpu_ns"][batch["tenant"] == code("late")].sum()) + st.late_unmatched_ns == st.late_ns
+    assert st.late_ns == 0 and not np.any(batch["cpu_source"] == code("late")), st.notice_line()
     _conserved(batch, meter.ncpu)
     # Whole windows from the first to the last, none missing.
     starts = np.unique(batch["window_start_ns"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import urllib.request
 from pathlib import Path
 
@@ -659,6 +660,73 @@ def test_the_loop_takes_every_drain_interval_and_builds_every_batch_interval(tre
     assert st.drains >= 3 and (st.takes - 1) // 4 == st.drains - 1, (st.takes, st.drains)
     # on_take callbacks run after every wake's take (not after the final flush).
     assert woke == list(range(1, st.takes))
+
+
+def _ticking(tree: Path, **kw) -> Meter:
+    """A meter on simulated CPUs under a steady load whose windows move on 5 at each take."""
+    cpu = FakeCPU(ncpu=2)
+    cpu.load = steady_load([_id(tree, "acme/vswitch"), _id(tree, "other")], 2, W, seed=4)
+    meter = Meter(_topology(tree), drain_interval=0.02, batch_interval=0.04, sources=FakeSources(cpu), **kw)
+    meter.on_take(lambda: cpu.advance(5))
+    return meter
+
+
+def _policy_in(meter: Meter, name: str, seen: list[int]) -> None:
+    """Note this thread's scheduling class each time ``meter.name`` runs."""
+    inner = getattr(meter, name)
+
+    def noted(*a, **k):
+        seen.append(os.sched_getscheduler(0))
+        return inner(*a, **k)
+
+    setattr(meter, name, noted)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the real-time class needs root (CAP_SYS_NICE); CI runs as root")
+def test_the_loop_takes_and_builds_in_the_real_time_class_and_hands_batches_back_in_its_own(tree):
+    meter = _ticking(tree)
+    takes, builds, handed, after_take = [], [], [], []
+    _policy_in(meter, "_take", takes)
+    _policy_in(meter, "_batch", builds)
+    meter.on_take(lambda: after_take.append(os.sched_getscheduler(0)))
+    before = os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0)
+    with meter:
+        for _ in meter.batches(0.3):
+            handed.append(os.sched_getscheduler(0))
+        final = []
+        _policy_in(meter, "_drain", final)
+        meter.drain()
+    assert takes and builds and handed and after_take and final
+    assert set(takes) == set(builds) == set(final) == {os.SCHED_FIFO}
+    # What the caller and callbacks do runs in the thread's own class, with its nice.
+    assert set(handed) == set(after_take) == {before[0]}
+    assert (os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0)) == before
+    assert meter.realtime_refused == ""
+
+
+def test_a_refused_real_time_class_is_said_once_and_the_loop_goes_on(tree, monkeypatch, caplog):
+    def refuse(*a):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setscheduler", refuse)
+    meter = _ticking(tree)
+    with meter, caplog.at_level("WARNING", logger="meter"):
+        batches = list(meter.batches(0.2))
+    assert batches and meter.stats.takes > 2
+    assert meter.realtime_refused == "Operation not permitted"
+    said = [r.getMessage() for r in caplog.records if "real-time scheduling refused" in r.getMessage()]
+    assert len(said) == 1 and "drain_priority='normal'" in said[0]
+
+
+def test_normal_drain_priority_leaves_the_thread_alone_and_a_bad_one_is_refused(tree, monkeypatch):
+    asked = []
+    monkeypatch.setattr(os, "sched_setscheduler", lambda *a: asked.append(a))
+    meter = _ticking(tree, drain_priority="normal")
+    with meter:
+        assert list(meter.batches(0.1))
+    assert asked == [] and meter.realtime_refused == ""
+    with pytest.raises(ConfigError, match="drain_priority must be one of realtime, normal, not 'fast'"):
+        Meter(_topology(tree), sources=FakeSources(FakeCPU()), drain_priority="fast")
 
 
 def test_records_become_json_ready_dicts_with_null_as_none(tree):

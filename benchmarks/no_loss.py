@@ -18,7 +18,7 @@ is reported, per size:
 
 Goal: nothing lost at every size. Late time and CPU are reported. Late
 time came from takes held back: the wakers saturate the CPUs, and a
-normal-priority drain thread waited seconds to run (36-51 % of CPU time
+normal-priority drain thread waited seconds to run (36-64 % of CPU time
 late at 1,000 compartments); the loop now waits, takes and builds in the
 real-time class (meter.loop). ``--drain-priority normal`` runs it as it
 was, for the comparison.

@@ -145,8 +145,8 @@ class DrainLoop:
 
         Measured on this project's 2-CPU VM (benchmarks/no_loss.py): 1,000
         compartments waking every 1 ms kept a normal-priority take runnable but
-        off the CPU for 5-7 s, even at nice -20, and 36-51 % of the host's CPU
-        time was billed late; in the real-time class the longest take was 90 ms
+        off the CPU for 5-7 s, even at nice -20, and 36-64 % of the host's CPU
+        time was billed late (six runs; 72 % at 500); in the real-time class the longest take was 90 ms
         and nothing was late. The class is asked for per piece of work, so
         what the caller does with a batch (and callbacks) runs as it would
         have. Where it is refused (no CAP_SYS_NICE, a CPU cgroup with no

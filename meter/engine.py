@@ -441,7 +441,7 @@ class Meter(DrainLoop):
         meter started without any.
         """
         topology.require_cgroups()
-        with self._lock:
+        with self._urgent(), self._lock:  # it may take and build (as _working)
             old = self.topology
             self.topology = topology
             if self._resolver is None:
@@ -470,8 +470,7 @@ class Meter(DrainLoop):
     def drain(self, *, final: bool = False) -> np.ndarray:
         """Drain the sources once and return the closed windows' records (those of
         the takes since the last batch too)."""
-        with self._urgent():
-            return self._drain(final=final)
+        return self._drain(final=final)
 
     def _take(self, *, final: bool = False) -> float:
         """Take what the sources hold for closed windows into this process (their
@@ -484,12 +483,15 @@ class Meter(DrainLoop):
 
     @contextlib.contextmanager
     def _working(self) -> Iterator[None]:
-        """The lock, for a take or a batch: its time counted in ``stats.drain_seconds``."""
+        """The lock, for a take or a batch, in the real-time class (``drain_priority``,
+        meter.loop): its time counted in ``stats.drain_seconds``. Every take and
+        build goes through here: the loop's, ``drain()``'s, the final flush at
+        close and a reload's."""
         if self._sched is None:
             raise MeterError("the meter is not open: use it as a context manager or call open()")
         t0 = time.perf_counter()
         try:
-            with self._lock:
+            with self._urgent(), self._lock:
                 yield
         finally:
             self.stats.drain_seconds += time.perf_counter() - t0

@@ -14,10 +14,11 @@ feeding ``on_batch`` callbacks. A subclass provides ``open()``,
 ``_take()``, ``_batch()``, ``_drain(final=...)``, ``drain_interval`` and
 ``takes_per_batch``.
 
-The loop's thread waits, takes and builds in the real-time class
+The loop's thread waits for a take in the real-time class
 (``SCHED_FIFO``, the lowest priority; ``drain_priority``, default
-``"realtime"``) and goes back to its own class before it hands a batch
-to anyone: a host saturated by its tenants' tasks otherwise keeps it off
+``"realtime"``), and a subclass takes and builds in it (``_urgent()``;
+``Meter._working``); the thread goes back to its own class before it
+hands a batch to anyone: a host saturated by its tenants' tasks otherwise keeps it off
 the CPU for seconds, the rings' open windows run out, and the time is
 billed in later windows than its own (docs/architecture.md, "Takes and
 batches").
@@ -126,14 +127,12 @@ class DrainLoop:
             if not self.batch_due(takes, full):
                 before = full
                 continue
-            with self._urgent():
-                batch = self._batch()
+            batch = self._batch()
             takes, before = 0, 0.0
             if len(batch):
                 self._dispatch(batch)
                 yield batch
-        with self._urgent():
-            batch = self._drain(final=True)
+        batch = self._drain(final=True)
         if len(batch):
             self._dispatch(batch)
             yield batch

@@ -685,19 +685,19 @@ def _policy_in(meter: Meter, name: str, seen: list[int]) -> None:
 @pytest.mark.skipif(os.geteuid() != 0, reason="the real-time class needs root (CAP_SYS_NICE); CI runs as root")
 def test_the_loop_takes_and_builds_in_the_real_time_class_and_hands_batches_back_in_its_own(tree):
     meter = _ticking(tree)
-    takes, builds, handed, after_take = [], [], [], []
-    _policy_in(meter, "_take", takes)
-    _policy_in(meter, "_batch", builds)
+    takes, builds, handed, after_take, later = [], [], [], [], []
+    _policy_in(meter, "_take_locked", takes)
+    _policy_in(meter, "_batch_locked", builds)
     meter.on_take(lambda: after_take.append(os.sched_getscheduler(0)))
     before = os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0)
     with meter:
         for _ in meter.batches(0.3):
             handed.append(os.sched_getscheduler(0))
-        final = []
-        _policy_in(meter, "_drain", final)
-        meter.drain()
-    assert takes and builds and handed and after_take and final
-    assert set(takes) == set(builds) == set(final) == {os.SCHED_FIFO}
+        _policy_in(meter, "_take_locked", later)
+        meter.drain()  # a library's own drain
+        meter.set_topology(meter.topology)  # a reload takes and builds too
+    assert takes and builds and handed and after_take and len(later) == 2
+    assert set(takes) == set(builds) == set(later) == {os.SCHED_FIFO}
     # What the caller and callbacks do runs in the thread's own class, with its nice.
     assert set(handed) == set(after_take) == {before[0]}
     assert (os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0)) == before

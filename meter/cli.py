@@ -100,7 +100,7 @@ def record(config: str | None, cgroup_root: str | None, window_ms: int | None, d
                                                          lambda: shell.load_topology(config, cgroup_root)))
             try:
                 with meter:
-                    for batch in meter.batches(duration):
+                    for batch in meter.batches(duration):  # in the drain's class (meter.loop), writes too
                         sink.write(batch)
                         said.now()
             finally:
@@ -424,10 +424,13 @@ def serve(config: str | None, cgroup_root: str | None, listen: str, allow_remote
             exporter.start()
             click.echo(f"meter: serving http://{exporter.host}:{exporter.port}/metrics", err=True)
             try:
-                while not done.wait(0.2):
-                    if meter.error is not None:
-                        raise MeterError(f"metering stopped, so /metrics would no longer move: {meter.error}")
-                    daemon.reload_if_asked(meter, reload_wanted, lambda: shell.load_topology(config, cgroup_root))
+                # This thread runs Python every 0.2 s: in the drain's class, so that it
+                # never holds the interpreter's lock while the host keeps it off the CPU.
+                with meter.urgent():
+                    while not done.wait(0.2):
+                        if meter.error is not None:
+                            raise MeterError(f"metering stopped, so /metrics would no longer move: {meter.error}")
+                        daemon.reload_if_asked(meter, reload_wanted, lambda: shell.load_topology(config, cgroup_root))
             finally:
                 exporter.stop()
 

@@ -89,10 +89,10 @@ class Meter(DrainLoop):
     the kernel's rings are taken into this process every ``drain_interval``
     seconds or less (a whole number of times per batch), which the kernel's
     window split bounds (docs/architecture.md, "Takes and batches").
-    ``drain_priority`` "realtime" (the default) runs the drain's waits,
-    takes and builds in the real-time class, so that tenants saturating
-    the host cannot hold its takes back (:mod:`meter.loop`); "normal"
-    leaves the thread as it is.
+    ``drain_priority`` "realtime" (the default) runs ``batches()`` (its
+    caller's loop body included) and every take and build in the real-time
+    class, so that tenants saturating the host cannot hold the takes back
+    (:mod:`meter.loop`); "normal" leaves the threads as they are.
     ``vf_links(pf)`` replaces the netlink query for a PF's VF counters
     (for agents that have them already, and for tests). ``sources`` builds
     the sources (default: :class:`~meter.sources.base.KernelSources`, the
@@ -147,7 +147,7 @@ class Meter(DrainLoop):
         self.packet_time = packet_time
         self.drain_interval = float(drain_interval)
         self.batch_interval = float(batch_interval)
-        #: The drain's thread in the real-time class while it waits, takes and builds ("realtime"), or as it is.
+        #: The drain's thread in the real-time class ("realtime", meter.loop), or as it is ("normal").
         self.drain_priority = drain_priority
         self.takes_per_batch = takes
         self.host = host or socket.gethostname()
@@ -441,7 +441,7 @@ class Meter(DrainLoop):
         meter started without any.
         """
         topology.require_cgroups()
-        with self._urgent(), self._lock:  # it may take and build (as _working)
+        with self.urgent(), self._lock:  # it may take and build (as _working)
             old = self.topology
             self.topology = topology
             if self._resolver is None:
@@ -491,7 +491,7 @@ class Meter(DrainLoop):
             raise MeterError("the meter is not open: use it as a context manager or call open()")
         t0 = time.perf_counter()
         try:
-            with self._urgent(), self._lock:
+            with self.urgent(), self._lock:
                 yield
         finally:
             self.stats.drain_seconds += time.perf_counter() - t0

@@ -14,14 +14,14 @@ feeding ``on_batch`` callbacks. A subclass provides ``open()``,
 ``_take()``, ``_batch()``, ``_drain(final=...)``, ``drain_interval`` and
 ``takes_per_batch``.
 
-The loop's thread waits for a take in the real-time class
+The thread that runs ``batches()`` is in the real-time class
 (``SCHED_FIFO``, the lowest priority; ``drain_priority``, default
-``"realtime"``), and a subclass takes and builds in it (``_urgent()``;
-``Meter._working``); the thread goes back to its own class before it
-hands a batch to anyone: a host saturated by its tenants' tasks otherwise keeps it off
-the CPU for seconds, the rings' open windows run out, and the time is
-billed in later windows than its own (docs/architecture.md, "Takes and
-batches").
+``"realtime"``) from its start to its end, and a subclass takes and
+builds in it wherever they are called from (``urgent()``;
+``Meter._working``): a host saturated by its tenants' tasks otherwise
+keeps it off the CPU for seconds, the rings' open windows run out, and
+the time is billed in later windows than its own (docs/architecture.md,
+"Takes and batches").
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 
 import numpy as np
 
@@ -97,29 +97,32 @@ class DrainLoop:
         """Whether the background drain thread (:meth:`start`) runs."""
         return self._thread is not None and self._thread.is_alive()
 
-    def batches(self, duration: float | None = None) -> Iterator[np.ndarray]:
+    def batches(self, duration: float | None = None) -> Generator[np.ndarray, None, None]:
         """Yield record batches every batch interval until ``duration`` or :meth:`stop`.
 
         The last batch is a final flush up to the last complete window.
         Empty batches are not yielded.
         """
         self.open()  # a no-op when open
+        with self.urgent():
+            yield from self._batches(duration)
+
+    def _batches(self, duration: float | None) -> Iterator[np.ndarray]:
         deadline = None if duration is None else time.monotonic() + duration
         last = time.monotonic()
         next_at = last + self.drain_interval
         takes, before = 0, 0.0
         while not self._stop.is_set():
-            with self._urgent():
-                now = time.monotonic()
-                if deadline is not None and now >= deadline:
-                    break
-                wake = next_at if deadline is None else min(next_at, deadline)
-                if self._stop.wait(max(0.0, wake - now)):
-                    break
-                if deadline is not None and time.monotonic() >= deadline:
-                    break
-                takes += 1
-                full = self._take()
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                break
+            wake = next_at if deadline is None else min(next_at, deadline)
+            if self._stop.wait(max(0.0, wake - now)):
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            takes += 1
+            full = self._take()
             self._after_take()
             now = time.monotonic()
             next_at += self.next_interval(now - last, full - before)
@@ -138,19 +141,24 @@ class DrainLoop:
             yield batch
 
     @contextlib.contextmanager
-    def _urgent(self) -> Iterator[None]:
-        """Run the enclosed wait, take or build in the real-time class (SCHED_FIFO,
-        priority 1), then put this thread back in its own class (and nice).
+    def urgent(self) -> Iterator[None]:
+        """Run the enclosed code in the real-time class (SCHED_FIFO, priority 1),
+        then put this thread back in its own class (and nice); a no-op in a
+        thread that is real-time already, and with ``drain_priority`` "normal".
 
         Measured on this project's 2-CPU VM (benchmarks/no_loss.py): 1,000
         compartments waking every 1 ms kept a normal-priority take runnable but
         off the CPU for 5-7 s, even at nice -20, and 36-64 % of the host's CPU
-        time was billed late (six runs; 72 % at 500); in the real-time class the longest take was 90 ms
-        and nothing was late. The class is asked for per piece of work, so
-        what the caller does with a batch (and callbacks) runs as it would
-        have. Where it is refused (no CAP_SYS_NICE, a CPU cgroup with no
-        real-time runtime), the loop goes on at normal priority and says why
-        once (``realtime_refused``, and a warning)."""
+        time was billed late (six runs; 72 % at 500); in the real-time class the
+        longest take was 90 ms and nothing was late. The class is held for a
+        whole ``batches()``, the caller's loop body included: a thread handed
+        back its own class at each batch was preempted right there, at the
+        switch, and waited seconds again (a store written between batches:
+        57 % late). Any thread of the process that runs Python (the exporter's)
+        needs it too: preempted while it holds the interpreter's lock, it
+        holds the drain back with it. Where it is refused (no CAP_SYS_NICE, a
+        CPU cgroup with no real-time runtime), meter goes on at normal priority
+        and says why once (``realtime_refused``, and a warning)."""
         restore = None
         if self.drain_priority == "realtime" and not self.realtime_refused:
             try:
@@ -158,7 +166,8 @@ class DrainLoop:
                 if policy not in (os.SCHED_FIFO, os.SCHED_RR):  # already real-time: the caller's choice, kept
                     param = os.sched_getparam(0)
                     os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
-                    restore = policy, param
+                    # By thread id: a generator may be closed from another thread.
+                    restore = threading.get_native_id(), policy, param
             except (OSError, AttributeError) as err:
                 self.realtime_refused = getattr(err, "strerror", None) or str(err)
                 log.warning("meter: the drain runs at normal priority (real-time scheduling refused: %s); on a "
@@ -169,23 +178,31 @@ class DrainLoop:
             yield
         finally:
             if restore is not None:
-                os.sched_setscheduler(0, *restore)
+                with contextlib.suppress(ProcessLookupError):  # the thread has ended
+                    os.sched_setscheduler(*restore)
 
     async def abatches(self, duration: float | None = None) -> AsyncIterator[np.ndarray]:
-        """``batches()`` for asyncio: each drain runs in a worker thread, the loop stays free.
+        """``batches()`` for asyncio: the drain runs in a thread of its own (one, so
+        that it keeps its real-time class from batch to batch), the loop stays free.
 
         >>> async for batch in meter.abatches(10):   # doctest: +SKIP
         ...     await sink.write(batch)
         """
         import asyncio
+        from concurrent.futures import ThreadPoolExecutor
 
         gen = self.batches(duration)
         done = object()
-        while True:
-            batch = await asyncio.to_thread(next, gen, done)
-            if batch is done:
-                return
-            yield batch  # type: ignore[misc]
+        loop = asyncio.get_running_loop()
+        with ThreadPoolExecutor(1, thread_name_prefix="meter-drain") as thread:
+            try:
+                while True:
+                    batch = await loop.run_in_executor(thread, next, gen, done)
+                    if batch is done:
+                        return
+                    yield batch  # type: ignore[misc]
+            finally:
+                await loop.run_in_executor(thread, gen.close)
 
     # -- embedding ------------------------------------------------------------------
 

@@ -273,7 +273,17 @@ class Exporter:
             raise SinkError(f"cannot listen on {self.host}:{self.port}: {err.strerror}", target=f"{self.host}:{self.port}") from err
         self.port = self._server.server_address[1]
         self._started = time.time()
-        self._thread = threading.Thread(target=self._server.serve_forever, name="meter-exporter", daemon=True)
+        server, urgent = self._server, self.meter.urgent
+
+        def serve() -> None:
+            # In the drain's class (meter.loop), and so each request's thread, which
+            # inherits it: a thread of this process preempted by a saturated host while
+            # it holds the interpreter's lock (or the meter's) holds the drain back
+            # with it (measured: 33 % of CPU time late with scrapes every 0.5 s).
+            with urgent():
+                server.serve_forever()
+
+        self._thread = threading.Thread(target=serve, name="meter-exporter", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:

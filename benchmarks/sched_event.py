@@ -11,7 +11,8 @@ and writes one per-CPU slot.
 Without --pin it also measures 0 counters with the load pinned to CPU 0,
 where every switch is between two tasks of one cgroup and joins a run
 (bpf/sched.bpf.c, same_run()): no clock read. ``in_runs`` in the details
-is the share of switches that did.
+is the share of switches that did; ``idle_outs`` the share that were a
+switch away from idle charged in meter_switch itself (idle_out()).
 
 Goal: <= 1.3x the floor and <= 150 ns per event. It also reports
 meter_tick's ns per tick (the window's roll-over included) against
@@ -54,15 +55,15 @@ def _as_a_tenant() -> Iterator[dict[int, int]]:
 
 
 def _round(seconds: float, counters: list, floor_first: bool, resolve: bool,
-           pin: str | None) -> tuple[float, float, int, str, int, float, int]:
+           pin: str | None) -> tuple[float, float, int, str, int, float, int, int]:
     """One round with both programs on sched_switch; returns (meter ns, floor ns, events, load,
-    switches in runs, meter_tick's total ns, ticks)."""
+    switches in runs, meter_tick's total ns, ticks, switches away from idle charged in meter_switch)."""
     with _as_a_tenant() as compartments:
         return _round_in(seconds, counters, floor_first, compartments if resolve else {}, pin)
 
 
 def _round_in(seconds: float, counters: list, floor_first: bool, compartments: dict,
-              pin: str | None) -> tuple[float, float, int, str, int, float, int]:
+              pin: str | None) -> tuple[float, float, int, str, int, float, int, int]:
     floor = program.load("floor", {"METER_NR_COUNTERS": len(counters)})
     src = SchedSource(1_000_000, counters)
     src.set_compartments(KernelCompartments(compartments))
@@ -78,13 +79,14 @@ def _round_in(seconds: float, counters: list, floor_first: bool, compartments: d
         src.drain()
         stats = prog_stats(["meter_switch", "floor_switch", "meter_tick"])
         in_runs = getattr(src, "same_run_switches", 0)
+        idle_outs = getattr(src, "idle_out_switches", 0)
     finally:
         floor.cleanup()
         src.close()
     # meter's cost per switch: meter_switch's run time includes meter_charge and meter_settle, its
     # tail calls (a tail-called program has no run time of its own in bpf_stats).
     (m_ns, m_cnt), (f_ns, f_cnt), (t_ns, t_cnt) = stats["meter_switch"], stats["floor_switch"], stats["meter_tick"]
-    return per_run(m_ns, m_cnt), per_run(f_ns, f_cnt), m_cnt, load, in_runs, t_ns, t_cnt
+    return per_run(m_ns, m_cnt), per_run(f_ns, f_cnt), m_cnt, load, in_runs, t_ns, t_cnt, idle_outs
 
 
 def measure(seconds: float, ncounters: int, resolve: bool = True, pin: str | None = None) -> Result:
@@ -103,6 +105,7 @@ def measure(seconds: float, ncounters: int, resolve: bool = True, pin: str | Non
         ratio, "<= 1.3x floor and <= 150 ns", ratio <= 1.3 and meter_ns <= 150,
         {"events": a[2] + b[2], "load": a[3], "meter_first": a[:2], "floor_first": b[:2],
          "in_runs": round((a[4] + b[4]) / max(a[2] + b[2], 1), 4),
+         "idle_outs": round((a[7] + b[7]) / max(a[2] + b[2], 1), 4),
          "tick_ns": round(tick_ns, 1), "ticks": a[6] + b[6], "what": what},
     )
 

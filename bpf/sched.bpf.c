@@ -27,7 +27,8 @@
  *
  * Kernel structs are never dereferenced through the (maybe fallback)
  * headers: the few fields read come as byte offsets taken from the running
- * kernel's BTF (-D METER_*_OFF) and are read with bpf_probe_read_kernel.
+ * kernel's BTF (-D METER_*_OFF) and are read with bpf_probe_read_kernel
+ * (current's through its BTF pointer, prev_sum()).
  */
 #include <uapi/linux/bpf_perf_event.h>
 #include "meter.h"
@@ -462,6 +463,21 @@ static __always_inline u64 kread(u64 addr)
 		bpf_probe_read_kernel(&v, sizeof(v), (void *)addr);
 	return v;
 }
+
+/* se.sum_exec_runtime of prev, the outgoing task of a switch (so current,
+ * at sched_switch): with BTF's pointer to current (Linux 5.11+, as task
+ * storage), a plain load the verifier checks against the kernel's own
+ * layout, instead of a helper call. */
+#if METER_KERNEL_CHARGE
+static __always_inline u64 prev_sum(u64 prev)
+{
+#if METER_TASK_STORAGE
+	return *(u64 *)((char *)bpf_get_current_task_btf() + METER_TASK_SUM_OFF);
+#else
+	return kread(prev + METER_TASK_SUM_OFF);
+#endif
+}
+#endif
 
 /* Add v to cgid's pending adjustment (see struct meter_cpu). */
 static __always_inline void adj_add(struct meter_cpu *st, u64 cgid, s64 v)
@@ -1094,7 +1110,7 @@ static __always_inline int same_run(struct meter_cpu *st, u64 prev, u64 next)
 	 * so the charge that places the run (charge_until()) takes its whole
 	 * kernel charge as one task's. */
 	start = st->sum + st->carry;
-	sum = kread(prev + METER_TASK_SUM_OFF);
+	sum = prev_sum(prev);
 	st->carry += sum - start;
 	st->runs++;
 #if METER_TASK_STORAGE
@@ -1144,7 +1160,7 @@ static __always_inline int switch_charge(struct bpf_raw_tracepoint_args *ctx)
 			follow(st, prev);
 #endif
 		{
-			u64 sum = cgid == METER_IDLE_CGID ? 0 : kread(prev + METER_TASK_SUM_OFF);
+			u64 sum = cgid == METER_IDLE_CGID ? 0 : prev_sum(prev);
 
 			/* For recover_unseen(): the slice charged here, [st->sum, sum)
 			 * (st->sum less a run's carry, same_run()). */
@@ -1154,7 +1170,12 @@ static __always_inline int switch_charge(struct bpf_raw_tracepoint_args *ctx)
 			charge_until(st, now, cgid, prev, sum, 0);
 		}
 		st->task = next;
+#if METER_SAME_RUN
+		/* Nothing reads the idle task's sum (it has no kernel charge). */
+		st->sum = kread(next == st->idle_task ? 0 : next + METER_TASK_SUM_OFF);
+#else
 		st->sum = kread(next + METER_TASK_SUM_OFF);
+#endif
 		st->ahead = 0;
 #if METER_SAME_RUN
 		st->carry = 0;   /* placed by this charge (or owed by meter_switch) */
@@ -1175,6 +1196,56 @@ static __always_inline int switch_charge(struct bpf_raw_tracepoint_args *ctx)
 /* meter_charge (below), tail-called by meter_switch for a switch that is
  * not inside a run: user space puts it in slot 0 before attaching. */
 BPF_PROG_ARRAY(charge_call, 1);
+
+/*
+ * A switch away from the idle task whose charge has only idle's time to
+ * place: [last, now) to idle's slot, inside the current window, and next
+ * followed, here, without the tail call into meter_charge and its general
+ * path. That is what meter_charge does for it then (idle has no kernel
+ * charge, no unseen slice, no steal look at switches when the tick reads
+ * the hypervisor's counter), so the books are the same; it is half of the
+ * switches on a host whose CPUs go idle between wakeups
+ * (docs/architecture.md, "Switches through idle"). Declined, before the
+ * clock is read, when anything else waits for this CPU's time (a kernel
+ * charge owed or a debt, steal, a run's carry, packet counts) and, after,
+ * when [last, now) leaves the window: meter_charge then reads the clock
+ * again and does it all.
+ */
+static __always_inline int idle_out(struct meter_cpu *st, u64 prev, u64 next)
+{
+	u64 delta[METER_MAX_COUNTERS] = {};
+	u64 now, last = st->last_ns;
+	s64 any = 0;
+
+	if (prev != st->idle_task || !prev || !last || st->carry)
+		return 0;
+#if METER_NET
+	if (st->net_ndirty)
+		return 0;
+#endif
+#if METER_STEAL
+	if (!METER_KVM_STEAL || !st->rq || st->steal)
+		return 0;
+#endif
+#pragma unroll
+	for (int a = 0; a < METER_ADJ; a++)
+		any |= st->adj_ns[a];
+	if (any)
+		return 0;
+	now = bpf_ktime_get_ns();
+	if (now >= st->window_end)
+		return 0;
+	read_counters(st, delta);
+	if (now > last) {
+		accumulate(st, METER_IDLE_CGID, now - last, delta);
+		st->last_ns = now;
+	}
+	st->task = next;
+	st->sum = kread(next + METER_TASK_SUM_OFF);
+	st->ahead = 0;
+	st->idle_outs++;
+	return 1;
+}
 
 /* Tail-called by meter_switch: a program of its own, so that the
  * verifier walks the charge's paths once, not once per way same_run() can
@@ -1213,6 +1284,8 @@ int meter_switch(struct bpf_raw_tracepoint_args *ctx)
 			owe_carry(st, owed);
 		}
 	}
+	if (idle_out(st, ctx->args[1], ctx->args[2]))
+		return 0;
 	charge_call.call(ctx, 0);   /* does not return (unless the slot is empty) */
 	return 0;
 }

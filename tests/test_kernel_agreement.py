@@ -95,7 +95,7 @@ def test_cpu_ns_equals_cpu_stat(workload, tmp_path, cgroups, cgroup_mount, busy_
         time.sleep(0.005)  # the cgroup has been idle for a while: cut anywhere in here
         cut_ns = time.time_ns() - 2_000_000
         before = cpu_usage_usec(cg)
-        runs_before = meter.stats.run_switches
+        runs_before, idle_outs_before = meter.stats.run_switches, meter.stats.idle_out_switches
         for p in procs:
             os.kill(p.pid, signal.SIGCONT)
         batches = []
@@ -106,7 +106,12 @@ def test_cpu_ns_equals_cpu_stat(workload, tmp_path, cgroups, cgroup_mount, busy_
         after = cpu_usage_usec(cg)
         batches += list(meter.batches(0.05))
         runs = meter.stats.run_switches - runs_before
+        idle_outs = meter.stats.idle_out_switches - idle_outs_before
     assert all(p.returncode == 0 for p in procs)
+    # The host's CPUs go idle between the half-busy noise's bursts: switches away
+    # from idle were charged in meter_switch itself (idle_out()), and the bill
+    # below holds with them.
+    assert idle_outs > 0
     if workload == "pipe_ping_pong_one_cpu":
         # Its 40,000 switches go straight from one of its real-time tasks to
         # the other (other tasks' runs on the host only add to the count):

@@ -73,6 +73,8 @@ class CPUSource(Protocol):
     nudges: int
     #: Switches inside one cgroup charged with the run they joined (0: none, or no runs).
     same_run_switches: int
+    #: Switches away from idle charged in the switch program itself (no tail call; 0: none).
+    idle_out_switches: int
 
     @property
     def first_window(self) -> int: ...

@@ -53,6 +53,7 @@ class FakeCPU:
         self.closed_window = first_window - 1
         self.nudges = 0
         self.same_run_switches = 0  # no kernel program: no runs
+        self.idle_out_switches = 0
         self.ncounters = 0
         self.is_open = False
         self.spec: CPUSpec | None = None

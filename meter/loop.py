@@ -40,9 +40,24 @@ __all__ = ["DRAIN_PRIORITIES", "BatchCallback", "DrainLoop"]
 #: How the drain loop's thread is scheduled while it waits for a take, takes and builds.
 DRAIN_PRIORITIES = ("realtime", "normal")
 
+#: The most of its time the drain loop's thread works while it is real-time: after
+#: working w s of CPU (a take, maybe a build, the caller's loop body), it waits at
+#: least w * (1 - REALTIME_DUTY) / REALTIME_DUTY s before its next take, whatever its
+#: schedule. A loop that cannot keep up then bills late (named in the records) instead
+#: of taking a CPU from the host's tenants.
+REALTIME_DUTY = 0.5
+
 BatchCallback = Callable[[np.ndarray], None]
 
 log = logging.getLogger("meter")
+
+
+def _realtime() -> bool:
+    """Whether this thread is in a real-time class."""
+    try:
+        return os.sched_getscheduler(0) in (os.SCHED_FIFO, os.SCHED_RR)
+    except (OSError, AttributeError):
+        return False
 
 
 class DrainLoop:
@@ -55,6 +70,8 @@ class DrainLoop:
     def __init__(self) -> None:
         #: Why the drain could not run in the real-time class ("" when it could, or was not asked to).
         self.realtime_refused = ""
+        #: Takes put off by REALTIME_DUTY: the real-time loop had worked more than its share.
+        self.duty_waits = 0
         self._callbacks: list[BatchCallback] = []
         self._take_callbacks: list[Callable[[], None]] = []
         self._stop = threading.Event()
@@ -112,13 +129,24 @@ class DrainLoop:
         last = time.monotonic()
         next_at = last + self.drain_interval
         takes, before = 0, 0.0
+        # Real-time (urgent(), or the caller's own choice): at most REALTIME_DUTY of the time busy.
+        realtime = _realtime()
+        worked_from = time.thread_time()
         while not self._stop.is_set():
             now = time.monotonic()
             if deadline is not None and now >= deadline:
                 break
-            wake = next_at if deadline is None else min(next_at, deadline)
+            wake = next_at
+            if realtime:
+                rest = (time.thread_time() - worked_from) * (1 - REALTIME_DUTY) / REALTIME_DUTY
+                if now + rest > wake:
+                    wake = now + rest
+                    self._duty_wait(rest)
+            if deadline is not None:
+                wake = min(wake, deadline)
             if self._stop.wait(max(0.0, wake - now)):
                 break
+            worked_from = time.thread_time()
             if deadline is not None and time.monotonic() >= deadline:
                 break
             takes += 1
@@ -139,6 +167,15 @@ class DrainLoop:
         if len(batch):
             self._dispatch(batch)
             yield batch
+
+    def _duty_wait(self, rest: float) -> None:
+        if not self.duty_waits:
+            log.warning("meter: the drain loop worked more than %d %% of its time in the real-time class (it "
+                        "waits %.0f ms now): it waits as long as it works, so that it never takes a CPU from "
+                        "the host's tenants, and time it cannot take in time is billed in later windows "
+                        "(named late in the records); longer windows (window_ms) make it less work",
+                        REALTIME_DUTY * 100, rest * 1000)
+        self.duty_waits += 1
 
     @contextlib.contextmanager
     def urgent(self) -> Iterator[None]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 import urllib.request
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from meter import resolver as resolver_mod
 from meter.bpfabi import GIVEN_BIT, IDLE_CGID, KIND_RX, KIND_TX, PORT_CGID_BIT, SCHED_CGID, STEAL_CGID
 from meter.cgroup import cgroup_id
 from meter.engine import Meter, window_totals
+from meter.loop import DrainLoop
 from meter.errors import ConfigError, MeterError
 from meter.perf import CounterPlan
 from meter.records import NAMES, code, text
@@ -768,6 +770,55 @@ def test_normal_drain_priority_leaves_the_thread_alone_and_a_bad_one_is_refused(
     assert asked == [] and meter.realtime_refused == ""
     with pytest.raises(ConfigError, match="drain_priority must be one of realtime, normal, not 'fast'"):
         Meter(_topology(tree), sources=FakeSources(FakeCPU()), drain_priority="fast")
+
+
+class _Busy(DrainLoop):
+    """A drain loop whose every take works ``work`` s of CPU: more than its interval."""
+
+    drain_interval = 0.005
+
+    def __init__(self, work: float, priority: str) -> None:
+        super().__init__()
+        self.work, self.drain_priority, self.took = work, priority, 0
+
+    def open(self) -> None:
+        pass
+
+    def _take(self) -> float:
+        end = time.thread_time() + self.work
+        while time.thread_time() < end:
+            pass
+        self.took += 1
+        return 0.0
+
+    def _batch(self) -> np.ndarray:
+        return np.zeros(0)
+
+    def _drain(self, *, final: bool) -> np.ndarray:
+        return np.zeros(0)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the real-time class needs root (CAP_SYS_NICE); CI runs as root")
+def test_a_real_time_loop_that_cannot_keep_up_works_at_most_half_the_time_and_says_so(caplog):
+    """Takes of 20 ms of CPU every 5 ms: in the real-time class the loop would take a
+    whole CPU from the host's tenants; it waits as long as it works instead."""
+    loop = _Busy(0.02, "realtime")
+    wall0, cpu0 = time.monotonic(), time.thread_time()
+    with caplog.at_level("WARNING", logger="meter"):
+        assert list(loop.batches(0.6)) == []
+    wall, cpu = time.monotonic() - wall0, time.thread_time() - cpu0
+    # Each take's work w is followed by a wait of at least w, but the last one's: so
+    # cpu <= (wall + w) / 2, whatever else runs on the host (wall only grows with it).
+    assert loop.took >= 3 and cpu <= (wall + loop.work) / 2, (cpu, wall, loop.took)
+    assert loop.duty_waits >= loop.took - 2
+    said = [r.getMessage() for r in caplog.records if "more than 50 %" in r.getMessage()]
+    assert len(said) == 1 and "later windows" in said[0]
+
+
+def test_a_normal_priority_loop_is_not_held_to_the_real_time_share():
+    loop = _Busy(0.02, "normal")
+    assert list(loop.batches(0.2)) == []
+    assert loop.took >= 2 and loop.duty_waits == 0
 
 
 def test_records_become_json_ready_dicts_with_null_as_none(tree):

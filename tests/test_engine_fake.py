@@ -22,8 +22,8 @@ from meter import resolver as resolver_mod
 from meter.bpfabi import GIVEN_BIT, IDLE_CGID, KIND_RX, KIND_TX, PORT_CGID_BIT, SCHED_CGID, STEAL_CGID
 from meter.cgroup import cgroup_id
 from meter.engine import Meter, window_totals
-from meter.loop import DrainLoop
 from meter.errors import ConfigError, MeterError
+from meter.loop import DrainLoop
 from meter.perf import CounterPlan
 from meter.records import NAMES, code, text
 from meter.resolver import PSEUDO_ROWS

@@ -294,10 +294,27 @@ static __always_inline void put(u64 cgid, u64 window, u64 ns, u64 *delta,
 	store_row(row_of(cgid), window, ns, delta, watermark, control_get(METER_CTL_TAKEN));
 }
 
+/* 1 when v is not 0, else 0, for every u64 (v or -v has bit 63 set). */
+static __always_inline u64 nonzero(u64 v)
+{
+	return (v | (0 - v)) >> 63;
+}
+
+/*
+ * This CPU's slot for cgid. idle and sched, charged at nearly every switch
+ * through idle, have slots of their own, 0 and 1; every other cgroup hashes
+ * onto the other six (Fibonacci hashing: cgroup ids are inode numbers, often
+ * close; onto six by a multiply and a shift, not a division). Sharing idle's
+ * or sched's slot, a compartment whose id hashed there (one in four) had
+ * every switch through idle evict one of them: about 50 ns a switch more for
+ * that compartment's tasks (docs/architecture.md, "Switches through idle").
+ * Branch-free, so the verifier walks each caller once, not once per case.
+ */
 static __always_inline u32 slot_of(u64 cgid)
 {
-	/* Fibonacci hashing: cgroup ids are inode numbers, often close. */
-	return (cgid * 0x9E3779B97F4A7C15ULL) >> (64 - 3) & (METER_CACHE_SLOTS - 1);
+	u64 h = (((cgid * 0x9E3779B97F4A7C15ULL) >> 32) * (METER_CACHE_SLOTS - 2)) >> 32;
+
+	return (u32)(nonzero(cgid) * (1 + nonzero(cgid ^ METER_SCHED_CGID) * (1 + h))) & (METER_CACHE_SLOTS - 1);
 }
 
 /* Move every slot of this CPU's current window into the usage map. */

@@ -89,7 +89,7 @@ class Meter(DrainLoop):
     the kernel's rings are taken into this process every ``drain_interval``
     seconds or less (a whole number of times per batch), which the kernel's
     window split bounds (docs/architecture.md, "Takes and batches").
-    ``drain_priority`` "realtime" (the default) runs ``batches()`` (its
+    ``drain_priority`` (default: the topology's, else "realtime") "realtime" runs ``batches()`` (its
     caller's loop body included) and every take and build in the real-time
     class, so that tenants saturating the host cannot hold the takes back
     (:mod:`meter.loop`); "normal" leaves the threads as they are.
@@ -114,7 +114,7 @@ class Meter(DrainLoop):
         vf_links: Callable[[str], list[Any]] | None = None,
         sources: SourceFactory | None = None,
         packet_time: str | None = None,
-        drain_priority: str = "realtime",
+        drain_priority: str | None = None,
     ) -> None:
         window_ms = window_ms if window_ms is not None else (topology.window_ms or 1)
         if problem := window_ms_problem(window_ms):
@@ -125,6 +125,7 @@ class Meter(DrainLoop):
         if len(topology.compartments) > MAX_COMPARTMENTS:
             raise ConfigError(f"{len(topology.compartments)} compartments: meter resolves at most {MAX_COMPARTMENTS} "
                               "in the kernel; split the host's tenants over fewer compartments")
+        drain_priority = drain_priority if drain_priority is not None else (topology.drain_priority or "realtime")
         if drain_priority not in DRAIN_PRIORITIES:
             raise ConfigError(f"drain_priority must be one of {', '.join(DRAIN_PRIORITIES)}, not {drain_priority!r}",
                               setting="drain_priority")
@@ -464,6 +465,11 @@ class Meter(DrainLoop):
                 # Compiled into the kernel program: it stays what the meter opened with.
                 log.warning("meter: packet_time %s in the new topology takes effect at the next restart "
                             "(still %s)", want, self.packet_time)
+            want = topology.drain_priority or "realtime"
+            if topology.drain_priority != old.drain_priority and want != self.drain_priority:
+                # The loop holds its thread's class from its start to its end.
+                log.warning("meter: drain_priority %s in the new topology takes effect at the next restart "
+                            "(still %s)", want, self.drain_priority)
 
     # -- producing batches ---------------------------------------------------------
 

@@ -210,7 +210,7 @@ class DrainLoop:
                 log.warning("meter: the drain runs at normal priority (real-time scheduling refused: %s); on a "
                             "host its tenants saturate, takes can come late and time is then billed in later "
                             "windows: give meter CAP_SYS_NICE (or real-time runtime in its CPU cgroup), or "
-                            "pass drain_priority='normal' to choose this", self.realtime_refused)
+                            "set drain_priority = \"normal\" (topology) to choose this", self.realtime_refused)
         try:
             yield
         finally:

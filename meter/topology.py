@@ -43,6 +43,7 @@ from . import cgroup as cgroupfs
 from .discovery import RULE_KEYS, Rule
 from .errors import CgroupError, ConfigError
 from .host import load_toml
+from .loop import DRAIN_PRIORITIES
 from .sources.base import packet_time_problem
 from .sources.ovsdb import address_problem
 
@@ -79,7 +80,7 @@ RESERVED = (HOST, IDLE, SCHED, STEAL, UNATTRIBUTED, LATE)
 NAME_MAX = 64
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:@+-]+$")
-_TOP_KEYS = {"window_ms", "packet_time", "tenant", "energy", "discover"}
+_TOP_KEYS = {"window_ms", "packet_time", "drain_priority", "tenant", "energy", "discover"}
 log = logging.getLogger("meter")
 
 #: Supported record widths, in ms (README, "Records"): 1 ms to one minute.
@@ -168,6 +169,8 @@ class Topology:
     rules: tuple[Rule, ...] = ()
     #: How packets sent outside a NET softirq are dated ("clock", "charge"; None: the default, "clock").
     packet_time: str | None = None
+    #: How the drain loop's thread is scheduled (meter.loop: "realtime", "normal"; None: the default, "realtime").
+    drain_priority: str | None = None
 
     # -- construction -------------------------------------------------------
 
@@ -231,7 +234,8 @@ class Topology:
         cgroup found before keeps its names); listed compartments are fixed."""
         if self.cgroup_root is not None:
             fresh = Topology.discover(self.cgroup_root, mount=self.mount)
-            return dataclasses.replace(fresh, window_ms=self.window_ms, energy=self.energy, packet_time=self.packet_time)
+            return dataclasses.replace(fresh, window_ms=self.window_ms, energy=self.energy, packet_time=self.packet_time,
+                                       drain_priority=self.drain_priority)
         if not self.rules:
             return self
         listed = tuple(c for c in self.compartments if not c.discovered)
@@ -384,6 +388,9 @@ class _Parser:
         packet_time = data.get("packet_time")
         if packet_time is not None and (problem := packet_time_problem(packet_time)):
             raise self.fail("packet_time", problem, packet_time)
+        drain_priority = data.get("drain_priority")
+        if drain_priority is not None and drain_priority not in DRAIN_PRIORITIES:
+            raise self.fail("drain_priority", f"must be one of {', '.join(DRAIN_PRIORITIES)}", drain_priority)
         energy = data.get("energy", {})
         if not isinstance(energy, dict):
             raise self.fail("energy", "must be a table")
@@ -481,7 +488,8 @@ class _Parser:
                                          ovsdb_netns=ovsdb_netns))
         rules = self.rules(data.get("discover", []))
         found = _discover(rules, tuple(comps))
-        return Topology(tuple(comps) + found, self.mount, window_ms, self.path, None, dict(energy), rules, packet_time)
+        return Topology(tuple(comps) + found, self.mount, window_ms, self.path, None, dict(energy), rules, packet_time,
+                        drain_priority)
 
     def rules(self, raw: Any) -> tuple[Rule, ...]:
         if not isinstance(raw, list):

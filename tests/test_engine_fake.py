@@ -342,6 +342,20 @@ def test_a_reload_cannot_change_packet_time_and_says_so(tree, caplog):
     meter.close()
 
 
+def test_a_reload_that_changes_drain_priority_says_when_it_takes_effect(tree, caplog):
+    normal = dataclasses.replace(_topology(tree), drain_priority="normal")
+    meter, _ = _open(normal)
+    assert meter.drain_priority == "normal"
+    meter.set_topology(normal)
+    assert not [r for r in caplog.records if "drain_priority" in r.message]
+    meter.set_topology(_topology(tree))  # the key removed: the default, realtime
+    warned = [r.message for r in caplog.records if "drain_priority" in r.message]
+    assert warned == ["meter: drain_priority realtime in the new topology takes effect at the next restart "
+                      "(still normal)"]
+    assert meter.drain_priority == "normal"
+    meter.close()
+
+
 def test_a_removed_compartments_tasks_count_as_host_after_a_reload(tree):
     meter, src = _open(_topology(tree))
     meter.set_topology(_topology(tree, names=("globex",)))
@@ -758,7 +772,7 @@ def test_a_refused_real_time_class_is_said_once_and_the_loop_goes_on(tree, monke
     assert batches and meter.stats.takes > 2
     assert meter.realtime_refused == "Operation not permitted"
     said = [r.getMessage() for r in caplog.records if "real-time scheduling refused" in r.getMessage()]
-    assert len(said) == 1 and "drain_priority='normal'" in said[0]
+    assert len(said) == 1 and 'drain_priority = "normal"' in said[0]
 
 
 def test_normal_drain_priority_leaves_the_thread_alone_and_a_bad_one_is_refused(tree, monkeypatch):

@@ -67,6 +67,17 @@ def test_packet_time_is_read_and_kept_by_a_refresh(tmp_path, mount):
         Meter(topo, packet_time="exact")
 
 
+def test_drain_priority_is_read_and_kept_by_a_refresh(tmp_path, mount):
+    """drain_priority (meter.loop): unset is None (the meter's default, "realtime");
+    set, the Meter takes it unless told otherwise, and a refresh keeps it: the way
+    a CLI or systemd user chooses a normal-priority drain."""
+    assert Topology.from_file(write(tmp_path, GOOD, mount), mount=mount).drain_priority is None
+    assert Meter(Topology.from_file(write(tmp_path, GOOD, mount), mount=mount)).drain_priority == "realtime"
+    topo = Topology.from_file(write(tmp_path, 'drain_priority = "normal"\n' + GOOD, mount), mount=mount)
+    assert topo.drain_priority == "normal" and topo.refresh().drain_priority == "normal"
+    assert Meter(topo).drain_priority == "normal" and Meter(topo, drain_priority="realtime").drain_priority == "realtime"
+
+
 def test_owner_deepest_compartment_wins(tmp_path, mount):
     text = GOOD + '\n[[tenant.compartment]]\nname = "pmd"\ncgroup = "tenants/acme/vswitch/pmd"\n'
     topo = Topology.from_file(write(tmp_path, text, mount), mount=mount)
@@ -84,6 +95,7 @@ def test_owner_deepest_compartment_wins(tmp_path, mount):
         ('window_ms = "1"\n', 1, "window_ms", "whole number"),
         ('packet_time = "tick"\n', 1, "packet_time", "one of 'clock', 'charge'"),
         ("packet_time = 1\n", 1, "packet_time", "one of 'clock', 'charge'"),
+        ('drain_priority = "fifo"\n', 1, "drain_priority", "one of realtime, normal"),
         ("colour = 1\n", 1, "colour", "unknown key"),
         ('[[tenant]]\nname = "a"\n[[tenant.compartment]]\nname = "x"\n', None, "tenant[0].compartment[0].cgroup", "missing"),
         ('[[tenant]]\nname = "a"\n[[tenant.compartment]]\nname = "x"\ncgroup = "c"\nifaces = []\n', 6,

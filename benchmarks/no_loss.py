@@ -97,7 +97,7 @@ def run(size: int, seconds: float, priority: str = "realtime", with_: str = "") 
                    "late_unmatched_ns": st.late_unmatched_ns, "unattributed_ns": st.unattributed_ns,
                    "agent_cpu_pct_of_core": cpu_pct, "records": st.records, "records_per_s": st.records / wall,
                    "windows": st.windows, "drain_priority": priority,
-                   "realtime_refused": meter.realtime_refused})
+                   "realtime_refused": meter.realtime_refused, "duty_waits": meter.duty_waits})
 
 
 def main() -> list[Result]:
@@ -116,7 +116,8 @@ def main() -> list[Result]:
         r = run(size, args.seconds, args.drain_priority, args.with_)
         d = r.detail
         print(f"  {size}: lost {d['lost'] or 0}, late {d['late_ns'] / 1e9:.3f} s ({d['late_share']:.1%} of CPU time), "
-              f"agent {d['agent_cpu_pct_of_core']:.1f} % of a core, {d['records_per_s']:.0f} records/s", flush=True)
+              f"agent {d['agent_cpu_pct_of_core']:.1f} % of a core, {d['records_per_s']:.0f} records/s, "
+              f"takes put off by the real-time share {d['duty_waits']}", flush=True)
         out.append(r)
     return out
 

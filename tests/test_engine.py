@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -516,3 +518,40 @@ def test_a_start_held_up_past_its_first_window_loses_no_window(cgroups, monkeypa
         batch = _run(meter, 0.3)
     assert held and meter.stats.missing_windows == 0 and meter.stats.conservation_violations == 0
     assert meter.stats.windows > 200 and len(batch)
+
+
+def _old_slot(cgid: int) -> int:
+    """The per-CPU slot sched.bpf.c gave a cgroup before stop 40 (Fibonacci hashing onto all eight)."""
+    return ((cgid * 0x9E3779B97F4A7C15) % 2**64) >> 61
+
+
+def test_idle_and_sched_keep_their_slots_whatever_a_compartments_cgroup_id(tmp_path, cgroups, cgroup_mount):
+    """A compartment whose cgroup id hashed onto idle's or sched's slot (one in four)
+    evicted it at every switch through idle: its tasks' switches cost 280-290 ns
+    against ~160 (docs/architecture.md, "Switches through idle"). Here the cgroup is
+    made until its id is such a one; it wakes from idle every 0.5 ms on this host,
+    and every CPU's slots hold idle in slot 0, sched in slot 1 and it elsewhere."""
+    from meter.bpfabi import SCHED_CGID
+    from meter.cgroup import cgroup_id
+
+    for i in range(64):  # each id lands on slot 0 or 1 with odds 1 in 4: 64 misses are 1e-8
+        cg = cgroups.make(f"c{i}")
+        if _old_slot(cgroup_id(cg)) in (0, 1):
+            break
+    else:
+        pytest.fail("no cgroup id hashed onto slot 0 or 1 in 64")
+    cgid = cgroup_id(cg)
+    topo = _topology(tmp_path, cgroup_mount, {"acme": cg})
+    with Meter(topo) as meter:
+        p = cgroups.spawn_stopped(cg, [sys.executable, "-S", "-c",
+                                       "import time\nfor _ in range(600):\n    time.sleep(0.0005)\n"])
+        os.kill(p.pid, signal.SIGCONT)
+        assert p.wait(30) == 0
+        src = meter.cpu_source
+        assert src is not None
+        table = src.bpf[b"cpu_state"]
+        cpus = table[table.Key(0)]
+        held = {(c, i, int(cpus[c].slot[i].cgid)) for c in range(len(cpus)) for i in range(len(cpus[c].slot))
+                if cpus[c].slot[i].cgid or i == 0}
+    assert {i for _, i, g in held if g == cgid} and {i for _, i, g in held if g == cgid} <= set(range(2, 8))
+    assert {i for _, i, g in held if g == 0} == {0} and {i for _, i, g in held if g == SCHED_CGID} <= {1}

@@ -306,7 +306,7 @@ static __always_inline u64 nonzero(u64 v)
  * onto the other six (Fibonacci hashing: cgroup ids are inode numbers, often
  * close; onto six by a multiply and a shift, not a division). Sharing idle's
  * or sched's slot, a compartment whose id hashed there (one in four) had
- * every switch through idle evict one of them: about 50 ns a switch more for
+ * every switch through idle evict one of them: 50-120 ns a switch more for
  * that compartment's tasks (docs/architecture.md, "Switches through idle").
  * Branch-free, so the verifier walks each caller once, not once per case.
  */
@@ -1040,18 +1040,34 @@ static __always_inline void recover_unseen(struct meter_cpu *st)
 BPF_PROG_ARRAY(settle_call, 1);
 
 /* Something for meter_settle: an adjustment pending, and no walk yet in this window. */
-static __always_inline int settle_due(struct meter_cpu *st)
+/* Whether this CPU holds an adjustment: a kernel charge owed, or a debt. */
+static __always_inline int adj_pending(struct meter_cpu *st)
 {
 	s64 any = 0;
 
-	if (!st->last_ns || st->settled_window == st->window)
-		return 0;
 #pragma unroll
 	for (int a = 0; a < METER_ADJ; a++)
 		any |= st->adj_ns[a];
 	return any != 0;
 }
+
+static __always_inline int settle_due(struct meter_cpu *st)
+{
+	if (!st->last_ns || st->settled_window == st->window)
+		return 0;
+	return adj_pending(st);
+}
 #endif
+
+/* Packet counts this CPU holds for its packet window, waiting for a switch to flush them. */
+static __always_inline u32 net_pending(struct meter_cpu *st)
+{
+#if METER_NET
+	return st->net_ndirty;
+#else
+	return 0;
+#endif
+}
 
 #if METER_SAME_RUN
 /*
@@ -1085,10 +1101,8 @@ static __always_inline int same_run(struct meter_cpu *st, u64 prev, u64 next)
 	}
 	if (prev != st->task || st->run_owed || !st->idle_task || prev == st->idle_task || next == st->idle_task || !st->last_ns)
 		return 0;
-#if METER_NET
-	if (st->net_ndirty)
+	if (net_pending(st))
 		return 0;
-#endif
 #if METER_STEAL
 	if (!st->rq)
 		return 0;
@@ -1232,23 +1246,13 @@ static __always_inline int idle_out(struct meter_cpu *st, u64 prev, u64 next)
 {
 	u64 delta[METER_MAX_COUNTERS] = {};
 	u64 now, last = st->last_ns;
-	s64 any = 0;
 
-	if (prev != st->idle_task || !prev || !last || st->carry)
+	if (prev != st->idle_task || !prev || !last || st->carry || net_pending(st) || adj_pending(st))
 		return 0;
-#if METER_NET
-	if (st->net_ndirty)
-		return 0;
-#endif
 #if METER_STEAL
 	if (!METER_KVM_STEAL || !st->rq || st->steal)
 		return 0;
 #endif
-#pragma unroll
-	for (int a = 0; a < METER_ADJ; a++)
-		any |= st->adj_ns[a];
-	if (any)
-		return 0;
 	now = bpf_ktime_get_ns();
 	if (now >= st->window_end)
 		return 0;

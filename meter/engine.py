@@ -89,7 +89,7 @@ class Meter(DrainLoop):
     the kernel's rings are taken into this process every ``drain_interval``
     seconds or less (a whole number of times per batch), which the kernel's
     window split bounds (docs/architecture.md, "Takes and batches").
-    ``drain_priority`` (default: the topology's, else "realtime") "realtime" runs ``batches()`` (its
+    ``drain_priority`` (default: the topology's, else "realtime"): "realtime" runs ``batches()`` (its
     caller's loop body included) and every take and build in the real-time
     class, so that tenants saturating the host cannot hold the takes back
     (:mod:`meter.loop`); "normal" leaves the threads as they are.

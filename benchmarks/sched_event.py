@@ -80,13 +80,14 @@ def _round_in(seconds: float, counters: list, floor_first: bool, compartments: d
         stats = prog_stats(["meter_switch", "floor_switch", "meter_tick"])
         in_runs = getattr(src, "same_run_switches", 0)
         idle_outs = getattr(src, "idle_out_switches", 0)
+        idle_ins = getattr(src, "idle_in_switches", 0)
     finally:
         floor.cleanup()
         src.close()
     # meter's cost per switch: meter_switch's run time includes meter_charge and meter_settle, its
     # tail calls (a tail-called program has no run time of its own in bpf_stats).
     (m_ns, m_cnt), (f_ns, f_cnt), (t_ns, t_cnt) = stats["meter_switch"], stats["floor_switch"], stats["meter_tick"]
-    return per_run(m_ns, m_cnt), per_run(f_ns, f_cnt), m_cnt, load, in_runs, t_ns, t_cnt, idle_outs
+    return per_run(m_ns, m_cnt), per_run(f_ns, f_cnt), m_cnt, load, in_runs, t_ns, t_cnt, idle_outs, idle_ins
 
 
 def measure(seconds: float, ncounters: int, resolve: bool = True, pin: str | None = None) -> Result:
@@ -106,6 +107,7 @@ def measure(seconds: float, ncounters: int, resolve: bool = True, pin: str | Non
         {"events": a[2] + b[2], "load": a[3], "meter_first": a[:2], "floor_first": b[:2],
          "in_runs": round((a[4] + b[4]) / max(a[2] + b[2], 1), 4),
          "idle_outs": round((a[7] + b[7]) / max(a[2] + b[2], 1), 4),
+         "idle_ins": round((a[8] + b[8]) / max(a[2] + b[2], 1), 4),
          "tick_ns": round(tick_ns, 1), "ticks": a[6] + b[6], "what": what},
     )
 

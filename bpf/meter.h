@@ -177,6 +177,7 @@ struct meter_cpu {
 	__u64 idle_task;
 	__u64 runs;                 /* switches that joined a run (counted) */
 	__u64 idle_outs;            /* switches away from idle charged in meter_switch (idle_out()) */
+	__u64 idle_ins;             /* switches into idle charged in meter_switch (idle_in()) */
 	__u64 nudge_seen;           /* METER_CTL_NUDGE at this CPU's last switch */
 	__u64 run_owed;             /* the run's carry is owed (a tick found it ended) */
 	__u64 ahead_cgid;           /* the cgroup the last tick gave provisional time to */

@@ -1268,6 +1268,73 @@ static __always_inline int idle_out(struct meter_cpu *st, u64 prev, u64 next)
 	return 1;
 }
 
+/*
+ * A switch into the idle task whose charge is prev's slice alone: the
+ * clock, what the kernel charged prev since its switch in (to prev's
+ * cgroup) and the rest of [last, now) (the scheduler's time, to sched),
+ * inside the current window, here, without the tail call into
+ * meter_charge. That is what meter_charge does for it then (prev followed
+ * since its switch in, so no unseen start; no adjustment, steal, run's
+ * carry or tick's provisional time to place first), so the books are the
+ * same; it is the other half of the switches through idle
+ * (docs/architecture.md, "Switches through idle"). Declined as idle_out()
+ * is, and also after the clock and prev's sum are read when the kernel
+ * charged prev more than the clock saw and idle's time in this window
+ * cannot cover it (meter_charge then takes it from sched's time too, or
+ * owes it). The counters are read only once it is taken: a read that
+ * meter_charge repeated would lose what the first one took.
+ */
+static __always_inline int idle_in(struct meter_cpu *st, u64 prev, u64 next)
+{
+	u64 delta[METER_MAX_COUNTERS] = {};
+	u64 zero[METER_MAX_COUNTERS] = {};
+	struct meter_slot *idle = &st->slot[0];
+	u64 now, last = st->last_ns, cgid, sum, span, want;
+
+	if (next != st->idle_task || !next || prev != st->task || prev == next || !last || st->carry ||
+	    st->ahead || st->run_owed || net_pending(st) || adj_pending(st))
+		return 0;
+#if METER_STEAL
+	if (!METER_KVM_STEAL || !st->rq || st->steal)
+		return 0;
+#endif
+	now = bpf_ktime_get_ns();
+	if (now >= st->window_end || now <= last)
+		return 0;
+	cgid = current_cgid(st);
+	if (cgid == METER_IDLE_CGID)
+		return 0;
+	sum = prev_sum(prev);
+	span = now - last;
+	want = sum - st->sum;
+	if ((s64)want < 0)
+		return 0;
+	/* The kernel charged more than the clock saw (it dates a wakeup's
+	 * slice from before the switch): the more comes out of idle's time in
+	 * this window (its own slot, 0), as meter_charge's move() takes it,
+	 * when that holds it (a slot keeps 1 ns). */
+	if (want >= span && (idle->cgid != METER_IDLE_CGID || idle->usage.ns <= want - span))
+		return 0;
+	read_counters(st, delta);
+	if (want >= span)
+		idle->usage.ns -= want - span;
+	else
+		accumulate(st, METER_SCHED_CGID, span - want, zero);
+	if (want)
+		accumulate(st, cgid, want, delta);
+	st->last_ns = now;
+#if METER_TASK_STORAGE
+	st->out_start = st->sum;
+	st->out_sum = sum;
+	st->out_cgid = cgid;
+	recover_unseen(st);
+#endif
+	st->task = next;
+	st->sum = 0;   /* the idle task's: nothing reads it */
+	st->idle_ins++;
+	return 1;
+}
+
 /* Tail-called by meter_switch: a program of its own, so that the
  * verifier walks the charge's paths once, not once per way same_run() can
  * decline (the charge already takes most of its instruction budget). */
@@ -1305,7 +1372,7 @@ int meter_switch(struct bpf_raw_tracepoint_args *ctx)
 			owe_carry(st, owed);
 		}
 	}
-	if (idle_out(st, ctx->args[1], ctx->args[2]))
+	if (idle_out(st, ctx->args[1], ctx->args[2]) || idle_in(st, ctx->args[1], ctx->args[2]))
 		return 0;
 	charge_call.call(ctx, 0);   /* does not return (unless the slot is empty) */
 	return 0;

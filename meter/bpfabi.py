@@ -100,7 +100,8 @@ def check_table(table: Any, key: np.dtype, value: np.dtype, what: str) -> None:
 
 
 #: The fields of struct meter_cpu user space reads (the rest are the kernel's alone).
-CPU_STATE_FIELDS = ("window", "net_window", "net_ndirty", "adj_cgid", "adj_ns", "runs", "idle_outs")
+CPU_STATE_FIELDS = ("window", "net_window", "net_ndirty", "adj_cgid", "adj_ns", "runs", "idle_outs",
+                    "idle_ins")
 
 
 def cpu_state_dtype(leaf: Any) -> np.dtype:

@@ -626,7 +626,7 @@ class Meter(DrainLoop):
         assert self._sched is not None
         src = self._sched
         self.stats.take_kernel(src.stats(), nudges=src.nudges, run_switches=src.same_run_switches,
-                               idle_out_switches=src.idle_out_switches)
+                               idle_out_switches=src.idle_out_switches, idle_in_switches=src.idle_in_switches)
         self.stats.pending_adjustment_ns = int(getattr(src, "pending_adjustment_ns", 0))
         # Every window closed since the last drain must have records.
         expected = max(0, src.closed_window - max(closed_before, src.first_window - 1))

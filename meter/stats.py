@@ -49,6 +49,7 @@ class MeterStats:
     nudges: int = 0
     run_switches: int = 0  # switches inside one cgroup's run, charged with the run (no clock read)
     idle_out_switches: int = 0  # switches away from idle charged without the charge's tail call
+    idle_in_switches: int = 0  # switches into idle charged without the charge's tail call
     energy_measured_uj: int = 0  # what the reader (or model) reported
     energy_attributed_uj: int = 0  # what went into records (idle row included)
     energy_pending_uj: int = 0  # measured, waiting for the next records
@@ -62,13 +63,14 @@ class MeterStats:
         return dataclasses.asdict(self)
 
     def take_kernel(self, counts: dict[str, int], *, nudges: int, run_switches: int = 0,
-                    idle_out_switches: int = 0) -> None:
+                    idle_out_switches: int = 0, idle_in_switches: int = 0) -> None:
         """Copy the CPU source's kernel-side counts (cumulative since open)."""
         for name, field in _KERNEL.items():
             setattr(self, field, int(counts.get(name, 0)))
         self.nudges = nudges
         self.run_switches = run_switches
         self.idle_out_switches = idle_out_switches
+        self.idle_in_switches = idle_in_switches
 
     def take_batch(self, batch: np.ndarray | Columns, *, ncpu: int, window_ns: int, expected_windows: int | None = None,
                    ranges: tuple[np.ndarray, np.ndarray] | None = None) -> None:

@@ -108,18 +108,19 @@ def test_cpu_state_dtype_reads_each_cpus_fields_where_the_compiler_put_them():
     cpu = _struct(("pad0", ctypes.c_uint32), ("window", ctypes.c_uint64), ("net_window", ctypes.c_uint64),
                   ("pad1", ctypes.c_uint8 * 3), ("net_ndirty", ctypes.c_uint32), ("adj_cgid", ctypes.c_uint64 * 4),
                   ("adj_ns", ctypes.c_int64 * 4), ("runs", ctypes.c_uint64), ("pad2", ctypes.c_uint32),
-                  ("idle_outs", ctypes.c_uint64), ("tail", ctypes.c_uint16))
+                  ("idle_outs", ctypes.c_uint64), ("pad3", ctypes.c_uint8),
+                  ("idle_ins", ctypes.c_uint64), ("tail", ctypes.c_uint16))
     values = (cpu * 3)()
     for c in range(3):
         values[c].window, values[c].net_window, values[c].net_ndirty, values[c].runs = 100 + c, 90 + c, c, 7 * c
-        values[c].idle_outs = 5 * c + 1
+        values[c].idle_outs, values[c].idle_ins = 5 * c + 1, 4 * c + 3
         for i in range(4):
             values[c].adj_cgid[i], values[c].adj_ns[i] = 1000 * c + i, -(10 * c + i)
     states = np.frombuffer(values, bpfabi.cpu_state_dtype(cpu))
     assert states.dtype.itemsize == ctypes.sizeof(cpu) and len(states) == 3
     assert states["window"].tolist() == [100, 101, 102] and states["net_window"].tolist() == [90, 91, 92]
     assert states["net_ndirty"].tolist() == [0, 1, 2] and states["runs"].tolist() == [0, 7, 14]
-    assert states["idle_outs"].tolist() == [1, 6, 11]
+    assert states["idle_outs"].tolist() == [1, 6, 11] and states["idle_ins"].tolist() == [3, 7, 11]
     assert states["adj_ns"].tolist() == [[-(10 * c + i) for i in range(4)] for c in range(3)]
     assert states["adj_cgid"][2].tolist() == [2000, 2001, 2002, 2003]
     with pytest.raises(BPFError, match="no runs"):
@@ -141,7 +142,7 @@ def test_the_compiled_program_matches_the_abi():
         values = table.Leaf()
         for c in range(len(values)):
             values[c].window, values[c].net_window, values[c].net_ndirty, values[c].runs = 500 + c, 400 + c, c % 2, c + 1
-            values[c].idle_outs = 3 * c + 2
+            values[c].idle_outs, values[c].idle_ins = 3 * c + 2, 2 * c + 5
             for i in range(len(values[c].adj_ns)):
                 values[c].adj_cgid[i], values[c].adj_ns[i] = 77 + i, -(c + i)
         table[table.Key(0)] = values
@@ -152,6 +153,7 @@ def test_the_compiled_program_matches_the_abi():
         assert states["net_ndirty"].tolist() == [int(v.net_ndirty) for v in got]
         assert states["runs"].tolist() == [int(v.runs) for v in got]
         assert states["idle_outs"].tolist() == [int(v.idle_outs) for v in got]
+        assert states["idle_ins"].tolist() == [int(v.idle_ins) for v in got]
         assert states["adj_ns"].tolist() == [list(v.adj_ns) for v in got]
         assert states["adj_cgid"].tolist() == [list(v.adj_cgid) for v in got]
         # What a drain makes of them: a CPU with packet counts held holds back its oldest window.
@@ -164,6 +166,7 @@ def test_the_compiled_program_matches_the_abi():
             assert src._cpu_windows() == [400 + c if c % 2 else 500 + c for c in range(n)]
             assert src.same_run_switches == sum(c + 1 for c in range(n))
             assert src.idle_out_switches == sum(3 * c + 2 for c in range(n))
+            assert src.idle_in_switches == sum(2 * c + 5 for c in range(n))
             nadj = len(got[0].adj_ns)
             assert src.pending_adjustment_ns == sum(c + i for c in range(n) for i in range(nadj))
             cgid, ns = src._pending_adjustments()

@@ -96,6 +96,7 @@ def test_cpu_ns_equals_cpu_stat(workload, tmp_path, cgroups, cgroup_mount, busy_
         cut_ns = time.time_ns() - 2_000_000
         before = cpu_usage_usec(cg)
         runs_before, idle_outs_before = meter.stats.run_switches, meter.stats.idle_out_switches
+        idle_ins_before = meter.stats.idle_in_switches
         for p in procs:
             os.kill(p.pid, signal.SIGCONT)
         batches = []
@@ -107,11 +108,12 @@ def test_cpu_ns_equals_cpu_stat(workload, tmp_path, cgroups, cgroup_mount, busy_
         batches += list(meter.batches(0.05))
         runs = meter.stats.run_switches - runs_before
         idle_outs = meter.stats.idle_out_switches - idle_outs_before
+        idle_ins = meter.stats.idle_in_switches - idle_ins_before
     assert all(p.returncode == 0 for p in procs)
     # The host's CPUs go idle between the half-busy noise's bursts: switches away
-    # from idle were charged in meter_switch itself (idle_out()), and the bill
-    # below holds with them.
-    assert idle_outs > 0
+    # from idle and into it were charged in meter_switch itself (idle_out(),
+    # idle_in()), and the bill below holds with them.
+    assert idle_outs > 0 and idle_ins > 0
     if workload == "pipe_ping_pong_one_cpu":
         # Its 40,000 switches go straight from one of its real-time tasks to
         # the other (other tasks' runs on the host only add to the count):

@@ -75,6 +75,8 @@ class CPUSource(Protocol):
     same_run_switches: int
     #: Switches away from idle charged in the switch program itself (no tail call; 0: none).
     idle_out_switches: int
+    #: Switches into idle charged in the switch program itself (no tail call; 0: none).
+    idle_in_switches: int
 
     @property
     def first_window(self) -> int: ...

@@ -54,6 +54,7 @@ class FakeCPU:
         self.nudges = 0
         self.same_run_switches = 0  # no kernel program: no runs
         self.idle_out_switches = 0
+        self.idle_in_switches = 0
         self.ncounters = 0
         self.is_open = False
         self.spec: CPUSpec | None = None

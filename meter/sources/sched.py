@@ -266,6 +266,7 @@ class SchedSource:
         #: (bpf/sched.bpf.c, same_run()), at the last take.
         self.same_run_switches = 0
         self.idle_out_switches = 0
+        self.idle_in_switches = 0
         self._nudge_gen = 0
         #: Why kernel_charge is False (None when it is True, or not open).
         self.kernel_charge_reason: str | None = None
@@ -591,6 +592,7 @@ class SchedSource:
         self.pending_adjustment_ns = int(np.abs(st["adj_ns"]).sum())
         self.same_run_switches = int(st["runs"].sum())
         self.idle_out_switches = int(st["idle_outs"].sum())
+        self.idle_in_switches = int(st["idle_ins"].sum())
         return windows.tolist()
 
     def _pending_adjustments(self) -> tuple[np.ndarray, np.ndarray]:

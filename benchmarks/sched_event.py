@@ -11,8 +11,9 @@ and writes one per-CPU slot.
 Without --pin it also measures 0 counters with the load pinned to CPU 0,
 where every switch is between two tasks of one cgroup and joins a run
 (bpf/sched.bpf.c, same_run()): no clock read. ``in_runs`` in the details
-is the share of switches that did; ``idle_outs`` the share that were a
-switch away from idle charged in meter_switch itself (idle_out()).
+is the share of switches that did; ``idle_outs`` and ``idle_ins`` the
+shares that were a switch away from idle, or into it, charged in
+meter_switch itself (idle_out(), idle_in()).
 
 Goal: <= 1.3x the floor and <= 150 ns per event. It also reports
 meter_tick's ns per tick (the window's roll-over included) against

@@ -1372,8 +1372,15 @@ int meter_switch(struct bpf_raw_tracepoint_args *ctx)
 			owe_carry(st, owed);
 		}
 	}
-	if (idle_out(st, ctx->args[1], ctx->args[2]) || idle_in(st, ctx->args[1], ctx->args[2]))
+	if (idle_out(st, ctx->args[1], ctx->args[2]))
 		return 0;
+	if (idle_in(st, ctx->args[1], ctx->args[2])) {
+		/* The unseen-slice check may have found prev owed: settled now,
+		 * as after meter_charge's charge. */
+		if (settle_due(st))
+			settle_call.call(ctx, 0);
+		return 0;
+	}
 	charge_call.call(ctx, 0);   /* does not return (unless the slot is empty) */
 	return 0;
 }

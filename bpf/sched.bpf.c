@@ -771,7 +771,7 @@ static __always_inline void charge_until(struct meter_cpu *st, u64 now, u64 cgid
 
 #if METER_STEAL
 #if defined(METER_PCPU_RUNQUEUES_OFF) && defined(METER_PCPU_CPU_NUMBER_OFF) && \
-	defined(METER_PCPU_STEAL_TIME_OFF) && defined(METER_KVM_STEAL_OFF) && defined(METER_KVM_VERSION_OFF)
+	defined(METER_PCPU_STEAL_TIME_OFF) && defined(METER_KVM_STEAL_OFF)
 #define METER_KVM_STEAL 1
 #else
 #define METER_KVM_STEAL 0
@@ -786,14 +786,22 @@ static __always_inline u32 kread32(u64 addr)
 }
 
 #if METER_KVM_STEAL
-/* The hypervisor's steal counter for this CPU, or -1 while it is being written. */
+/*
+ * The hypervisor's steal counter for this CPU (-1: not read): one aligned 8-byte load. The
+ * host adds to it in a single store, and only while this vCPU is out of the
+ * guest (KVM's record_steal_time(), before it enters), so a read here sees
+ * the old value or the new one whole, never a torn one. The version seqlock
+ * around it, which the guest kernel's own reader uses, is not needed for
+ * that: reading it took two more helper calls a tick (tick 368-418 ->
+ * 290-415 ns, alternating runs; docs/architecture.md, "CPU time").
+ */
 static __always_inline u64 kvm_steal(struct meter_cpu *st)
 {
-	u32 v1 = kread32(st->kvm + METER_KVM_VERSION_OFF);
-	u64 steal = kread(st->kvm + METER_KVM_STEAL_OFF);
-	u32 v2 = kread32(st->kvm + METER_KVM_VERSION_OFF);
+	u64 v;
 
-	return v1 != v2 || (v1 & 1) ? ~0ULL : steal;
+	if (bpf_probe_read_kernel(&v, sizeof(v), (void *)(st->kvm + METER_KVM_STEAL_OFF)))
+		return ~0ULL;   /* not read: no look */
+	return v;
 }
 #endif
 
@@ -824,9 +832,7 @@ static __always_inline void look_steal(struct meter_cpu *st, u64 task, int locke
 				st->kvm = base + METER_PCPU_STEAL_TIME_OFF;
 				st->kvm_seen = kvm_steal(st);
 				if (st->kvm_seen == ~0ULL)
-					st->kvm = 0;   /* try again at the next first look */
-				if (!st->kvm)
-					st->rq = 0;
+					st->kvm = st->rq = 0;   /* try again at the next first look */
 			}
 		}
 #endif

@@ -121,7 +121,6 @@ def kernel_field_defines(btf_path: str | None = None) -> tuple[dict[str, int], s
             "METER_PCPU_CPU_NUMBER_OFF": btf.percpu_offset("cpu_number"),
             "METER_PCPU_STEAL_TIME_OFF": btf.percpu_offset("steal_time"),
             "METER_KVM_STEAL_OFF": btf.offset("kvm_steal_time.steal"),
-            "METER_KVM_VERSION_OFF": btf.offset("kvm_steal_time.version"),
         }
     except BTFError:
         pass  # not a KVM guest kernel: steal from the run queue's clocks at switches

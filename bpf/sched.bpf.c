@@ -1235,6 +1235,24 @@ static __always_inline int switch_charge(struct bpf_raw_tracepoint_args *ctx)
 BPF_PROG_ARRAY(charge_call, 1);
 
 /*
+ * Whether nothing but a switch's own slice waits for this CPU's time: its
+ * clock has started, and no run's carry, packet counts, adjustment (a
+ * kernel charge owed or a debt) or steal waits; steal is looked at by the
+ * tick (the hypervisor's counter), not at switches. idle_out() and
+ * idle_in() charge only then.
+ */
+static __always_inline int nothing_waits(struct meter_cpu *st)
+{
+	if (!st->last_ns || st->carry || net_pending(st) || adj_pending(st))
+		return 0;
+#if METER_STEAL
+	if (!METER_KVM_STEAL || !st->rq || st->steal)
+		return 0;
+#endif
+	return 1;
+}
+
+/*
  * A switch away from the idle task whose charge has only idle's time to
  * place: [last, now) to idle's slot, inside the current window, and next
  * followed, here, without the tail call into meter_charge and its general
@@ -1253,12 +1271,8 @@ static __always_inline int idle_out(struct meter_cpu *st, u64 prev, u64 next)
 	u64 delta[METER_MAX_COUNTERS] = {};
 	u64 now, last = st->last_ns;
 
-	if (prev != st->idle_task || !prev || !last || st->carry || net_pending(st) || adj_pending(st))
+	if (prev != st->idle_task || !prev || !nothing_waits(st))
 		return 0;
-#if METER_STEAL
-	if (!METER_KVM_STEAL || !st->rq || st->steal)
-		return 0;
-#endif
 	now = bpf_ktime_get_ns();
 	if (now >= st->window_end)
 		return 0;
@@ -1297,13 +1311,9 @@ static __always_inline int idle_in(struct meter_cpu *st, u64 prev, u64 next)
 	struct meter_slot *idle = &st->slot[0];
 	u64 now, last = st->last_ns, cgid, sum, span, want;
 
-	if (next != st->idle_task || !next || prev != st->task || prev == next || !last || st->carry ||
-	    st->ahead || st->run_owed || net_pending(st) || adj_pending(st))
+	if (next != st->idle_task || !next || prev != st->task || prev == next || st->ahead || st->run_owed ||
+	    !nothing_waits(st))
 		return 0;
-#if METER_STEAL
-	if (!METER_KVM_STEAL || !st->rq || st->steal)
-		return 0;
-#endif
 	now = bpf_ktime_get_ns();
 	if (now >= st->window_end || now <= last)
 		return 0;

@@ -95,8 +95,7 @@ def test_cpu_ns_equals_cpu_stat(workload, tmp_path, cgroups, cgroup_mount, busy_
         time.sleep(0.005)  # the cgroup has been idle for a while: cut anywhere in here
         cut_ns = time.time_ns() - 2_000_000
         before = cpu_usage_usec(cg)
-        runs_before, idle_outs_before = meter.stats.run_switches, meter.stats.idle_out_switches
-        idle_ins_before = meter.stats.idle_in_switches
+        runs_before = meter.stats.run_switches
         for p in procs:
             os.kill(p.pid, signal.SIGCONT)
         batches = []
@@ -107,13 +106,14 @@ def test_cpu_ns_equals_cpu_stat(workload, tmp_path, cgroups, cgroup_mount, busy_
         after = cpu_usage_usec(cg)
         batches += list(meter.batches(0.05))
         runs = meter.stats.run_switches - runs_before
-        idle_outs = meter.stats.idle_out_switches - idle_outs_before
-        idle_ins = meter.stats.idle_in_switches - idle_ins_before
     assert all(p.returncode == 0 for p in procs)
-    # The host's CPUs go idle between the half-busy noise's bursts: switches away
-    # from idle and into it were charged in meter_switch itself (idle_out(),
-    # idle_in()), and the bill below holds with them.
-    assert idle_outs > 0 and idle_ins > 0
+    # Switches through idle are charged in meter_switch itself (idle_out(),
+    # idle_in()) when nothing else waits for the CPU's time, else by the
+    # general path: the bill below holds either way. How many take the short
+    # paths is not asserted: on a saturated host (a load beside the suite)
+    # the CPUs may never go idle, and steal seen at a tick sends the next
+    # switch to the general path (a loaded run had none in two workloads);
+    # benchmarks/sched_event.py measures their share (idle_outs, idle_ins).
     if workload == "pipe_ping_pong_one_cpu":
         # Its 40,000 switches go straight from one of its real-time tasks to
         # the other (other tasks' runs on the host only add to the count):

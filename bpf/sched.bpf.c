@@ -1021,22 +1021,25 @@ BPF_TASK_STORAGE(task_seen, struct meter_task_seen);
  * claimed, which `sched` holds meanwhile) and counted (METER_STAT_UNSEEN_NS).
  * current is prev here: the task whose storage this is.
  */
-static __always_inline void recover_unseen(struct meter_cpu *st)
+static __always_inline int recover_unseen(struct meter_cpu *st)
 {
 	struct meter_task_seen *seen;
 	u64 start = st->out_start;
+	int owed = 0;
 
 	if (!start)
-		return;
+		return 0;
 	st->out_start = 0;
 	seen = task_seen.task_storage_get(bpf_get_current_task_btf(), 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
 	if (!seen)
-		return;
+		return 0;
 	if (seen->sum && start > seen->sum) {
 		adj_add(st, st->out_cgid, (s64)(start - seen->sum));
 		stat_add(METER_STAT_UNSEEN_NS, start - seen->sum);
+		owed = 1;
 	}
 	seen->sum = st->out_sum;
+	return owed;
 }
 #endif
 
@@ -1271,7 +1274,7 @@ static __always_inline int idle_out(struct meter_cpu *st, u64 prev, u64 next)
 	u64 delta[METER_MAX_COUNTERS] = {};
 	u64 now, last = st->last_ns;
 
-	if (prev != st->idle_task || !prev || !nothing_waits(st))
+	if (prev != st->idle_task || !nothing_waits(st))
 		return 0;
 	now = bpf_ktime_get_ns();
 	if (now >= st->window_end)
@@ -1307,19 +1310,17 @@ static __always_inline int idle_out(struct meter_cpu *st, u64 prev, u64 next)
 static __always_inline int idle_in(struct meter_cpu *st, u64 prev, u64 next)
 {
 	u64 delta[METER_MAX_COUNTERS] = {};
-	u64 zero[METER_MAX_COUNTERS] = {};
 	struct meter_slot *idle = &st->slot[0];
 	u64 now, last = st->last_ns, cgid, sum, span, want;
+	int owed = 0;
 
-	if (next != st->idle_task || !next || prev != st->task || prev == next || st->ahead || st->run_owed ||
-	    !nothing_waits(st))
+	/* next is the idle task, so prev (current) is not: its cgid is a cgroup's. */
+	if (next != st->idle_task || prev != st->task || st->ahead || st->run_owed || !nothing_waits(st))
 		return 0;
 	now = bpf_ktime_get_ns();
 	if (now >= st->window_end || now <= last)
 		return 0;
 	cgid = current_cgid(st);
-	if (cgid == METER_IDLE_CGID)
-		return 0;
 	sum = prev_sum(prev);
 	span = now - last;
 	want = sum - st->sum;
@@ -1327,28 +1328,31 @@ static __always_inline int idle_in(struct meter_cpu *st, u64 prev, u64 next)
 		return 0;
 	/* The kernel charged more than the clock saw (it dates a wakeup's
 	 * slice from before the switch): the more comes out of idle's time in
-	 * this window (its own slot, 0), as meter_charge's move() takes it,
-	 * when that holds it (a slot keeps 1 ns). */
+	 * this window, by move(), as in charge_until(); taken here only when
+	 * idle's slot (0) holds it all (move() leaves a slot 1 ns), so that
+	 * nothing is owed. */
 	if (want >= span && (idle->cgid != METER_IDLE_CGID || idle->usage.ns <= want - span))
 		return 0;
 	read_counters(st, delta);
 	if (want >= span)
-		idle->usage.ns -= want - span;
+		move(st, METER_IDLE_CGID, cgid, want - span);
 	else
-		accumulate(st, METER_SCHED_CGID, span - want, zero);
-	if (want)
-		accumulate(st, cgid, want, delta);
+		fill_sched(st, span - want);
+	/* charge_until()'s advance(), inside the window: its window loop would
+	 * cost meter_switch's verifier budget for a case declined above. */
+	if (now > st->last_ns)
+		accumulate(st, cgid, now - st->last_ns, delta);
 	st->last_ns = now;
 #if METER_TASK_STORAGE
 	st->out_start = st->sum;
 	st->out_sum = sum;
 	st->out_cgid = cgid;
-	recover_unseen(st);
+	owed = recover_unseen(st);
 #endif
 	st->task = next;
 	st->sum = 0;   /* the idle task's: nothing reads it */
 	st->idle_ins++;
-	return 1;
+	return 1 + owed;
 }
 
 /* Tail-called by meter_switch: a program of its own, so that the
@@ -1363,6 +1367,7 @@ int meter_charge(struct bpf_raw_tracepoint_args *ctx)
 int meter_switch(struct bpf_raw_tracepoint_args *ctx)
 {
 	struct meter_cpu *st = charging_state(1);
+	int taken;
 
 	if (!st)
 		return 0;
@@ -1390,10 +1395,11 @@ int meter_switch(struct bpf_raw_tracepoint_args *ctx)
 	}
 	if (idle_out(st, ctx->args[1], ctx->args[2]))
 		return 0;
-	if (idle_in(st, ctx->args[1], ctx->args[2])) {
-		/* The unseen-slice check may have found prev owed: settled now,
-		 * as after meter_charge's charge. */
-		if (settle_due(st))
+	taken = idle_in(st, ctx->args[1], ctx->args[2]);
+	if (taken) {
+		/* The unseen-slice check found prev owed (2): settled now, as
+		 * after meter_charge's charge. */
+		if (taken > 1 && settle_due(st))
 			settle_call.call(ctx, 0);
 		return 0;
 	}

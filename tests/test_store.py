@@ -233,3 +233,63 @@ def test_damaged_chunk_rollups_are_one_clear_error_naming_the_chunk(tmp_path):
         s.db.execute("UPDATE chunk_rollups SET data = ?", (bytes(data)[:-40],))
         with pytest.raises(SinkError, match=r"chunk h seq 0 are damaged .*restore the store from a copy"):
             s.rollups_seq("h", 0, 10**6)
+
+
+def test_a_family_no_record_of_a_second_measured_keeps_its_hour_sum(tmp_path):
+    """The rollup rows name only the columns measured somewhere in them: a second in which
+    no record measured rx_packets leaves the hour's rx_packets as the seconds before made it
+    (not NULL), and its own 1 s rows have rx_packets NULL."""
+    def second(s: int, seq: int, measured: bool) -> np.ndarray:
+        b = batch(4 * s, 4, seq)
+        if not measured:
+            b["rx_packets"] = NULL
+        return b
+
+    got = [second(0, 0, True), second(1, 12, False), second(2, 24, False)]
+    with Store(tmp_path / "r.db", clock=lambda: T0) as s:
+        for b in got:
+            s.write(b)
+    every = np.concatenate(got)
+    with Store(tmp_path / "r.db", must_exist=True) as s:
+        for name, period in ROLLUPS.items():
+            assert table(s, name) == expected(every, period)
+        assert all(rx is None for (*_, p), (_, _, rx) in table(s, "rollup_1s").items() if p >= T0 + SECOND)
+        assert {rx for (_, _, rx) in table(s, "rollup_1h").values()} == {sum(w % 5 for w in range(4)), None}
+
+
+def test_a_store_keyed_compartment_first_is_rekeyed_by_its_next_writer(tmp_path):
+    """Stores before stop 42 keyed rollups by (host, tenant, compartment, period): every
+    second's rows then dirtied a page per compartment. The next writer rebuilds each table
+    keyed by period first, rows unchanged, and carries on; a reader leaves the file alone."""
+    path = tmp_path / "r.db"
+    first = [batch(i, 1, 3 * i) for i in range(9)]
+    with Store(path, clock=lambda: T0) as s:
+        for b in first:
+            s.write(b)
+    with Store(path, must_exist=True) as s:  # as a meter before stop 42 left it
+        for name in ROLLUPS:
+            cols = [r[1] for r in s.db.execute(f"PRAGMA table_info({name})")]
+            s.db.execute(f"ALTER TABLE {name} RENAME TO old")
+            s.db.execute(f"CREATE TABLE {name} ({', '.join(cols)}, PRIMARY KEY (host, tenant, compartment, "
+                         "period_start_ns)) WITHOUT ROWID")
+            s.db.execute(f"INSERT INTO {name} SELECT * FROM old")
+            s.db.execute("DROP TABLE old")
+
+    def key(s: Store, name: str) -> str:
+        sql = s.db.execute("SELECT sql FROM sqlite_master WHERE name = ?", (name,)).fetchone()[0]
+        return sql[sql.index("PRIMARY KEY"):]
+
+    with Store(path, must_exist=True) as s:
+        assert key(s, "rollup_1s").startswith("PRIMARY KEY (host, tenant")
+        assert read(s.rollup("rollup_1s")) == expected(np.concatenate(first), SECOND)
+    with Store(path, clock=lambda: T0) as s:
+        for name in ROLLUPS:
+            assert key(s, name).startswith("PRIMARY KEY (period_start_ns, host")
+        later = [batch(i, 1, 3 * i) for i in range(9, 14)]
+        for b in later:
+            s.write(b)
+    every = np.concatenate(first + later)
+    with Store(path, must_exist=True) as s:
+        for name, period in ROLLUPS.items():
+            assert table(s, name) == expected(every, period)
+            assert read(s.rollup(name)) == expected(every, period)

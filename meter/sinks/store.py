@@ -83,6 +83,16 @@ FUTURE_SLACK_NS = 3600 * 1_000_000_000
 
 log = logging.getLogger("meter")
 
+#: A rollup table's key: the period first, so a second's rows (and an hour's upserts) are a
+#: few pages at the end of the table, not a page per compartment all over it.
+_ROLLUP_KEY = "period_start_ns, host, tenant, compartment"
+
+
+def _rollup_table_sql(table: str) -> str:
+    sums = ", ".join(f"{name} INTEGER" for name in ROLLUP_COLUMNS)
+    return (f"CREATE TABLE IF NOT EXISTS {table} (host TEXT, tenant TEXT, compartment TEXT, period_start_ns INTEGER, "
+            f"records INTEGER, {sums}, PRIMARY KEY ({_ROLLUP_KEY})) WITHOUT ROWID")
+
 def default_path() -> Path:
     """Where ``meter record`` stores records unless told otherwise."""
     return meter_path("METER_STORE", "/var/lib/meter/records.db", "XDG_DATA_HOME", ".local/share", "records.db")
@@ -121,13 +131,13 @@ class Store:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA wal_autocheckpoint=256")
-            self._schema()
+            self._schema(writer=not must_exist)
         except sqlite3.DatabaseError as err:
             raise SinkError(f"{self.path} is not a usable meter store: {err}", target=str(self.path)) from err
         except OSError as err:
             raise SinkError(f"cannot open the record store {self.path}: {err.strerror}", target=str(self.path)) from err
 
-    def _schema(self) -> None:
+    def _schema(self, writer: bool) -> None:
         self.db.execute(
             "CREATE TABLE IF NOT EXISTS chunks (host TEXT, first_seq INTEGER, last_seq INTEGER, start_ns INTEGER, "
             "end_ns INTEGER, n INTEGER, data BLOB, PRIMARY KEY (host, first_seq))"
@@ -145,17 +155,44 @@ class Store:
             "CREATE TABLE IF NOT EXISTS invoices (id TEXT PRIMARY KEY, tenant TEXT, start_ns INTEGER, end_ns INTEGER, "
             "currency TEXT, total TEXT, subtotal TEXT, price_sheet TEXT, issued_ns INTEGER)"
         )
-        sums = ", ".join(f"{name} INTEGER" for name in ROLLUP_COLUMNS)
         for table in ROLLUPS:
-            self.db.execute(
-                f"CREATE TABLE IF NOT EXISTS {table} (host TEXT, tenant TEXT, compartment TEXT, period_start_ns INTEGER, "
-                f"records INTEGER, {sums}, PRIMARY KEY (host, tenant, compartment, period_start_ns)) WITHOUT ROWID"
-            )
+            self.db.execute(_rollup_table_sql(table))
             # A store written before a counter column existed gets it (NULL: not measured then).
             have = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
             for name in ROLLUP_COLUMNS:
                 if name not in have:
                     self.db.execute(f"ALTER TABLE {table} ADD COLUMN {name} INTEGER")
+            if writer:
+                self._rekey(table)
+
+    def _rekey(self, table: str) -> None:
+        """A rollup table keyed by (host, tenant, compartment, period), as stores before
+        stop 42 were, rebuilt keyed by period first (once; docs/architecture.md, "The store")."""
+        def old() -> bool:
+            row = self.db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone()
+            return row is not None and _ROLLUP_KEY not in row[0]
+
+        if not old():
+            return
+        # Measured: ~3 s a million rows (10 s for an hour of 1,000 compartments' seconds).
+        log.warning("meter: rebuilding %s of %s keyed by period first, once (about 3 s a million rows; nothing "
+                    "is metered until it is done)", table, self.path)
+        t0 = time.monotonic()
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            if old():  # (another writer may have rebuilt it while this one waited)
+                names = ", ".join(("host", "tenant", "compartment", "period_start_ns", "records", *ROLLUP_COLUMNS))
+                self.db.execute(f"DROP TABLE IF EXISTS {table}_rekeyed")
+                self.db.execute(_rollup_table_sql(f"{table}_rekeyed"))
+                self.db.execute(f"INSERT INTO {table}_rekeyed ({names}) SELECT {names} FROM {table} "
+                                f"ORDER BY {_ROLLUP_KEY}")
+                self.db.execute(f"DROP TABLE {table}")
+                self.db.execute(f"ALTER TABLE {table}_rekeyed RENAME TO {table}")
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        log.warning("meter: %s of %s rebuilt in %.1f s", table, self.path, time.monotonic() - t0)
 
     def close(self) -> None:
         if self._lock_fd is not None:
@@ -296,17 +333,21 @@ class Store:
         """Add groups (1 s) into both rollup tables (in the caller's transaction)."""
         if len(g) == 0:
             return
-        cols = ", ".join(ROLLUP_COLUMNS)
-        marks = ", ".join("?" * (5 + len(ROLLUP_COLUMNS)))
+        # Only the columns measured somewhere in the groups: one not named stays NULL in a new
+        # row and as it was in an old one, as a NULL given would (and binding a NULL costs
+        # sqlite3 ~0.2 µs, most of a row's time when most families are not measured).
+        present = g.measured()
+        names = [ROLLUP_COLUMNS[j] for j in present]
+        cols = "".join(f", {c}" for c in names)
+        marks = ", ".join("?" * (5 + len(names)))
         # NULL + n stays n; n + NULL stays n: a family measured anywhere in a period is summed.
-        updates = ", ".join(f"{c} = CASE WHEN excluded.{c} IS NULL THEN {c} ELSE coalesce({c}, 0) + excluded.{c} END"
-                            for c in ROLLUP_COLUMNS)
+        updates = "".join(f", {c} = CASE WHEN excluded.{c} IS NULL THEN {c} ELSE coalesce({c}, 0) + excluded.{c} END"
+                          for c in names)
         for table, period in ROLLUPS.items():
             self.db.executemany(
-                f"INSERT INTO {table} (host, tenant, compartment, period_start_ns, records, {cols}) VALUES ({marks}) "
-                f"ON CONFLICT (host, tenant, compartment, period_start_ns) DO UPDATE SET "
-                f"records = records + excluded.records, {updates}",
-                (g if period == _SECOND else g.regroup(period)).tuples(),
+                f"INSERT INTO {table} (host, tenant, compartment, period_start_ns, records{cols}) VALUES ({marks}) "
+                f"ON CONFLICT ({_ROLLUP_KEY}) DO UPDATE SET records = records + excluded.records{updates}",
+                (g if period == _SECOND else g.regroup(period)).tuples(present),
             )
 
     def _tail(self, host: str) -> tuple[_Groups, int]:
@@ -558,10 +599,15 @@ class _Groups:
     def select(self, keep: np.ndarray) -> _Groups:
         return _Groups(self.names, self.who[keep], self.start[keep], self.sums[keep], self.seen[keep])
 
-    def tuples(self) -> list[tuple[Any, ...]]:
-        """Rollup rows (as :func:`rollup_rows`), sorted by (period start, host, tenant, compartment)."""
+    def measured(self) -> list[int]:
+        """Indexes into ROLLUP_COLUMNS of the columns measured in some group."""
+        return np.flatnonzero(self.seen.any(axis=0)).tolist() if len(self) else []
+
+    def tuples(self, present: list[int] | None = None) -> list[tuple[Any, ...]]:
+        """Rollup rows (as :func:`rollup_rows`), sorted by (period start, host, tenant, compartment);
+        with ``present``, only those of the ROLLUP_COLUMNS (by index), in that order."""
         columns: list[list[Any]] = []
-        for j in range(len(ROLLUP_COLUMNS)):
+        for j in range(len(ROLLUP_COLUMNS)) if present is None else present:
             v, seen = self.sums[:, 1 + j], self.seen[:, j]
             if not seen.any():
                 columns.append([None] * len(self))
@@ -684,7 +730,7 @@ def _encode_groups(g: _Groups) -> bytes:
     About 0.1 µs a group to write, where JSON rows took ~3 µs."""
     import json
 
-    present = np.flatnonzero(g.seen.any(axis=0)) if len(g) else np.zeros(0, np.int64)
+    present = np.array(g.measured(), np.int64)
     head = json.dumps({"columns": [ROLLUP_COLUMNS[j] for j in present.tolist()], "names": g.names, "n": len(g)},
                       separators=(",", ":")).encode()
     return b"".join((_GROUPS_MAGIC, len(head).to_bytes(4, "little"), head, g.who.astype("<i4").tobytes(),

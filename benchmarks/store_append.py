@@ -109,7 +109,7 @@ def main() -> list[Result]:
         t = time.perf_counter()
         with open(Path(tmp) / "plain.bin", "wb") as f:
             for b in data:
-                f.write(_encode(b, _Columns(b)))
+                f.write(_encode(_Columns(b)))
         plain = args.records / (time.perf_counter() - t)
         with Store(Path(tmp) / "records.db") as store:
             t = time.perf_counter()

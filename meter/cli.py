@@ -100,7 +100,9 @@ def record(config: str | None, cgroup_root: str | None, window_ms: int | None, d
                                                          lambda: shell.load_topology(config, cgroup_root)))
             try:
                 with meter:
-                    for batch in meter.batches(duration):  # in the drain's class (meter.loop), writes too
+                    # In the drain's class (meter.loop), writes too; the store takes the
+                    # records' columns, never laid out as records (docs/architecture.md, "Records").
+                    for batch in meter.batches(duration, columns=isinstance(sink, Store)):
                         sink.write(batch)
                         said.now()
             finally:

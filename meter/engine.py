@@ -168,7 +168,7 @@ class Meter(DrainLoop):
         #: The CPU source's closed window before the first of them.
         self._closed_before = 0
         #: Records built before the next batch (at a reload), handed out with it.
-        self._held: list[np.ndarray] = []
+        self._held: list[Columns] = []
         #: Late time billed and not yet matched by a late row (meter.build).
         self._late_budget = 0
         #: Per row, kernel/clock differences still to settle (meter.build).
@@ -476,7 +476,7 @@ class Meter(DrainLoop):
     def drain(self, *, final: bool = False) -> np.ndarray:
         """Drain the sources once and return the closed windows' records (those of
         the takes since the last batch too)."""
-        return self._drain(final=final)
+        return self._drain(final=final).records()
 
     def _take(self, *, final: bool = False) -> float:
         """Take what the sources hold for closed windows into this process (their
@@ -525,26 +525,26 @@ class Meter(DrainLoop):
         self._resolver.refresh_ids()
         self._push_compartments()
 
-    def _drain(self, *, final: bool) -> np.ndarray:
+    def _drain(self, *, final: bool) -> Columns:
         with self._working():
             self._take_locked(final)
             self._flushed = self._flushed or final
             return self._batch_locked()
 
-    def _batch(self) -> np.ndarray:
+    def _batch(self) -> Columns:
         """The records of the takes since the last batch, without another take."""
         with self._working():
             return self._batch_locked()
 
-    def _batch_locked(self) -> np.ndarray:
+    def _batch_locked(self) -> Columns:
         batch = self._build_pending()
         if self._held:
-            batch = np.concatenate([*self._held, batch])
+            batch = Columns.concat([*self._held, batch])
             self._held = []
         self.stats.drains += 1
         return batch
 
-    def _build_pending(self) -> np.ndarray:
+    def _build_pending(self) -> Columns:
         """The records of the takes since the last batch (the caller holds the lock)."""
         closed_before, self._taken_from = self._closed_before, self._closed_before + 1
         pending, self._pending = self._pending, []
@@ -552,20 +552,22 @@ class Meter(DrainLoop):
         nets = [n for _, n in pending if n is not None]
         net = concat(nets) if nets else None
         vf = self._vf.poll() if self._vf is not None else None
-        batch, columns, ranges = self._build(drained, net, vf)
+        columns, ranges = self._build(drained, net, vf)
         self._account(columns, closed_before, ranges)
-        return batch
+        return columns
 
     def _build(self, d: SchedDrain, nd: NetDrain | None = None,
                vf: dict[int, tuple[int, int, int, int]] | None = None
-               ) -> tuple[np.ndarray, Columns, tuple[np.ndarray, np.ndarray] | None]:
+               ) -> tuple[Columns, tuple[np.ndarray, np.ndarray] | None]:
         """Merge one drain of every source into records (``meter.build``), then
-        apportion energy and add them to the running totals. Returns the records,
-        their columns and their column ranges (None for no records).
+        apportion energy and add them to the running totals. Returns the records'
+        columns and their column ranges (None for no records).
 
-        Energy, ranges and totals are taken from the columns before they are
-        laid out as records: each pass reads contiguous memory, not a field
-        every 248 bytes (docs/architecture.md, "Records")."""
+        Energy, ranges and totals are taken from the columns, and the records
+        are laid out only for a caller that wants them (``batches()``,
+        ``drain()``, callbacks): each pass reads contiguous memory, not a field
+        every 248 bytes, and the store takes the columns as they are
+        (docs/architecture.md, "Records")."""
         assert self._sched is not None and self._resolver is not None
         ctx = build.Context(
             window_ns=self.window_ns, host=self.host, plan=self.plan, offset_ns=self._offset_ns,
@@ -588,13 +590,12 @@ class Meter(DrainLoop):
         ranges = cols.ranges() if len(cols) else None  # once, for the books and the stats
         self._books.add(cols, built.row, nd, ranges)
         self._books.add_energy(built.row, domains)
-        out = built.records
-        self._seq += len(out)
+        self._seq += len(cols)
         st = self.stats
         st.energy_measured_uj, st.energy_attributed_uj = self._energy.measured, self._energy.attributed
         st.energy_pending_uj = self._energy.pending
         self.stats.unresolved_cgroups = self._resolver.unresolved
-        return out, cols, ranges
+        return cols, ranges
 
     # -- cumulative totals (for exporters and embedding agents) --------------------------
 

@@ -5,8 +5,10 @@ time and delivery, not about what a drain is: ``batches()`` takes what the
 sources hold every ``drain_interval`` seconds (more often when takes that
 far apart would each hold more than a batch) and, every
 ``takes_per_batch``-th time (or sooner, when a take says the takes hold
-a batch's worth), builds the records of every take since the last batch,
-until a duration or :meth:`stop`, then once
+a batch's worth), builds the records of every take since the last batch
+(as :class:`meter.records.Columns`; laid out as records only for a caller
+that wants them: ``batches()`` does, ``batches(columns=True)`` and a
+thread without callbacks do not), until a duration or :meth:`stop`, then once
 more with ``final=True`` (the flush up to the last complete window, see
 docs/architecture.md, "Closing windows" and "Takes and batches");
 ``abatches()`` does the same for asyncio; ``start()`` runs it in a thread
@@ -32,8 +34,11 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from typing import Any, Literal, overload
 
 import numpy as np
+
+from .records import Columns
 
 __all__ = ["DRAIN_PRIORITIES", "BatchCallback", "DrainLoop"]
 
@@ -102,11 +107,11 @@ class DrainLoop:
             return self.drain_interval
         return min(self.drain_interval, max(self.drain_interval / 8, elapsed / took))
 
-    def _batch(self) -> np.ndarray:
+    def _batch(self) -> Columns:
         """The records of the takes since the last batch."""
         raise NotImplementedError
 
-    def _drain(self, *, final: bool) -> np.ndarray:
+    def _drain(self, *, final: bool) -> Columns:
         raise NotImplementedError
 
     @property
@@ -114,17 +119,31 @@ class DrainLoop:
         """Whether the background drain thread (:meth:`start`) runs."""
         return self._thread is not None and self._thread.is_alive()
 
-    def batches(self, duration: float | None = None) -> Generator[np.ndarray, None, None]:
+    @overload
+    def batches(self, duration: float | None = None, *, columns: Literal[False] = False
+                ) -> Generator[np.ndarray, None, None]: ...
+
+    @overload
+    def batches(self, duration: float | None = None, *, columns: Literal[True]) -> Generator[Columns, None, None]: ...
+
+    @overload
+    def batches(self, duration: float | None = None, *, columns: bool) -> Generator[Any, None, None]: ...
+
+    def batches(self, duration: float | None = None, *, columns: bool = False
+                ) -> Generator[Any, None, None]:
         """Yield record batches every batch interval until ``duration`` or :meth:`stop`.
 
         The last batch is a final flush up to the last complete window.
-        Empty batches are not yielded.
+        Empty batches are not yielded. With ``columns``, each batch is its
+        :class:`meter.records.Columns`, not laid out as records (what the
+        record store takes: docs/architecture.md, "Records").
         """
         self.open()  # a no-op when open
         with self.urgent():
-            yield from self._batches(duration)
+            for batch in self._batches(duration):
+                yield batch if columns else batch.records()
 
-    def _batches(self, duration: float | None) -> Iterator[np.ndarray]:
+    def _batches(self, duration: float | None) -> Iterator[Columns]:
         deadline = None if duration is None else time.monotonic() + duration
         last = time.monotonic()
         next_at = last + self.drain_interval
@@ -259,9 +278,12 @@ class DrainLoop:
         for fn in list(self._take_callbacks):
             fn()
 
-    def _dispatch(self, batch: np.ndarray) -> None:
-        for fn in list(self._callbacks):
-            fn(batch)
+    def _dispatch(self, batch: Columns) -> None:
+        callbacks = list(self._callbacks)
+        if callbacks:  # laid out only for them (once: batches() yields the same records)
+            records = batch.records()
+            for fn in callbacks:
+                fn(records)
 
     def start(self) -> None:
         """Run the drain loop in a background thread, feeding callbacks.
@@ -277,7 +299,7 @@ class DrainLoop:
 
         def run() -> None:
             try:
-                for _ in self.batches():
+                for _ in self.batches(columns=True):  # records laid out for callbacks only
                     pass
             except Exception as err:  # noqa: BLE001 - kept for the owner to see, and logged
                 self.error = err

@@ -46,7 +46,7 @@ family is not measured.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -307,8 +307,25 @@ class Columns:
             raise KeyError(f"not record fields: {', '.join(sorted(unknown))}")
         self.n = int(n)
         self._columns: dict[str, Any] = {}
+        self._laid: np.ndarray | None = None
         for name, value in columns.items():
             self[name] = value
+
+    @staticmethod
+    def concat(parts: Sequence[Columns]) -> Columns:
+        """The records of ``parts`` in order, as one Columns (a field with one value
+        in every part stays that value)."""
+        if len(parts) == 1:
+            return parts[0]
+        cols: dict[str, Any] = {}
+        for name in dict.fromkeys(k for p in parts for k in p._columns):
+            values = [p._columns.get(name, _DEFAULT_ROW[COLUMN[name]]) for p in parts]
+            if all(np.ndim(v) == 0 and v == values[0] for v in values):
+                cols[name] = values[0]
+            else:
+                cols[name] = np.concatenate([v if np.ndim(v) else np.full(p.n, v, RECORD_DTYPE[name])
+                                             for v, p in zip(values, parts)])
+        return Columns(sum(p.n for p in parts), cols)
 
     def __len__(self) -> int:
         return self.n
@@ -318,6 +335,7 @@ class Columns:
             raise KeyError(f"not a record field: {name}")
         value = _as_codes(value) if name in TEXT_FIELDS else value
         self._columns[name] = np.asarray(value, RECORD_DTYPE[name]) if np.ndim(value) else value
+        self._laid = None
 
     def __getitem__(self, key: Any) -> Any:
         if isinstance(key, str):
@@ -342,9 +360,16 @@ class Columns:
                 lo[j] = hi[j] = np.asarray(value, RECORD_DTYPE[name]).astype(np.int64)
         return lo, hi
 
+    def given(self, name: str) -> Any:
+        """``name``'s array, or its one value when every record has it (no array made)."""
+        value = self._columns.get(name, _DEFAULT_ROW[COLUMN[name]])
+        return value if np.ndim(value) else RECORD_DTYPE[name].type(value)
+
     def records(self) -> np.ndarray:
-        """The records: :func:`build` of these columns."""
-        return build(self.n, self._columns)
+        """The records: :func:`build` of these columns (laid out once, at the first call)."""
+        if self._laid is None:
+            self._laid = build(self.n, self._columns)
+        return self._laid
 
 
 def ranges_of(batch: np.ndarray | Columns) -> tuple[np.ndarray, np.ndarray]:

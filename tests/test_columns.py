@@ -239,7 +239,7 @@ def test_a_chunk_holds_every_field_bit_for_bit(tmp_path, n, data):
             v = np.array(data.draw(st.lists(st.sampled_from(EXTREMES), min_size=n, max_size=n)), np.int64)
         cols[name] = v.view(np.uint64) if name == "cgroup_id" else v
     batch = build(n, cols)
-    blob = store_mod._encode(batch, store_mod._Columns(batch))
+    blob = store_mod._encode(store_mod._Columns(batch))
     assert np.array_equal(store_mod._decode(blob).view(np.int64), batch.view(np.int64))
 
 
@@ -339,7 +339,7 @@ def test_a_window_too_wide_for_ns_in_int64_still_encodes(tmp_path):
     """Window starts are stored in whole windows only when the width in ns fits int64
     (hypothesis found a window_ms of 2**63 - 1 overflowing the step)."""
     batch = build(6, {"window_ms": 2**63 - 1, "window_start_ns": [0, 0, 0, 0, 0, 1], "seq": np.arange(6)})
-    blob = store_mod._encode(batch, store_mod._Columns(batch))
+    blob = store_mod._encode(store_mod._Columns(batch))
     assert np.array_equal(store_mod._decode(blob).view(np.int64), batch.view(np.int64))
 
 
@@ -358,21 +358,74 @@ def test_a_field_with_one_value_per_compartment_is_kept_once_per_compartment():
     one = build(n, {**base, "cgroup_id": (5000 + c * 11).astype(np.uint64)})
     cols = store_mod._Columns(one)
     assert set(cols.by_comp) == {"tenant", "cgroup_id"}
-    blob = store_mod._encode(one, cols)
+    blob = store_mod._encode(cols)
     assert np.array_equal(store_mod._decode(blob).view(np.int64), one.view(np.int64))
     body = len(blob) - 9 - int.from_bytes(blob[5:9], "little")
     assert body == 5 * n  # compartment u2, window u1, cpu_ns u2: no tenant, no cgroup id column
     again = build(n, {**base, "cgroup_id": (5000 + c * 11 + (np.arange(n) > n // 2)).astype(np.uint64)})
     cols = store_mod._Columns(again)
     assert set(cols.by_comp) == {"tenant"}
-    assert np.array_equal(store_mod._decode(store_mod._encode(again, cols)).view(np.int64), again.view(np.int64))
+    assert np.array_equal(store_mod._decode(store_mod._encode(cols)).view(np.int64), again.view(np.int64))
     # The format before: no per-compartment lists.
     single = build(5, {"compartment": "vs", "tenant": "t", "host": "h", "cgroup_id": np.arange(5).astype(np.uint64),
                        "seq": np.arange(5), "cpu_ns": np.arange(5)})
-    blob = bytes(store_mod._encode(single, store_mod._Columns(single)))
+    blob = bytes(store_mod._encode(store_mod._Columns(single)))
     hlen = int.from_bytes(blob[5:9], "little")
     header = json.loads(blob[9:9 + hlen])
     assert header.pop("by_compartment") == {}
     head = json.dumps(header).encode()
     old = b"MTRC2" + len(head).to_bytes(4, "little") + head + blob[9 + hlen:]
     assert np.array_equal(store_mod._decode(old).view(np.int64), single.view(np.int64))
+
+
+def _random_columns(rng: np.random.Generator, n: int, seq0: int) -> Columns:
+    """A batch's columns as the engine makes them, some fields one value for every record:
+    one or two hosts, windows of one width, counters measured in some records only."""
+    comp = rng.integers(0, 5, n)
+    cols: dict = {
+        "window_start_ns": T_STORE + rng.integers(0, 3000, n) * 1_000_000, "window_ms": 1,
+        "host": "h" if rng.random() < 0.7 else np.array(["h", "g"], object)[rng.integers(0, 2, n)],
+        "tenant": np.array(["t0", "t1", "t0", "t2", "t1"], object)[comp],
+        "compartment": np.array([f"vs{i}" for i in range(5)], object)[comp],
+        "cgroup_id": (1000 + comp).astype(np.uint64), "seq": seq0 + np.arange(n),
+        "cpu_ns": rng.integers(0, 10**6, n), "cpu_source": "kernel",
+        "rx_packets": np.where(rng.random(n) < 0.5, rng.integers(0, 99, n), NULL),
+    }
+    if rng.random() < 0.5:
+        cols["energy_uj"] = int(rng.integers(0, 50))  # one value for every record
+    return Columns(n, cols)
+
+
+T_STORE = 1_800_000_000 * 10**9
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**32 - 1), sizes=st.lists(st.integers(1, 400), min_size=1, max_size=4))
+def test_the_store_keeps_a_batch_given_as_columns_as_it_keeps_its_records(tmp_path_factory, seed, sizes):
+    """``meter record`` hands the store each batch's columns (never laid out as records):
+    the chunks, their rollups and both rollup tables are those the same records give,
+    a batch written again (its seq numbers stored) adds nothing either way, and
+    Columns.concat is the records' concatenation."""
+    rng = np.random.default_rng(seed)
+    tmp = tmp_path_factory.mktemp("cols")
+    batches, seq = [], 0
+    for n in sizes:
+        batches.append(_random_columns(rng, n, seq))
+        seq += n
+    both = Columns.concat(batches)
+    assert both.records().tobytes() == np.concatenate([b.records() for b in batches]).tobytes()
+    stores = {kind: Store(tmp / f"{kind}.db", clock=lambda: T_STORE) for kind in ("records", "columns")}
+    for b in batches + batches[-1:]:  # the last one twice
+        # Fresh Columns each time: the records laid out for one store are not the other's input.
+        again = Columns(len(b), {name: b.given(name) for name in b._columns})
+        stores["records"].write(again.records())
+        stores["columns"].write(Columns(len(b), {name: b.given(name) for name in b._columns}))
+    got = {}
+    for kind, s in stores.items():
+        s.close()
+        s = Store(tmp / f"{kind}.db", must_exist=True)
+        got[kind] = (s.records().tobytes(), [s.rollup(t) for t in ROLLUPS],
+                     [s.rollups_seq(h, 0, 10**6) for h in ("h", "g")])
+        s.close()
+    assert got["columns"] == got["records"]
+    assert len(got["columns"][0]) == both.n * RECORD_DTYPE.itemsize

@@ -25,7 +25,7 @@ from meter.engine import Meter, window_totals
 from meter.errors import ConfigError, MeterError
 from meter.loop import DrainLoop
 from meter.perf import CounterPlan
-from meter.records import NAMES, code, text
+from meter.records import NAMES, Columns, code, text
 from meter.resolver import PSEUDO_ROWS
 from meter.sources.fake import FakeCPU, FakeEnergy, FakePackets, FakeSources, FakeVFs, steady_load
 from meter.sources.sched import SchedDrain
@@ -805,11 +805,11 @@ class _Busy(DrainLoop):
         self.took += 1
         return 0.0
 
-    def _batch(self) -> np.ndarray:
-        return np.zeros(0)
+    def _batch(self) -> Columns:
+        return Columns(0, {})
 
-    def _drain(self, *, final: bool) -> np.ndarray:
-        return np.zeros(0)
+    def _drain(self, *, final: bool) -> Columns:
+        return Columns(0, {})
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the real-time class needs root (CAP_SYS_NICE); CI runs as root")

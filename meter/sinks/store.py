@@ -56,6 +56,7 @@ from ..records import (
     NAMES,
     NULL,
     TEXT_FIELDS,
+    Columns,
     build,
     column_ranges,
     estimate_counts,
@@ -82,6 +83,15 @@ DEFAULT_RETENTION_S = 7 * 24 * 3600
 FUTURE_SLACK_NS = 3600 * 1_000_000_000
 
 log = logging.getLogger("meter")
+
+#: What the store takes: records, or their columns (``Meter.batches(columns=True)``).
+Batch = np.ndarray | Columns
+
+
+def _first(batch: Batch, name: str) -> int:
+    """The first record's ``name`` (an int: a text field's code)."""
+    value = batch.given(name) if isinstance(batch, Columns) else batch[name]
+    return int(value if np.ndim(value) == 0 else value[0])
 
 #: A rollup table's key: the period first, so a second's rows (and an hour's upserts) are a
 #: few pages at the end of the table, not a page per compartment all over it.
@@ -237,12 +247,14 @@ class Store:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (f"last_seq:{host}",)).fetchone()
         return 0 if row is None else int(row[0]) + 1
 
-    def write(self, batch: np.ndarray) -> int:
-        """Append a batch in one transaction; returns records newly stored."""
+    def write(self, batch: np.ndarray | Columns) -> int:
+        """Append a batch (records, or their :class:`meter.records.Columns` as
+        ``Meter.batches(columns=True)`` yields them: no record laid out) in one
+        transaction; returns records newly stored."""
         if len(batch) == 0:
             return 0
         if self._lock_fd is None:
-            self.claim(NAMES.text(int(batch["host"][0])))
+            self.claim(NAMES.text(int(_first(batch, "host"))))
         try:
             self.db.execute("BEGIN IMMEDIATE")
             try:
@@ -267,31 +279,42 @@ class Store:
         return len(new)
 
     @staticmethod
-    def _by_host(batch: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    def _by_host(batch: Batch) -> list[tuple[str, Batch]]:
+        if isinstance(batch, Columns) and np.ndim(one := batch.given("host")) == 0:
+            return [(NAMES.text(int(one)), batch)]  # one host: no pass over a column
         hosts, code = factorize(batch["host"])
         if len(hosts) == 1:  # the usual case: no copy
             return [(hosts[0], batch)]
         return [(h, batch[code == i]) for i, h in enumerate(hosts)]
 
-    def _new_only(self, batch: np.ndarray) -> np.ndarray:
+    def _new_only(self, batch: Batch) -> Batch:
         """Rows not stored yet: per host, seq above the highest stored."""
         parts = []
         for host, part in self._by_host(batch):
             seq, first = part["seq"], self.next_seq(host)
             parts.append(part if int(seq.min()) >= first else part[seq >= first])  # the usual case: no copy
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        if len(parts) == 1:
+            return parts[0]
+        if isinstance(batch, Columns):
+            return Columns.concat([p for p in parts if isinstance(p, Columns)])
+        return np.concatenate([p for p in parts if isinstance(p, np.ndarray)])
 
-    def _insert(self, batch: np.ndarray, cols: _Columns, seconds: _Groups) -> None:
+    def _insert(self, batch: Batch, cols: _Columns, seconds: _Groups) -> None:
         rows, rollups = [], []
         hosts = [name[0] for name in seconds.names]
         for host, part in self._by_host(batch):
-            end = part["window_start_ns"] + part["window_ms"].astype(np.int64) * 1_000_000
-            rows.append((host, int(part["seq"].min()), int(part["seq"].max()), int(part["window_start_ns"].min()),
-                         int(end.max()), len(part), _encode(part, cols if part is batch else _Columns(part))))
-            mine = seconds if part is batch else seconds.select(np.array([h == host for h in hosts])[seconds.who])
-            rollups.append((host, rows[-1][1], rows[-1][4], _encode_groups(mine)))
+            mine = cols if part is batch else _Columns(part)
+            start, width, seq = (COLUMN[f] for f in ("window_start_ns", "window_ms", "seq"))
+            if mine.lo[width] == mine.hi[width]:  # one window width (always, from one meter): no pass
+                end = int(mine.hi[start]) + int(mine.hi[width]) * 1_000_000
+            else:
+                end = int((mine.column("window_start_ns") + mine.column("window_ms") * 1_000_000).max())
+            rows.append((host, int(mine.lo[seq]), int(mine.hi[seq]), int(mine.lo[start]), end, len(part),
+                         _encode(mine)))
+            groups = seconds if part is batch else seconds.select(np.array([h == host for h in hosts])[seconds.who])
+            rollups.append((host, rows[-1][1], rows[-1][4], _encode_groups(groups)))
             self.db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = max(value, excluded.value)",
-                            (f"last_seq:{host}", int(part["seq"].max())))
+                            (f"last_seq:{host}", int(mine.hi[seq])))
         self.db.executemany("INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
         self.db.executemany("INSERT OR IGNORE INTO chunk_rollups VALUES (?, ?, ?, ?)", rollups)
 
@@ -781,13 +804,21 @@ _WIDTHS = ((1 << 8, "<u1"), (1 << 16, "<u2"), (1 << 32, "<u4"))
 
 
 class _Columns:
-    """A batch's columns, computed once per write: its int64 matrix, each column's
-    range (one pass over memory for all of them) and its text fields factorized."""
+    """A batch's columns, computed once per write: each column (a view of the records'
+    int64 matrix, or the :class:`meter.records.Columns` array as it is), each
+    column's range (one pass over memory for all of them; the Columns' own, per
+    array) and its text fields factorized."""
 
-    def __init__(self, batch: np.ndarray) -> None:
+    def __init__(self, batch: Batch) -> None:
         self.n = len(batch)
-        self.m = matrix(batch)
-        self.lo, self.hi = column_ranges(self.m)
+        if isinstance(batch, Columns):
+            self._given: Columns | None = batch
+            self.m = None
+            self.lo, self.hi = batch.ranges()
+        else:
+            self._given = None
+            self.m = matrix(batch)
+            self.lo, self.hi = column_ranges(self.m)
         #: Fields (of :data:`_BY_COMPARTMENT`) with one value per compartment name in this
         #: batch, as each name's value (int64, by the name's index): a tenant's code,
         #: a cgroup id. The usual batch: a compartment is one tenant's and one cgroup.
@@ -800,7 +831,7 @@ class _Columns:
             if self.lo[j] == self.hi[j]:  # one value in the batch: no pass over it
                 self.strings[name] = ([NAMES.text(int(self.lo[j]))], np.zeros(self.n, np.int32))
             elif not (name in _BY_COMPARTMENT and self._one_per_compartment(name)):
-                self.strings[name] = factorize(np.ascontiguousarray(self.m[:, j]))
+                self.strings[name] = factorize(np.ascontiguousarray(self.column(name)))
         j = COLUMN["cgroup_id"]
         if self.lo[j] != self.hi[j]:
             self._one_per_compartment("cgroup_id")
@@ -810,7 +841,7 @@ class _Columns:
         comps, c = self.strings["compartment"]
         if len(comps) == 1:
             return False  # one column of values is as cheap as it gets
-        col = self.m[:, COLUMN[name]]
+        col = self.column(name)
         # Some record's value per name (whichever the scatter kept), then every record
         # checked against its name's: equal throughout only if each name has one value.
         value = np.empty(len(comps), np.int64)
@@ -821,14 +852,21 @@ class _Columns:
         return True
 
     def column(self, name: str) -> np.ndarray:
-        return self.m[:, COLUMN[name]]
+        """``name``'s values (int64; ``cgroup_id`` its bits, text fields their codes)."""
+        if self.m is not None:
+            return self.m[:, COLUMN[name]]
+        assert self._given is not None
+        value = self._given.given(name)
+        if np.ndim(value) == 0:
+            return np.full(self.n, int(np.asarray(value).view(np.int64)), np.int64)
+        return value.view(np.int64) if value.dtype == np.uint64 else value
 
     def measured(self, name: str) -> str:
         """``none``, ``some`` or ``all`` of the batch's records have ``name`` measured."""
         j = COLUMN[name]
         if self.lo[j] == NULL and self.hi[j] == NULL:
             return "none"
-        return "some" if self.lo[j] <= NULL <= self.hi[j] and bool((self.m[:, j] == NULL).any()) else "all"
+        return "some" if self.lo[j] <= NULL <= self.hi[j] and bool((self.column(name) == NULL).any()) else "all"
 
 
 def _width(span: int) -> str:
@@ -846,7 +884,7 @@ def _step(name: str, cols: _Columns) -> int:
     return 1
 
 
-def _encode(batch: np.ndarray, cols: _Columns) -> bytearray:
+def _encode(cols: _Columns) -> bytearray:
     """A batch as bytes: JSON header, then each column that varies as its offsets
     from its least value in the narrowest width (a constant column is its value
     alone); text as a table and indexes into it. Each column is written straight
@@ -876,7 +914,7 @@ def _encode(batch: np.ndarray, cols: _Columns) -> bytearray:
         if lo == hi:
             header["ints"].append([name, lo, None, 1])
             continue
-        col = cols.m[:, j]
+        col = cols.column(name)
         step = _step(name, cols)
         if step > 1:
             delta = col - cols.lo[j]

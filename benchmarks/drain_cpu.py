@@ -7,11 +7,14 @@ process with its defaults (takes every 0.25 s, a batch every second); its
 CPU time (this process's rusage: takes, nudges, resolution, record
 building) is compared with the wall time, i.e. the baseline is one core
 over the same run. ``--batch-interval 0.25`` builds at every take, as
-meter did before batches were a second. The figure is the steady state:
+meter did before batches were a second. ``--store`` writes each batch to a
+record store in a temporary directory, as ``meter record`` does (the
+batch's columns, never laid out as records): the agent end to end. The
+figure is the steady state:
 measured from the end of the first batch (whose one-time costs are
 reported apart, ``first_batch_cpu_s``) for ``--seconds``.
 
-    sudo .venv/bin/python benchmarks/drain_cpu.py [--seconds 10] [--compartments 100]
+    sudo .venv/bin/python benchmarks/drain_cpu.py [--seconds 10] [--compartments 100] [--store]
 
 Goal (issue "Big hosts"): < 1% of one core (it was < 2% before).
 """
@@ -21,12 +24,15 @@ from __future__ import annotations
 import argparse
 import resource
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from _common import Result, cgroup_tree, report, spawn_in
 
 from meter.engine import Meter
 from meter.resolver import PSEUDO_ROWS
+from meter.sinks.store import Store
 from meter.topology import Topology
 
 # Each compartment: 50 us of work every 10 ms (half a core for 100 of them),
@@ -46,9 +52,11 @@ def main() -> list[Result]:
     ap.add_argument("--compartments", type=int, default=100)
     ap.add_argument("--batch-interval", type=float, default=1.0)
     ap.add_argument("--drain-interval", type=float, default=0.25)
+    ap.add_argument("--store", action="store_true", help="write every batch to a record store, as meter record")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    with cgroup_tree("bench") as root:
+    with cgroup_tree("bench") as root, tempfile.TemporaryDirectory() as tmp:
+        store = Store(Path(tmp) / "records.db") if args.store else None
         for i in range(args.compartments):
             (root / f"c{i:03d}").mkdir()
             spawn_in(root / f"c{i:03d}", [sys.executable, "-S", "-c", WORKER])
@@ -61,18 +69,23 @@ def main() -> list[Result]:
             # of CPU in session 38's runs), reported apart.
             start = resource.getrusage(resource.RUSAGE_SELF)
             r0, t0 = start, time.monotonic()
-            for batch in meter.batches(args.seconds + 1.0):
+            for batch in meter.batches(args.seconds + 1.0, columns=store is not None):
+                if store is not None:
+                    store.write(batch)
                 if r0 is start:
                     r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
                     continue
                 records += len(batch)
+            if store is not None:
+                store.close()  # its last second's rollups
             wall = time.monotonic() - t0
             r1 = resource.getrusage(resource.RUSAGE_SELF)
         cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
         first = (r0.ru_utime - start.ru_utime) + (r0.ru_stime - start.ru_stime)
     pct = cpu / wall * 100
     busy = len(meter.row_names) - PSEUDO_ROWS  # less meter's own rows
-    return [Result(f"drain loop CPU, {args.compartments} compartments, 1 ms windows", pct, "% of a core",
+    what = "meter record (drain loop and store)" if args.store else "drain loop"
+    return [Result(f"{what} CPU, {args.compartments} compartments, 1 ms windows", pct, "% of a core",
                    100.0, "one core over the same run", pct / 100, "< 1%", pct < 1,
                    {"records": records, "records_per_s": records / wall, "compartments_seen": busy,
                     "seconds_measured": wall, "first_batch_cpu_s": first,

@@ -74,12 +74,14 @@ def run(size: int, seconds: float, priority: str = "realtime", with_: str = "") 
                 scraper.kill()
                 exporter.stop()
             else:
-                for batch in meter.batches():  # meter's own loop: takes every 0.25 s, a batch every second
+                # meter's own loop: takes every 0.25 s, a batch every second (the columns, when they
+                # go to a store: as meter record hands them)
+                for batch in meter.batches(columns=store is not None):
                     if store is not None:
                         store.write(batch)
                     if wakers.poll() is not None:
                         break
-                for batch in meter.batches(0.05):  # and its final flush
+                for batch in meter.batches(0.05, columns=store is not None):  # and its final flush
                     if store is not None:
                         store.write(batch)
         if store is not None:

@@ -85,7 +85,8 @@ class Context:
 class Built:
     """A drain's records, as columns, with each record's window and row (for
     energy and totals): the engine apportions energy and adds the batch to its
-    books from the columns, then lays them out as records once (:attr:`records`)."""
+    books from the columns; they are laid out as records only for a caller that
+    wants records (``columns.records()``)."""
 
     columns: records.Columns
     window: np.ndarray
@@ -96,14 +97,6 @@ class Built:
     late_budget_ns: int = 0
     #: Per row, what is still to settle (Context.spill), for the next drain.
     spill: dict[int, int] = dataclasses.field(default_factory=dict)
-    _records: np.ndarray | None = dataclasses.field(default=None, repr=False)
-
-    @property
-    def records(self) -> np.ndarray:
-        """The records, laid out at the first use (a column set after that is not in them)."""
-        if self._records is None:
-            self._records = self.columns.records()
-        return self._records
 
 
 def cgroup_ids(d: SchedDrain) -> np.ndarray:

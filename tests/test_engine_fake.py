@@ -507,7 +507,7 @@ def test_build_estimates_cycles_from_cpu_and_softirq_time_and_nulls_idle():
     plan = CounterPlan({}, ("cycles",), {}, 2_000_000_000, "cpu-clock estimate")
     d = SchedDrain(cgid=np.array([99, IDLE_CGID, GIVEN_BIT | 99], np.uint64), window=np.array([3, 3, 3]),
                    ns=np.array([1_000, 5_000, 400]), counts=np.zeros((3, 0), np.int64))
-    out = build.build(d, None, None, _Rows({99: 4, 0: 1}), _ctx(plan=plan)).records
+    out = build.build(d, None, None, _Rows({99: 4, 0: 1}), _ctx(plan=plan)).columns.records()
     t = out[out["tenant"] == code("t")][0]
     assert t["cycles"] == (1_000 - 400) * 2 and out[out["tenant"] == code("idle")][0]["cycles"] == NULL
     assert t["counters_source"] == code("cpu-clock estimate")
@@ -519,7 +519,7 @@ def test_build_copies_measured_counters_per_field():
     plan = CounterPlan({"instructions": parse_event("sw:cpu-clock")}, (), {}, None, "perf:instructions=sw:cpu-clock")
     d = SchedDrain(cgid=np.array([99, 99], np.uint64), window=np.array([1, 2]), ns=np.array([10, 20]),
                    counts=np.array([[7], [8]], np.int64))
-    out = build.build(d, None, None, _Rows({99: 4}), _ctx(plan=plan)).records
+    out = build.build(d, None, None, _Rows({99: 4}), _ctx(plan=plan)).columns.records()
     assert list(out["instructions"]) == [7, 8] and np.all(out["cache_misses"] == NULL)
 
 

@@ -15,6 +15,12 @@ is the share of switches that did; ``idle_outs`` and ``idle_ins`` the
 shares that were a switch away from idle, or into it, charged in
 meter_switch itself (idle_out(), idle_in()).
 
+``--unseen-check off`` measures the same without the unseen-slice check
+(task storage: a lookup per switch; meter compiles it out on kernels before
+5.11): the trade-off, not a setting meter offers. Without it the time
+tasks run in slices no switch event shows stays with ``sched``, not their
+compartment (docs/architecture.md, "CPU time").
+
 Goal: <= 1.3x the floor and <= 150 ns per event. It also reports
 meter_tick's ns per tick (the window's roll-over included) against
 meter_switch's in the same rounds, for each counter set (goal: < 3x, issue 16).
@@ -32,6 +38,7 @@ from _common import Result, bpf_stats, cgroup_tree, per_run, prog_stats, report,
 from meter import program
 from meter.cgroup import cgroup_id, find_mount
 from meter.perf import parse_event
+from meter.sources import sched as sched_mod
 from meter.sources.base import KernelCompartments
 from meter.sources.sched import SchedSource
 
@@ -100,7 +107,9 @@ def measure(seconds: float, ncounters: int, resolve: bool = True, pin: str | Non
         b = _round(seconds / 2, counters, floor_first=True, resolve=resolve, pin=pin)
     meter_ns, floor_ns = (a[0] + b[0]) / 2, (a[1] + b[1]) / 2
     ratio = meter_ns / floor_ns
-    what = ", ".join([f"{ncounters} counters"] + (["compartments resolved"] if resolve else []) + ([f"pinned to CPU {pin}"] if pin else []))
+    what = ", ".join([f"{ncounters} counters"] + (["compartments resolved"] if resolve else [])
+                     + ([f"pinned to CPU {pin}"] if pin else [])
+                     + ([] if sched_mod.task_storage() else ["no unseen-slice check"]))
     tick_ns = per_run(a[5] + b[5], a[6] + b[6])
     return Result(
         f"sched_switch cost ({what})", meter_ns, "ns/event", floor_ns, "floor program, same events",
@@ -130,8 +139,12 @@ def main() -> list[Result]:
     ap.add_argument("--counters", type=int, default=None, help="software counters read per event (default: 0 and 2)")
     ap.add_argument("--pin", default=None, metavar="CPUS",
                     help="run the switch load under taskset -c CPUS (e.g. 0: every switch is between its two tasks, one cgroup)")
+    ap.add_argument("--unseen-check", choices=("on", "off"), default="on",
+                    help="off: the programs without the unseen-slice check (task storage), to measure what it costs")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    if args.unseen_check == "off":
+        sched_mod.task_storage = lambda release=None: False  # as on a kernel before 5.11
     sets = [args.counters] if args.counters is not None else [0, 2]
     # With 0 counters also without compartments: the cost of resolving them in the kernel.
     out = ([measure(args.seconds, n, pin=args.pin) for n in sets]

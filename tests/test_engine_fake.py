@@ -539,7 +539,8 @@ def test_build_of_nothing_is_an_empty_batch_of_the_record_dtype():
     d = SchedDrain(cgid=np.zeros(0, np.uint64), window=np.zeros(0, np.int64), ns=np.zeros(0, np.int64),
                    counts=np.zeros((0, 0), np.int64))
     built = build.build(d, None, {}, _Rows({}), _ctx())
-    assert len(built.records) == 0 and built.records.dtype == records.RECORD_DTYPE
+    out = built.columns.records()
+    assert len(out) == 0 and out.dtype == records.RECORD_DTYPE
 
 
 def test_group_sums_are_exact_for_big_integers():

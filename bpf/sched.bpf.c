@@ -496,6 +496,28 @@ static __always_inline u64 prev_sum(u64 prev)
 }
 #endif
 
+#if METER_KERNEL_CHARGE && METER_TASK_STORAGE && defined(METER_TASK_PREV_SUM_OFF)
+/*
+ * st->sum not read at a switch away from idle (idle_out()): the followed
+ * task's sum at its switch in is its se.prev_sum_exec_runtime, which CFS
+ * set when it picked the task, and which meter_switch reads instead, with
+ * a plain load (BTF's pointer to current), when that task's switch out
+ * comes: no helper call at the switch in. The kernel moves that mark
+ * mid-slice only when a running task's class, nice, priority, affinity or
+ * cgroup changes; the part before it is then charged by the unseen-slice
+ * check (recover_unseen(): a start later than the end of the last slice
+ * charged), to the same cgroup, so it is compiled in only with task storage.
+ */
+#define METER_SUM_AT_PICK (~0ULL)
+
+static __always_inline void sum_at_pick(struct meter_cpu *st, u64 prev)
+{
+	if (st->sum == METER_SUM_AT_PICK)
+		st->sum = prev == st->task ?
+			*(u64 *)((char *)bpf_get_current_task_btf() + METER_TASK_PREV_SUM_OFF) : 0;
+}
+#endif
+
 /* Add v to cgid's pending adjustment (see struct meter_cpu). */
 static __always_inline void adj_add(struct meter_cpu *st, u64 cgid, s64 v)
 {
@@ -1285,7 +1307,11 @@ static __always_inline int idle_out(struct meter_cpu *st, u64 prev, u64 next)
 		st->last_ns = now;
 	}
 	st->task = next;
+#ifdef METER_SUM_AT_PICK
+	st->sum = METER_SUM_AT_PICK;   /* read at next's switch out (sum_at_pick()) */
+#else
 	st->sum = kread(next + METER_TASK_SUM_OFF);
+#endif
 	st->ahead = 0;
 	st->idle_outs++;
 	return 1;
@@ -1371,6 +1397,9 @@ int meter_switch(struct bpf_raw_tracepoint_args *ctx)
 
 	if (!st)
 		return 0;
+#ifdef METER_SUM_AT_PICK
+	sum_at_pick(st, ctx->args[1]);
+#endif
 	if (same_run(st, ctx->args[1], ctx->args[2]))
 		return 0;
 	/* The run ended unseen (prev is not its task, or a tick found another

@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -82,10 +82,11 @@ def per_run(ns: int, runs: int) -> float:
     return ns / runs if runs else math.nan
 
 
-def switch_load(seconds: float, pin: str | None = None) -> str:
+def switch_load(seconds: float, pin: str | None = None, started: Callable[[int], None] | None = None) -> str:
     """Generate context switches for ``seconds``: perf bench sched pipe (under
     ``taskset -c pin`` when given: then every switch is between its two
-    tasks), else a Python pipe ping-pong."""
+    tasks), else a Python pipe ping-pong. ``started(pid)`` is called with
+    perf's pid once it runs (perf bench only)."""
     perf = shutil.which("perf")
     if perf:
         cmd = [perf, "bench", "sched", "pipe", "-l", "100000000"]
@@ -96,6 +97,8 @@ def switch_load(seconds: float, pin: str | None = None) -> str:
         proc = subprocess.Popen(cmd,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
+            if started is not None:
+                started(proc.pid)
             time.sleep(seconds)
         finally:
             os.killpg(proc.pid, signal.SIGKILL)

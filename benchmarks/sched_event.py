@@ -15,6 +15,10 @@ is the share of switches that did; ``idle_outs`` and ``idle_ins`` the
 shares that were a switch away from idle, or into it, charged in
 meter_switch itself (idle_out(), idle_in()).
 
+``--two-compartments`` puts the load's two tasks in two compartments,
+pinned to one CPU (``--pin``, default 0): every switch between them is
+charged, on meter_charge's general path (0 counters only).
+
 ``--unseen-check off`` measures the same without the unseen-slice check
 (task storage: a lookup per switch; meter compiles it out on kernels before
 5.11): the trade-off, not a setting meter offers. Without it the time
@@ -31,7 +35,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from _common import Result, bpf_stats, cgroup_tree, per_run, prog_stats, report, switch_load
 
@@ -44,34 +50,53 @@ from meter.sources.sched import SchedSource
 
 
 @contextlib.contextmanager
-def _as_a_tenant() -> Iterator[dict[int, int]]:
+def _as_a_tenant() -> Iterator[tuple[dict[int, int], Path]]:
     """Run this process (and so the switch load it starts) in a tenant's
-    compartment, tenant/vswitch, and yield both as compartments ({id: level}):
-    the load is resolved in the kernel as a tenant's would be."""
+    compartment, tenant/vswitch, and yield it, its parent and a second
+    compartment, tenant/other, as compartments ({id: level}), and the second's
+    path: the load is resolved in the kernel as a tenant's would be."""
     mount = find_mount()
     rel = next(line.split("::", 1)[1].strip() for line in open("/proc/self/cgroup") if line.startswith("0::"))
     home = mount / rel.lstrip("/")
     with cgroup_tree("sched-event") as root:
-        load = root / "tenant" / "vswitch"
+        load, other = root / "tenant" / "vswitch", root / "tenant" / "other"
         load.mkdir(parents=True)
+        other.mkdir()
         (load / "cgroup.procs").write_text(str(os.getpid()))
         try:
             level = len(load.relative_to(mount).parts)
-            yield {cgroup_id(load.parent): level - 1, cgroup_id(load): level}
+            yield {cgroup_id(load.parent): level - 1, cgroup_id(load): level, cgroup_id(other): level}, other
         finally:
             (home / "cgroup.procs").write_text(str(os.getpid()))
 
 
+def _split(other: Path) -> Callable[[int], None]:
+    """A ``switch_load`` start hook: perf's worker moved into ``other``, so that its two
+    tasks are in two compartments and every switch between them is charged."""
+    def started(pid: int) -> None:
+        for _ in range(100):  # perf forks its worker right after it starts
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            if children:
+                for child in children:
+                    (other / "cgroup.procs").write_text(child)
+                return
+            time.sleep(0.01)
+        raise RuntimeError("perf bench sched pipe started no worker to move into a second compartment")
+    return started
+
+
 def _round(seconds: float, counters: list, floor_first: bool, resolve: bool,
-           pin: str | None) -> tuple[float, float, int, str, int, float, int, int]:
+           pin: str | None, split: bool = False) -> tuple[float, float, int, str, int, float, int, int]:
     """One round with both programs on sched_switch; returns (meter ns, floor ns, events, load,
     switches in runs, meter_tick's total ns, ticks, switches away from idle charged in meter_switch)."""
-    with _as_a_tenant() as compartments:
-        return _round_in(seconds, counters, floor_first, compartments if resolve else {}, pin)
+    with _as_a_tenant() as (compartments, other):
+        return _round_in(seconds, counters, floor_first, compartments if resolve else {}, pin,
+                         _split(other) if split else None)
 
 
 def _round_in(seconds: float, counters: list, floor_first: bool, compartments: dict,
-              pin: str | None) -> tuple[float, float, int, str, int, float, int, int]:
+              pin: str | None, started: Callable[[int], None] | None = None
+              ) -> tuple[float, float, int, str, int, float, int, int]:
     floor = program.load("floor", {"METER_NR_COUNTERS": len(counters)})
     src = SchedSource(1_000_000, counters)
     src.set_compartments(KernelCompartments(compartments))
@@ -83,7 +108,7 @@ def _round_in(seconds: float, counters: list, floor_first: bool, compartments: d
         src.open()
         if not floor_first:
             floor.attach_raw_tracepoint(tp=b"sched_switch", fn_name=b"floor_switch")
-        load = switch_load(seconds, pin)
+        load = switch_load(seconds, pin, started)
         src.drain()
         stats = prog_stats(["meter_switch", "floor_switch", "meter_tick"])
         in_runs = getattr(src, "same_run_switches", 0)
@@ -98,16 +123,19 @@ def _round_in(seconds: float, counters: list, floor_first: bool, compartments: d
     return per_run(m_ns, m_cnt), per_run(f_ns, f_cnt), m_cnt, load, in_runs, t_ns, t_cnt, idle_outs, idle_ins
 
 
-def measure(seconds: float, ncounters: int, resolve: bool = True, pin: str | None = None) -> Result:
+def measure(seconds: float, ncounters: int, resolve: bool = True, pin: str | None = None,
+            split: bool = False) -> Result:
     """Two rounds, each program first once: the first program on a tracepoint
-    pays the cache misses both share (task, cgroup), so order is averaged out."""
+    pays the cache misses both share (task, cgroup), so order is averaged out.
+    ``split``: the load's two tasks in two compartments."""
     counters = [parse_event("sw:cpu-clock")] * ncounters
     with bpf_stats():
-        a = _round(seconds / 2, counters, floor_first=False, resolve=resolve, pin=pin)
-        b = _round(seconds / 2, counters, floor_first=True, resolve=resolve, pin=pin)
+        a = _round(seconds / 2, counters, floor_first=False, resolve=resolve, pin=pin, split=split)
+        b = _round(seconds / 2, counters, floor_first=True, resolve=resolve, pin=pin, split=split)
     meter_ns, floor_ns = (a[0] + b[0]) / 2, (a[1] + b[1]) / 2
     ratio = meter_ns / floor_ns
     what = ", ".join([f"{ncounters} counters"] + (["compartments resolved"] if resolve else [])
+                     + (["two compartments"] if split else [])
                      + ([f"pinned to CPU {pin}"] if pin else [])
                      + ([] if sched_mod.task_storage() else ["no unseen-slice check"]))
     tick_ns = per_run(a[5] + b[5], a[6] + b[6])
@@ -141,10 +169,15 @@ def main() -> list[Result]:
                     help="run the switch load under taskset -c CPUS (e.g. 0: every switch is between its two tasks, one cgroup)")
     ap.add_argument("--unseen-check", choices=("on", "off"), default="on",
                     help="off: the programs without the unseen-slice check (task storage), to measure what it costs")
+    ap.add_argument("--two-compartments", action="store_true",
+                    help="only: 0 counters, the load's two tasks in two compartments, pinned (--pin, default 0): "
+                         "every switch between them is charged (meter_charge's path)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.unseen_check == "off":
         sched_mod.task_storage = lambda release=None: False  # as on a kernel before 5.11
+    if args.two_compartments:
+        return [measure(args.seconds, 0, pin=args.pin or "0", split=True)]
     sets = [args.counters] if args.counters is not None else [0, 2]
     # With 0 counters also without compartments: the cost of resolving them in the kernel.
     out = ([measure(args.seconds, n, pin=args.pin) for n in sets]

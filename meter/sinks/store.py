@@ -93,6 +93,7 @@ def _first(batch: Batch, name: str) -> int:
     value = batch.given(name) if isinstance(batch, Columns) else batch[name]
     return int(value if np.ndim(value) == 0 else value[0])
 
+
 #: A rollup table's key: the period first, so a second's rows (and an hour's upserts) are a
 #: few pages at the end of the table, not a page per compartment all over it.
 _ROLLUP_KEY = "period_start_ns, host, tenant, compartment"
@@ -102,6 +103,7 @@ def _rollup_table_sql(table: str) -> str:
     sums = ", ".join(f"{name} INTEGER" for name in ROLLUP_COLUMNS)
     return (f"CREATE TABLE IF NOT EXISTS {table} (host TEXT, tenant TEXT, compartment TEXT, period_start_ns INTEGER, "
             f"records INTEGER, {sums}, PRIMARY KEY ({_ROLLUP_KEY})) WITHOUT ROWID")
+
 
 def default_path() -> Path:
     """Where ``meter record`` stores records unless told otherwise."""

@@ -283,6 +283,7 @@ def test_a_store_keyed_compartment_first_is_rekeyed_by_its_next_writer(tmp_path)
         assert key(s, "rollup_1s").startswith("PRIMARY KEY (host, tenant")
         assert read(s.rollup("rollup_1s")) == expected(np.concatenate(first), SECOND)
     with Store(path, clock=lambda: T0) as s:
+        s.claim("h")  # the writer rebuilds when it claims the store, before any record
         for name in ROLLUPS:
             assert key(s, name).startswith("PRIMARY KEY (period_start_ns, host")
         later = [batch(i, 1, 3 * i) for i in range(9, 14)]
@@ -293,3 +294,54 @@ def test_a_store_keyed_compartment_first_is_rekeyed_by_its_next_writer(tmp_path)
         for name, period in ROLLUPS.items():
             assert table(s, name) == expected(every, period)
             assert read(s.rollup(name)) == expected(every, period)
+
+
+def test_only_the_stores_writer_rekeys_it_and_a_failed_rebuild_is_one_sentence(tmp_path):
+    """A second meter refused the store (another one writes it) leaves its tables as they
+    are; a rebuild that fails says which table and that nothing changed, and releases the
+    store for the next writer."""
+    import fcntl
+
+    import pytest
+
+    from meter.errors import SinkError
+
+    path = tmp_path / "r.db"
+    with Store(path, clock=lambda: T0) as s:
+        s.write(batch(0, 4, 0))
+    with Store(path, must_exist=True) as s:  # keyed as before stop 42
+        for name in ROLLUPS:
+            s.db.execute(f"ALTER TABLE {name} RENAME TO old")
+            s.db.execute(f"CREATE TABLE {name} AS SELECT * FROM old")  # (no key at all: not period first)
+            s.db.execute("DROP TABLE old")
+
+    def rekeyed(name: str) -> bool:
+        with Store(path, must_exist=True) as r:
+            return "PRIMARY KEY (period_start_ns" in r.db.execute(
+                "SELECT sql FROM sqlite_master WHERE name = ?", (name,)).fetchone()[0]
+
+    with Store(path, clock=lambda: T0) as writer:
+        writer.claim("h")
+        assert rekeyed("rollup_1s")
+    with Store(path, must_exist=True) as s:  # old again, and another meter writing it
+        s.db.execute("ALTER TABLE rollup_1s RENAME TO old")
+        s.db.execute("CREATE TABLE rollup_1s AS SELECT * FROM old")
+        s.db.execute("DROP TABLE old")
+    older = os.open(path.with_name(path.name + ".lock"), os.O_RDWR)  # a meter before stop 42 writing it
+    fcntl.flock(older, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with Store(path, clock=lambda: T0) as second:
+        with pytest.raises(SinkError, match="being written by another meter"):
+            second.claim("h")
+    assert not rekeyed("rollup_1s")  # the refused meter changed nothing
+    os.close(older)
+    with Store(path, must_exist=True) as s:  # a leftover object of the rebuild's name: it cannot run
+        s.db.execute("CREATE VIEW rollup_1s_rekeyed AS SELECT 1")
+    with Store(path, clock=lambda: T0) as s:
+        with pytest.raises(SinkError, match=r"cannot rebuild the rollup table rollup_1s of .*nothing in it was changed"):
+            s.claim("h")
+    assert not rekeyed("rollup_1s")
+    with Store(path, must_exist=True) as s:
+        s.db.execute("DROP VIEW rollup_1s_rekeyed")
+    with Store(path, clock=lambda: T0) as s:  # released: the next writer claims and rebuilds it
+        s.claim("h")
+    assert rekeyed("rollup_1s")

@@ -143,13 +143,13 @@ class Store:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA wal_autocheckpoint=256")
-            self._schema(writer=not must_exist)
+            self._schema()
         except sqlite3.DatabaseError as err:
             raise SinkError(f"{self.path} is not a usable meter store: {err}", target=str(self.path)) from err
         except OSError as err:
             raise SinkError(f"cannot open the record store {self.path}: {err.strerror}", target=str(self.path)) from err
 
-    def _schema(self, writer: bool) -> None:
+    def _schema(self) -> None:
         self.db.execute(
             "CREATE TABLE IF NOT EXISTS chunks (host TEXT, first_seq INTEGER, last_seq INTEGER, start_ns INTEGER, "
             "end_ns INTEGER, n INTEGER, data BLOB, PRIMARY KEY (host, first_seq))"
@@ -174,12 +174,11 @@ class Store:
             for name in ROLLUP_COLUMNS:
                 if name not in have:
                     self.db.execute(f"ALTER TABLE {table} ADD COLUMN {name} INTEGER")
-            if writer:
-                self._rekey(table)
 
     def _rekey(self, table: str) -> None:
         """A rollup table keyed by (host, tenant, compartment, period), as stores before
-        stop 42 were, rebuilt keyed by period first (once; docs/architecture.md, "The store")."""
+        stop 42 were, rebuilt keyed by period first (once, by the writer that claimed the
+        store; docs/architecture.md, "The store"). A failure leaves the table as it was."""
         def old() -> bool:
             row = self.db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone()
             return row is not None and _ROLLUP_KEY not in row[0]
@@ -190,20 +189,25 @@ class Store:
         log.warning("meter: rebuilding %s of %s keyed by period first, once (about 3 s a million rows; nothing "
                     "is metered until it is done)", table, self.path)
         t0 = time.monotonic()
-        self.db.execute("BEGIN IMMEDIATE")
         try:
-            if old():  # (another writer may have rebuilt it while this one waited)
-                names = ", ".join(("host", "tenant", "compartment", "period_start_ns", "records", *ROLLUP_COLUMNS))
-                self.db.execute(f"DROP TABLE IF EXISTS {table}_rekeyed")
-                self.db.execute(_rollup_table_sql(f"{table}_rekeyed"))
-                self.db.execute(f"INSERT INTO {table}_rekeyed ({names}) SELECT {names} FROM {table} "
-                                f"ORDER BY {_ROLLUP_KEY}")
-                self.db.execute(f"DROP TABLE {table}")
-                self.db.execute(f"ALTER TABLE {table}_rekeyed RENAME TO {table}")
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                if old():
+                    names = ", ".join(("host", "tenant", "compartment", "period_start_ns", "records",
+                                       *ROLLUP_COLUMNS))
+                    self.db.execute(f"DROP TABLE IF EXISTS {table}_rekeyed")
+                    self.db.execute(_rollup_table_sql(f"{table}_rekeyed"))
+                    self.db.execute(f"INSERT INTO {table}_rekeyed ({names}) SELECT {names} FROM {table} "
+                                    f"ORDER BY {_ROLLUP_KEY}")
+                    self.db.execute(f"DROP TABLE {table}")
+                    self.db.execute(f"ALTER TABLE {table}_rekeyed RENAME TO {table}")
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as err:
+            raise SinkError(f"cannot rebuild the rollup table {table} of {self.path} ({err}); nothing in it was "
+                            "changed: mend that, then start meter again", target=str(self.path)) from err
         log.warning("meter: %s of %s rebuilt in %.1f s", table, self.path, time.monotonic() - t0)
 
     def close(self) -> None:
@@ -218,7 +222,9 @@ class Store:
         """Become this store's one writer and return ``host``'s next seq.
 
         Raises SinkError naming the other writer's pid if one holds the store.
-        :meth:`write` claims it too; call this first to fail before metering.
+        A store whose rollup tables are keyed the old way is rebuilt here, by its
+        one writer only (:meth:`_rekey`). :meth:`write` claims it too; call this
+        first to fail, and rebuild, before metering.
         """
         if self._lock_fd is None:
             lock = self.path.with_name(self.path.name + ".lock")
@@ -233,6 +239,12 @@ class Store:
                                 setting="store") from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            try:
+                for table in ROLLUPS:
+                    self._rekey(table)
+            except SinkError:
+                os.close(fd)  # not this store's writer after all
+                raise
             self._lock_fd = fd
         return self.next_seq(host)
 
@@ -304,9 +316,9 @@ class Store:
     def _insert(self, batch: Batch, cols: _Columns, seconds: _Groups) -> None:
         rows, rollups = [], []
         hosts = [name[0] for name in seconds.names]
+        start, width, seq = (COLUMN[f] for f in ("window_start_ns", "window_ms", "seq"))
         for host, part in self._by_host(batch):
             mine = cols if part is batch else _Columns(part)
-            start, width, seq = (COLUMN[f] for f in ("window_start_ns", "window_ms", "seq"))
             if mine.lo[width] == mine.hi[width]:  # one window width (always, from one meter): no pass
                 end = int(mine.hi[start]) + int(mine.hi[width]) * 1_000_000
             else:
@@ -624,15 +636,15 @@ class _Groups:
     def select(self, keep: np.ndarray) -> _Groups:
         return _Groups(self.names, self.who[keep], self.start[keep], self.sums[keep], self.seen[keep])
 
-    def measured(self) -> list[int]:
+    def measured(self) -> np.ndarray:
         """Indexes into ROLLUP_COLUMNS of the columns measured in some group."""
-        return np.flatnonzero(self.seen.any(axis=0)).tolist() if len(self) else []
+        return np.flatnonzero(self.seen.any(axis=0)) if len(self) else np.zeros(0, np.int64)
 
-    def tuples(self, present: list[int] | None = None) -> list[tuple[Any, ...]]:
+    def tuples(self, present: np.ndarray | None = None) -> list[tuple[Any, ...]]:
         """Rollup rows (as :func:`rollup_rows`), sorted by (period start, host, tenant, compartment);
         with ``present``, only those of the ROLLUP_COLUMNS (by index), in that order."""
         columns: list[list[Any]] = []
-        for j in range(len(ROLLUP_COLUMNS)) if present is None else present:
+        for j in range(len(ROLLUP_COLUMNS)) if present is None else present.tolist():
             v, seen = self.sums[:, 1 + j], self.seen[:, j]
             if not seen.any():
                 columns.append([None] * len(self))
@@ -755,7 +767,7 @@ def _encode_groups(g: _Groups) -> bytes:
     About 0.1 µs a group to write, where JSON rows took ~3 µs."""
     import json
 
-    present = np.array(g.measured(), np.int64)
+    present = g.measured()
     head = json.dumps({"columns": [ROLLUP_COLUMNS[j] for j in present.tolist()], "names": g.names, "n": len(g)},
                       separators=(",", ":")).encode()
     return b"".join((_GROUPS_MAGIC, len(head).to_bytes(4, "little"), head, g.who.astype("<i4").tobytes(),

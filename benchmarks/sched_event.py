@@ -86,9 +86,10 @@ def _split(other: Path) -> Callable[[int], None]:
 
 
 def _round(seconds: float, counters: list, floor_first: bool, resolve: bool,
-           pin: str | None, split: bool = False) -> tuple[float, float, int, str, int, float, int, int]:
+           pin: str | None, split: bool = False) -> tuple[float, float, int, str, int, float, int, int, int]:
     """One round with both programs on sched_switch; returns (meter ns, floor ns, events, load,
-    switches in runs, meter_tick's total ns, ticks, switches away from idle charged in meter_switch)."""
+    switches in runs, meter_tick's total ns, ticks, switches away from idle and into it charged in
+    meter_switch)."""
     with _as_a_tenant() as (compartments, other):
         return _round_in(seconds, counters, floor_first, compartments if resolve else {}, pin,
                          _split(other) if split else None)
@@ -96,7 +97,7 @@ def _round(seconds: float, counters: list, floor_first: bool, resolve: bool,
 
 def _round_in(seconds: float, counters: list, floor_first: bool, compartments: dict,
               pin: str | None, started: Callable[[int], None] | None = None
-              ) -> tuple[float, float, int, str, int, float, int, int]:
+              ) -> tuple[float, float, int, str, int, float, int, int, int]:
     floor = program.load("floor", {"METER_NR_COUNTERS": len(counters)})
     src = SchedSource(1_000_000, counters)
     src.set_compartments(KernelCompartments(compartments))

@@ -481,15 +481,22 @@ static __always_inline u64 kread(u64 addr)
 	return v;
 }
 
-/* se.sum_exec_runtime of prev, the outgoing task of a switch (so current,
- * at sched_switch): with BTF's pointer to current (Linux 5.11+, as task
- * storage), a plain load the verifier checks against the kernel's own
- * layout, instead of a helper call. */
 #if METER_KERNEL_CHARGE
+#if METER_TASK_STORAGE
+/* A u64 field of current (at sched_switch: prev) at byte offset off, through
+ * BTF's pointer to current (Linux 5.11+, as task storage): a plain load the
+ * verifier checks against the kernel's own layout, instead of a helper call. */
+static __always_inline u64 current_u64(u32 off)
+{
+	return *(u64 *)((char *)bpf_get_current_task_btf() + off);
+}
+#endif
+
+/* se.sum_exec_runtime of prev, the outgoing task of a switch (so current). */
 static __always_inline u64 prev_sum(u64 prev)
 {
 #if METER_TASK_STORAGE
-	return *(u64 *)((char *)bpf_get_current_task_btf() + METER_TASK_SUM_OFF);
+	return current_u64(METER_TASK_SUM_OFF);
 #else
 	return kread(prev + METER_TASK_SUM_OFF);
 #endif
@@ -513,8 +520,7 @@ static __always_inline u64 prev_sum(u64 prev)
 static __always_inline void sum_at_pick(struct meter_cpu *st, u64 prev)
 {
 	if (st->sum == METER_SUM_AT_PICK)
-		st->sum = prev == st->task ?
-			*(u64 *)((char *)bpf_get_current_task_btf() + METER_TASK_PREV_SUM_OFF) : 0;
+		st->sum = prev == st->task ? current_u64(METER_TASK_PREV_SUM_OFF) : 0;
 }
 #endif
 

@@ -68,7 +68,7 @@ class Books:
             # (one pass over the batch for all of them); then each measured column
             # summed in place by row (np.add.at: exact, no sort).
             if ranges is None:
-                ranges = out.ranges() if isinstance(out, records.Columns) else records.column_ranges(records.matrix(out))
+                ranges = records.ranges_of(out)
             lo, hi = (r[_COUNTERS] for r in ranges)
             for j in np.flatnonzero((lo != records.NULL) | (hi != records.NULL)).tolist():
                 col = out[records.COUNTER_COLUMNS[j]]

@@ -714,12 +714,15 @@ class SchedSource:
             return np.concatenate([ring[:n, run] for run in runs], axis=1) if runs else ring[:n, :0]
 
         cells = cells_of(self._ring)
+        # Window by window (each window's rows in order): successive takes are later
+        # windows, so a batch's entries come ascending by (window, row), the order its
+        # records are grouped in (meter.build), and grouping them needs no sort.
         if self._ring_counts is None:
-            r, j = records.nonzero_cells(cells)
+            j, r = records.nonzero_cells(cells.T)
             counts = np.zeros((len(r), ncount), np.int64)
         else:
             all_counts = cells_of(self._ring_counts)["count"][:, :, :ncount]
-            r, j = records.nonzero_cells((cells != 0) | np.any(all_counts != 0, axis=2))
+            j, r = records.nonzero_cells(((cells != 0) | np.any(all_counts != 0, axis=2)).T)
             counts = all_counts[r, j].astype(np.int64)
         ns = cells[r, j].astype(np.int64)
         # Zeroed before the kernel is told: then the cells are open for windows one ring later.
@@ -747,8 +750,8 @@ class SchedSource:
             self._spill_seen[:n] = spill
             sr = np.flatnonzero(d_spill)
             d_spill = d_spill[sr]
-        # Each index list is sorted: a row past those known has its cgroup looked up.
-        top = max(int(r[-1]) if len(r) else -1, int(lr[-1]) if len(lr) else -1, int(sr[-1]) if len(sr) else -1)
+        # A row past those known has its cgroup looked up (lr and sr are sorted; r is by window).
+        top = max(int(r.max()) if len(r) else -1, int(lr[-1]) if len(lr) else -1, int(sr[-1]) if len(sr) else -1)
         met = self._learn_rows(np.concatenate([r, lr, sr])) if top >= self._rows_learned else _NONE_MET
         return SchedDrain(
             cgid=self._row_cgid[r], window=j + lo, ns=ns, counts=counts,

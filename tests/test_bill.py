@@ -129,8 +129,9 @@ def test_retention_keeps_rollups(tmp_path):
     with Store(tmp_path / "r.db", retention_s=1, clock=lambda: now[0]) as s:
         s.write(records("h", 1000))  # [T0, T0 + 1 s): inside retention at T0 + 1.5 s
         assert len(s.records()) == 4000
-        now[0] = T0 + 6 * 10**9
-        s.write(records("h", 1000, seq0=4000, t0=T0 + 5 * 10**9))
+        now[0] = T0 + 12 * 10**9
+        # Ten seconds on: the rollups are written (ROLL_EVERY_NS), so the first chunk may go.
+        s.write(records("h", 1000, seq0=4000, t0=T0 + 11 * 10**9))
         assert len(s.records()) == 4000  # the first chunk is past retention
         assert sum(r["records"] for r in s.rollup("rollup_1s")) == 8000
 

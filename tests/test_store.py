@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from meter.records import NULL, build, text
-from meter.sinks.store import ROLLUPS, Store
+from meter.sinks.store import ROLL_EVERY_NS, ROLLUPS, Store
 
 SECOND = ROLLUPS["rollup_1s"]
 T0 = 1_800_000_000 * SECOND  # a whole second, well inside an hour
@@ -63,18 +63,25 @@ def table(s: Store, name: str) -> dict[tuple[str, str, str, int], tuple[int, int
 
 def test_each_compartment_second_is_written_once_and_every_reader_sees_all(tmp_path):
     written = []
+    boundary = None
     with Store(tmp_path / "r.db", clock=lambda: T0) as s:
-        for i in range(12):  # 3 s of 4 batches of one 250 ms window
+        for i in range(52):  # 13 s of 4 batches of one 250 ms window
             written.append(batch(i, 1, 3 * i))
             s.write(written[-1])
             got = np.concatenate(written)
             # Every reader (this writer too) sees every record rolled up, by second and by hour...
             for name, period in ROLLUPS.items():
                 assert read(s.rollup(name)) == expected(got, period)
-            # ...while the 1 s table holds only the seconds before the newest batch's, each written once.
+            # ...while the tables hold only the seconds before the boundary, each written once: the
+            # boundary is the first batch's second, then moves to the newest batch's second once
+            # that is ROLL_EVERY_NS past it.
             newest = (T0 + i * 250_000_000) // SECOND * SECOND
-            assert table(s, "rollup_1s") == {k: v for k, v in expected(got, SECOND).items() if k[3] < newest}
-        assert len(table(s, "rollup_1s")) == 2 * len(COMPS)  # seconds 0 and 1; second 2 is in memory
+            if boundary is None or newest - boundary >= ROLL_EVERY_NS:
+                boundary = newest
+            assert table(s, "rollup_1s") == {k: v for k, v in expected(got, SECOND).items() if k[3] < boundary}
+            assert table(s, "rollup_1h") == expected(got[got["window_start_ns"] < boundary], ROLLUPS["rollup_1h"])
+            assert s.db.execute("SELECT value FROM meta WHERE key = 'rolled:h'").fetchone()[0] == boundary
+        assert len(table(s, "rollup_1s")) == 10 * len(COMPS)  # seconds 0-9; seconds 10-12 are in memory
         with Store(tmp_path / "r.db", must_exist=True) as other:  # another process's view: the same
             assert read(other.rollup("rollup_1s")) == expected(got, SECOND)
             assert read(other.rollup("rollup_1h", tenant="acme")) == expected(got, ROLLUPS["rollup_1h"])
@@ -190,13 +197,14 @@ def test_a_close_that_cannot_write_the_last_rollups_says_so_and_loses_nothing(tm
 def test_retention_never_deletes_records_the_rollups_do_not_hold_yet(tmp_path):
     """With a retention shorter than a second, a killed writer's last second lives only in its chunks:
     they stay until the rollup tables hold them (then retention deletes them as before)."""
-    written = np.concatenate([batch(i, 1, 3 * i) for i in range(6)])
+    # Seconds 0, then 9-11: the second batch moves the boundary (ROLL_EVERY_NS) to second 11.
+    written = np.concatenate([batch(0, 3, 0), batch(39, 6, 9)])
     s = Store(tmp_path / "r.db", retention_s=1, clock=lambda: T0 + 100 * SECOND)  # everything is past retention
     s.write(written[:9])
-    s.write(written[9:])  # no close: killed with second 1 in memory
+    s.write(written[9:])  # no close: killed with second 11 in memory
     with Store(tmp_path / "r.db", must_exist=True) as r:
         assert read(r.rollup("rollup_1s")) == expected(written, SECOND)
-        assert len(r.records()) == 9  # the chunk reaching into second 1, kept whole; the one before, deleted
+        assert len(r.records()) == 27 - 9  # the chunk reaching into second 11, kept whole; the one before, deleted
     s.close()
 
 

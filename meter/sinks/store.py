@@ -75,6 +75,10 @@ ROLLUPS = {"rollup_1s": 1_000_000_000, "rollup_1h": 3_600_000_000_000}
 ROLLUP_COLUMNS = COUNTER_COLUMNS + ESTIMATE_COLUMNS
 _SECOND = ROLLUPS["rollup_1s"]
 _NEVER = -(2**63)  # a host's boundary before any: every record of it is in the tables
+#: How far a host's boundary moves at least: its rollups are written every ten seconds, not
+#: every batch (docs/architecture.md, "The store").
+ROLL_EVERY_NS = 10 * _SECOND
+_MAX_PARTS = 64  # batches' groups held apart at most, before they are summed in memory
 #: No groups: (who, start, sums, seen).
 _NO_GROUPS = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 1 + len(ROLLUP_COLUMNS)), np.int64),
               np.zeros((0, len(ROLLUP_COLUMNS)), np.int64))
@@ -125,7 +129,7 @@ class Store:
         # each host's boundary: its records before it are in the tables, from it on not.
         self._label: dict[tuple[str, str, str], int] = {}
         self._names: list[tuple[str, str, str]] = []
-        self._pending = _Groups(self._names, *_NO_GROUPS)
+        self._pending: list[_Groups] = []  # the batches' groups as they came, grouped when written
         self._rolled: dict[str, int] = {}
         if must_exist and not self.path.is_file():
             raise SinkError(f"no record store at {self.path}: run meter record first, or name the store",
@@ -332,29 +336,40 @@ class Store:
         self.db.executemany("INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
         self.db.executemany("INSERT OR IGNORE INTO chunk_rollups VALUES (?, ?, ?, ?)", rollups)
 
-    def _roll(self, seconds: _Groups, cols: _Columns) -> tuple[_Groups, dict[str, int]]:
+    def _roll(self, seconds: _Groups, cols: _Columns) -> tuple[list[_Groups], dict[str, int]]:
         """Add a batch's 1 s groups to the rollups in memory, and write to the rollup
-        tables every period no later batch will add to (docs/architecture.md, "The
-        store"): per host, the seconds before the batch's newest one. Returns the
-        rollups left in memory and each host's boundary (kept once committed)."""
+        tables the periods no later batch will add to, every ROLL_EVERY_NS
+        (docs/architecture.md, "The store"): a host's boundary moves to its newest
+        second once that is ten seconds past it, and the seconds before it are
+        written. Returns the rollups left in memory and each host's boundary (kept
+        once committed)."""
         rolled = dict(self._rolled)
-        parts = [self._pending]
+        parts = list(self._pending)
         hosts, index = cols.strings["host"]
         starts = cols.column("window_start_ns")
+        moved = False
         for i, host in enumerate(hosts):
-            if host not in rolled:  # first batch of a host: what a meter before this one left in memory
+            first = host not in rolled
+            if first:  # first batch of a host: what a meter before this one left in memory
                 tail, rolled[host] = self._tail(host)
                 parts.append(self._relabel(tail))
             newest = int(cols.hi[COLUMN["window_start_ns"]]) if len(hosts) == 1 else int(starts[index == i].max())
-            rolled[host] = max(rolled[host], newest // _SECOND * _SECOND)
-            self._set_boundary(host, rolled[host])
-        parts.append(self._relabel(seconds))
-        merged = _Groups(self._names, *(np.concatenate(x) for x in zip(*((g.who, g.start, g.sums, g.seen)
-                                                                           for g in parts)))).regroup(_SECOND)
-        cut = np.array([rolled.get(host, _NEVER) for host, _, _ in self._names], np.int64)[merged.who]
-        done = merged.start < cut
+            if newest // _SECOND * _SECOND - rolled[host] >= ROLL_EVERY_NS:
+                rolled[host] = newest // _SECOND * _SECOND
+                moved = True
+            if moved or first:  # a store before the boundary was kept gets its boundary now
+                self._set_boundary(host, rolled[host])
+        new = self._relabel(seconds)
+        cut = np.array([rolled.get(host, _NEVER) for host, _, _ in self._names], np.int64)
+        parts.append(new)
+        if not moved and not (new.start < cut[new.who]).any():
+            # Nothing to write (a clock stepped back writes at once): kept as the batches' parts,
+            # summed now and then when batches come faster than seconds pass.
+            return (parts if len(parts) < _MAX_PARTS else [_Groups.concat(self._names, parts).regroup(_SECOND)]), rolled
+        merged = _Groups.concat(self._names, parts).regroup(_SECOND)
+        done = merged.start < cut[merged.who]
         self._flush(merged.select(done))
-        return merged.select(~done), rolled
+        return [merged.select(~done)], rolled
 
     def _set_boundary(self, host: str, since: int) -> None:
         self.db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
@@ -404,11 +419,11 @@ class Store:
 
     def _flush_all(self) -> None:
         """Write every rollup still in memory (closing): each host's boundary moves past them."""
-        if len(self._pending) == 0:
+        g = _Groups.concat(self._names, self._pending).regroup(_SECOND)
+        if len(g) == 0:
             return
         try:
             self.db.execute("BEGIN IMMEDIATE")
-            g = self._pending
             self._flush(g)
             for host, since in self._rolled.items():
                 mine = np.array([n[0] == host for n in self._names], bool)[g.who]
@@ -417,7 +432,7 @@ class Store:
                     self._set_boundary(host, since)
                     self._rolled[host] = since
             self.db.execute("COMMIT")
-            self._pending = _Groups(self._names, *_NO_GROUPS)
+            self._pending = []
         except sqlite3.Error as err:
             if self.db.in_transaction:
                 self.db.execute("ROLLBACK")
@@ -619,6 +634,13 @@ class _Groups:
 
     def __len__(self) -> int:
         return len(self.who)
+
+    @staticmethod
+    def concat(names: list[tuple[str, str, str]], parts: list[_Groups]) -> _Groups:
+        """Groups labelled alike (by ``names``), one after another (not summed: see :meth:`regroup`)."""
+        if not parts:
+            return _Groups(names, *_NO_GROUPS)
+        return _Groups(names, *(np.concatenate(x) for x in zip(*((g.who, g.start, g.sums, g.seen) for g in parts))))
 
     def regroup(self, period: int) -> _Groups:
         """The same sums by a period that is a multiple of this one's (a few groups

@@ -278,8 +278,8 @@ def test_record_retention_expires_raw_records_and_keeps_every_rollup(meter_bin, 
         raw = s.records()
         seconds = s.rollup("rollup_1s")
     # Every record is in the 1 s rollups. A batch (a second's chunk) goes whole once it ended
-    # over 1 s before a write and its seconds are rolled up: at the last write, 6 s in, at
-    # least the first two seconds' chunks are gone, whatever the load delayed.
+    # over 1 s before a write and its seconds are rolled up (every ten seconds, and at close):
+    # at close, 6 s in, at least the first two seconds' chunks are gone, whatever the load delayed.
     assert sum(r["records"] for r in seconds) == written
     first_second = min(r["period_start_ns"] for r in seconds)
     assert 0 < len(raw) < written and int(raw["window_start_ns"].min()) >= first_second + 2 * 10**9

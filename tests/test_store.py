@@ -187,7 +187,7 @@ def test_a_close_that_cannot_write_the_last_rollups_says_so_and_loses_nothing(tm
 
     monkeypatch.setattr(Store, "_flush", full)
     s.close()
-    assert "could not add the last second's rollups" in caplog.text and "disk is full" in caplog.text
+    assert "could not add the last seconds' rollups" in caplog.text and "disk is full" in caplog.text
     monkeypatch.undo()
     with Store(tmp_path / "r.db", must_exist=True) as r:
         assert table(r, "rollup_1s") != expected(written, SECOND)  # the last second is not in the table...

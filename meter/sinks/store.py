@@ -431,13 +431,14 @@ class Store:
                     since = max(since, int(g.start[mine].max()) + _SECOND)
                     self._set_boundary(host, since)
                     self._rolled[host] = since
+            self._expire_chunks(self._clock())  # what retention held back for the tables only
             self.db.execute("COMMIT")
             self._pending = []
         except sqlite3.Error as err:
             if self.db.in_transaction:
                 self.db.execute("ROLLBACK")
             # Nothing is lost: the records are stored, and the rollups read them until a writer adds them.
-            log.warning("meter: could not add the last second's rollups to %s (%s); they are read from its "
+            log.warning("meter: could not add the last seconds' rollups to %s (%s); they are read from its "
                         "records until the next meter writes it", self.path, err)
 
     def _expire(self, newest_ns: int) -> None:
@@ -445,6 +446,10 @@ class Store:
         if newest_ns > now + FUTURE_SLACK_NS:
             log.warning("meter: stored records dated %.0f s ahead of this host's clock (a clock jump?); "
                         "retention counts from the clock, not from them", (newest_ns - now) / 1e9)
+        self._expire_chunks(now)
+
+    def _expire_chunks(self, now: int) -> None:
+        """Delete the chunks past retention whose records the rollup tables hold."""
         if self.retention_ns > 0:
             # Never a chunk with records from its host's boundary on: the rollup tables do
             # not hold those yet (they are read from the chunk; a store before the

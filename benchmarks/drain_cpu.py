@@ -12,7 +12,9 @@ record store in a temporary directory, as ``meter record`` does (the
 batch's columns, never laid out as records): the agent end to end. The
 figure is the steady state:
 measured from the end of the first batch (whose one-time costs are
-reported apart, ``first_batch_cpu_s``) for ``--seconds``.
+reported apart, ``first_batch_cpu_s``) to the end of the last batch
+before the final one (the stop's final drain and the store's close are
+reported apart, ``stop_cpu_s``), about ``--seconds``.
 
     sudo .venv/bin/python benchmarks/drain_cpu.py [--seconds 10] [--compartments 100] [--store]
 
@@ -67,28 +69,35 @@ def main() -> list[Result]:
             # Steady state: from the end of the first batch, whose build pays
             # one-time costs (first calls, first touches of the rings: 11-20 ms
             # of CPU in session 38's runs), reported apart.
+            # It ends at the last batch before the final one: the final drain (every CPU
+            # nudged, the last window waited for) and the store's close (its last seconds'
+            # rollups) are the stop's costs, reported apart (stop_cpu_s).
             start = resource.getrusage(resource.RUSAGE_SELF)
             r0, t0 = start, time.monotonic()
+            counted, marks = 0, []  # (rusage, time, records) after each batch is written
             for batch in meter.batches(args.seconds + 1.0, columns=store is not None):
                 if store is not None:
                     store.write(batch)
                 if r0 is start:
                     r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
                     continue
-                records += len(batch)
+                counted += len(batch)
+                marks.append((resource.getrusage(resource.RUSAGE_SELF), time.monotonic(), counted))
+            r1, t1, records = marks[-2] if len(marks) > 1 else (r0, t0, 0)  # the last is the final batch
             if store is not None:
-                store.close()  # its last second's rollups
-            wall = time.monotonic() - t0
-            r1 = resource.getrusage(resource.RUSAGE_SELF)
+                store.close()  # its last seconds' rollups
+            r2 = resource.getrusage(resource.RUSAGE_SELF)
+            wall = t1 - t0
         cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
         first = (r0.ru_utime - start.ru_utime) + (r0.ru_stime - start.ru_stime)
+        stop = (r2.ru_utime - r1.ru_utime) + (r2.ru_stime - r1.ru_stime)
     pct = cpu / wall * 100
     busy = len(meter.row_names) - PSEUDO_ROWS  # less meter's own rows
     what = "meter record (drain loop and store)" if args.store else "drain loop"
     return [Result(f"{what} CPU, {args.compartments} compartments, 1 ms windows", pct, "% of a core",
                    100.0, "one core over the same run", pct / 100, "< 1%", pct < 1,
                    {"records": records, "records_per_s": records / wall, "compartments_seen": busy,
-                    "seconds_measured": wall, "first_batch_cpu_s": first,
+                    "seconds_measured": wall, "first_batch_cpu_s": first, "stop_cpu_s": stop,
                     "drain_interval_s": meter.drain_interval, "batch_interval_s": meter.batch_interval})]
 
 

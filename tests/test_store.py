@@ -91,6 +91,24 @@ def test_each_compartment_second_is_written_once_and_every_reader_sees_all(tmp_p
             assert table(s, name) == expected(got, period)
 
 
+def test_rollups_are_written_sooner_when_memory_holds_many_groups(tmp_path, monkeypatch):
+    """A big host fills memory with 1 s groups before ten seconds pass: at ROLL_MAX_GROUPS the
+    boundary moves to the newest second at once (here 2 seconds in, not 10)."""
+    import meter.sinks.store as store_module
+
+    monkeypatch.setattr(store_module, "ROLL_MAX_GROUPS", 2 * len(COMPS))
+    written = []
+    with Store(tmp_path / "r.db", clock=lambda: T0) as s:
+        for i in range(8):  # 2 s of 4 batches of one 250 ms window
+            written.append(batch(i, 1, 3 * i))
+            s.write(written[-1])
+            got = np.concatenate(written)
+            assert read(s.rollup("rollup_1s")) == expected(got, SECOND)
+        # Second 0 is written once second 1 began (memory was full), second 1 is held.
+        assert table(s, "rollup_1s") == {k: v for k, v in expected(got, SECOND).items() if k[3] < T0 + SECOND}
+        assert table(s, "rollup_1h") == expected(got[got["window_start_ns"] < T0 + SECOND], ROLLUPS["rollup_1h"])
+
+
 WRITER = """
 import os, sys
 sys.path.insert(0, {tests!r})

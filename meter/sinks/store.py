@@ -78,7 +78,10 @@ _NEVER = -(2**63)  # a host's boundary before any: every record of it is in the 
 #: How far a host's boundary moves at least: its rollups are written every ten seconds, not
 #: every batch (docs/architecture.md, "The store").
 ROLL_EVERY_NS = 10 * _SECOND
-_MAX_PARTS = 64  # batches' groups held apart at most, before they are summed in memory
+#: ...or sooner, once memory holds this many 1 s groups (a big host's: 1,000 compartments
+#: fill it in ~4 s), so what is held and written at once stays a few MB.
+ROLL_MAX_GROUPS = 4096
+_MAX_PARTS = 16  # batches' groups held apart at most, before they are summed in memory
 #: No groups: (who, start, sums, seen).
 _NO_GROUPS = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 1 + len(ROLLUP_COLUMNS)), np.int64),
               np.zeros((0, len(ROLLUP_COLUMNS)), np.int64))
@@ -338,33 +341,36 @@ class Store:
 
     def _roll(self, seconds: _Groups, cols: _Columns) -> tuple[list[_Groups], dict[str, int]]:
         """Add a batch's 1 s groups to the rollups in memory, and write to the rollup
-        tables the periods no later batch will add to, every ROLL_EVERY_NS
-        (docs/architecture.md, "The store"): a host's boundary moves to its newest
-        second once that is ten seconds past it, and the seconds before it are
-        written. Returns the rollups left in memory and each host's boundary (kept
-        once committed)."""
+        tables the periods no later batch will add to (docs/architecture.md, "The
+        store"): a host's boundary moves to its newest second once that is
+        ROLL_EVERY_NS past it, or once memory holds ROLL_MAX_GROUPS groups, and the
+        seconds before it are written. Returns the rollups left in memory and each
+        host's boundary (kept once committed)."""
         rolled = dict(self._rolled)
         parts = list(self._pending)
         hosts, index = cols.strings["host"]
         starts = cols.column("window_start_ns")
-        moved = False
+        newest: dict[str, int] = {}
         for i, host in enumerate(hosts):
-            first = host not in rolled
-            if first:  # first batch of a host: what a meter before this one left in memory
+            if host not in rolled:  # first batch of a host: what a meter before this one left in memory
                 tail, rolled[host] = self._tail(host)
                 parts.append(self._relabel(tail))
-            newest = int(cols.hi[COLUMN["window_start_ns"]]) if len(hosts) == 1 else int(starts[index == i].max())
-            if newest // _SECOND * _SECOND - rolled[host] >= ROLL_EVERY_NS:
-                rolled[host] = newest // _SECOND * _SECOND
-                moved = True
-            if moved or first:  # a store before the boundary was kept gets its boundary now
-                self._set_boundary(host, rolled[host])
+                self._set_boundary(host, rolled[host])  # a store before the boundary was kept gets it now
+            at = int(cols.hi[COLUMN["window_start_ns"]]) if len(hosts) == 1 else int(starts[index == i].max())
+            newest[host] = at // _SECOND * _SECOND
         new = self._relabel(seconds)
-        cut = np.array([rolled.get(host, _NEVER) for host, _, _ in self._names], np.int64)
         parts.append(new)
+        full = sum(len(p) for p in parts) >= ROLL_MAX_GROUPS
+        moved = False
+        for host, second in newest.items():
+            if second > rolled[host] and (full or second - rolled[host] >= ROLL_EVERY_NS):
+                rolled[host] = second
+                self._set_boundary(host, second)
+                moved = True
+        cut = np.array([rolled.get(host, _NEVER) for host, _, _ in self._names], np.int64)
         if not moved and not (new.start < cut[new.who]).any():
             # Nothing to write (a clock stepped back writes at once): kept as the batches' parts,
-            # summed now and then when batches come faster than seconds pass.
+            # summed in memory when they are many (batches faster than seconds pass).
             return (parts if len(parts) < _MAX_PARTS else [_Groups.concat(self._names, parts).regroup(_SECOND)]), rolled
         merged = _Groups.concat(self._names, parts).regroup(_SECOND)
         done = merged.start < cut[merged.who]

@@ -75,7 +75,11 @@ def _split(other: Path) -> Callable[[int], None]:
     tasks are in two compartments and every switch between them is charged."""
     def started(pid: int) -> None:
         for _ in range(100):  # perf forks its worker right after it starts
-            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            try:
+                children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            except OSError as err:
+                raise RuntimeError(f"cannot find perf's worker to move into a second compartment ({err}): "
+                                   "this kernel lists no task children (CONFIG_PROC_CHILDREN)") from None
             if children:
                 for child in children:
                     (other / "cgroup.procs").write_text(child)

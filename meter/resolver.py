@@ -217,8 +217,9 @@ class Resolver:
         an id met for the first time is resolved by path once)."""
         cgids = np.asarray(cgids, np.uint64)
         if len(cgids) > 64:
-            # A drain comes in runs of one cgroup (a ring row's windows): one
-            # lookup a run, spread over it, when runs are long.
+            # Ids in runs of one cgroup (a source that reports a cgroup's windows
+            # together; the kernel ring's takes come window by window, so not
+            # those): one lookup a run, spread over it, when runs are long.
             starts = np.flatnonzero(np.concatenate([[True], cgids[1:] != cgids[:-1]]))
             if 4 * len(starts) <= len(cgids):
                 return np.repeat(self.rows(cgids[starts]), np.diff(np.append(starts, len(cgids))))

@@ -249,11 +249,29 @@ class Store:
             try:
                 for table in ROLLUPS:
                     self._rekey(table)
+                self._index_expiry()
             except SinkError:
                 os.close(fd)  # not this store's writer after all
                 raise
             self._lock_fd = fd
         return self.next_seq(host)
+
+    def _index_expiry(self) -> None:
+        """Index chunk_rollups by end_ns, which retention's delete reads at every write.
+        Stores before stop 43 have no such index: each write scanned the whole table
+        (42 ms a write with a day of 1 s chunks kept, 0.01 ms indexed). Built once, by
+        the writer that claimed the store."""
+        if self.db.execute("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'chunk_rollups_end'"
+                           ).fetchone():
+            return
+        kept = self.db.execute("SELECT count(*) FROM (SELECT 1 FROM chunks LIMIT 100000)").fetchone()[0]
+        if kept >= 100000:
+            log.warning("meter: indexing the chunk rollups of %s (once, before metering)", self.path)
+        try:
+            self.db.execute("CREATE INDEX IF NOT EXISTS chunk_rollups_end ON chunk_rollups (end_ns)")
+        except sqlite3.Error as err:
+            raise SinkError(f"cannot index the chunk rollups of {self.path} ({err}); nothing was changed: "
+                            "mend that, then start meter again", target=str(self.path)) from err
 
     def __enter__(self) -> Store:
         return self

@@ -78,8 +78,10 @@ _NEVER = -(2**63)  # a host's boundary before any: every record of it is in the 
 #: How far a host's boundary moves at least: its rollups are written every ten seconds, not
 #: every batch (docs/architecture.md, "The store").
 ROLL_EVERY_NS = 10 * _SECOND
-#: ...or sooner, once memory holds this many 1 s groups (a big host's: 1,000 compartments
-#: fill it in ~4 s), so what is held and written at once stays a few MB.
+#: ...or sooner, once memory holds this many 1 s groups as the batches brought them (not yet
+#: summed), so what is held and written at once stays a few MB. A host of 1,000 compartments
+#: batching at every take brings ~1,000 a batch, four a second: it writes about every second
+#: (estimated from those rates, not measured), as before stop 43.
 ROLL_MAX_GROUPS = 4096
 _MAX_PARTS = 16  # batches' groups held apart at most, before they are summed in memory
 #: No groups: (who, start, sums, seen).

@@ -216,13 +216,6 @@ class Resolver:
         """Row of each cgroup id in ``cgids`` (a hash lookup per id, numpy-wide;
         an id met for the first time is resolved by path once)."""
         cgids = np.asarray(cgids, np.uint64)
-        if len(cgids) > 64:
-            # Ids in runs of one cgroup (a source that reports a cgroup's windows
-            # together; the kernel ring's takes come window by window, so not
-            # those): one lookup a run, spread over it, when runs are long.
-            starts = np.flatnonzero(np.concatenate([[True], cgids[1:] != cgids[:-1]]))
-            if 4 * len(starts) <= len(cgids):
-                return np.repeat(self.rows(cgids[starts]), np.diff(np.append(starts, len(cgids))))
         if self._table is None or self._table.source != self._rows:
             self._table = _IdTable(self._rows)
         out = self._table.lookup(cgids)

@@ -158,7 +158,7 @@ def test_columns_are_the_records_they_make_ranges_masks_and_fields(n, seed, give
 
 
 def test_rows_of_a_drain_in_runs_are_each_ids_row(tmp_path):
-    # A kernel drain comes in runs of one cgroup: looked up a run at a time, spread over it.
+    # Ids in long runs, in none and mixed: each id's row, whatever the order.
     from meter.cgroup import cgroup_id
     from meter.resolver import Resolver
     from meter.topology import Topology

@@ -407,16 +407,12 @@ def unique_ints(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     span = int(keys.max()) - lo + 1
     if span > max(8 * n, 1 << 20):
         if (starts := _run_starts(keys)) is not None:  # ascending (a batch's window starts): no sort either
-            index = np.zeros(n, np.int64)
-            index[starts[1:]] = 1
-            return keys[starts], np.cumsum(index, out=index)
+            return keys[starts], _run_index(starts, n)
         order = np.argsort(keys, kind="stable")  # merges ascending runs (np.unique's sort does not)
         ranked = keys[order]
         starts = _starts_of_sorted(ranked)
-        group = np.zeros(n, np.int64)
-        group[starts[1:]] = 1
         index = np.empty(n, np.int64)
-        index[order] = np.cumsum(group)
+        index[order] = _run_index(starts, n)
         return ranked[starts], index
     at = (keys - lo).astype(np.int64)
     seen = np.zeros(span, bool)
@@ -438,6 +434,13 @@ def _run_starts(keys: np.ndarray) -> np.ndarray | None:
     if np.less(keys[1:], keys[:-1]).any():
         return None
     return _starts_of_sorted(keys)
+
+
+def _run_index(starts: np.ndarray, n: int) -> np.ndarray:
+    """Each of ``n`` elements' run number, the runs starting at ``starts`` (the first at 0)."""
+    index = np.zeros(n, np.int64)
+    index[starts[1:]] = 1
+    return np.cumsum(index, out=index)
 
 
 def _starts_of_sorted(keys: np.ndarray) -> np.ndarray:

@@ -83,7 +83,10 @@ def main() -> list[Result]:
                     continue
                 counted += len(batch)
                 marks.append((resource.getrusage(resource.RUSAGE_SELF), time.monotonic(), counted))
-            r1, t1, records = marks[-2] if len(marks) > 1 else (r0, t0, 0)  # the last is the final batch
+            if len(marks) < 2:  # the last is the final batch: none measured between
+                raise SystemExit(f"--seconds {args.seconds:g} held no batch between the first and the final "
+                                 "one: run 3 s or more")
+            r1, t1, records = marks[-2]
             if store is not None:
                 store.close()  # its last seconds' rollups
             r2 = resource.getrusage(resource.RUSAGE_SELF)

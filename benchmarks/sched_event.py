@@ -78,14 +78,15 @@ def _split(other: Path) -> Callable[[int], None]:
             try:
                 children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
             except OSError as err:
-                raise RuntimeError(f"cannot find perf's worker to move into a second compartment ({err}): "
-                                   "this kernel lists no task children (CONFIG_PROC_CHILDREN)") from None
+                raise SystemExit(f"cannot read perf's children to move its worker into a second compartment "
+                                 f"({err}): perf exited, or this kernel lists no task children "
+                                 "(CONFIG_PROC_CHILDREN)") from None
             if children:
                 for child in children:
                     (other / "cgroup.procs").write_text(child)
                 return
             time.sleep(0.01)
-        raise RuntimeError("perf bench sched pipe started no worker to move into a second compartment")
+        raise SystemExit("perf bench sched pipe started no worker to move into a second compartment")
     return started
 
 

@@ -91,6 +91,21 @@ def test_each_compartment_second_is_written_once_and_every_reader_sees_all(tmp_p
             assert table(s, name) == expected(got, period)
 
 
+def test_a_hosts_boundary_is_written_once_a_write_that_moves_it(tmp_path):
+    """The first batch of a host stores its boundary (found, or moved) in one statement; a
+    batch that does not move it stores nothing."""
+    with Store(tmp_path / "r.db", clock=lambda: T0) as s:
+        said: list[str] = []
+        s.db.set_trace_callback(said.append)
+        s.write(batch(0, 1, 0))
+        first = [q for q in said if q.startswith("INSERT INTO meta") and "rolled:" in q]
+        said.clear()
+        s.write(batch(1, 1, 3))  # the same second: the boundary stays
+        again = [q for q in said if q.startswith("INSERT INTO meta") and "rolled:" in q]
+        s.db.set_trace_callback(None)
+    assert len(first) == 1 and again == []
+
+
 def test_rollups_are_written_sooner_when_memory_holds_many_groups(tmp_path, monkeypatch):
     """A big host fills memory with 1 s groups before ten seconds pass: at ROLL_MAX_GROUPS the
     boundary moves to the newest second at once (here 2 seconds in, not 10)."""

@@ -371,22 +371,23 @@ class Store:
         hosts, index = cols.strings["host"]
         starts = cols.column("window_start_ns")
         newest: dict[str, int] = {}
+        found = set()  # first batch of a host: a store before the boundary was kept gets it now
         for i, host in enumerate(hosts):
-            if host not in rolled:  # first batch of a host: what a meter before this one left in memory
+            if host not in rolled:  # what a meter before this one left in memory
                 tail, rolled[host] = self._tail(host)
                 parts.append(self._relabel(tail))
-                self._set_boundary(host, rolled[host])  # a store before the boundary was kept gets it now
+                found.add(host)
             at = int(cols.hi[COLUMN["window_start_ns"]]) if len(hosts) == 1 else int(starts[index == i].max())
             newest[host] = at // _SECOND * _SECOND
         new = self._relabel(seconds)
         parts.append(new)
         full = sum(len(p) for p in parts) >= ROLL_MAX_GROUPS
-        moved = False
-        for host, second in newest.items():
-            if second > rolled[host] and (full or second - rolled[host] >= ROLL_EVERY_NS):
-                rolled[host] = second
-                self._set_boundary(host, second)
-                moved = True
+        moved = {host for host, second in newest.items()
+                 if second > rolled[host] and (full or second - rolled[host] >= ROLL_EVERY_NS)}
+        for host in moved:
+            rolled[host] = newest[host]
+        for host in found | moved:  # each boundary written once
+            self._set_boundary(host, rolled[host])
         cut = np.array([rolled.get(host, _NEVER) for host, _, _ in self._names], np.int64)
         if not moved and not (new.start < cut[new.who]).any():
             # Nothing to write (a clock stepped back writes at once): kept as the batches' parts,

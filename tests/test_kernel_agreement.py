@@ -196,10 +196,13 @@ def test_a_task_that_moves_itself_out_of_a_run_is_billed_where_the_kernel_bills_
     # PING_PONG_ONE_CPU): half is asserted.
     assert runs >= 40_000 // 2, runs
     moved_ns = int(out.read_text())
-    for name, cg in (("src", src), ("dst", dst)):
-        kernel_ns = (after[cg] - before[cg]) * 1000
-        metered = int(batch["cpu_ns"][batch["tenant"] == code(name)].sum())
+    # What a failure should show of both compartments and of the time not yet in its own window.
+    seen = {name: (int(batch["cpu_ns"][batch["tenant"] == code(name)].sum()), (after[cg] - before[cg]) * 1000)
+            for name, cg in (("src", src), ("dst", dst))}
+    why = {"metered, cpu.stat": seen, "late_ns": meter.stats.late_ns, "unsettled_ns": meter.stats.unsettled_ns,
+           "duty_waits": meter.duty_waits}
+    for name, (metered, kernel_ns) in seen.items():
         assert abs(metered - kernel_ns) <= BILLING_TARGET * kernel_ns + KERNEL_RESOLUTION_NS + moved_ns, (
-            name, metered, kernel_ns, moved_ns)
+            name, metered, kernel_ns, moved_ns, why)
     _, total = window_totals(batch)
     assert np.all(total == meter.ncpu * meter.window_ns)

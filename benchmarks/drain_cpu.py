@@ -32,7 +32,7 @@ from pathlib import Path
 
 from _common import Result, cgroup_tree, report, spawn_in
 
-from meter.engine import Meter
+from meter.engine import BATCH_INTERVAL, Meter
 from meter.resolver import PSEUDO_ROWS
 from meter.sinks.store import Store
 from meter.topology import Topology
@@ -52,7 +52,7 @@ def main() -> list[Result]:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--compartments", type=int, default=100)
-    ap.add_argument("--batch-interval", type=float, default=1.0)
+    ap.add_argument("--batch-interval", type=float, default=BATCH_INTERVAL, help="meter's default: %(default)s s")
     ap.add_argument("--drain-interval", type=float, default=0.25)
     ap.add_argument("--store", action="store_true", help="write every batch to a record store, as meter record")
     ap.add_argument("--json", action="store_true")

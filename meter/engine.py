@@ -69,6 +69,13 @@ MAX_SPAN_LIMIT = 560
 #: / 494-497).
 BATCH_ENTRIES = 65_536
 
+#: Seconds between batches (Meter's default): each batch pays some hundreds of numpy
+#: calls and SQL statements whatever its size, after a sleep that left the caches cold,
+#: so fewer, bigger batches (up to BATCH_ENTRIES) cost less a second; the takes, which
+#: the kernel's window split bounds, stay every 0.25 s, so only the records' latency
+#: grows (docs/architecture.md, "Takes and batches").
+BATCH_INTERVAL = 2.0
+
 #: Ring rows a file topology keeps free for compartments added by reloads.
 RELOAD_ROOM = 64
 #: Rows for cgroups that are not compartments: meter's pseudo-rows, the
@@ -106,7 +113,7 @@ class Meter(DrainLoop):
         *,
         counters: dict[str, str] | None = None,
         drain_interval: float = 0.25,
-        batch_interval: float = 1.0,
+        batch_interval: float = BATCH_INTERVAL,
         host: str | None = None,
         first_seq: int = 0,
         max_rows: int | None = None,
@@ -134,10 +141,10 @@ class Meter(DrainLoop):
                 raise ConfigError(f"{name} must be a positive number of seconds, not {value!r}", setting=name)
         # A whole number of takes per batch, none further apart than drain_interval.
         takes = max(1, math.ceil(batch_interval / drain_interval - 1e-9))
-        drain_interval = batch_interval / takes
+        asked, drain_interval = drain_interval, batch_interval / takes
         if 2 * drain_interval * 1000 / window_ms + 16 > MAX_SPAN_LIMIT:
-            raise ConfigError(
-                f"a drain interval of {drain_interval} s is too long for {window_ms} ms windows "
+            raise ConfigError(  # the interval asked is at least the one that does not fit
+                f"a drain interval of {asked:g} s is too long for {window_ms} ms windows "
                 f"(at most {(MAX_SPAN_LIMIT - 16) * window_ms / 2000:g} s): idle CPUs are closed only at drains; "
                 "batches can still come less often (batch_interval)"
             )

@@ -583,9 +583,15 @@ def test_batches_may_be_long_while_takes_stay_within_the_kernels_split(tree):
     # 2 s between batches at 1 ms windows: takes every 0.25 s (a drain interval of 2 s is refused).
     meter = Meter(_topology(tree), window_ms=1, batch_interval=2.0, sources=FakeSources(FakeCPU()))
     assert (meter.drain_interval, meter.takes_per_batch) == (0.25, 8)
+    # The default: a batch every 2 s, eight takes a batch (BATCH_INTERVAL).
+    meter = Meter(_topology(tree), window_ms=1, sources=FakeSources(FakeCPU()))
+    assert (meter.drain_interval, meter.takes_per_batch, meter.batch_interval) == (0.25, 8, 2.0)
     # Never further apart than asked, and a whole number of takes per batch.
-    meter = Meter(_topology(tree), window_ms=1, drain_interval=0.3, sources=FakeSources(FakeCPU()))
+    meter = Meter(_topology(tree), window_ms=1, drain_interval=0.3, batch_interval=1.0, sources=FakeSources(FakeCPU()))
     assert (meter.drain_interval, meter.takes_per_batch, meter.batch_interval) == (0.25, 4, 1.0)
+    # With the default 2 s batch, 0.3 s rounds to 2/7 s, past the bound: refused, naming what was asked.
+    with pytest.raises(ConfigError, match=r"a drain interval of 0\.3 s is too long for 1 ms windows \(at most 0\.272 s\)"):
+        Meter(_topology(tree), window_ms=1, drain_interval=0.3, sources=FakeSources(FakeCPU()))
     with pytest.raises(ConfigError, match="too long for 1 ms windows"):
         Meter(_topology(tree), window_ms=1, drain_interval=2.0, batch_interval=2.0, sources=FakeSources(FakeCPU()))
 

@@ -71,12 +71,17 @@ class CPUSource(Protocol):
     closed_window: int
     #: Times idle CPUs were made to switch so that their windows close.
     nudges: int
-    #: Switches inside one cgroup charged with the run they joined (0: none, or no runs).
-    same_run_switches: int
-    #: Switches away from idle charged in the switch program itself (no tail call; 0: none).
-    idle_out_switches: int
-    #: Switches into idle charged in the switch program itself (no tail call; 0: none).
-    idle_in_switches: int
+    @property
+    def same_run_switches(self) -> int:
+        """Switches inside one cgroup charged with the run they joined (0: none, or no runs)."""
+
+    @property
+    def idle_out_switches(self) -> int:
+        """Switches away from idle charged in the switch program itself (no tail call; 0: none)."""
+
+    @property
+    def idle_in_switches(self) -> int:
+        """Switches into idle charged in the switch program itself (no tail call; 0: none)."""
 
     @property
     def first_window(self) -> int: ...

@@ -203,6 +203,17 @@ def cgroup_tree(tag: str) -> Iterator[Path]:
                     time.sleep(0.02)
 
 
+#: A busy tenant task (``python -S -c BUSY_WORKER``): 50 us of work every 10 ms, so a
+#: hundred of them keep half a core busy and wake thousands of times a second.
+BUSY_WORKER = """
+import time
+while True:
+    end = time.monotonic() + 0.00005
+    while time.monotonic() < end: pass
+    time.sleep(0.01)
+"""
+
+
 def spawn_in(cgroup: Path, argv: list[str]) -> subprocess.Popen[bytes]:
     """Start ``argv`` already inside ``cgroup`` (it moves itself in, then execs)."""
     return subprocess.Popen(["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(cgroup), *argv],

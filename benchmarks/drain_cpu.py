@@ -30,22 +30,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import Result, cgroup_tree, report, spawn_in
+from _common import BUSY_WORKER, Result, cgroup_tree, report, spawn_in
 
 from meter.engine import BATCH_INTERVAL, Meter
 from meter.resolver import PSEUDO_ROWS
 from meter.sinks.store import Store
 from meter.topology import Topology
-
-# Each compartment: 50 us of work every 10 ms (half a core for 100 of them),
-# so the CPUs are not saturated and meter's own thread runs when it wants.
-WORKER = """
-import time
-while True:
-    end = time.monotonic() + 0.00005
-    while time.monotonic() < end: pass
-    time.sleep(0.01)
-"""
 
 
 def main() -> list[Result]:
@@ -61,7 +51,9 @@ def main() -> list[Result]:
         store = Store(Path(tmp) / "records.db") if args.store else None
         for i in range(args.compartments):
             (root / f"c{i:03d}").mkdir()
-            spawn_in(root / f"c{i:03d}", [sys.executable, "-S", "-c", WORKER])
+            # 50 us of work every 10 ms (half a core for 100 of them): the CPUs are
+            # not saturated and meter's own thread runs when it wants.
+            spawn_in(root / f"c{i:03d}", [sys.executable, "-S", "-c", BUSY_WORKER])
         time.sleep(1)
         records = 0
         with Meter(Topology.discover(root), window_ms=1, batch_interval=args.batch_interval,

@@ -77,7 +77,7 @@ def main() -> list[Result]:
                 marks.append((resource.getrusage(resource.RUSAGE_SELF), time.monotonic(), counted))
             if len(marks) < 2:  # the last is the final batch: none measured between
                 raise SystemExit(f"--seconds {args.seconds:g} held no batch between the first and the final "
-                                 "one: run 3 s or more")
+                                 f"one: run {2 * meter.batch_interval + 1:g} s or more")
             r1, t1, records = marks[-2]
             if store is not None:
                 store.close()  # its last seconds' rollups

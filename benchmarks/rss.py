@@ -4,10 +4,10 @@
 The simulated CPU source (``meter.sources.fake.FakeCPU`` with
 ``steady_load``, as scale.py) plays a host of 128 CPUs and 1,000
 compartments; the real engine takes it every 250 windows (meter's 0.25 s
-at 1 ms) and builds a batch every 1,000 (a second) or sooner (at every
+at 1 ms) and builds a batch every 2,000 (meter's 2 s) or sooner (at every
 take on a host this big: ``BATCH_ENTRIES``), and the real store
 takes every batch with its rollups, as ``meter record`` does. Time is
-simulated: 10 minutes are 600 batches, run as fast as this machine does
+simulated: 10 minutes are 2,400 takes, run as fast as this machine does
 them. RSS is read after each simulated
 minute.
 
@@ -29,7 +29,7 @@ import psutil
 from _common import Result, report
 from scale import _host
 
-from meter.engine import Meter
+from meter.engine import BATCH_INTERVAL, DRAIN_INTERVAL, Meter
 from meter.sinks.store import Store
 from meter.sources.fake import FakeCPU, FakeEnergy, FakeSources, steady_load
 
@@ -38,14 +38,15 @@ GROWTH_MB = 5.0
 
 def main() -> list[Result]:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--minutes", type=float, default=10.0, help="simulated minutes (600 batches for 10)")
+    ap.add_argument("--minutes", type=float, default=10.0, help="simulated minutes (2,400 takes for 10)")
     ap.add_argument("--cpus", type=int, default=128, help="CPUs of the simulated host")
     ap.add_argument("--compartments", type=int, default=1000, help="its compartments")
     ap.add_argument("--window-ms", type=int, default=1, help="record width")
     ap.add_argument("--json", action="store_true", help="also print the results as JSON")
     args = ap.parse_args()
     proc = psutil.Process()
-    per_take, takes = 250, 4  # meter's defaults: a take every 0.25 s, a batch every second
+    # meter's defaults: a take every drain interval (250 windows at 1 ms), a batch every batch interval.
+    per_take, takes = round(DRAIN_INTERVAL * 1000), round(BATCH_INTERVAL / DRAIN_INTERVAL)
     drains_per_minute = int(60_000 / (per_take * takes * args.window_ms))
     rss: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:

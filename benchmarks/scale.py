@@ -14,14 +14,15 @@ End to end is the agent's own path over the same load, one timer around
 the takes and batches (the simulated source's drains included) and
 ``Store.write()``, as ``meter record`` runs them: a take every 250
 windows (fewer when a take would hold more than a batch,
-``DrainLoop.next_interval``), a batch every 1,000 (a second at 1 ms) or
-as soon as the takes hold ``BATCH_ENTRIES``; the stages timed one by one
+``DrainLoop.next_interval``), a batch every 2,000 (meter's batch interval,
+2 s, at 1 ms; 1,000 before stop 45) or as soon as the takes hold
+``BATCH_ENTRIES``; the stages timed one by one
 (over batches of the size the agent built) are its breakdown.
 
 The baseline, measured in the same run on the same entries, is one numpy
 stable sort of the drain's keys: the least any grouping must cost.
 
-    .venv/bin/python benchmarks/scale.py [--windows 1000] [--takes 4] [--sizes 16x100,128x1000]
+    .venv/bin/python benchmarks/scale.py [--windows 2000] [--takes 8] [--sizes 16x100,128x1000]
 
 Goals (issue "Big hosts"): end to end <= 500 ns a record (2 M records/s
 on one core), build alone <= 200 ns (5 M/s), and 1 ms records for 1,000
@@ -43,7 +44,7 @@ from _common import Result, report
 from meter import build
 from meter.books import Books, EnergyBooks
 from meter.cgroup import cgroup_id
-from meter.engine import Meter
+from meter.engine import BATCH_INTERVAL, DRAIN_INTERVAL, Meter
 from meter.perf import plan_counters
 from meter.resolver import Resolver
 from meter.sinks.store import Store
@@ -80,7 +81,7 @@ def measure(ncpu: int, ncomp: int, windows: int, window_ms: int, drains: int, ta
         cpu = FakeCPU(ncpu=ncpu, window_ns=w, load=steady_load(ids, ncpu, w, busy=0.8, per_cpu=4))
         agent_store, n_agent, n_batches = Store(Path(tmp) / "agent.db"), 0, 0
         with Meter(topo, window_ms, counters={}, sources=FakeSources(cpu, energy=FakeEnergy()),
-                   drain_interval=0.25, batch_interval=0.25 * takes) as meter:  # `takes` takes a batch
+                   drain_interval=DRAIN_INTERVAL, batch_interval=DRAIN_INTERVAL * takes) as meter:  # `takes` takes a batch
             # As meter's loop (DrainLoop.batches), on simulated time: a take every `step`
             # windows (fewer when takes would hold more than a batch: next_interval), a
             # batch at every `takes`-th take or when the takes hold a batch's worth. The
@@ -168,10 +169,10 @@ GRID = ",".join(f"{c}x{m}" for c in (16, 64, 128, 256) for m in (100, 500, 1000)
 
 def main() -> list[Result]:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--windows", type=int, default=1000,
-                    help="windows per batch (1,000: meter's default batch interval, 1 s, at 1 ms windows)")
-    ap.add_argument("--takes", type=int, default=4,
-                    help="takes per batch on the agent's path (4: meter's default drain interval, 0.25 s)")
+    ap.add_argument("--windows", type=int, default=round(BATCH_INTERVAL * 1000),
+                    help="windows per batch (default: meter's batch interval at 1 ms windows)")
+    ap.add_argument("--takes", type=int, default=round(BATCH_INTERVAL / DRAIN_INTERVAL),
+                    help="takes per batch on the agent's path (default: meter's, a take every drain interval)")
     ap.add_argument("--sizes", default=GRID, help="CPUSxCOMPARTMENTS,... (default: 16/64/128/256 x 100/500/1000)")
     ap.add_argument("--drains", type=int, default=6,
                     help="timed batches per size (steady state: a process's first few big batches fault their "

@@ -17,7 +17,7 @@ before each one, alternating in rounds.
 ``--neighbours`` busy processes beside it (drain_cpu.py's tenant tasks, not
 in cgroups: no root needed): thread CPU per wake of a thread that sleeps
 ``--sleep`` s and then does nothing, one small numpy call, ten of that
-call, or ten different small calls, ``--wakes`` times each, in rounds;
+call, or eleven different small calls, ``--wakes`` times each, in rounds;
 each against doing nothing.
 
     .venv/bin/python benchmarks/wake_cost.py --calls [--neighbours 100] [--wakes 40]
@@ -56,16 +56,19 @@ def _calls() -> dict[str, Callable[[], object]]:
         for _ in range(10):
             x + 1
 
-    def different() -> None:
+    def different() -> None:  # eleven: the comparison and the boolean index are two
         x + 1; x * 2; x.max(); x.astype(np.uint64); np.zeros(0, np.int64)  # noqa: E702
         x[x > 3]; x.tolist(); np.concatenate([x, x]); x.copy(); x.sum()  # noqa: E702
 
     return {"nothing": lambda: None, "one numpy call": lambda: x + 1,
-            "ten of one numpy call": same, "ten different numpy calls": different}
+            "ten of one numpy call": same, "eleven different numpy calls": different}
 
 
 def by_calls(args: argparse.Namespace) -> list[Result]:
     """Thread CPU a wake, by what the wake runs, with busy neighbours."""
+    if args.wakes < 1 or args.rounds < 1:
+        raise SystemExit(f"--calls needs at least one wake and one round, not --wakes {args.wakes} "
+                         f"--rounds {args.rounds}")
     calls = _calls()
     spent: dict[str, list[float]] = {name: [] for name in calls}
     with contextlib.ExitStack() as stack:

@@ -263,7 +263,7 @@ class SchedSource:
         self.same_run = False
         #: Every CPU's struct meter_cpu as the last take read it (None: none read yet):
         #: the counts below are summed from it only when asked (at a batch, not at
-        #: every take: four numpy calls fewer a take).
+        #: every take: five numpy calls fewer a take, too few to show in drain_cpu.py).
         self._states: np.ndarray | None = None
         self._nudge_gen = 0
         #: Why kernel_charge is False (None when it is True, or not open).

@@ -236,6 +236,7 @@ enum meter_stat {
 	METER_STAT_UNPLACED_NS,     /* kernel/clock differences with no adj entry free: in the rows' spill */
 	METER_STAT_UNSETTLED,       /* switches whose task was not followed since it came in */
 	METER_STAT_UNSEEN_NS,       /* kernel time of slices no switch event showed, recovered per task */
+	METER_STAT_CLOCKED,         /* slices of a task outside the fair class whose start was not seen: by the clock */
 	METER_NR_STATS,
 };
 

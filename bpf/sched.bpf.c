@@ -503,24 +503,65 @@ static __always_inline u64 prev_sum(u64 prev)
 }
 #endif
 
-#if METER_KERNEL_CHARGE && METER_TASK_STORAGE && defined(METER_TASK_PREV_SUM_OFF)
+#if METER_TASK_STORAGE
+/* Per task: its se.sum_exec_runtime at the end of the last slice charged. */
+struct meter_task_seen {
+	u64 sum;
+};
+BPF_TASK_STORAGE(task_seen, struct meter_task_seen);
+#endif
+
+#if METER_KERNEL_CHARGE && METER_TASK_STORAGE && defined(METER_TASK_PREV_SUM_OFF) && defined(METER_TASK_POLICY_OFF)
 /*
- * st->sum not read at a switch away from idle (idle_out()): the followed
- * task's sum at its switch in is its se.prev_sum_exec_runtime, which CFS
- * set when it picked the task, and which meter_switch reads instead, with
- * a plain load (BTF's pointer to current), when that task's switch out
- * comes: no helper call at the switch in. The kernel moves that mark
+ * Where current's slice began, as a value of its se.sum_exec_runtime, when
+ * no switch in was seen to read it there (idle_out() skips the read; a
+ * task that came in unseen is followed, follow()). For a task of the fair
+ * class (policies SCHED_NORMAL, SCHED_BATCH, SCHED_IDLE) that is its
+ * se.prev_sum_exec_runtime, which CFS sets when it picks the task: a plain
+ * load through BTF's pointer to current. The kernel moves that mark
  * mid-slice only when a running task's class, nice, priority, affinity or
  * cgroup changes; the part before it is then charged by the unseen-slice
  * check (recover_unseen(): a start later than the end of the last slice
- * charged), to the same cgroup, so it is compiled in only with task storage.
+ * charged), to the same cgroup.
+ *
+ * No other class sets that mark (Linux 6.18: a real-time task's is where
+ * CFS last picked it, or 0 since fork), so a real-time task woken from
+ * idle was charged its whole real-time life at each wake (25x its
+ * cpu.stat; docs/architecture.md, "CPU time"). Its sum does not move while
+ * it is off every CPU, so its slice began where its last slice charged
+ * ended: its task storage (task_seen). Without that (its first slice seen
+ * since meter started), by the clock since its switch in (counted:
+ * METER_STAT_CLOCKED).
  */
+#define METER_SLICE_MARK 1
 #define METER_SUM_AT_PICK (~0ULL)
 
+static __always_inline u64 slice_start(struct meter_cpu *st)
+{
+	struct task_struct *t = bpf_get_current_task_btf();
+	u32 policy = *(u32 *)((char *)t + METER_TASK_POLICY_OFF);
+	struct meter_task_seen *seen;
+	u64 sum, now, clock;
+
+	/* SCHED_NORMAL 0, SCHED_BATCH 3, SCHED_IDLE 5 */
+	if (policy == 0 || policy == 3 || policy == 5)
+		return current_u64(METER_TASK_PREV_SUM_OFF);
+	sum = current_u64(METER_TASK_SUM_OFF);
+	seen = task_seen.task_storage_get(t, 0, 0);
+	if (seen && seen->sum && seen->sum <= sum)
+		return seen->sum;
+	stat_add(METER_STAT_CLOCKED, 1);
+	now = bpf_ktime_get_ns();
+	clock = (now > st->last_ns ? now - st->last_ns : 0) + st->ahead;
+	return sum > clock ? sum - clock : 0;
+}
+
+/* st->sum not read at a switch away from idle (idle_out()): read where
+ * the slice began (slice_start()) at that task's switch out. */
 static __always_inline void sum_at_pick(struct meter_cpu *st, u64 prev)
 {
 	if (st->sum == METER_SUM_AT_PICK)
-		st->sum = prev == st->task ? current_u64(METER_TASK_PREV_SUM_OFF) : 0;
+		st->sum = prev == st->task ? slice_start(st) : 0;
 }
 #endif
 
@@ -890,20 +931,23 @@ static __always_inline void look_steal(struct meter_cpu *st, u64 task, int locke
 /*
  * Follow `task`, which runs on this CPU although no switch to it was seen
  * (it happens: a thread of this VM's init agent comes and goes unseen about
- * once a second). Its slice started at the scheduler's own mark,
- * se.prev_sum_exec_runtime (CFS sets it when it picks a task); what ticks
- * gave provisionally since the last switch seen stays with its owners.
+ * once a second). Its slice started where slice_start() says (a fair
+ * task: the scheduler's own mark, se.prev_sum_exec_runtime, which CFS sets
+ * when it picks a task); what ticks gave provisionally since the last
+ * switch seen stays with its owners.
  */
 static __always_inline void follow(struct meter_cpu *st, u64 task)
 {
 	stat_add(METER_STAT_UNSETTLED, 1);
 	st->task = task;
-#ifdef METER_TASK_PREV_SUM_OFF
-	st->sum = kread(task + METER_TASK_PREV_SUM_OFF);
+	st->ahead = 0;
+#ifdef METER_SLICE_MARK
+	st->sum = slice_start(st);   /* task is current */
+#elif defined(METER_TASK_PREV_SUM_OFF)
+	st->sum = kread(task + METER_TASK_PREV_SUM_OFF);   /* a fair task's mark */
 #else
 	st->sum = kread(task + METER_TASK_SUM_OFF);
 #endif
-	st->ahead = 0;
 }
 #endif
 
@@ -1031,12 +1075,6 @@ int meter_softirq_exit(struct bpf_raw_tracepoint_args *ctx)
 #endif /* METER_NET */
 
 #if METER_TASK_STORAGE
-/* Per task: its se.sum_exec_runtime at the end of the last slice charged. */
-struct meter_task_seen {
-	u64 sum;
-};
-BPF_TASK_STORAGE(task_seen, struct meter_task_seen);
-
 /*
  * Time the kernel charged a task in slices no switch event showed. On some
  * hosts a few switches never reach sched_switch programs (on this VM, every

@@ -82,7 +82,7 @@ MAX_LEVEL = 16
 ROOT_BIT = 1 << 32
 #: enum meter_stat, in order (lower case, without METER_STAT_).
 STATS = ("late_ns", "counter_errors", "net_late_packets", "span_unattributed_ns", "unplaced_ns", "unsettled",
-         "unseen_ns")
+         "unseen_ns", "clocked")
 
 _C_TYPES = {"__u8": 1, "__u16": 2, "__u32": 4, "__u64": 8, "__s32": 4, "__s64": 8}
 

@@ -20,7 +20,7 @@ __all__ = ["MeterStats"]
 #: MeterStats field for each kernel-side count.
 _KERNEL = {"late_ns": "late_ns", "counter_errors": "counter_errors", "net_late_packets": "net_late_packets",
            "span_unattributed_ns": "softirq_unattributed_ns", "unplaced_ns": "unplaced_ns", "unsettled": "unsettled",
-           "unseen_ns": "unseen_ns"}
+           "unseen_ns": "unseen_ns", "clocked": "clocked_slices"}
 
 
 @dataclasses.dataclass
@@ -43,6 +43,7 @@ class MeterStats:
     pending_adjustment_ns: int = 0  # kernel/clock differences the CPUs hold, to settle in coming windows
     unsettled: int = 0  # slices whose start was not seen (followed from the scheduler's own mark)
     unseen_ns: int = 0  # kernel time of slices no switch event showed, given back to their cgroups
+    clocked_slices: int = 0  # slices of real-time (not CFS) tasks whose start was not seen: charged by the clock
     warmup_windows_skipped: int = 0
     conservation_violations: int = 0
     unresolved_cgroups: int = 0

@@ -51,12 +51,18 @@ ONE_CPU_FIFO = ("import os\nos.sched_setaffinity(0, {max(os.sched_getaffinity(0)
 PING_PONG_ONE_CPU = ONE_CPU_FIFO + PING_PONG
 WAKES = 3000
 WAKE_FROM_IDLE = f"import time\nfor _ in range({WAKES}):\n    time.sleep(0.0005)\n"
+#: The same, real-time: the scheduler keeps no mark of where a real-time
+#: task's slice began (only CFS sets se.prev_sum_exec_runtime when it picks
+#: a task), so a wake from idle must not be charged from that mark: before,
+#: each such wake was charged the task's whole real-time life so far.
+WAKE_FROM_IDLE_FIFO = ONE_CPU_FIFO + WAKE_FROM_IDLE
 #: The least CPU each workload must have been charged for it to count as run:
 #: the timed loops spin for 1.5 s (at least 50 ms of it on a host kept half
 #: busy), ping-pong and wake-ups do fixed work (at least a syscall, >= 1 us,
 #: per round trip / wake-up), whatever the load.
 RAN_NS = {"busy_loop": 50_000_000, "duty_35": 50_000_000, "pipe_ping_pong": 2 * 20000 * 1000,
-          "pipe_ping_pong_one_cpu": 2 * 20000 * 1000, "wake_from_idle": WAKES * 1000}
+          "pipe_ping_pong_one_cpu": 2 * 20000 * 1000, "wake_from_idle": WAKES * 1000,
+          "wake_from_idle_fifo": WAKES * 1000}
 
 
 def _workloads(cgroups) -> dict[str, list[list[str]]]:
@@ -66,6 +72,7 @@ def _workloads(cgroups) -> dict[str, list[list[str]]]:
         "pipe_ping_pong": [[sys.executable, "-S", "-c", PING_PONG]],
         "pipe_ping_pong_one_cpu": [[sys.executable, "-S", "-c", PING_PONG_ONE_CPU]],
         "wake_from_idle": [[sys.executable, "-S", "-c", WAKE_FROM_IDLE]],
+        "wake_from_idle_fifo": [[sys.executable, "-S", "-c", WAKE_FROM_IDLE_FIFO]],
     }
 
 
@@ -86,7 +93,8 @@ def _topology(tmp_path: Path, mount: Path, cg: Path) -> Topology:
     return Topology.from_file(cfg)
 
 
-@pytest.mark.parametrize("workload", ["busy_loop", "duty_35", "pipe_ping_pong", "pipe_ping_pong_one_cpu", "wake_from_idle"])
+@pytest.mark.parametrize("workload", ["busy_loop", "duty_35", "pipe_ping_pong", "pipe_ping_pong_one_cpu", "wake_from_idle",
+                                      "wake_from_idle_fifo"])
 def test_cpu_ns_equals_cpu_stat(workload, tmp_path, cgroups, cgroup_mount, busy_host):
     cg = cgroups.make("c")
     topo = _topology(tmp_path, cgroup_mount, cg)

@@ -70,6 +70,7 @@ log = logging.getLogger("meter")
 KERNEL_FIELDS = (
     ("METER_TASK_SUM_OFF", "task_struct.se.sum_exec_runtime"),
     ("METER_TASK_PREV_SUM_OFF", "task_struct.se.prev_sum_exec_runtime"),
+    ("METER_TASK_POLICY_OFF", "task_struct.policy"),
     ("METER_TASK_CGROUPS_OFF", "task_struct.cgroups"),
     ("METER_TASK_CFS_RQ_OFF", "task_struct.se.cfs_rq"),
     ("METER_CFS_RQ_RQ_OFF", "cfs_rq.rq"),

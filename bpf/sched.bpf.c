@@ -526,8 +526,8 @@ BPF_TASK_STORAGE(task_seen, struct meter_task_seen);
  *
  * No other class sets that mark (Linux 6.18: a real-time task's is where
  * CFS last picked it, or 0 since fork), so a real-time task woken from
- * idle was charged its whole real-time life at each wake (25x its
- * cpu.stat; docs/architecture.md, "CPU time"). Its sum does not move while
+ * idle was charged its whole real-time life at each wake (26x its
+ * cpu.stat; docs/architecture.md, "Switches through idle"). Its sum does not move while
  * it is off every CPU, so its slice began where its last slice charged
  * ended: its task storage (task_seen). Without that (its first slice seen
  * since meter started), by the clock since its switch in (counted:

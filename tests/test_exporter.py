@@ -144,7 +144,7 @@ def _fake_exporter(tmp_path, **kw):
 
 
 def _eof_times(socks: list[tuple[socket.socket, float]], limit: float) -> list[float]:
-    """Seconds from each socket's connect until the server closed it (inf: not within ``limit``)."""
+    """Seconds from just before each socket's connect until the server closed it (inf: not within ``limit``)."""
     ended = [float("inf")] * len(socks)
     left = {s.fileno(): i for i, (s, _) in enumerate(socks)}
     end = time.monotonic() + limit
@@ -171,8 +171,13 @@ def test_exporter_bounds_idle_connections_in_number_and_time(tmp_path):
         threads = threading.active_count()
         socks = []
         for _ in range(50):
+            # The time before the connect: the server's deadline starts after it, so a
+            # served connection is measured at least its deadline. (Read after the
+            # connect, a client preempted meanwhile on a loaded host measured one
+            # served connection closed 'before' its deadline.)
+            started = time.monotonic()
             s = socket.create_connection(("127.0.0.1", exporter.port))
-            socks.append((s, time.monotonic()))
+            socks.append((s, started))
         # While all 50 sit idle, at most 4 handler threads exist (one per served connection).
         time.sleep(0.5)
         assert threading.active_count() <= threads + 4

@@ -93,6 +93,28 @@ def _topology(tmp_path: Path, mount: Path, cg: Path) -> Topology:
     return Topology.from_file(cfg)
 
 
+def _run_metered(meter: Meter, procs: list, cgs: list[Path]) -> tuple[np.ndarray, list[int], list[int], int]:
+    """Resume the stopped ``procs`` and take batches until all have exited:
+    (the records from a cut just before they resumed, each cgroup's cpu.stat
+    usage_usec before and after, run switches meanwhile). The cgroups have been
+    idle for a while: the cut may fall anywhere before the resume."""
+    time.sleep(0.005)
+    cut_ns = time.time_ns() - 2_000_000
+    before = [cpu_usage_usec(cg) for cg in cgs]
+    runs_before = meter.stats.run_switches
+    for p in procs:
+        os.kill(p.pid, signal.SIGCONT)
+    batches = []
+    for b in meter.batches():
+        batches.append(b)
+        if all(p.poll() is not None for p in procs):
+            break
+    after = [cpu_usage_usec(cg) for cg in cgs]
+    batches += list(meter.batches(0.05))
+    batch = np.concatenate(batches)
+    return batch[batch["window_start_ns"] >= cut_ns], before, after, meter.stats.run_switches - runs_before
+
+
 @pytest.mark.parametrize("workload", ["busy_loop", "duty_35", "pipe_ping_pong", "pipe_ping_pong_one_cpu", "wake_from_idle",
                                       "wake_from_idle_fifo"])
 def test_cpu_ns_equals_cpu_stat(workload, tmp_path, cgroups, cgroup_mount, busy_host):
@@ -100,20 +122,7 @@ def test_cpu_ns_equals_cpu_stat(workload, tmp_path, cgroups, cgroup_mount, busy_
     topo = _topology(tmp_path, cgroup_mount, cg)
     with Meter(topo) as meter:
         procs = [cgroups.spawn_stopped(cg, argv) for argv in _workloads(cgroups)[workload]]
-        time.sleep(0.005)  # the cgroup has been idle for a while: cut anywhere in here
-        cut_ns = time.time_ns() - 2_000_000
-        before = cpu_usage_usec(cg)
-        runs_before = meter.stats.run_switches
-        for p in procs:
-            os.kill(p.pid, signal.SIGCONT)
-        batches = []
-        for b in meter.batches():
-            batches.append(b)
-            if all(p.poll() is not None for p in procs):
-                break
-        after = cpu_usage_usec(cg)
-        batches += list(meter.batches(0.05))
-        runs = meter.stats.run_switches - runs_before
+        batch, (before,), (after,), runs = _run_metered(meter, procs, [cg])
     assert all(p.returncode == 0 for p in procs)
     # Switches through idle are charged in meter_switch itself (idle_out(),
     # idle_in()) when nothing else waits for the CPU's time, else by the
@@ -127,8 +136,7 @@ def test_cpu_ns_equals_cpu_stat(workload, tmp_path, cgroups, cgroup_mount, busy_
         # the other (other tasks' runs on the host only add to the count):
         # half is asserted, so what the bill below is checked on is mostly runs.
         assert runs >= 40_000 // 2, runs
-    batch = np.concatenate(batches)
-    mine = batch[(batch["tenant"] == code("t")) & (batch["window_start_ns"] >= cut_ns)]
+    mine = batch[batch["tenant"] == code("t")]
     kernel_ns = (after - before) * 1000
     metered = int(mine["cpu_ns"].sum())
     assert kernel_ns > RAN_NS[workload], "the workload did not run"
@@ -270,21 +278,8 @@ def test_real_time_tasks_of_every_kind_are_billed_their_cpu_stat(tmp_path, cgrou
     with Meter(Topology.from_file(cfg)) as meter:
         procs = [cgroups.spawn_stopped(cgs[i % 4], [sys.executable, "-S", "-c", REAL_TIME_MIX, str(100 + i)])
                  for i in range(8)]
-        time.sleep(0.005)
-        cut_ns = time.time_ns() - 2_000_000
-        before = [cpu_usage_usec(cg) for cg in cgs]
-        for p in procs:
-            os.kill(p.pid, signal.SIGCONT)
-        batches = []
-        for b in meter.batches():
-            batches.append(b)
-            if all(p.poll() is not None for p in procs):
-                break
-        after = [cpu_usage_usec(cg) for cg in cgs]
-        batches += list(meter.batches(0.05))
+        batch, before, after, _ = _run_metered(meter, procs, cgs)
     assert all(p.returncode == 0 for p in procs)
-    batch = np.concatenate(batches)
-    batch = batch[batch["window_start_ns"] >= cut_ns]
     seen = {f"t{i}": (int(batch["cpu_ns"][batch["tenant"] == code(f"t{i}")].sum()), (after[i] - before[i]) * 1000)
             for i in range(4)}
     for name, (metered, kernel_ns) in seen.items():

@@ -57,6 +57,39 @@ BatchCallback = Callable[[np.ndarray], None]
 log = logging.getLogger("meter")
 
 
+#: prctl(2) option: no transparent huge pages for this process (linux/prctl.h).
+_PR_SET_THP_DISABLE = 41
+
+_huge_pages_refused = False
+
+
+def _refuse_huge_pages() -> None:
+    """Keep the kernel's huge-page collapser out of this process, once (docs/architecture.md,
+    "Takes and batches"): khugepaged, a nice-19 kernel thread, holds a process's memory-map
+    lock while it scans it, and on a host its tenants saturate it is preempted there for
+    seconds, while the real-time drain thread waits on that lock in its next brk(),
+    mmap() or madvise() (measured: takes held back 1.5-4.2 s, 500 compartments waking
+    every 1 ms, and seconds of usage billed late). numpy asks for huge pages for its
+    large arrays (madvise), which is what brings khugepaged here; the process gives
+    them up (prctl PR_SET_THP_DISABLE: khugepaged then drops it) and numpy stops asking."""
+    global _huge_pages_refused
+    if _huge_pages_refused:
+        return
+    _huge_pages_refused = True
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_THP_DISABLE, 1, 0, 0, 0) != 0:
+            log.debug("meter: prctl(PR_SET_THP_DISABLE) failed: %s", os.strerror(ctypes.get_errno()))
+    except (AttributeError, OSError) as err:  # not Linux's C library
+        log.debug("meter: prctl(PR_SET_THP_DISABLE) unavailable: %s", err)
+    core = getattr(np, "_core", None) or getattr(np, "core", None)
+    madvise = getattr(getattr(core, "multiarray", None), "_set_madvise_hugepage", None)
+    if madvise is not None:
+        madvise(False)
+
+
 def _realtime() -> bool:
     """Whether this thread is in a real-time class."""
     try:
@@ -214,7 +247,8 @@ class DrainLoop:
         needs it too: preempted while it holds the interpreter's lock, it
         holds the drain back with it. Where it is refused (no CAP_SYS_NICE, a
         CPU cgroup with no real-time runtime), meter goes on at normal priority
-        and says why once (``realtime_refused``, and a warning)."""
+        and says why once (``realtime_refused``, and a warning). The first time,
+        the process gives up transparent huge pages (``_refuse_huge_pages``)."""
         restore = None
         if self.drain_priority == "realtime" and not self.realtime_refused:
             try:
@@ -224,6 +258,7 @@ class DrainLoop:
                     os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
                     # By thread id: a generator may be closed from another thread.
                     restore = threading.get_native_id(), policy, param
+                _refuse_huge_pages()
             except (OSError, AttributeError) as err:
                 self.realtime_refused = getattr(err, "strerror", None) or str(err)
                 log.warning("meter: the drain runs at normal priority (real-time scheduling refused: %s); on a "

@@ -57,13 +57,16 @@ def check(as_json: bool) -> None:
 @click.option("--store", "store_path", type=click.Path(), default=None,
               help="Record store (default: /var/lib/meter/records.db as root, or $METER_STORE).")
 @click.option("--retention", type=shell.SECONDS, default=None,
-              help="Keep the store's raw records S seconds (default: 7 days); the 1 s and 1 h rollups that "
-                   "bills read are kept whatever their age.")
+              help="Keep the store's raw records S seconds (default: 7 days); the rollups that bills read "
+                   "are kept longer (--rollup-retention).")
+@click.option("--rollup-retention", type=shell.SECONDS, default=None,
+              help="Keep the store's 1 s rollups S seconds (default: 90 days); the 1 h rollups are kept "
+                   "for good.")
 @shell.counters_option
 @click.option("--print-bpf", is_flag=True, help="Print the kernel program and its -D settings, then exit.")
 def record(config: str | None, cgroup_root: str | None, window_ms: int | None, duration: float | None,
-           output: str | None, fmt: str, store_path: str | None, retention: float | None, counters: str | None,
-           print_bpf: bool) -> None:
+           output: str | None, fmt: str, store_path: str | None, retention: float | None,
+           rollup_retention: float | None, counters: str | None, print_bpf: bool) -> None:
     """Write billable records (one per compartment per window) until stopped.
 
     By default into the record store (SQLite, crash-safe; a restart
@@ -75,11 +78,12 @@ def record(config: str | None, cgroup_root: str | None, window_ms: int | None, d
     from .engine import Meter
     from .sinks import Sink
     from .sinks.files import FileSink
-    from .sinks.store import DEFAULT_RETENTION_S, Store
+    from .sinks.store import DEFAULT_RETENTION_S, DEFAULT_ROLLUP_RETENTION_S, Store
 
-    if retention is not None and output is not None:
-        raise click.UsageError("--retention is for the record store: a file written with --output keeps "
-                               "every record")
+    for name, given in (("--retention", retention), ("--rollup-retention", rollup_retention)):
+        if given is not None and output is not None:
+            raise click.UsageError(f"{name} is for the record store: a file written with --output keeps "
+                                   "every record")
     with shell.errors():
         topo = shell.load_topology(config, cgroup_root)
         if print_bpf:
@@ -89,7 +93,9 @@ def record(config: str | None, cgroup_root: str | None, window_ms: int | None, d
         if output is not None:
             sink: Sink = FileSink(output, fmt)
         else:
-            sink = Store(store_path, retention_s=retention if retention is not None else DEFAULT_RETENTION_S)
+            sink = Store(store_path, retention_s=retention if retention is not None else DEFAULT_RETENTION_S,
+                         rollup_retention_s=(rollup_retention if rollup_retention is not None
+                                             else DEFAULT_ROLLUP_RETENTION_S))
             meter.next_seq = sink.claim(socket.gethostname())
         daemon.warn_unavailable(meter, explicit=bool(counters))
 

@@ -285,9 +285,34 @@ def test_record_retention_expires_raw_records_and_keeps_every_rollup(meter_bin, 
     assert 0 < len(raw) < written and int(raw["window_start_ns"].min()) >= first_second + 2 * 10**9
 
 
-def test_retention_is_for_the_store_not_an_output_file(meter_bin, tmp_path):
-    res = run(meter_bin, "record", "--output", str(tmp_path / "r.jsonl"), "--retention", "60", "--duration", "1")
-    assert res.returncode == 1 and res.stderr.startswith("meter: error: ") and "--retention" in res.stderr
+@pytest.mark.bpf
+def test_record_rollup_retention_deletes_old_seconds_and_keeps_every_hour(meter_bin, tmp_path, cgroups):
+    from meter.errors import SinkError
+    from meter.sinks.store import Store
+
+    path = tmp_path / "r.db"
+    res = run(meter_bin, "record", "--cgroup-root", str(cgroups.root), "--store", str(path),
+              "--rollup-retention", "2", "--duration", "6")
+    assert res.returncode == 0, res.stderr
+    written = int(res.stderr.split("meter: ")[-1].split(" records")[0])  # "meter: N records, ..."
+    with Store(path, must_exist=True) as s:
+        raw = s.records()
+        hours = s.rollup("rollup_1h")
+        kept_from = s.seconds_from()
+        assert kept_from is not None  # 6 s recorded, 1 s rollups kept 2 s: some were past it at close
+        seconds = s.rollup("rollup_1s", kept_from)
+        gone = s.db.execute("SELECT count(*) FROM rollup_1s WHERE period_start_ns < ?", (kept_from,)).fetchone()[0]
+        with pytest.raises(SinkError, match="past their retention"):
+            s.rollup("rollup_1s", kept_from - 10**9)
+    assert sum(r["records"] for r in hours) == written == len(raw)  # every record in its hour
+    assert gone == 0 and int(raw["window_start_ns"].min()) < kept_from  # recorded seconds were deleted
+    assert sum(r["records"] for r in seconds) == int((raw["window_start_ns"] >= kept_from).sum())
+
+
+@pytest.mark.parametrize("option", ["--retention", "--rollup-retention"])
+def test_retention_is_for_the_store_not_an_output_file(meter_bin, tmp_path, option):
+    res = run(meter_bin, "record", "--output", str(tmp_path / "r.jsonl"), option, "60", "--duration", "1")
+    assert res.returncode == 1 and res.stderr.startswith("meter: error: ") and f"{option} is for" in res.stderr
     assert res.stderr.count("\n") == 1 and not (tmp_path / "r.jsonl").exists()
 
 

@@ -16,7 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
+import pytest
+
+from meter.errors import SinkError
 from meter.records import NULL, build, text
+from meter.sinks import store as store_mod
 from meter.sinks.store import ROLL_EVERY_NS, ROLLUPS, Store
 
 SECOND = ROLLUPS["rollup_1s"]
@@ -239,6 +243,55 @@ def test_retention_never_deletes_records_the_rollups_do_not_hold_yet(tmp_path):
         assert read(r.rollup("rollup_1s")) == expected(written, SECOND)
         assert len(r.records()) == 27 - 9  # the chunk reaching into second 11, kept whole; the one before, deleted
     s.close()
+
+
+def test_one_second_rollups_past_their_retention_go_in_bounded_deletes_and_their_hours_stay(tmp_path, monkeypatch):
+    """The 1 s rollups, a row per compartment and second, are kept for their own retention:
+    past it they are deleted, EXPIRE_ROWS at most a write (a store not written for hours
+    catches up over several writes), while the 1 h rollups keep every sum. A read of an
+    expired second is one clear error naming the second they are kept from; a bill of
+    whole hours still reads everything."""
+    from meter.bill import usage_from_store
+
+    hour = ROLLUPS["rollup_1h"]
+    now = [T0]
+    path = tmp_path / "r.db"
+    written = [batch(w, 600, 3 * w, window_ms=1000) for w in range(0, 3 * 3600, 600)]  # 3 h, a record a second each
+    with Store(path, clock=lambda: now[0]) as s:
+        for b in written:
+            now[0] = int(b["window_start_ns"].max()) + SECOND  # written as its last second ends
+            s.write(b)
+        assert s.seconds_from() is None  # nothing past retention
+    monkeypatch.setattr(store_mod, "EXPIRE_ROWS", 5000)
+    now[0] = T0 + 4 * hour
+    horizon = T0 + 3 * hour  # an hour's retention: the first three hours' seconds are past it
+    deleted = []
+    with Store(path, rollup_retention_s=3600, clock=lambda: now[0]) as s:
+        w = 3 * 3600
+        while s.seconds_from() != horizon and len(deleted) < 20:
+            before = s.db.execute("SELECT count(*) FROM rollup_1s").fetchone()[0]
+            written.append(batch(w, 1, 3 * w, window_ms=1000))
+            s.write(written[-1])
+            deleted.append(before - s.db.execute("SELECT count(*) FROM rollup_1s").fetchone()[0])
+            w += 1
+        assert s.db.execute("SELECT count(*) FROM rollup_1s WHERE period_start_ns < ?", (horizon,)).fetchone()[0] == 0
+    # 32,400 rows past retention, in deletes of at most 5,000 (whole seconds: 4,998 or fewer).
+    assert sum(deleted) == 3 * 3600 * len(COMPS) and len(deleted) == 7 and max(deleted) <= 5000
+    got = np.concatenate(written)
+    with Store(path, must_exist=True) as r:
+        assert r.seconds_from() == horizon
+        assert table(r, "rollup_1h") == expected(got, hour)  # every hour's sums kept
+        kept = got[got["window_start_ns"] >= horizon]
+        assert read(r.rollup("rollup_1s", horizon)) == expected(kept, SECOND)
+        with pytest.raises(SinkError, match=r"1 s rollups of .* before 2027-01-15T11:00:00Z are past their "
+                                            r"retention and deleted: read whole hours there"):
+            r.rollup("rollup_1s", T0 + 1800 * SECOND, T0 + 1860 * SECOND)
+        # A bill of whole hours reads the hours; one from mid-hour needs seconds that are gone.
+        usage = usage_from_store(r, T0, T0 + 3 * hour, hour)
+        billed = sum(u["cpu_ns"] for period in usage.values() for u in period.values())
+        assert billed == int(got["cpu_ns"][got["window_start_ns"] < horizon].sum())
+        with pytest.raises(SinkError, match="past their retention"):
+            usage_from_store(r, T0 + 1800 * SECOND, T0 + 3 * hour, hour)
 
 
 def test_retention_finds_the_chunks_by_index_not_by_a_scan_of_every_chunk_kept(tmp_path):

@@ -13,6 +13,9 @@ root, ``$XDG_DATA_HOME/meter/records.db`` otherwise, or ``$METER_STORE``.
   7 days) and are deleted. A second's rows are written once, when a later
   second begins; until then the writer holds them in memory and readers
   roll those records up from the chunks (docs/architecture.md, "The store").
+  The 1 h rollups are kept for good; the 1 s rollups for their own
+  retention (default 90 days), and a read of seconds past it is an error
+  naming the second from which they are kept, never a silent zero.
 
 Raw records are stored as one *chunk* per batch (the batch's columns as
 compact binary, no pickle: each number column as its least value and the
@@ -88,6 +91,14 @@ _MAX_PARTS = 16  # batches' groups held apart at most, before they are summed in
 _NO_GROUPS = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 1 + len(ROLLUP_COLUMNS)), np.int64),
               np.zeros((0, len(ROLLUP_COLUMNS)), np.int64))
 DEFAULT_RETENTION_S = 7 * 24 * 3600
+#: The 1 s rollups kept (the 1 h rollups are kept for good): a row per compartment and
+#: second, ~8.6 M rows a day for 100 busy compartments, which would otherwise only grow.
+DEFAULT_ROLLUP_RETENTION_S = 90 * 24 * 3600
+#: The most 1 s rollup rows one write deletes (a whole second's at least): a store not
+#: written for weeks catches up over many writes, never in one that holds the drain back.
+EXPIRE_ROWS = 10_000
+#: meta key: every 1 s rollup row before this second is deleted (past retention).
+_SECONDS_FROM = "rollup_1s_from"
 #: A batch dated further ahead of the clock than this is stored, and said.
 FUTURE_SLACK_NS = 3600 * 1_000_000_000
 
@@ -123,6 +134,7 @@ class Store:
     """Append record batches; read them back; roll them up exactly."""
 
     def __init__(self, path: str | Path | None = None, *, retention_s: float = DEFAULT_RETENTION_S,
+                 rollup_retention_s: float = DEFAULT_ROLLUP_RETENTION_S,
                  must_exist: bool = False, clock: Callable[[], int] = time.time_ns) -> None:
         self.path = Path(path) if path is not None else default_path()
         self._clock = clock
@@ -130,6 +142,9 @@ class Store:
         #: Records this store object has newly stored (the Sink protocol).
         self.count = 0
         self.retention_ns = round(retention_s * 1_000_000_000)
+        #: The 1 s rollups' retention (0: kept for good).
+        self.rollup_retention_ns = round(rollup_retention_s * 1_000_000_000)
+        self._oldest_second: int | None = None  # no 1 s rollup row is older, as this writer last saw
         # The writer's rollups of its latest second(s), not in the rollup tables yet, and
         # each host's boundary: its records before it are in the tables, from it on not.
         self._label: dict[tuple[str, str, str], int] = {}
@@ -458,7 +473,7 @@ class Store:
                     since = max(since, int(g.start[mine].max()) + _SECOND)
                     self._set_boundary(host, since)
                     self._rolled[host] = since
-            self._expire_chunks(self._clock())  # what retention held back for the tables only
+            self._expire_old(self._clock())  # what retention held back for the tables only
             self.db.execute("COMMIT")
             self._pending = []
         except sqlite3.Error as err:
@@ -473,7 +488,11 @@ class Store:
         if newest_ns > now + FUTURE_SLACK_NS:
             log.warning("meter: stored records dated %.0f s ahead of this host's clock (a clock jump?); "
                         "retention counts from the clock, not from them", (newest_ns - now) / 1e9)
+        self._expire_old(now)
+
+    def _expire_old(self, now: int) -> None:
         self._expire_chunks(now)
+        self._expire_seconds(now)
 
     def _expire_chunks(self, now: int) -> None:
         """Delete the chunks past retention whose records the rollup tables hold."""
@@ -485,6 +504,35 @@ class Store:
                 self.db.execute(f"DELETE FROM {table} WHERE end_ns <= ? AND end_ns <= coalesce("
                                 f"(SELECT value FROM meta WHERE key = 'rolled:' || {table}.host), end_ns)",
                                 (now - self.retention_ns,))
+
+    def _expire_seconds(self, now: int) -> None:
+        """Delete the 1 s rollup rows past their retention, EXPIRE_ROWS at most (the
+        oldest second's rows at least), and note the second from which they are kept.
+        The 1 h rollups keep their sums."""
+        if self.rollup_retention_ns <= 0:
+            return
+        horizon = (now - self.rollup_retention_ns) // _SECOND * _SECOND
+        if self._oldest_second is not None and horizon <= self._oldest_second:
+            return  # nothing past retention yet
+        first = self.db.execute("SELECT min(period_start_ns) FROM rollup_1s").fetchone()[0]
+        if first is None or first >= horizon:
+            self._oldest_second = None if first is None else int(first)
+            return
+        # The period of the EXPIRE_ROWS-th row past retention, if there are that many: the
+        # delete stops there (the key is the period first: a walk of that many entries).
+        nth = self.db.execute("SELECT period_start_ns FROM rollup_1s WHERE period_start_ns < ? "
+                              "ORDER BY period_start_ns LIMIT 1 OFFSET ?", (horizon, EXPIRE_ROWS)).fetchone()
+        upto = horizon if nth is None else max(int(nth[0]), int(first) + _SECOND)
+        self.db.execute("DELETE FROM rollup_1s WHERE period_start_ns < ?", (upto,))
+        self.db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = "
+                        "max(value, excluded.value)", (_SECONDS_FROM, upto))
+        self._oldest_second = upto  # a rolled-back write leaves rows before it: the next delete takes them
+
+    def seconds_from(self) -> int | None:
+        """The second from which the 1 s rollups are kept (None: none was ever past
+        retention): the seconds before it are deleted, their hours' sums kept in 1 h."""
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (_SECONDS_FROM,)).fetchone()
+        return None if row is None else int(row[0])
 
     # -- reading -----------------------------------------------------------------------------------
 
@@ -608,6 +656,15 @@ class Store:
         records; docs/architecture.md, "The store")."""
         if table not in ROLLUPS:
             raise SinkError(f"no rollup {table!r}: use one of {', '.join(ROLLUPS)}")
+        kept_from = self.seconds_from() if table == "rollup_1s" and start_ns is not None else None
+        if kept_from is not None and start_ns is not None and start_ns < kept_from:
+            import datetime
+
+            when = datetime.datetime.fromtimestamp(kept_from // _SECOND, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            raise SinkError(f"the 1 s rollups of {self.path} before {when} are past their retention and deleted: "
+                            "read whole hours there (their 1 h rollups are kept; a bill of whole hours "
+                            "reads those), or keep 1 s rollups longer (meter record --rollup-retention)",
+                            target=str(self.path))
         where, args = self._where(start_ns, end_ns, tenant, "period_start_ns")
         names = ["host", "tenant", "compartment", "period_start_ns", "records", *ROLLUP_COLUMNS]
         rows = self.db.execute(f"SELECT {', '.join(names)} FROM {table}{where} "

@@ -803,8 +803,11 @@ def test_a_real_time_loop_keeps_the_huge_page_collapser_out_of_the_process(tree)
     asked = mmap.mmap(-1, 8 << 20)
     asked.madvise(mmap.MADV_HUGEPAGE)
     asked.write(b"x" * len(asked))
-    address = ctypes.addressof(ctypes.c_char.from_buffer(asked))
-    assert _mapping(address)["THPeligible"] == "0"
+    first = ctypes.c_char.from_buffer(asked)
+    eligible = _mapping(ctypes.addressof(first))["THPeligible"]
+    del first  # the buffer's export: the mapping can be closed
+    asked.close()
+    assert eligible == "0"
     big = np.ones(1 << 20)  # 8 MB: numpy madvises huge pages for arrays this big, unless told not to
     assert _mapping(big.ctypes.data)["THPeligible"] == "0"
     core = getattr(np, "_core", None) or np.core  # numpy 2, or 1

@@ -656,7 +656,7 @@ class Store:
         records; docs/architecture.md, "The store")."""
         if table not in ROLLUPS:
             raise SinkError(f"no rollup {table!r}: use one of {', '.join(ROLLUPS)}")
-        kept_from = self.seconds_from() if table == "rollup_1s" and start_ns is not None else None
+        kept_from = self.seconds_from() if table == "rollup_1s" else None
         if kept_from is not None and start_ns is not None and start_ns < kept_from:
             import datetime
 

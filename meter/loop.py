@@ -59,35 +59,68 @@ log = logging.getLogger("meter")
 
 #: prctl(2) option: no transparent huge pages for this process (linux/prctl.h).
 _PR_SET_THP_DISABLE = 41
+#: mallopt(3) parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
+#: What _keep_memory_map_still sets them to, the usual set-up of a real-time
+#: process: glibc never gives the heap's free top back (brk), grows the heap
+#: 64 MiB at a time, and maps no block of its own (mmap, munmap): every block
+#: comes from the heap.
+_MALLOC_SETTINGS = ((_M_TRIM_THRESHOLD, -1), (_M_TOP_PAD, 64 << 20), (_M_MMAP_MAX, 0))
+#: Heap grown at once, so that the first batches do not grow it (address space:
+#: a page of it is memory only once written).
+_HEAP_RESERVE = 128 << 20
 
-_huge_pages_refused = False
+_memory_map_kept = False
 
 
-def _refuse_huge_pages() -> None:
-    """Keep the kernel's huge-page collapser out of this process, once (docs/architecture.md,
-    "Takes and batches"): khugepaged, a nice-19 kernel thread, holds a process's memory-map
-    lock while it scans it, and on a host its tenants saturate it is preempted there for
-    seconds, while the real-time drain thread waits on that lock in its next brk(),
-    mmap() or madvise() (measured: takes held back 1.5-4.2 s, 500 compartments waking
-    every 1 ms, and seconds of usage billed late). numpy asks for huge pages for its
-    large arrays (madvise), which is what brings khugepaged here; the process gives
-    them up (prctl PR_SET_THP_DISABLE: khugepaged then drops it) and numpy stops asking."""
-    global _huge_pages_refused
-    if _huge_pages_refused:
+def _keep_memory_map_still() -> None:
+    """Keep the real-time drain from waiting on this process's memory-map lock, once
+    (docs/architecture.md, "Takes and batches"). Whoever reads or scans the map holds
+    that lock: khugepaged (the kernel's huge-page collapser, a nice-19 thread) while it
+    scans the process, and any process reading ``/proc/<pid>/smaps``, ``maps`` or
+    ``cmdline`` (monitoring agents, ``ps``). On a host its tenants saturate, such a
+    reader is preempted there for seconds, while the drain thread waits on the lock in
+    its next brk(), mmap(), munmap() or madvise(), which change the map (measured:
+    takes held back 1.5-4.2 s by khugepaged and 0.6-2.7 s by a nice-19 reader of
+    smaps, 500 compartments waking every 1 ms, and seconds of usage billed late).
+
+    So the process gives up transparent huge pages (prctl PR_SET_THP_DISABLE:
+    khugepaged drops it) and numpy stops asking for them (madvise); and glibc's
+    allocator stops changing the map at every numpy temporary: it keeps the heap
+    it has grown instead of giving its top back, and takes every block from the
+    heap instead of mapping big ones on their own (mallopt). From then on the map is
+    still; the lock is then only ever read here, which a reader does not block. The
+    heap's size is then the process's peak use, as address space grown at once by
+    _HEAP_RESERVE, and as memory by what was written."""
+    global _memory_map_kept
+    if _memory_map_kept:
         return
-    _huge_pages_refused = True
+    _memory_map_kept = True
     import ctypes
 
     try:
         libc = ctypes.CDLL(None, use_errno=True)
+    except OSError as err:
+        log.debug("meter: the C library is not at hand: %s", err)
+        return
+    try:
         if libc.prctl(_PR_SET_THP_DISABLE, 1, 0, 0, 0) != 0:
             log.debug("meter: prctl(PR_SET_THP_DISABLE) failed: %s", os.strerror(ctypes.get_errno()))
-    except (AttributeError, OSError) as err:  # not Linux's C library
+    except AttributeError as err:  # not Linux
         log.debug("meter: prctl(PR_SET_THP_DISABLE) unavailable: %s", err)
     core = getattr(np, "_core", None) or getattr(np, "core", None)
     madvise = getattr(getattr(core, "multiarray", None), "_set_madvise_hugepage", None)
     if madvise is not None:
         madvise(False)
+    mallopt = getattr(libc, "mallopt", None)  # glibc's (musl has none, and maps as it likes)
+    if mallopt is None:
+        return
+    if not all(mallopt(param, value) == 1 for param, value in _MALLOC_SETTINGS):
+        log.debug("meter: mallopt refused a setting: the heap may still shrink and grow")
+        return
+    libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, (ctypes.c_void_p,)
+    block = libc.malloc(_HEAP_RESERVE)
+    libc.free(block)  # back to the heap's top, which stays
 
 
 def _realtime() -> bool:
@@ -248,7 +281,8 @@ class DrainLoop:
         holds the drain back with it. Where it is refused (no CAP_SYS_NICE, a
         CPU cgroup with no real-time runtime), meter goes on at normal priority
         and says why once (``realtime_refused``, and a warning). The first time,
-        the process gives up transparent huge pages (``_refuse_huge_pages``)."""
+        the process keeps its memory map still (``_keep_memory_map_still``): no
+        transparent huge pages, and a heap that glibc does not give back."""
         restore = None
         if self.drain_priority == "realtime" and not self.realtime_refused:
             try:
@@ -258,7 +292,7 @@ class DrainLoop:
                     os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
                     # By thread id: a generator may be closed from another thread.
                     restore = threading.get_native_id(), policy, param
-                _refuse_huge_pages()
+                _keep_memory_map_still()
             except (OSError, AttributeError) as err:
                 self.realtime_refused = getattr(err, "strerror", None) or str(err)
                 log.warning("meter: the drain runs at normal priority (real-time scheduling refused: %s); on a "

@@ -1006,12 +1006,13 @@ def test_no_loss_means_an_empty_loss_line(tree):
     assert meter.stats.loss_line() == "" and not any(meter.stats.losses().values())
 
 
-def test_losses_are_exported_by_reason(tree):
+def test_losses_and_the_switch_paths_are_exported(tree):
     from meter.sinks.prometheus import Exporter
 
     cpu = FakeCPU()
     meter, _ = _open(_topology(tree), cpu)
     cpu.kernel_stats.update(late_ns=2_000_000_000, unseen_ns=45_000)
+    cpu.same_run_switches, cpu.idle_out_switches, cpu.idle_in_switches = 3, 7, 5
     acme = _id(tree, "acme/vswitch")
     # Owed 3 ms with no idle time to settle it from yet: unsettled, and said, until it is.
     cpu.spill(acme, 3 * W)
@@ -1026,6 +1027,9 @@ def test_losses_are_exported_by_reason(tree):
     assert "meter_missing_windows_total 0.0" in text
     # Time of slices no switch event showed is given back to its cgroups, and said.
     assert "meter_unseen_seconds_total 4.5e-05" in text
+    # How the switch program charged: runs of one cgroup, and its idle paths.
+    assert "meter_run_switches_total 3.0" in text
+    assert "meter_idle_out_switches_total 7.0" in text and "meter_idle_in_switches_total 5.0" in text
 
 
 def test_late_time_is_billed_to_its_row_and_named_in_the_window_it_left(tree):

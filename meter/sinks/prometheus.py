@@ -26,7 +26,10 @@ programs, read by fd and cached for a second; present once
 ``kernel.bpf_stats_enabled`` is 1), ``meter_late_packets_total``,
 ``meter_late_seconds_total``, ``meter_records_total``,
 ``meter_conservation_violations_total``, ``meter_run_switches_total``
-(switches inside one cgroup, bpf/sched.bpf.c ``same_run()``) and the gauge
+(switches inside one cgroup, bpf/sched.bpf.c ``same_run()``),
+``meter_idle_out_switches_total`` and ``meter_idle_in_switches_total``
+(switches away from and into idle charged on the switch program's idle
+paths, ``idle_out()`` and ``idle_in()``) and the gauge
 ``meter_drain_lag_seconds`` (now minus the end of the newest record).
 A series that was never measured is absent, not 0.
 
@@ -426,6 +429,10 @@ class Exporter:
             ("meter_conservation_violations", st.conservation_violations, "Windows whose CPU time did not add up."),
             ("meter_run_switches", st.run_switches,
              "Context switches between two tasks of one cgroup, charged with the run they joined (no clock read)."),
+            ("meter_idle_out_switches", st.idle_out_switches,
+             "Context switches away from the idle task charged in the switch program itself (its idle path)."),
+            ("meter_idle_in_switches", st.idle_in_switches,
+             "Context switches into the idle task charged in the switch program itself (its idle path)."),
         ):
             fam = CounterMetricFamily(name, doc)
             fam.add_metric([], value, created=opened)

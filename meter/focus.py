@@ -12,12 +12,12 @@ with a fixed number of decimals per column (never E-notation).
 
 from __future__ import annotations
 
-import datetime
 import json
 from collections.abc import Callable
 from typing import Any
 
 from .bill import SERVICES, Charge, PriceSheet, billing_period, money, price_text, quantity_text
+from .records import utc_text
 
 __all__ = ["FOCUS_COLUMNS", "focus_rows"]
 
@@ -35,7 +35,7 @@ FOCUS_COLUMNS = (
 def _ts(ns: int) -> str:
     if ns % 1_000_000_000:
         raise ValueError("FOCUS charge periods are whole seconds")
-    return datetime.datetime.fromtimestamp(ns // 1_000_000_000, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return utc_text(ns)
 
 
 def focus_rows(charges: list[Charge], sheet: PriceSheet, *, period: str = "month", account: str = "meter",

@@ -80,6 +80,7 @@ __all__ = [
     "text",
     "to_dicts",
     "unique_ints",
+    "utc_text",
     "window_sums",
     "zeroed",
     "window_totals",
@@ -233,6 +234,14 @@ def text(batch: np.ndarray, field: str) -> np.ndarray:
     if field not in TEXT_FIELDS:
         raise KeyError(f"{field} is not a text field of the records")
     return NAMES.table()[batch[field]]
+
+
+def utc_text(ns: int) -> str:
+    """A record time (ns since the epoch) as people and foreign formats read it, to
+    the second in UTC: ``2027-01-15T11:00:00Z`` (the fraction of a second dropped)."""
+    import datetime
+
+    return datetime.datetime.fromtimestamp(ns // 1_000_000_000, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _as_codes(value: Any) -> Any:

@@ -68,6 +68,7 @@ from ..records import (
     group_sums,
     matrix,
     unique_ints,
+    utc_text,
 )
 
 __all__ = ["ROLLUPS", "ROLLUP_COLUMNS", "Store", "default_path", "rollup_rows"]
@@ -658,10 +659,7 @@ class Store:
             raise SinkError(f"no rollup {table!r}: use one of {', '.join(ROLLUPS)}")
         kept_from = self.seconds_from() if table == "rollup_1s" else None
         if kept_from is not None and start_ns is not None and start_ns < kept_from:
-            import datetime
-
-            when = datetime.datetime.fromtimestamp(kept_from // _SECOND, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-            raise SinkError(f"the 1 s rollups of {self.path} before {when} are past their retention and deleted: "
+            raise SinkError(f"the 1 s rollups of {self.path} before {utc_text(kept_from)} are past their retention and deleted: "
                             "read whole hours there (their 1 h rollups are kept; a bill of whole hours "
                             "reads those), or keep 1 s rollups longer (meter record --rollup-retention)",
                             target=str(self.path))

@@ -77,9 +77,9 @@ def _keep_memory_map_still() -> None:
     """Keep the real-time drain from waiting on this process's memory-map lock, once
     (docs/architecture.md, "Takes and batches"). Whoever reads or scans the map holds
     that lock: khugepaged (the kernel's huge-page collapser, a nice-19 thread) while it
-    scans the process, and any process reading ``/proc/<pid>/smaps``, ``maps`` or
-    ``cmdline`` (monitoring agents, ``ps``). On a host its tenants saturate, such a
-    reader is preempted there for seconds, while the drain thread waits on the lock in
+    scans the process, and any process reading ``/proc/<pid>/smaps`` (monitoring
+    agents; ``cmdline``, as ``ps`` reads it, holds it too, briefly). On a host its
+    tenants saturate, such a reader is preempted there for seconds, while the drain thread waits on the lock in
     its next brk(), mmap(), munmap() or madvise(), which change the map (measured:
     takes held back 1.5-4.2 s by khugepaged and 0.6-2.7 s by a nice-19 reader of
     smaps, 500 compartments waking every 1 ms, and seconds of usage billed late).

@@ -292,13 +292,15 @@ class DrainLoop:
                     os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
                     # By thread id: a generator may be closed from another thread.
                     restore = threading.get_native_id(), policy, param
-                _keep_memory_map_still()
             except (OSError, AttributeError) as err:
                 self.realtime_refused = getattr(err, "strerror", None) or str(err)
                 log.warning("meter: the drain runs at normal priority (real-time scheduling refused: %s); on a "
                             "host its tenants saturate, takes can come late and time is then billed in later "
                             "windows: give meter CAP_SYS_NICE (or real-time runtime in its CPU cgroup), or "
                             "set drain_priority = \"normal\" (topology) to choose this", self.realtime_refused)
+            else:
+                # Not in the try: what fails here is no refusal of the class (it logs and goes on).
+                _keep_memory_map_still()
         try:
             yield
         finally:

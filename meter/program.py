@@ -47,9 +47,7 @@ def load(name: str | list[str], defines: dict[str, Any] | None = None) -> Any:
     names = [name] if isinstance(name, str) else list(name)
     name = "+".join(names)
     require_bpf()
-    headers = prepare_headers()
-    if headers.path is not None:
-        os.environ["BCC_KERNEL_SOURCE"] = str(headers.path)
+    use_kernel_headers()
     try:
         from bcc import BPF
     except ImportError as err:
@@ -70,6 +68,14 @@ def load(name: str | list[str], defines: dict[str, Any] | None = None) -> Any:
         if "Operation not permitted" in msg or "Permission denied" in msg:
             raise PrivilegeError(f"the kernel refused to load {name}.bpf.c ({msg}): run meter as root") from err
         raise BPFError(f"cannot load BPF program {name}.bpf.c: {msg}", program=name) from err
+
+
+def use_kernel_headers() -> None:
+    """Point bcc at the kernel headers meter found or merged (meter.headers), for any
+    program bcc compiles in this process from now on."""
+    headers = prepare_headers()
+    if headers.path is not None:
+        os.environ["BCC_KERNEL_SOURCE"] = str(headers.path)
 
 
 def cflags(defines: dict[str, Any] | None = None) -> list[str]:

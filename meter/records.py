@@ -45,6 +45,7 @@ family is not measured.
 
 from __future__ import annotations
 
+import datetime
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -239,8 +240,6 @@ def text(batch: np.ndarray, field: str) -> np.ndarray:
 def utc_text(ns: int) -> str:
     """A record time (ns since the epoch) as people and foreign formats read it, to
     the second in UTC: ``2027-01-15T11:00:00Z`` (the fraction of a second dropped)."""
-    import datetime
-
     return datetime.datetime.fromtimestamp(ns // 1_000_000_000, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 

@@ -826,18 +826,14 @@ def _map_call_counter(tid: int):
 
     from meter import program
 
-    headers = program.prepare_headers()
-    if headers.path is not None:
-        os.environ["BCC_KERNEL_SOURCE"] = str(headers.path)
+    program.use_kernel_headers()
     text = f"BPF_ARRAY(calls, u64, {len(_MAP_CALLS)});\n" + "".join(
         f"TRACEPOINT_PROBE(syscalls, sys_enter_{name}) {{\n"
         f"    if ((u32)bpf_get_current_pid_tgid() == {tid}) calls.atomic_increment({i});\n"
         "    return 0;\n}\n" for i, name in enumerate(_MAP_CALLS))
-    bpf = BPF(text=text.encode())
-    table = bpf[b"calls"]
+    table = BPF(text=text.encode())[b"calls"]  # the table holds its BPF: attached while it lives
 
     def counts() -> dict[str, int]:
-        _ = bpf  # the programs stay attached while the reader lives
         return {name: int(table[table.Key(i)].value) for i, name in enumerate(_MAP_CALLS)}
 
     return counts
@@ -848,8 +844,8 @@ def test_a_real_time_loop_leaves_the_memory_map_still(tmp_path):
     """A nice-19 process reading /proc/<pid>/smaps holds the memory-map lock as
     khugepaged does; starved by the tenants' tasks it held the real-time drain's
     next brk(), mmap() or munmap() for 0.6-2.7 s (500 compartments waking every 1
-    ms, stress-ng beside them: seconds of usage billed late, in every one of four
-    runs). Once a loop runs in the real-time class, its thread changes the map no
+    ms, stress-ng beside them: 0.08-13 s of usage billed late in each of the four
+    runs whose late time was read). Once a loop runs in the real-time class, its thread changes the map no
     more after its first batches: the kernel's own count of its calls that do,
     on a simulated host of 64 CPUs and 1,000 compartments, 250 windows a take
     (before: 3, 5 and 8 brk() in three runs of this test, glibc giving its heap's

@@ -1009,6 +1009,8 @@ def test_losses_and_the_switch_paths_are_exported(tree):
     meter, _ = _open(_topology(tree), cpu)
     cpu.kernel_stats.update(late_ns=2_000_000_000, unseen_ns=45_000)
     cpu.same_run_switches, cpu.idle_out_switches, cpu.idle_in_switches = 3, 7, 5
+    meter_without_paths = Exporter(meter, "127.0.0.1:0").render()
+    cpu.same_run = True  # as the kernel program with BTF: runs and idle paths
     acme = _id(tree, "acme/vswitch")
     # Owed 3 ms with no idle time to settle it from yet: unsettled, and said, until it is.
     cpu.spill(acme, 3 * W)
@@ -1026,6 +1028,8 @@ def test_losses_and_the_switch_paths_are_exported(tree):
     # How the switch program charged: runs of one cgroup, and its idle paths.
     assert "meter_run_switches_total 3.0" in text
     assert "meter_idle_out_switches_total 7.0" in text and "meter_idle_in_switches_total 5.0" in text
+    # A program without them measures none of the three: absent, not 0.
+    assert "switches_total" not in meter_without_paths
 
 
 def test_late_time_is_billed_to_its_row_and_named_in_the_window_it_left(tree):

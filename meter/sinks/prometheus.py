@@ -29,7 +29,8 @@ programs, read by fd and cached for a second; present once
 (switches inside one cgroup, bpf/sched.bpf.c ``same_run()``),
 ``meter_idle_out_switches_total`` and ``meter_idle_in_switches_total``
 (switches away from and into idle charged on the switch program's idle
-paths, ``idle_out()`` and ``idle_in()``) and the gauge
+paths, ``idle_out()`` and ``idle_in()``; the three only where the switch
+program has them: kernel charging with BTF) and the gauge
 ``meter_drain_lag_seconds`` (now minus the end of the newest record).
 A series that was never measured is absent, not 0.
 
@@ -427,12 +428,14 @@ class Exporter:
             ("meter_unseen_seconds", st.unseen_ns / 1e9,
              "Kernel-charged CPU time of slices no sched_switch event showed, given back to their cgroups."),
             ("meter_conservation_violations", st.conservation_violations, "Windows whose CPU time did not add up."),
-            ("meter_run_switches", st.run_switches,
-             "Context switches between two tasks of one cgroup, charged with the run they joined (no clock read)."),
-            ("meter_idle_out_switches", st.idle_out_switches,
-             "Context switches away from the idle task charged in the switch program itself (its idle path)."),
-            ("meter_idle_in_switches", st.idle_in_switches,
-             "Context switches into the idle task charged in the switch program itself (its idle path)."),
+            # Only where the switch program has runs and idle paths: elsewhere they are not measured.
+            *((("meter_run_switches", st.run_switches,
+                "Context switches between two tasks of one cgroup, charged with the run they joined (no clock read)."),
+               ("meter_idle_out_switches", st.idle_out_switches,
+                "Context switches away from the idle task charged in the switch program itself (its idle path)."),
+               ("meter_idle_in_switches", st.idle_in_switches,
+                "Context switches into the idle task charged in the switch program itself (its idle path)."))
+              if meter.cpu_source is not None and meter.cpu_source.same_run else ()),
         ):
             fam = CounterMetricFamily(name, doc)
             fam.add_metric([], value, created=opened)

@@ -71,6 +71,9 @@ class CPUSource(Protocol):
     closed_window: int
     #: Times idle CPUs were made to switch so that their windows close.
     nudges: int
+    #: The switch program has runs of one cgroup and its idle paths (bpf/sched.bpf.c,
+    #: METER_SAME_RUN): else the three counts below are not measured (and stay 0).
+    same_run: bool
     @property
     def same_run_switches(self) -> int:
         """Switches inside one cgroup charged with the run they joined (0: none, or no runs)."""

@@ -52,7 +52,8 @@ class FakeCPU:
         self.now = first_window
         self.closed_window = first_window - 1
         self.nudges = 0
-        self.same_run_switches = 0  # no kernel program: no runs
+        self.same_run = False  # no kernel program: no runs, no idle paths
+        self.same_run_switches = 0
         self.idle_out_switches = 0
         self.idle_in_switches = 0
         self.ncounters = 0

@@ -3,7 +3,7 @@
 
 100 cgroups, each with a process that wakes every 10 ms and works briefly,
 so every compartment has records in most windows. meter runs in this
-process with its defaults (takes every 0.25 s, a batch every 2 s); its
+process with its defaults (takes every 0.5 s with a close between, a batch every 2 s); its
 CPU time (this process's rusage: takes, nudges, resolution, record
 building) is compared with the wall time, i.e. the baseline is one core
 over the same run. ``--batch-interval 0.25`` builds at every take, as
@@ -18,7 +18,7 @@ reported apart, ``stop_cpu_s``), about ``--seconds``.
 
 ``--stages`` also says where that CPU goes, in thread CPU a batch over the
 same span: the takes (``Meter._take_locked``; of it the ring's read,
-``SchedSource._take``), the build (``Meter._build``; of it energy,
+``SchedSource._take``), the closes between takes (``Meter._close``), the build (``Meter._build``; of it energy,
 ``EnergyBooks.apportion``), the stats' check (``Meter._account``) and the
 store's write; the rest is the loop's own (its waits and wakes, the batch's
 concat). Each stage is timed by a wrapper around its method: two clock
@@ -46,7 +46,7 @@ from typing import Any
 from _common import BUSY_WORKER, Result, cgroup_tree, report, spawn_in
 
 from meter.books import EnergyBooks
-from meter.engine import BATCH_INTERVAL, Meter
+from meter.engine import BATCH_INTERVAL, DRAIN_INTERVAL, Meter
 from meter.resolver import PSEUDO_ROWS
 from meter.sinks.store import Store
 from meter.sources.sched import SchedSource
@@ -54,7 +54,7 @@ from meter.topology import Topology
 
 #: (stage, class, method) timed by --stages; an "of which" stage runs inside the one before it.
 STAGES = (("take", Meter, "_take_locked"), ("take: ring read", SchedSource, "_take"),
-          ("build", Meter, "_build"), ("build: energy", EnergyBooks, "apportion"),
+          ("close", Meter, "_close"), ("build", Meter, "_build"), ("build: energy", EnergyBooks, "apportion"),
           ("stats check", Meter, "_account"), ("store write", Store, "write"))
 
 
@@ -87,7 +87,7 @@ def main() -> list[Result]:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--compartments", type=int, default=100)
     ap.add_argument("--batch-interval", type=float, default=BATCH_INTERVAL, help="meter's default: %(default)s s")
-    ap.add_argument("--drain-interval", type=float, default=0.25)
+    ap.add_argument("--drain-interval", type=float, default=DRAIN_INTERVAL, help="meter's default: %(default)s s")
     ap.add_argument("--store", action="store_true", help="write every batch to a record store, as meter record")
     ap.add_argument("--stages", action="store_true", help="also the thread CPU of each stage, per batch")
     ap.add_argument("--json", action="store_true")

@@ -69,14 +69,18 @@ MAX_SPAN_LIMIT = 560
 #: / 494-497).
 BATCH_ENTRIES = 65_536
 
-#: Seconds between takes (Meter's default; at most 0.272 s at 1 ms windows: MAX_SPAN_LIMIT).
-DRAIN_INTERVAL = 0.25
+#: Seconds between takes (Meter's default). Idle CPUs are closed at every take, and
+#: between takes when one charge could otherwise span more than MAX_SPAN_LIMIT windows
+#: (Meter.closes_per_take: at 1 ms windows every 0.25 s, a close between two takes); a
+#: take costs tens of numpy calls after a sleep, a close a map read (docs/architecture.md,
+#: "Takes and batches"). At most 0.544 s at 1 ms windows.
+DRAIN_INTERVAL = 0.5
 
 #: Seconds between batches (Meter's default): each batch pays some hundreds of numpy
 #: calls and SQL statements whatever its size, after a sleep that left the caches cold,
-#: so fewer, bigger batches (up to BATCH_ENTRIES) cost less a second; the takes, which
-#: the kernel's window split bounds, stay every 0.25 s, so only the records' latency
-#: grows (docs/architecture.md, "Takes and batches").
+#: so fewer, bigger batches (up to BATCH_ENTRIES) cost less a second; the takes stay
+#: every drain interval, so only the records' latency grows (docs/architecture.md,
+#: "Takes and batches").
 BATCH_INTERVAL = 2.0
 
 #: Ring rows a file topology keeps free for compartments added by reloads.
@@ -145,11 +149,16 @@ class Meter(DrainLoop):
         # A whole number of takes per batch, none further apart than drain_interval.
         takes = max(1, math.ceil(batch_interval / drain_interval - 1e-9))
         asked, drain_interval = drain_interval, batch_interval / takes
-        if 2 * drain_interval * 1000 / window_ms + 16 > MAX_SPAN_LIMIT:
+        # Idle CPUs are closed (nudged) at every take, and once between takes where one
+        # charge could otherwise span more windows than the kernel splits it over.
+        def spans(interval: float) -> bool:
+            return 2 * interval * 1000 / window_ms + 16 <= MAX_SPAN_LIMIT
+        closes = 1 if spans(drain_interval) else 2
+        if not spans(drain_interval / closes):
             raise ConfigError(  # the interval asked is at least the one that does not fit
                 f"a drain interval of {asked:g} s is too long for {window_ms} ms windows "
-                f"(at most {(MAX_SPAN_LIMIT - 16) * window_ms / 2000:g} s): idle CPUs are closed only at drains; "
-                "batches can still come less often (batch_interval)"
+                f"(at most {(MAX_SPAN_LIMIT - 16) * window_ms / 1000:g} s): idle CPUs are closed at most twice a "
+                "drain; batches can still come less often (batch_interval)"
             )
         self.topology = topology
         self.window_ms = window_ms
@@ -161,6 +170,7 @@ class Meter(DrainLoop):
         #: The drain's thread in the real-time class ("realtime", meter.loop), or as it is ("normal").
         self.drain_priority = drain_priority
         self.takes_per_batch = takes
+        self.closes_per_take = closes
         self.host = host or socket.gethostname()
         self.plan = plan_counters(counters)
         src = str(topology.source) if topology.source else None
@@ -308,9 +318,10 @@ class Meter(DrainLoop):
         return rows
 
     def _cpu_spec(self, nports: int) -> CPUSpec:
-        # An idle CPU is nudged only at drains: one charge may span two intervals.
+        # An idle CPU is nudged only at closes: one charge may span two close intervals.
         drain_windows = int(self.drain_interval * 1e9 // self.window_ns)
-        span = min(2 * drain_windows + 16, MAX_SPAN_LIMIT)
+        close_windows = int(self.drain_interval / self.closes_per_take * 1e9 // self.window_ns)
+        span = min(2 * close_windows + 16, MAX_SPAN_LIMIT)
         # The ring holds the windows between the last one taken and the newest
         # charged (two drain intervals), and room for a drain that comes late
         # on a busy host: two intervals more, and at least one second.
@@ -534,6 +545,14 @@ class Meter(DrainLoop):
             self._resolver.rows(cgids)
         self._resolver.refresh_ids()
         self._push_compartments()
+
+    def _close(self) -> None:
+        """Close the CPUs' windows between takes (meter.loop): idle CPUs nudged,
+        the watermark published; the next take takes what it closed."""
+        with self._working():
+            assert self._sched is not None
+            self._sched.publish()
+        self.stats.closes += 1
 
     def _drain(self, *, final: bool) -> Columns:
         with self._working():

@@ -3,7 +3,9 @@
 :class:`DrainLoop` is the half of :class:`meter.engine.Meter` that is about
 time and delivery, not about what a drain is: ``batches()`` takes what the
 sources hold every ``drain_interval`` seconds (more often when takes that
-far apart would each hold more than a batch) and, every
+far apart would each hold more than a batch), closes the CPUs' windows
+``closes_per_take`` times a take (once at the take; between takes too when
+the kernel's window split needs idle CPUs closed more often) and, every
 ``takes_per_batch``-th time (or sooner, when a take says the takes hold
 a batch's worth), builds the records of every take since the last batch
 (as :class:`meter.records.Columns`; laid out as records only for a caller
@@ -13,8 +15,8 @@ more with ``final=True`` (the flush up to the last complete window, see
 docs/architecture.md, "Closing windows" and "Takes and batches");
 ``abatches()`` does the same for asyncio; ``start()`` runs it in a thread
 feeding ``on_batch`` callbacks. A subclass provides ``open()``,
-``_take()``, ``_batch()``, ``_drain(final=...)``, ``drain_interval`` and
-``takes_per_batch``.
+``_take()``, ``_close()``, ``_batch()``, ``_drain(final=...)``,
+``drain_interval``, ``closes_per_take`` and ``takes_per_batch``.
 
 The thread that runs ``batches()`` is in the real-time class
 (``SCHED_FIFO``, the lowest priority; ``drain_priority``, default
@@ -136,6 +138,8 @@ class DrainLoop:
 
     drain_interval: float
     takes_per_batch: int = 1
+    #: Closes a take interval (the take's own, and closes_per_take - 1 between takes).
+    closes_per_take: int = 1
     drain_priority: str = "realtime"
 
     def __init__(self) -> None:
@@ -157,6 +161,11 @@ class DrainLoop:
     def _take(self) -> float:
         """Take; returns how full the takes since the last batch are (1.0: a batch's
         worth: build now, before its time)."""
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        """Close the CPUs' windows between takes (idle CPUs made to charge, the
+        newest window every CPU has passed published), taking nothing."""
         raise NotImplementedError
 
     def batch_due(self, takes: int, full: float) -> bool:
@@ -213,6 +222,10 @@ class DrainLoop:
         deadline = None if duration is None else time.monotonic() + duration
         last = time.monotonic()
         next_at = last + self.drain_interval
+        # Closes between takes (closes_per_take > 1): evenly, from the last take on;
+        # none when the next take comes as soon (a big host's takes, next_interval).
+        close_every = self.drain_interval / self.closes_per_take
+        close_at = last + close_every
         takes, before = 0, 0.0
         # Real-time (urgent(), or the caller's own choice): at most REALTIME_DUTY of the time busy.
         realtime = _realtime()
@@ -221,7 +234,8 @@ class DrainLoop:
             now = time.monotonic()
             if deadline is not None and now >= deadline:
                 break
-            wake = next_at
+            closing = close_at < next_at - close_every / 2
+            wake = close_at if closing else next_at
             if realtime:
                 rest = (time.thread_time() - worked_from) * (1 - REALTIME_DUTY) / REALTIME_DUTY
                 if now + rest > wake:
@@ -234,11 +248,16 @@ class DrainLoop:
             worked_from = time.thread_time()
             if deadline is not None and time.monotonic() >= deadline:
                 break
+            if closing:
+                self._close()
+                close_at += close_every
+                continue
             takes += 1
             full = self._take()
             self._after_take()
             now = time.monotonic()
             next_at += self.next_interval(now - last, full - before)
+            close_at = now + close_every
             last = now
             if not self.batch_due(takes, full):
                 before = full

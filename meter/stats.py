@@ -31,6 +31,7 @@ class MeterStats:
     records: int = 0
     drains: int = 0  # batches built
     takes: int = 0  # the sources' rings taken into this process (one or more per batch)
+    closes: int = 0  # closes between takes: idle CPUs nudged and the watermark published, nothing taken
     drain_seconds: float = 0.0  # spent taking and building
     late_ns: int = 0  # billed in a later window than its own (named: cpu_source late, and the late row)
     late_unmatched_ns: int = 0  # of late_ns, what no window closed so far was short of (no late row for it yet)

@@ -581,20 +581,48 @@ def test_meter_settings_are_checked_before_anything_opens(tree):
 
 
 def test_batches_may_be_long_while_takes_stay_within_the_kernels_split(tree):
-    # 2 s between batches at 1 ms windows: takes every 0.25 s (a drain interval of 2 s is refused).
+    # 2 s between batches at 1 ms windows: takes every 0.5 s, each with a close between
+    # (one charge spans at most two close intervals: 2 x 250 + 16 windows fit the split).
     meter = Meter(_topology(tree), window_ms=1, batch_interval=2.0, sources=FakeSources(FakeCPU()))
-    assert (meter.drain_interval, meter.takes_per_batch) == (0.25, 8)
-    # The default: a batch every 2 s, eight takes a batch (BATCH_INTERVAL).
+    assert (meter.drain_interval, meter.takes_per_batch, meter.closes_per_take) == (0.5, 4, 2)
+    # The default: a batch every 2 s, four takes a batch (BATCH_INTERVAL, DRAIN_INTERVAL).
     meter = Meter(_topology(tree), window_ms=1, sources=FakeSources(FakeCPU()))
-    assert (meter.drain_interval, meter.takes_per_batch, meter.batch_interval) == (0.25, 8, 2.0)
-    # Never further apart than asked, and a whole number of takes per batch.
+    assert (meter.drain_interval, meter.takes_per_batch, meter.batch_interval) == (0.5, 4, 2.0)
+    # Never further apart than asked, and a whole number of takes per batch; a take
+    # interval the split covers alone needs no close between takes.
     meter = Meter(_topology(tree), window_ms=1, drain_interval=0.3, batch_interval=1.0, sources=FakeSources(FakeCPU()))
-    assert (meter.drain_interval, meter.takes_per_batch, meter.batch_interval) == (0.25, 4, 1.0)
-    # With the default 2 s batch, 0.3 s rounds to 2/7 s, past the bound: refused, naming what was asked.
-    with pytest.raises(ConfigError, match=r"a drain interval of 0\.3 s is too long for 1 ms windows \(at most 0\.272 s\)"):
-        Meter(_topology(tree), window_ms=1, drain_interval=0.3, sources=FakeSources(FakeCPU()))
+    assert (meter.drain_interval, meter.takes_per_batch, meter.batch_interval, meter.closes_per_take) == (0.25, 4, 1.0, 1)
+    # 0.3 s rounds to 2/7 s with the default 2 s batch: past what one take covers, so a close between.
+    meter = Meter(_topology(tree), window_ms=1, drain_interval=0.3, sources=FakeSources(FakeCPU()))
+    assert (meter.takes_per_batch, meter.closes_per_take) == (7, 2)
+    # Longer windows: one close a take covers more.
+    meter = Meter(_topology(tree), window_ms=10, sources=FakeSources(FakeCPU()))
+    assert (meter.drain_interval, meter.closes_per_take) == (0.5, 1)
+    # Past twice the split's bound: refused, naming what was asked.
+    with pytest.raises(ConfigError, match=r"a drain interval of 1 s is too long for 1 ms windows \(at most 0\.544 s\)"):
+        Meter(_topology(tree), window_ms=1, drain_interval=1.0, sources=FakeSources(FakeCPU()))
     with pytest.raises(ConfigError, match="too long for 1 ms windows"):
         Meter(_topology(tree), window_ms=1, drain_interval=2.0, batch_interval=2.0, sources=FakeSources(FakeCPU()))
+
+
+def test_the_loop_closes_windows_between_takes_where_the_split_needs_it(tree):
+    """At 1 ms windows a take every 0.5 s leaves idle CPUs closed too rarely for the
+    kernel's split (2 x 500 + 16 windows > MAX_SPAN_LIMIT): the loop closes once
+    between takes (idle CPUs nudged, the watermark published, nothing taken)."""
+    cpu = FakeCPU()
+    meter = Meter(_topology(tree), window_ms=1, drain_interval=0.5, batch_interval=0.5, sources=FakeSources(cpu))
+    assert meter.closes_per_take == 2
+    events: list[str] = []
+    publish = cpu.publish
+    cpu.publish = lambda: (events.append("close"), publish())[1]  # type: ignore[method-assign]
+    meter.on_take(lambda: events.append("take"))
+    with meter:
+        list(meter.batches(1.9))
+    # close (0.25 s), take (0.5 s), close, take, close, take (1.5 s), close (1.75 s): alternating.
+    assert events[:6] == ["close", "take"] * 3, events
+    assert all(a != b for a, b in zip(events, events[1:])), events
+    assert meter.stats.closes == cpu.publishes == events.count("close") >= 3
+    assert meter.stats.takes == events.count("take") + 1  # and the final flush's
 
 
 def _script(cpu: FakeCPU, tree: Path, step: int) -> None:
@@ -649,8 +677,8 @@ def test_takes_holding_enough_entries_make_a_batch_due_early(tree, monkeypatch):
     _script(cpu, tree, 2)
     assert meter._take() < 1  # counted afresh after the batch
     # Takes that would each hold more than a batch come sooner, down to an eighth of the interval.
-    assert meter.next_interval(0.25, 0.0) == meter.next_interval(0.25, 0.5) == meter.drain_interval == 0.25
-    assert meter.next_interval(0.25, 2.0) == 0.125 and meter.next_interval(0.25, 100.0) == 0.25 / 8
+    assert meter.next_interval(0.5, 0.0) == meter.next_interval(0.5, 0.5) == meter.drain_interval == 0.5
+    assert meter.next_interval(0.5, 2.0) == 0.25 and meter.next_interval(0.5, 100.0) == 0.5 / 8
 
 
 def test_a_cgroup_met_at_a_take_is_named_then_though_gone_by_the_batch(tmp_path):

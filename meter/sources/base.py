@@ -95,6 +95,12 @@ class CPUSource(Protocol):
 
     def drain(self, *, final: bool = False) -> SchedDrain: ...
 
+    def publish(self) -> None:
+        """Close the CPUs' windows without taking them: idle CPUs made to charge,
+        and the newest window every CPU has passed published; the next
+        ``drain()`` takes up to it."""
+        ...
+
     def stats(self) -> dict[str, int]:
         """Kernel-side counts named as in :data:`meter.bpfabi.STATS`."""
         ...

@@ -52,6 +52,8 @@ class FakeCPU:
         self.now = first_window
         self.closed_window = first_window - 1
         self.nudges = 0
+        #: Closes between takes (publish()), counted.
+        self.publishes = 0
         self.same_run = False  # no kernel program: no runs, no idle paths
         self.same_run_switches = 0
         self.idle_out_switches = 0
@@ -159,6 +161,10 @@ class FakeCPU:
         self._window, self._cgid, self._ns, self._counts = [window[left]], [cgid[left]], [ns[left]], [counts[left]]
         self.closed_window = max(self.closed_window, self.now - 1)
         return SchedDrain(cgid=cgid[done], window=window[done], ns=ns[done], counts=counts[done], **late)
+
+    def publish(self) -> None:
+        """Counted only (:attr:`publishes`): simulated windows close as :meth:`advance` moves time."""
+        self.publishes += 1
 
     def stats(self) -> dict[str, int]:
         return dict(self.kernel_stats)

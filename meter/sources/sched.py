@@ -161,6 +161,9 @@ _NONE_MET.flags.writeable = False
 #: How long _nudge sleeps to switch away from the CPU it runs on when it may
 #: run on no other: any sleep blocks, and so switches.
 _NUDGE_SLEEP_S = 0.0002
+#: How long a take waits after a publication of the watermark, for the programs that
+#: read the one before (SchedSource.drain): a program's run is microseconds.
+_SETTLE_NS = 1_000_000
 
 
 @functools.cache
@@ -276,6 +279,7 @@ class SchedSource:
         self._cpu_reader: program.EntryReader | None = None
         self.nudges = 0
         self._published = 0
+        self._published_ns = 0
         self._first_window = 0
         #: Every window up to this one has been taken by a drain.
         self.closed_window = 0
@@ -562,6 +566,15 @@ class SchedSource:
     def _publish(self, watermark: int) -> None:
         self._control(CTL_WATERMARK, watermark)
         self._published = watermark
+        self._published_ns = time.monotonic_ns()
+
+    def publish(self) -> None:
+        """Close the CPUs' windows between takes: nudge the CPUs more than a
+        window behind, and publish the newest window every CPU has charged
+        past; the next :meth:`drain` takes up to it."""
+        if self.bpf is None:
+            raise BPFError("the sched source is not open")
+        self._publish(max(self._closed_window(time.monotonic_ns() // self.window_ns), self._published))
 
     def _cpu_states(self) -> np.ndarray:
         """Every online CPU's state, the fields a drain reads (``bpfabi.cpu_state_dtype``):
@@ -698,7 +711,10 @@ class SchedSource:
             while (wait := (now_win + 1) * self.window_ns - time.monotonic_ns()) > 0:
                 time.sleep(wait / 1e9)  # let the current window end
             self._publish(max(self._closed_window(now_win + 1, lag=0), self._published))
-            time.sleep(0.001)  # programs that read the old watermark finish
+        # Programs that read the watermark before it moved finish (a run is microseconds)
+        # before their windows are taken: a take right after a publication waits for them.
+        if (wait := self._published_ns + _SETTLE_NS - time.monotonic_ns()) > 0:
+            time.sleep(wait / 1e9)
         closable = self._published
         self.closed_window = max(self.closed_window, closable)
         out = self._take(closable)

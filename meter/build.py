@@ -21,7 +21,7 @@ from .sources.net import NetDrain
 from .sources.sched import SchedDrain
 from .sources.sriov import VF_FIELDS
 
-__all__ = ["SUMS", "Built", "Context", "Rows", "build", "cgroup_ids"]
+__all__ = ["SUMS", "Built", "Context", "Rows", "build", "cgroup_ids", "cgroups_of"]
 
 #: Columns summed per (window, row) before records are built, then the counters.
 _PACKET_SUMS = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes",
@@ -107,9 +107,14 @@ def cgroup_ids(d: SchedDrain) -> np.ndarray:
     if d.met_cgid is not None:
         if not len(d.met_cgid):
             return d.met_cgid
-        ids = d.met_cgid
-    else:
-        ids = np.concatenate([d.cgid, d.late_cgid, d.spill_cgid])
+        return cgroups_of(d.met_cgid)
+    return cgroups_of(np.concatenate([d.cgid, d.late_cgid, d.spill_cgid]))
+
+
+def cgroups_of(ids: np.ndarray) -> np.ndarray:
+    """The cgroup ids among the kernel's charge ids (:func:`cgroup_ids`): a
+    given-away entry's as its own id, a port's pseudo id not at all, repeats
+    in a row left out."""
     ids = ids[ids < np.uint64(PORT_CGID_BIT)] & ~np.uint64(GIVEN_BIT)
     if len(ids) < 2:
         return ids

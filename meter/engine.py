@@ -548,11 +548,18 @@ class Meter(DrainLoop):
 
     def _close(self) -> None:
         """Close the CPUs' windows between takes (meter.loop): idle CPUs nudged,
-        the watermark published; the next take takes what it closed."""
+        the watermark published; the next take takes what it closed. What a
+        take does at once, a close does too: a cgroup the kernel met for the
+        first time is named while it exists, and a compartment's cgroup made
+        again (or found by discovery) is told to the kernel."""
         with self._working():
-            assert self._sched is not None
-            self._sched.publish()
-        self.stats.closes += 1
+            assert self._sched is not None and self._resolver is not None
+            cgids = build.cgroups_of(self._sched.publish())
+            if len(cgids):
+                self._resolver.rows(cgids)
+            self._resolver.refresh_ids()
+            self._push_compartments()
+            self.stats.closes += 1
 
     def _drain(self, *, final: bool) -> Columns:
         with self._working():

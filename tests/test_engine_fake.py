@@ -700,6 +700,27 @@ def test_a_cgroup_met_at_a_take_is_named_then_though_gone_by_the_batch(tmp_path)
     assert len(_rows(batch, "host")) == 0 and meter.stats.unresolved_cgroups == 0
 
 
+def test_a_cgroup_met_at_a_close_is_named_then_though_gone_by_the_take(tmp_path):
+    """A close between takes names the cgroups the kernel met since the last
+    take or close (SchedSource.publish: rows it took), as a take does: one
+    living less than a take interval is its own, not the host's."""
+    root = tmp_path / "cg"
+    root.mkdir()
+    meter, src = _open(Topology.discover(root, mount=root))
+    (root / "brief").mkdir()  # made after the meter opened
+    cpu = src.cpu_source
+    brief = cgroup_id(root / "brief")
+    cpu.publish = lambda: np.array([brief], np.uint64)  # type: ignore[method-assign]  # the kernel took its row
+    cpu.charge(cpu.now, brief, 321)
+    cpu.advance(1)
+    meter._close()
+    (root / "brief").rmdir()  # gone before the take
+    batch = meter.drain()
+    assert int(_rows(batch, "brief")["cpu_ns"].sum()) == 321
+    assert len(_rows(batch, "host")) == 0 and meter.stats.unresolved_cgroups == 0
+    assert meter.stats.closes == 1
+
+
 def test_the_loop_takes_every_drain_interval_and_builds_every_batch_interval(tree):
     meter = Meter(_topology(tree), drain_interval=0.02, batch_interval=0.08, sources=FakeSources(FakeCPU()))
     assert meter.takes_per_batch == 4

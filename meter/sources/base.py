@@ -95,10 +95,11 @@ class CPUSource(Protocol):
 
     def drain(self, *, final: bool = False) -> SchedDrain: ...
 
-    def publish(self) -> None:
+    def publish(self) -> np.ndarray:
         """Close the CPUs' windows without taking them: idle CPUs made to charge,
         and the newest window every CPU has passed published; the next
-        ``drain()`` takes up to it."""
+        ``drain()`` takes up to it. Returns the charge ids met for the first
+        time since the last drain or publish (may be none, as ``met_cgid``)."""
         ...
 
     def stats(self) -> dict[str, int]:

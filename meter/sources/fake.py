@@ -162,9 +162,11 @@ class FakeCPU:
         self.closed_window = max(self.closed_window, self.now - 1)
         return SchedDrain(cgid=cgid[done], window=window[done], ns=ns[done], counts=counts[done], **late)
 
-    def publish(self) -> None:
-        """Counted only (:attr:`publishes`): simulated windows close as :meth:`advance` moves time."""
+    def publish(self) -> np.ndarray:
+        """Counted only (:attr:`publishes`): simulated windows close as :meth:`advance`
+        moves time, and drains name every id they charge (``met_cgid`` None)."""
         self.publishes += 1
+        return np.zeros(0, np.uint64)
 
     def stats(self) -> dict[str, int]:
         return dict(self.kernel_stats)

@@ -297,6 +297,8 @@ class SchedSource:
         self._row_known = np.zeros(0, bool)
         #: Rows below this one all have their cgroup known (_learn_rows).
         self._rows_learned = 0
+        #: Rows taken by the kernel when publish() last looked for new ones.
+        self._rows_looked = 0
         self._compartments = KernelCompartments()
         self._gen = 0
 
@@ -568,13 +570,23 @@ class SchedSource:
         self._published = watermark
         self._published_ns = time.monotonic_ns()
 
-    def publish(self) -> None:
+    def publish(self) -> np.ndarray:
         """Close the CPUs' windows between takes: nudge the CPUs more than a
         window behind, and publish the newest window every CPU has charged
-        past; the next :meth:`drain` takes up to it."""
+        past; the next :meth:`drain` takes up to it. Returns the cgroup ids
+        of the rows the kernel took since the last take or close (to be
+        named now, while their cgroups exist)."""
         if self.bpf is None:
             raise BPFError("the sched source is not open")
         self._publish(max(self._closed_window(time.monotonic_ns() // self.window_ns), self._published))
+        # Rows taken since the last look: one lookup of the rows map each time some are
+        # (a row the kernel counted but has not named yet is named by the take that
+        # meets its cells: _learn_rows).
+        n = self.rows_used()
+        if n <= self._rows_looked:
+            return _NONE_MET
+        rows, self._rows_looked = np.arange(self._rows_looked, n), n
+        return self._learn_rows(rows)
 
     def _cpu_states(self) -> np.ndarray:
         """Every online CPU's state, the fields a drain reads (``bpfabi.cpu_state_dtype``):

@@ -74,7 +74,7 @@ def run(size: int, seconds: float, priority: str = "realtime", with_: str = "") 
                 scraper.kill()
                 exporter.stop()
             else:
-                # meter's own loop: takes every 0.25 s, a batch every second (the columns, when they
+                # meter's own loop: its defaults (takes, closes, batches; the columns, when they
                 # go to a store: as meter record hands them)
                 for batch in meter.batches(columns=store is not None):
                     if store is not None:

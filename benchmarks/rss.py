@@ -3,13 +3,14 @@
 
 The simulated CPU source (``meter.sources.fake.FakeCPU`` with
 ``steady_load``, as scale.py) plays a host of 128 CPUs and 1,000
-compartments; the real engine takes it every 250 windows (meter's 0.25 s
-at 1 ms) and builds a batch every 2,000 (meter's 2 s) or sooner (at every
-take on a host this big: ``BATCH_ENTRIES``), and the real store
-takes every batch with its rollups, as ``meter record`` does. Time is
-simulated: 10 minutes are 2,400 takes, run as fast as this machine does
-them. RSS is read after each simulated
-minute.
+compartments; the real engine takes it as meter's loop does, every
+drain interval (500 windows at 1 ms) or sooner when takes that far apart
+would each hold more than a batch (``DrainLoop.next_interval``: on a host
+this big, about every 128 windows), and builds a batch every batch
+interval (2,000 windows) or as soon as the takes hold ``BATCH_ENTRIES``
+(at every take here), and the real store takes every batch with its
+rollups, as ``meter record`` does. Time is simulated, run as fast as this
+machine goes. RSS is read after each simulated minute.
 
     .venv/bin/python benchmarks/rss.py [--minutes 10] [--cpus 128] [--compartments 1000]
 
@@ -29,7 +30,7 @@ import psutil
 from _common import Result, report
 from scale import _host
 
-from meter.engine import BATCH_INTERVAL, DRAIN_INTERVAL, Meter
+from meter.engine import Meter
 from meter.sinks.store import Store
 from meter.sources.fake import FakeCPU, FakeEnergy, FakeSources, steady_load
 
@@ -38,38 +39,45 @@ GROWTH_MB = 5.0
 
 def main() -> list[Result]:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--minutes", type=float, default=10.0, help="simulated minutes (2,400 takes for 10)")
+    ap.add_argument("--minutes", type=float, default=10.0, help="simulated minutes (1,200 takes for 10)")
     ap.add_argument("--cpus", type=int, default=128, help="CPUs of the simulated host")
     ap.add_argument("--compartments", type=int, default=1000, help="its compartments")
     ap.add_argument("--window-ms", type=int, default=1, help="record width")
     ap.add_argument("--json", action="store_true", help="also print the results as JSON")
     args = ap.parse_args()
     proc = psutil.Process()
-    # meter's defaults: a take every drain interval (250 windows at 1 ms), a batch every batch interval.
-    per_take, takes = round(DRAIN_INTERVAL * 1000), round(BATCH_INTERVAL / DRAIN_INTERVAL)
-    drains_per_minute = int(60_000 / (per_take * takes * args.window_ms))
+    # meter's defaults, as its loop (DrainLoop.batches) runs them on simulated time: a take every
+    # drain interval, sooner when takes that far apart would each hold more than a batch
+    # (next_interval), a batch every batch interval or when the takes hold a batch's worth.
+    minute = round(60e9 / (args.window_ms * 1e6))
+    total = round(args.minutes * minute)
     rss: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         topo, ids = _host(Path(tmp) / "cg", args.compartments)
         w = args.window_ms * 1_000_000
         cpu = FakeCPU(ncpu=args.cpus, window_ns=w, load=steady_load(ids, args.cpus, w, busy=0.8, per_cpu=4))
-        records = 0
+        records = takes = 0
         t0 = time.monotonic()
         with Store(Path(tmp) / "records.db") as store, \
                 Meter(topo, args.window_ms, counters={}, sources=FakeSources(cpu, energy=FakeEnergy())) as meter:
-            for i in range(int(args.minutes * drains_per_minute)):
-                for k in range(takes):  # as meter's loop: a batch at the last take, or when one is due
-                    cpu.advance(per_take)
-                    if k < takes - 1 and not meter.batch_due(k + 1, meter._take()):
-                        continue
-                    batch = meter._batch() if k < takes - 1 else meter.drain()
+            step, since, before, done = round(meter.drain_interval * 1e9 / w), 0, 0.0, 0
+            while done < total:
+                step = min(step, total - done, minute - done % minute)  # and a reading at each minute
+                cpu.advance(step)
+                done, since, takes = done + step, since + 1, takes + 1
+                full = meter._take()
+                built = meter.batch_due(since, full) or done == total
+                if built:
+                    batch = meter._batch()
                     store.write(batch)
                     records += len(batch)
                     del batch
-                if (i + 1) % drains_per_minute == 0:
+                step = max(1, round(meter.next_interval(step * w / 1e9, full - before) * 1e9 / w))
+                since, before = (0, 0.0) if built else (since, full)
+                if done % minute == 0:
                     rss.append(proc.memory_info().rss / 2**20)
-                    print(f"minute {len(rss)}: RSS {rss[-1]:.1f} MB, {records:,} records", flush=True)
-            if not rss or (i + 1) % drains_per_minute:
+                    print(f"minute {len(rss)}: RSS {rss[-1]:.1f} MB, {records:,} records, {takes:,} takes", flush=True)
+            if not rss or done % minute:
                 rss.append(proc.memory_info().rss / 2**20)  # the end, short of a whole minute
             assert meter.stats.conservation_violations == 0
             size = (Path(tmp) / "records.db").stat().st_size

@@ -12,7 +12,7 @@ and the store (SQLite append with rollups); and projects the agent's CPU
 
 End to end is the agent's own path over the same load, one timer around
 the takes and batches (the simulated source's drains included) and
-``Store.write()``, as ``meter record`` runs them: a take every 250
+``Store.write()``, as ``meter record`` runs them: a take every 500
 windows (fewer when a take would hold more than a batch,
 ``DrainLoop.next_interval``), a batch every 2,000 (meter's batch interval,
 2 s, at 1 ms; 1,000 before stop 45) or as soon as the takes hold

@@ -101,7 +101,7 @@ def record(config: str | None, cgroup_root: str | None, window_ms: int | None, d
 
         said = daemon.LossReporter(meter)
         with daemon.signals(meter.stop) as reload_wanted:
-            # At every take (0.25 s), not only at batches (1 s): a reload does not wait.
+            # At every take (0.5 s), not only at batches (2 s): a reload does not wait.
             meter.on_take(lambda: daemon.reload_if_asked(meter, reload_wanted,
                                                          lambda: shell.load_topology(config, cgroup_root)))
             try:

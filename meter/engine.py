@@ -57,8 +57,8 @@ log = logging.getLogger("meter")
 #: The most windows one kernel charge may be split over. The verifier walks
 #: the split loop once per window: with 4 counters and ports the switch's
 #: charge (meter_charge) takes 996k of its 1M instructions at 560 here
-#: (tests/test_program.py loads this limit), so the drain interval is at most
-#: (560 - 16) / 2 windows.
+#: (tests/test_program.py loads this limit), so idle CPUs are closed at least every
+#: (560 - 16) / 2 windows (Meter.closes_per_take), and takes come at most twice that apart.
 MAX_SPAN_LIMIT = 560
 
 #: Entries (cgroup or port x window) taken since the last batch that make a batch

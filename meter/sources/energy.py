@@ -10,7 +10,7 @@ record's ``energy_source`` name the choice):
   ``energy_uj`` wrapping at ``max_energy_range_uj``. The longest safe
   interval between reads is ``max_energy_range_uj / max power``: with the
   common 262,143,328,850 µJ range and a 200 W package, about 21 minutes;
-  meter reads at every drain (0.25 s by default).
+  meter reads at every batch (2 s by default).
 * ``pyrapl``: the optional ``pyRAPL`` package (``pip install meter[energy]``).
 * ``model``: no RAPL (most VMs): per-socket idle and max watts from config,
   energy = sockets x (idle + (max - idle) x utilisation) x time. Flagged

@@ -119,10 +119,15 @@ def test_the_longest_allowed_charge_split_passes_the_verifier():
         bpf.cleanup()
 
 
-def test_a_drain_interval_beyond_the_split_limit_is_refused():
+def test_a_drain_interval_beyond_twice_the_split_limit_is_refused():
+    """Beyond the split's limit a take interval gets a close between takes (idle
+    CPUs nudged in between, so no charge spans more than the limit); beyond
+    twice the limit it is refused."""
     from meter import Topology
     from meter.engine import Meter
     from meter.errors import ConfigError
 
+    assert Meter(Topology((), Path("/")), drain_interval=0.25).closes_per_take == 1
+    assert Meter(Topology((), Path("/")), drain_interval=0.5).closes_per_take == 2
     with pytest.raises(ConfigError, match="too long for 1 ms windows"):
-        Meter(Topology((), Path("/")), drain_interval=0.5)
+        Meter(Topology((), Path("/")), drain_interval=1.0)

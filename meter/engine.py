@@ -554,8 +554,8 @@ class Meter(DrainLoop):
         again (or found by discovery) is told to the kernel."""
         with self._working():
             assert self._sched is not None and self._resolver is not None
-            cgids = build.cgroups_of(self._sched.publish())
-            if len(cgids):
+            met = self._sched.publish()
+            if len(met) and len(cgids := build.cgroups_of(met)):
                 self._resolver.rows(cgids)
             self._resolver.refresh_ids()
             self._push_compartments()

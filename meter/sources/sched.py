@@ -28,7 +28,7 @@ import logging
 import mmap
 import os
 import time
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -265,10 +265,8 @@ class SchedSource:
         #: from BTF offsets); False: the clock between switches (fallback).
         self.kernel_charge = False
         self.same_run = False
-        #: Every CPU's struct meter_cpu as the last take read it (None: none read yet):
-        #: the counts below are summed from it only when asked (at a batch, not at
-        #: every take: five numpy calls fewer a take, too few to show in drain_cpu.py).
-        self._states: np.ndarray | None = None
+        #: Strided views of the CPU states' buffer, one per field a take or close reads.
+        self._cpu_field: dict[str, memoryview] = {}
         self._nudge_gen = 0
         #: Why kernel_charge is False (None when it is True, or not open).
         self.kernel_charge_reason: str | None = None
@@ -588,34 +586,51 @@ class SchedSource:
         rows, self._rows_looked = np.arange(self._rows_looked, n), n
         return self._learn_rows(rows)
 
-    def _cpu_states(self) -> np.ndarray:
-        """Every online CPU's state, the fields a drain reads (``bpfabi.cpu_state_dtype``):
-        one lookup, no Python per CPU (a 128-CPU host reads it several times a second)."""
+    def _read_cpus(self) -> np.ndarray:
+        """Every possible CPU's struct meter_cpu, read by one lookup into the
+        reader's buffer (bytes; overwritten at the next read)."""
         if self._cpu_reader is None:
             from bcc.utils import get_possible_cpus
 
             # A per-CPU value is a slot per possible CPU, each rounded up to 8 bytes.
-            if self._cpu_dtype.itemsize % 8:
-                raise BPFError(f"struct meter_cpu is {self._cpu_dtype.itemsize} bytes, not a multiple of 8",
-                               program="sched")
-            raw = np.zeros(len(get_possible_cpus()) * self._cpu_dtype.itemsize, np.uint8)
+            size = self._cpu_dtype.itemsize
+            if size % 8:
+                raise BPFError(f"struct meter_cpu is {size} bytes, not a multiple of 8", program="sched")
+            raw = np.zeros(len(get_possible_cpus()) * size, np.uint8)
             self._cpu_reader = program.EntryReader(program.map_fd(self.bpf, b"cpu_state"), 0, raw)
-        # A copy of the bytes, viewed (a copy of the narrowed structured array goes a field at a time).
-        states = np.frombuffer(self._cpu_reader.read().tobytes(), self._cpu_dtype)
+            # The fields a take or close reads, each a strided view of the buffer (one per
+            # CPU): their values come out as Python ints with no numpy call.
+            words: dict[int, Literal["B", "H", "I", "Q"]] = {1: "B", 2: "H", 4: "I", 8: "Q"}
+            for name in ("window", "net_window", "net_ndirty"):
+                sub, offset = self._cpu_dtype.fields[name][:2]  # type: ignore[index]
+                if sub.kind != "u" or sub.itemsize not in words or offset % sub.itemsize:
+                    raise BPFError(f"struct meter_cpu's {name} is not an aligned unsigned integer", program="sched")
+                self._cpu_field[name] = raw.data.cast(words[sub.itemsize])[
+                    offset // sub.itemsize::size // sub.itemsize]
+        return self._cpu_reader.read()
+
+    def _cpu_states(self) -> np.ndarray:
+        """Every online CPU's state as the last read left it, the fields a drain
+        reads (``bpfabi.cpu_state_dtype``; a view of the reader's buffer)."""
+        if self._cpu_reader is None:
+            return np.zeros(0, self._cpu_dtype)
+        states = self._cpu_reader.values.view(self._cpu_dtype)
         return states if len(states) == len(self._cpus) else states[self._cpus]
 
     def _cpu_windows(self) -> list[int]:
-        """Each online CPU's oldest open window: its CPU slots' or its packet slots'."""
-        st = self._cpu_states()
-        windows = st["window"].astype(np.int64)
-        dirty = st["net_ndirty"] != 0
-        if dirty.any():
-            windows[dirty] = np.minimum(windows[dirty], st["net_window"][dirty].astype(np.int64))
-        self._states = st
-        return windows.tolist()
+        """Each online CPU's oldest open window: its CPU slots' or its packet slots'.
+        Read at every take and close: Python ints from the buffer, no numpy call
+        (each costs tens of microseconds after the loop's sleep)."""
+        self._read_cpus()
+        field = self._cpu_field
+        windows = field["window"].tolist()
+        dirty = field["net_ndirty"].tolist()
+        if any(dirty):
+            windows = [min(w, n) if d else w for w, n, d in zip(windows, field["net_window"].tolist(), dirty)]
+        return windows if len(windows) == len(self._cpus) else [windows[c] for c in self._cpus]
 
     def _summed(self, field: str) -> int:
-        return int(self._states[field].sum()) if self._states is not None else 0
+        return int(self._cpu_states()[field].sum())
 
     @property
     def same_run_switches(self) -> int:
@@ -636,11 +651,12 @@ class SchedSource:
     @property
     def pending_adjustment_ns(self) -> int:
         """Σ |ns| of the CPUs' adjustments waiting to be settled, at the last take."""
-        return int(np.abs(self._states["adj_ns"]).sum()) if self._states is not None else 0
+        return int(np.abs(self._cpu_states()["adj_ns"]).sum())
 
     def _pending_adjustments(self) -> tuple[np.ndarray, np.ndarray]:
         """(cgroup ids, ns) of every CPU's adjustments not settled yet (see
         struct meter_cpu): at stop they are settled in the records instead."""
+        self._read_cpus()
         st = self._cpu_states()
         cgid, ns = st["adj_cgid"].ravel(), st["adj_ns"].ravel().astype(np.int64)
         held = ns != 0

@@ -61,8 +61,9 @@ def concat(parts: list[_Drain]) -> _Drain:
 class CPUSource(Protocol):
     """CPU time and counters per (cgroup id, window), drained once windows close.
 
-    ``drain()`` returns every window at or below the watermark it published
-    the time before; after it, ``closed_window`` is the newest window taken.
+    ``drain()`` returns every window at or below the watermark published the
+    time before (by a drain, or by a ``publish()`` between drains); after
+    it, ``closed_window`` is the newest window taken.
     """
 
     ncpu: int

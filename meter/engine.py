@@ -323,9 +323,12 @@ class Meter(DrainLoop):
         close_windows = int(self.drain_interval / self.closes_per_take * 1e9 // self.window_ns)
         span = min(2 * close_windows + 16, MAX_SPAN_LIMIT)
         # The ring holds the windows between the last one taken and the newest
-        # charged (two drain intervals), and room for a drain that comes late
-        # on a busy host: two intervals more, and at least one second.
-        ring = span + max(32, 2 * drain_windows, -(-1_000_000_000 // self.window_ns))
+        # charged (a drain interval and the close interval before the take's
+        # watermark: two drain intervals without closes between), and room for a
+        # drain that comes late on a busy host: two drain intervals more, and at
+        # least one second.
+        held = drain_windows + close_windows + 16
+        ring = max(span, held) + max(32, 2 * drain_windows, -(-1_000_000_000 // self.window_ns))
         return CPUSpec(self.window_ns, list(self.plan.events.values()), span, nports, self.ring_rows(nports), ring,
                        self.packet_time)
 

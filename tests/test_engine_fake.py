@@ -618,10 +618,12 @@ def test_the_loop_closes_windows_between_takes_where_the_split_needs_it(tree):
     meter.on_take(lambda: events.append("take"))
     with meter:
         list(meter.batches(1.9))
-    # close (0.25 s), take (0.5 s), close, take, close, take (1.5 s), close (1.75 s): alternating.
-    assert events[:6] == ["close", "take"] * 3, events
-    assert all(a != b for a, b in zip(events, events[1:])), events
-    assert meter.stats.closes == cpu.publishes == events.count("close") >= 3
+    # close (0.25 s), take (0.5 s), close, take, close, take (1.5 s), close (1.75 s). A take
+    # more than an eighth of a second late is followed by none (the next comes soon enough):
+    # so the first is a close, and no two closes come in a row.
+    assert events[0] == "close" and "take" in events, events
+    assert not any(a == b == "close" for a, b in zip(events, events[1:])), events
+    assert meter.stats.closes == cpu.publishes == events.count("close") >= 2
     assert meter.stats.takes == events.count("take") + 1  # and the final flush's
 
 

@@ -540,29 +540,27 @@ class Meter(DrainLoop):
             net = self._net.drain(self._sched.closed_window)
         self._pending.append((drained, net))
         self.stats.takes += 1
-        # At every take, not only at batches: a cgroup met for the first time is
-        # named while it still exists, and a compartment's cgroup made again
-        # (or found by discovery) is charged to it in the kernel from now on.
-        cgids = build.cgroup_ids(drained)
-        if len(cgids):
-            self._resolver.rows(cgids)
-        self._resolver.refresh_ids()
-        self._push_compartments()
+        self._follow_cgroups(build.cgroup_ids(drained))
 
     def _close(self) -> None:
         """Close the CPUs' windows between takes (meter.loop): idle CPUs nudged,
-        the watermark published; the next take takes what it closed. What a
-        take does at once, a close does too: a cgroup the kernel met for the
-        first time is named while it exists, and a compartment's cgroup made
-        again (or found by discovery) is told to the kernel."""
+        the watermark published; the next take takes what it closed, and the
+        cgroups are followed as at a take."""
         with self._working():
-            assert self._sched is not None and self._resolver is not None
+            assert self._sched is not None
             met = self._sched.publish()
-            if len(met) and len(cgids := build.cgroups_of(met)):
-                self._resolver.rows(cgids)
-            self._resolver.refresh_ids()
-            self._push_compartments()
+            self._follow_cgroups(build.cgroups_of(met) if len(met) else met)
             self.stats.closes += 1
+
+    def _follow_cgroups(self, met: np.ndarray) -> None:
+        """At every take and close, not only at batches: a cgroup met for the first
+        time (``met``) is named while it still exists, and a compartment's cgroup
+        made again (or found by discovery) is charged to it in the kernel from now on."""
+        assert self._resolver is not None
+        if len(met):
+            self._resolver.rows(met)
+        self._resolver.refresh_ids()
+        self._push_compartments()
 
     def _drain(self, *, final: bool) -> Columns:
         with self._working():

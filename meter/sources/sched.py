@@ -568,6 +568,10 @@ class SchedSource:
         self._published = watermark
         self._published_ns = time.monotonic_ns()
 
+    def _publish_closed(self, now_win: int) -> None:
+        """Publish the newest window every CPU has charged past (nudging stale CPUs), never back."""
+        self._publish(max(self._closed_window(now_win), self._published))
+
     def publish(self) -> np.ndarray:
         """Close the CPUs' windows between takes: nudge the CPUs more than a
         window behind, and publish the newest window every CPU has charged
@@ -576,7 +580,7 @@ class SchedSource:
         named now, while their cgroups exist)."""
         if self.bpf is None:
             raise BPFError("the sched source is not open")
-        self._publish(max(self._closed_window(time.monotonic_ns() // self.window_ns), self._published))
+        self._publish_closed(time.monotonic_ns() // self.window_ns)
         # Rows taken since the last look: one lookup of the rows map each time some are
         # (a row the kernel counted but has not named yet is named by the take that
         # meets its cells: _learn_rows).
@@ -752,7 +756,7 @@ class SchedSource:
             out.spill_cgid = np.concatenate([out.spill_cgid, cgid])
             out.spill_ns = np.concatenate([out.spill_ns, ns])
         if not final:
-            self._publish(max(self._closed_window(now_win), self._published))
+            self._publish_closed(now_win)
         return out
 
     def _take(self, closable: int) -> SchedDrain:
